@@ -1,0 +1,222 @@
+"""One validated config for the whole pipeline.
+
+A run is described by one YAML file (a path, or the name of a config shipped in
+`sasft_ray/configs/`) plus `--set section.key=value` overrides. Every section
+forbids unknown keys, so a typo fails at load time with the nearest valid key,
+before any Ray cluster, model or GPU is touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the file."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(description="HF model folder or hub id of the base model")
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class DataConfig(Section):
+    path: str = Field(description="JSONL, JSON, Parquet file or folder, HF dataset folder or hub id")
+    format: Literal["auto", "jsonl", "json", "parquet", "hf"] = "auto"
+    split: str = Field("train", description="split to read from an HF dataset")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="canonical field -> column in the file, e.g. {prompt: question, completion: answer}",
+    )
+    on_bad_row: Literal["error", "skip"] = "error"
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_rows: int | None = Field(None, ge=1)
+
+
+class EngineConfig(Section):
+    """vLLM engines that write the self-talk; one replica per `concurrency`."""
+
+    concurrency: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1, description="rows per Ray Data batch sent to an engine")
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int = Field(2048, ge=64)
+    max_num_seqs: int = Field(128, ge=1)
+    cpus_per_engine: float = Field(1.0, gt=0, description="CPU bundle per engine when no GPU is used")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache per engine on CPU")
+    enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
+
+
+class SelfTalkConfig(Section):
+    num_dialogues: int = Field(1000, ge=1, description="self-dialogues wanted after filtering")
+    turns: int = Field(1, ge=1, description="user/assistant exchanges per dialogue")
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    user_temperature: float | None = Field(None, ge=0.0, description="None: same as temperature")
+    user_top_p: float | None = Field(None, gt=0.0, le=1.0, description="None: same as top_p")
+    max_user_tokens: int = Field(128, ge=1)
+    max_assistant_tokens: int = Field(512, ge=1)
+    system_prompt: str | None = None
+    oversample: float = Field(1.25, ge=1.0, description="generate this many times num_dialogues")
+    seed: int = 0
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class FilterConfig(Section):
+    min_turn_chars: int = Field(1, ge=1, description="shortest user or assistant message kept")
+    max_dialogue_chars: int = Field(16000, ge=1)
+    dedup: Literal["none", "exact", "minhash"] = "minhash"
+    minhash_threshold: float = Field(0.9, gt=0.0, le=1.0, description="estimated Jaccard of word 3-grams")
+    min_survival: float = Field(
+        0.5, ge=0.0, le=1.0, description="fail if fewer than this fraction of num_dialogues survive"
+    )
+
+
+class MixConfig(Section):
+    self_ratio: float = Field(1.0, ge=0.0, description="self (or external) rows per task row")
+    seed: int = 0
+    external: DataConfig | None = Field(None, description="general data for method external-mix")
+
+
+class TrainConfig(Section):
+    method: Literal["sft", "sa-sft", "freeze", "external-mix"] = "sa-sft"
+    num_workers: int = Field(2, ge=1)
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+
+
+class ResourcesConfig(Section):
+    address: str | None = Field(None, description="Ray address; None starts an embedded local Ray")
+    use_gpu: bool = False
+    num_cpus: int | None = Field(
+        None, ge=1, description="logical CPUs of the embedded local Ray (more than cores lets stages overlap)"
+    )
+
+
+class Config(Section):
+    run_dir: str
+    bootstrap: Literal["tiny"] | None = Field(
+        None, description="build the local model and task data at model.path / data.path if missing"
+    )
+    model: ModelConfig
+    data: DataConfig
+    selftalk: SelfTalkConfig = Field(default_factory=SelfTalkConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _method_has_its_data(self) -> Config:
+        if self.train.method == "external-mix" and self.mix.external is None:
+            raise ValueError("train.method 'external-mix' needs mix.external (the general dataset to mix in)")
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections: a finished stage is reused only if its inputs did not change."""
+        data = {name: self._dump(name) for name in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _dump(self, name: str) -> Any:
+        value = getattr(self, name)
+        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("sasft_ray.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = resources.files("sasft_ray.configs") / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(
+        f"config '{name_or_path}' is neither a file nor a shipped config (shipped: {', '.join(shipped_configs())})"
+    )
+
+
+def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(_explain(err) for err in e.errors())) from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `section.key=value`; the value is parsed as YAML (`3`, `true`, `[a, b]`, `null`)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' is not of the form section.key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{'.'.join(parents[: i + 1])}' is a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(text)
+
+
+def _explain(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        hint = _nearest_key(err["loc"])
+        return f"  unknown key '{loc}'" + (f" (did you mean '{hint}'?)" if hint else "")
+    if err["type"] == "missing":
+        return f"  missing key '{loc}'"
+    return f"  {loc or '<top>'}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _nearest_key(loc: tuple) -> str | None:
+    """Walk the schema along `loc` and suggest the closest real key for its last part."""
+    model: type[BaseModel] = Config
+    prefix = []
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        inner = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        sections = [a for a in inner if issubclass(a, BaseModel)]
+        if not sections:
+            return None
+        model = sections[0]
+        prefix.append(str(part))
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
+    return ".".join(prefix + match) if match else None

@@ -1,0 +1,253 @@
+"""Task data in: JSONL, JSON, Parquet or an HF dataset -> canonical chat rows.
+
+A canonical row is `{"messages": [{"role": ..., "content": ...}, ...]}`. Every
+row is checked here, in one streaming pass in the driver, before any expensive
+stage starts; a bad row stops the run with its file, line (or row) and field,
+or, with `on_bad_row: skip`, is counted per reason and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from sasft_ray.config import DataConfig
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+ROW_SCHEMA = pa.schema([("messages", MESSAGE_TYPE), ("source_row", pa.int64())])
+
+
+class BadRow(ValueError):
+    """A row that cannot be used; `kind` is the short reason that `skip` counts under."""
+
+    def __init__(self, where: str, field: str, reason: str, kind: str | None = None):
+        self.where, self.field, self.reason = where, field, reason
+        self.kind = kind or reason
+        super().__init__(f"{where}: field '{field}': {reason}")
+
+
+@dataclass
+class LoadReport:
+    rows_in: int = 0
+    rows_out: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)  # first few skipped rows, for the log
+
+
+# --- readers: yield (where, raw) where `where` is "file:line N" or "file:row N" ---------------
+
+def _detect_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    p = Path(path)
+    if p.is_dir():
+        return "parquet" if any(p.glob("*.parquet")) else "hf"
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        return "json"
+    if suffix == ".parquet":
+        return "parquet"
+    if not p.exists() and "/" in path and not path.startswith((".", "/")):
+        return "hf"  # looks like a hub id: org/name
+    raise BadRow(path, "data.format", "cannot tell the format from the name; set data.format")
+
+
+def _decode(raw: bytes, path: str, first_line: int = 1) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        raise BadRow(f"{path}:line {line}", "<text>", f"not valid UTF-8 at byte {e.start}", "not UTF-8") from None
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[str, object]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:line {lineno}"
+            try:
+                text = _decode(raw, path, lineno)
+                if not text.strip():
+                    continue
+                yield where, json.loads(text)
+            except BadRow as e:
+                yield where, e
+            except json.JSONDecodeError as e:
+                yield where, BadRow(where, "<json>", f"malformed JSON: {e.msg} at column {e.colno}", "malformed JSON")
+
+
+def _read_json(path: str) -> Iterator[tuple[str, object]]:
+    """A JSON array of rows, read element by element so each error carries its line number."""
+    raw = Path(path).read_bytes()
+    text = _decode(raw, path)
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if text[pos:pos + 1] != "[":
+        raise BadRow(f"{path}:line 1", "<json>", "a .json file must hold an array of rows")
+    pos += 1
+    line = 1 + text.count("\n", 0, pos)
+    while True:
+        start = pos + len(text[pos:]) - len(text[pos:].lstrip(" \t\r\n,"))
+        line += text.count("\n", pos, start)
+        pos = start
+        if text[pos:pos + 1] == "]":
+            return
+        where = f"{path}:line {line}"
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise BadRow(where, "<json>", f"malformed JSON: {e.msg}", "malformed JSON") from None
+        yield where, obj
+        line += text.count("\n", pos, end)
+        pos = end
+
+
+def _read_parquet(path: str) -> Iterator[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    for file in files:
+        for_rows = pq.ParquetFile(file)
+        n = 0
+        for batch in for_rows.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield f"{file}:row {n}", row
+                n += 1
+
+
+def _read_hf(path: str, split: str) -> Iterator[tuple[str, object]]:
+    import datasets
+
+    p = Path(path)
+    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(path, split=split, streaming=True)
+    for n, row in enumerate(ds):
+        yield f"{path}[{split}]:row {n}", row
+
+
+def read_raw(cfg: DataConfig) -> Iterator[tuple[str, object]]:
+    fmt = _detect_format(cfg.path, cfg.format)
+    if fmt != "hf" and not Path(cfg.path).exists():
+        raise BadRow(cfg.path, "data.path", "no such file or folder")
+    if fmt == "jsonl":
+        return _read_jsonl(cfg.path)
+    if fmt == "json":
+        return _read_json(cfg.path)
+    if fmt == "parquet":
+        return _read_parquet(cfg.path)
+    return _read_hf(cfg.path, cfg.split)
+
+
+# --- shapes -> canonical messages ---------------------------------------------------------------
+
+def _text(row: dict, key: str, where: str, optional: bool = False) -> str:
+    value = row.get(key)
+    if value is None and optional:
+        return ""
+    if value is None:
+        raise BadRow(where, key, "missing", "missing field")
+    if not isinstance(value, str):
+        raise BadRow(where, key, f"must be a string, got {type(value).__name__}", "wrong type")
+    if not optional and not value.strip():
+        raise BadRow(where, key, "empty", "empty field")
+    return value
+
+
+def _messages(items: object, key: str, where: str, role_key: str, text_key: str,
+              role_map: dict[str, str]) -> list[dict]:
+    if not isinstance(items, list) or not items:
+        raise BadRow(where, key, "must be a non-empty list of messages", "wrong type")
+    out = []
+    for i, msg in enumerate(items):
+        loc = f"{key}[{i}]"
+        if not isinstance(msg, dict):
+            raise BadRow(where, loc, f"must be an object, got {type(msg).__name__}", "wrong type")
+        try:
+            role, content = _text(msg, role_key, where), _text(msg, text_key, where)
+        except BadRow as e:
+            raise BadRow(where, f"{loc}.{e.field}", e.reason, e.kind) from None
+        if role not in role_map:
+            raise BadRow(where, f"{loc}.{role_key}", f"unknown role '{role}' (expected one of {sorted(role_map)})",
+                         "unknown role")
+        out.append({"role": role_map[role], "content": content})
+    return out
+
+
+def to_messages(row: object, where: str) -> list[dict]:
+    """Recognise one of the common shapes and return canonical, checked messages."""
+    if not isinstance(row, dict):
+        raise BadRow(where, "<row>", f"must be an object, got {type(row).__name__}", "wrong type")
+    if "messages" in row:
+        messages = _messages(row["messages"], "messages", where, "role", "content", {r: r for r in ROLES})
+    elif "conversations" in row:
+        messages = _messages(row["conversations"], "conversations", where, "from", "value", SHAREGPT_ROLES)
+    elif "instruction" in row and "output" in row:
+        instruction = _text(row, "instruction", where)
+        extra = _text(row, "input", where, optional=True)
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output", where)}]
+    elif "prompt" in row and "completion" in row:
+        messages = [{"role": "user", "content": _text(row, "prompt", where)},
+                    {"role": "assistant", "content": _text(row, "completion", where)}]
+    else:
+        raise BadRow(where, "<row>", f"unrecognised shape with fields {sorted(row)}; expected messages, "
+                     "conversations, instruction/output or prompt/completion (or map them in data.columns)",
+                     "unrecognised shape")
+    for i, msg in enumerate(messages):
+        if msg["role"] == "system" and i != 0:
+            raise BadRow(where, f"messages[{i}].role", "a system message may only come first", "misplaced system")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRow(where, "messages", "no assistant turn to learn from", "no assistant turn")
+    return messages
+
+
+def _apply_columns(row: object, columns: dict[str, str]) -> object:
+    if not columns or not isinstance(row, dict):
+        return row
+    renamed = {k: v for k, v in row.items() if k not in columns.values()}
+    for canonical, source in columns.items():
+        if source in row:
+            renamed[canonical] = row[source]
+    return renamed
+
+
+def is_heldout(messages: list[dict], fraction: float) -> bool:
+    """Split on a hash of the content, so a row lands in the same split whatever the file order."""
+    digest = hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def iter_rows(cfg: DataConfig, report: LoadReport) -> Iterator[tuple[int, list[dict]]]:
+    """Yield (source_row, messages) for every good row; raise or count the bad ones."""
+    for n, (where, raw) in enumerate(read_raw(cfg)):
+        if cfg.max_rows is not None and report.rows_out >= cfg.max_rows:
+            return
+        report.rows_in += 1
+        try:
+            if isinstance(raw, BadRow):
+                raise raw
+            messages = to_messages(_apply_columns(raw, cfg.columns), where)
+        except BadRow as e:
+            if cfg.on_bad_row == "error":
+                raise
+            report.skipped[e.kind] += 1
+            if len(report.examples) < 5:
+                report.examples.append(str(e))
+            continue
+        report.rows_out += 1
+        yield n, messages

@@ -1,0 +1,163 @@
+"""`sasft generate`: task data -> self-talk -> filters -> mix, into the run directory.
+
+Stages and what they write under `run_dir`:
+  task      task/train.parquet, task/heldout.parquet (and external/ for external-mix)
+  selftalk  selftalk/*.parquet: every generated dialogue with its `drop_reason`
+  mix       mixed/*.parquet: task rows and self (or external) rows at ratio λ
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from sasft_ray import data as task_data
+from sasft_ray.config import Config, DataConfig
+from sasft_ray.filters import KEPT, Deduplicator, mark_row
+from sasft_ray.mix import write_mix
+from sasft_ray.rundir import RunDir
+from sasft_ray.selftalk import LIGHT_CPUS, load_tokenizer, selftalk_dataset, turn_format
+from sasft_ray.tiny import bootstrap
+
+
+class TooFewSurvivors(RuntimeError):
+    pass
+
+
+def connect(cfg: Config) -> None:
+    """Join the cluster at resources.address, or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.resources.address:
+        ray.init(address=cfg.resources.address)
+        return
+    # Locally, CPU "slots" are logical: give every engine its bundle even on 2 cores,
+    # so that all 2 x turns engine pools run side by side and stream.
+    eng = cfg.selftalk.engine
+    engines = 2 * cfg.selftalk.turns * eng.concurrency
+    wanted = math.ceil(engines * eng.cpus_per_engine) + 2
+    ray.init(num_cpus=cfg.resources.num_cpus or max(os.cpu_count() or 1, wanted),
+             include_dashboard=False, log_to_driver=True)
+
+
+def write_canonical(cfg: DataConfig, rd: RunDir, folder: str, with_heldout: bool) -> dict:
+    """Validate every row and write canonical Parquet, streaming in chunks."""
+    report = task_data.LoadReport()
+    splits = ("train", "heldout") if with_heldout else ("train",)
+    rd.fs.create_dir(rd.local(folder), recursive=True)
+    writers = {s: pq.ParquetWriter(rd.local(folder, f"{s}.parquet"), task_data.ROW_SCHEMA, filesystem=rd.fs)
+               for s in splits}
+    buffers: dict[str, list] = {s: [] for s in splits}
+    counts = dict.fromkeys(splits, 0)
+
+    def flush(split: str) -> None:
+        if buffers[split]:
+            writers[split].write_table(pa.Table.from_pylist(buffers[split], schema=task_data.ROW_SCHEMA))
+            buffers[split].clear()
+
+    try:
+        for source_row, messages in task_data.iter_rows(cfg, report):
+            split = "heldout" if with_heldout and task_data.is_heldout(messages, cfg.heldout_fraction) else "train"
+            buffers[split].append({"messages": messages, "source_row": source_row})
+            counts[split] += 1
+            if len(buffers[split]) >= 4096:
+                flush(split)
+        for split in splits:
+            flush(split)
+    finally:
+        for w in writers.values():
+            w.close()
+    if counts["train"] == 0:
+        raise task_data.BadRow(cfg.path, "data.path", "no usable rows"
+                               + (f" (skipped: {dict(report.skipped)})" if report.skipped else ""))
+    for example in report.examples:
+        print(f"  skipped {example}")
+    return {"rows_in": report.rows_in, "rows_out": report.rows_out, "skipped": dict(report.skipped),
+            **{f"{s}_rows": n for s, n in counts.items()}}
+
+
+def task_stage(cfg: Config, rd: RunDir, force: bool) -> None:
+    if rd.begin("task", cfg.section_hash("data"), force, outputs=("task",)):
+        rd.finish("task", write_canonical(cfg.data, rd, "task", with_heldout=True))
+    if cfg.train.method == "external-mix" and rd.begin(
+            "external", cfg.section_hash("mix"), force, outputs=("external",)):
+        rd.finish("external", write_canonical(cfg.mix.external, rd, "external", with_heldout=False))
+
+
+def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
+    if not rd.begin("selftalk", cfg.section_hash("model", "selftalk", "filters"), force, outputs=("selftalk",)):
+        return
+    connect(cfg)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    fmt = turn_format(tokenizer)
+    wanted = cfg.selftalk.num_dialogues
+    generated = math.ceil(wanted * cfg.selftalk.oversample)
+    ds = selftalk_dataset(cfg, generated, fmt)
+    ds = ds.map(functools.partial(mark_row, cfg=cfg.filters, markers=fmt.markers), num_cpus=LIGHT_CPUS)
+    if cfg.filters.dedup != "none":
+        ds = ds.map(Deduplicator, fn_constructor_kwargs=dict(mode=cfg.filters.dedup,
+                                                             threshold=cfg.filters.minhash_threshold),
+                    concurrency=1, num_cpus=LIGHT_CPUS)
+    ds.write_parquet(rd.path("selftalk"))
+
+    stats = selftalk_stats(rd)
+    drops = stats.pop("drops")
+    kept = drops.pop(KEPT, 0)
+    counts = {"rows_in": generated, "rows_out": min(kept, wanted), "survived": kept, "drops": drops, **stats}
+    if kept < wanted:
+        message = (f"only {kept} of {wanted} wanted self-dialogues survived the filters "
+                   f"({generated} generated; dropped: {drops}). Raise selftalk.oversample or the token limits, "
+                   "or loosen filters")
+        if kept < cfg.filters.min_survival * wanted:
+            rd.finish("selftalk", {**counts, "shortfall": wanted - kept})
+            raise TooFewSurvivors(message + f" (below filters.min_survival={cfg.filters.min_survival})")
+        print(f"[selftalk] WARNING: {message}")
+        counts["shortfall"] = wanted - kept
+    rd.finish("selftalk", counts)
+
+
+def selftalk_stats(rd: RunDir) -> dict:
+    """Drop counts, tokens and topic coverage, from three small columns (no dialogue text in the driver)."""
+    table = pads.dataset(rd.local("selftalk"), filesystem=rd.fs, format="parquet").to_table(
+        columns=["drop_reason", "num_tokens", "first_words"])
+    drops = {d["values"]: d["counts"] for d in pc.value_counts(table["drop_reason"]).to_pylist()}
+    kept = table.filter(pc.equal(table["drop_reason"], KEPT))
+    firsts = sorted(pc.value_counts(kept["first_words"]).to_pylist(), key=lambda d: -d["counts"])
+    total = max(1, len(kept))
+    entropy = -sum(d["counts"] / total * math.log2(d["counts"] / total) for d in firsts)
+    return {"drops": drops, "generated_tokens": int(pc.sum(table["num_tokens"]).as_py() or 0),
+            "coverage": {"distinct_first_words": len(firsts), "first_words_entropy_bits": round(entropy, 3),
+                         "top_first_words": {d["values"]: d["counts"] for d in firsts[:10]}}}
+
+
+def mix_stage(cfg: Config, rd: RunDir, force: bool) -> None:
+    if not rd.begin("mix", cfg.section_hash("mix", "train", "data", "selftalk", "filters"), force,
+                    outputs=("mixed",)):
+        return
+    rd.finish("mix", write_mix(cfg, rd))
+
+
+STAGES = ("task", "selftalk", "mix")
+
+
+def generate(cfg: Config, redo: str | None = None) -> RunDir:
+    """Run the data stages; `redo` names the first stage to redo even if done ("all": every one)."""
+    first = 0 if redo == "all" else STAGES.index(redo) if redo else len(STAGES)
+    force = {name: i >= first for i, name in enumerate(STAGES)}
+    if cfg.bootstrap == "tiny":
+        bootstrap(cfg.model.path, cfg.data.path)
+    rd = RunDir(cfg.run_dir)
+    rd.save_config(cfg)
+    task_stage(cfg, rd, force["task"])
+    if cfg.train.method == "sa-sft":
+        selftalk_stage(cfg, rd, force["selftalk"])
+    mix_stage(cfg, rd, force["mix"])
+    return rd

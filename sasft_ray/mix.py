@@ -1,0 +1,122 @@
+"""Mix task rows with self-talk (or external) rows at ratio λ, deterministically.
+
+Which rows: the other source contributes exactly round(λ · task rows) rows (capped
+by what survived), those whose key hashed from (seed, source, id) is smallest: a
+seeded sample, the same on every run.
+
+In what order: both sources stream in windows, each window shuffled with a seeded
+generator, and the two streams are merged by fractional position (row i of n sits
+at (i + ½) / n), so every stretch of the output holds the two sources in the ratio
+λ, not only the whole. Only a window of rows is ever in memory.
+
+Methods differ only in what is mixed in: `sa-sft` self-talk, `external-mix` the
+external dataset, `sft` and `freeze` nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from sasft_ray.config import Config
+from sasft_ray.data import MESSAGE_TYPE
+from sasft_ray.rundir import RunDir
+
+MIXED_IN = {"sa-sft": "self", "external-mix": "external", "sft": None, "freeze": None}
+MIXED_SCHEMA = pa.schema([("messages", MESSAGE_TYPE), ("source", pa.string()), ("id", pa.int64())])
+WINDOW = 4096
+
+
+def mix_key(seed: int, source: str, row_id: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{source}:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+class Source:
+    """One input of the mix: a Parquet dataset, the id column that names its rows, a filter."""
+
+    def __init__(self, rd: RunDir, name: str, folder: str, id_column: str, only_kept: bool = False):
+        self.name, self.id_column = name, id_column
+        self.dataset = pads.dataset(rd.local(folder), filesystem=rd.fs, format="parquet")
+        self.filter = pc.field("drop_reason") == "" if only_kept else None
+
+    def ids(self) -> np.ndarray:
+        table = self.dataset.to_table(columns=[self.id_column], filter=self.filter)
+        return table[self.id_column].to_numpy()
+
+    def sample(self, seed: int, count: int) -> int:
+        """Keep only the `count` rows with the smallest keys; returns how many rows are kept."""
+        ids = self.ids()
+        if count < len(ids):
+            chosen = heapq.nsmallest(count, ids.tolist(), key=lambda i: mix_key(seed, self.name, i))
+            only = pc.field(self.id_column).isin(pa.array(chosen, pa.int64()))
+            self.filter = only if self.filter is None else self.filter & only
+        return min(count, len(ids))
+
+    def rows(self, seed: int) -> Iterator[dict]:
+        """Every selected row, in file order shuffled within windows."""
+        rng = np.random.default_rng(mix_key(seed, self.name, -1))
+        window: list[dict] = []
+        scanner = self.dataset.scanner(columns=["messages", self.id_column], filter=self.filter)
+        for batch in scanner.to_batches():
+            for row in batch.to_pylist():
+                window.append({"messages": row["messages"], "source": self.name, "id": row[self.id_column]})
+                if len(window) == WINDOW:
+                    yield from (window[i] for i in rng.permutation(len(window)))
+                    window = []
+        yield from (window[i] for i in rng.permutation(len(window)))
+
+
+def interleave(a: Iterator[dict], n_a: int, b: Iterator[dict], n_b: int) -> Iterator[dict]:
+    """Merge by fractional position: row i of n goes to (i + ½) / n."""
+    i = j = 0
+    while i < n_a or j < n_b:
+        if j >= n_b or (i < n_a and (i + 0.5) * n_b <= (j + 0.5) * n_a):
+            yield next(a)
+            i += 1
+        else:
+            yield next(b)
+            j += 1
+
+
+def write_mix(cfg: Config, rd: RunDir) -> dict:
+    """Write `mixed/part-0.parquet`; returns the counts for the manifest."""
+    seed = cfg.mix.seed
+    task = Source(rd, "task", "task/train.parquet", "source_row")
+    task_rows = rd.stage_info("task")["train_rows"]
+    counts = {"task_rows": task_rows, "self_ratio": cfg.mix.self_ratio, "method": cfg.train.method}
+    other_name = MIXED_IN[cfg.train.method]
+    got = 0
+    rows: Iterator[dict] = task.rows(seed)
+    if other_name is not None:
+        wanted = round(cfg.mix.self_ratio * task_rows)
+        if other_name == "self":
+            other = Source(rd, "self", "selftalk", "id", only_kept=True)
+            wanted = min(wanted, cfg.selftalk.num_dialogues)
+        else:
+            other = Source(rd, "external", "external/train.parquet", "source_row")
+        got = other.sample(seed, wanted)
+        if got < wanted:
+            print(f"[mix] WARNING: wanted {wanted} {other_name} rows for self_ratio={cfg.mix.self_ratio}, "
+                  f"only {got} available: the achieved ratio is {got / task_rows:.3f}")
+        rows = interleave(rows, task_rows, other.rows(seed), got)
+        counts.update(mixed_in_source=other_name, achieved_ratio=round(got / task_rows, 4))
+
+    rd.fs.create_dir(rd.local("mixed"), recursive=True)
+    with pq.ParquetWriter(rd.local("mixed", "part-0.parquet"), MIXED_SCHEMA, filesystem=rd.fs) as writer:
+        chunk: list[dict] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) == WINDOW:
+                writer.write_table(pa.Table.from_pylist(chunk, schema=MIXED_SCHEMA))
+                chunk = []
+        writer.write_table(pa.Table.from_pylist(chunk, schema=MIXED_SCHEMA))
+    counts.update(rows_out=task_rows + got, mixed_in_rows=got)
+    return counts

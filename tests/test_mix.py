@@ -1,0 +1,88 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sasft_ray.data import ROW_SCHEMA
+from sasft_ray.mix import interleave, write_mix
+from sasft_ray.rundir import RunDir
+from tests.conftest import make_config
+
+
+def dialogue(text):
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]
+
+
+def prepare(tmp_path, task_rows=1200, self_rows=900, external_rows=0, **sections):
+    """A run directory whose earlier stages are done, with data written the way they write it."""
+    cfg = make_config(tmp_path, **sections)
+    rd = RunDir(cfg.run_dir)
+    rd.fs.create_dir(rd.local("task"))
+    pq.write_table(pa.Table.from_pylist(
+        [{"messages": dialogue(f"task {i}"), "source_row": i} for i in range(task_rows)], ROW_SCHEMA),
+        rd.local("task", "train.parquet"))
+    rd.fs.create_dir(rd.local("selftalk"))
+    reasons = ["" if i % 10 else "truncated" for i in range(self_rows)]
+    for part in range(3):  # several files, like Ray Data writes
+        pq.write_table(pa.Table.from_pylist(
+            [{"id": i, "messages": dialogue(f"self {i}"), "drop_reason": reasons[i]}
+             for i in range(part, self_rows, 3)]), rd.local("selftalk", f"{part}.parquet"))
+    rd.fs.create_dir(rd.local("external"))
+    pq.write_table(pa.Table.from_pylist(
+        [{"messages": dialogue(f"ext {i}"), "source_row": i} for i in range(external_rows)], ROW_SCHEMA),
+        rd.local("external", "train.parquet"))
+    for stage, info in {"task": {"train_rows": task_rows},
+                        "selftalk": {"survived": reasons.count("")},
+                        "external": {"train_rows": external_rows}}.items():
+        rd.begin(stage, "test")
+        rd.finish(stage, info)
+    return cfg, rd
+
+
+def mixed_rows(cfg, rd):
+    counts = write_mix(cfg, rd)
+    return pq.read_table(rd.local("mixed", "part-0.parquet")).to_pylist(), counts
+
+
+def test_ratio_holds_overall_and_in_every_window(tmp_path):
+    cfg, rd = prepare(tmp_path, mix={"self_ratio": 0.5}, selftalk={"num_dialogues": 800})
+    rows, counts = mixed_rows(cfg, rd)
+    sources = [r["source"] for r in rows]
+    assert len(rows) == 1800 and sources.count("self") == 600 and counts["achieved_ratio"] == 0.5
+    for start in range(0, 1800 - 300, 150):
+        window = sources[start:start + 300]
+        assert window.count("self") / window.count("task") == pytest.approx(0.5, rel=0.05)
+    assert all(r["id"] % 10 for r in rows if r["source"] == "self")  # dropped rows never come back
+    assert len({(r["source"], r["id"]) for r in rows}) == len(rows)  # no row twice
+
+
+def test_same_seed_same_mix_other_seed_other_mix(tmp_path):
+    cfg, rd = prepare(tmp_path, mix={"self_ratio": 0.5})
+    first, _ = mixed_rows(cfg, rd)
+    again, _ = mixed_rows(cfg, rd)
+    assert first == again
+    other = make_config(tmp_path, mix={"self_ratio": 0.5, "seed": 1})
+    reseeded, _ = mixed_rows(other, rd)
+    assert reseeded != first and len(reseeded) == len(first)
+
+
+def test_ratio_is_capped_by_num_dialogues_and_survivors(tmp_path):
+    cfg, rd = prepare(tmp_path, task_rows=100, self_rows=50, mix={"self_ratio": 3.0})
+    rows, counts = mixed_rows(cfg, rd)
+    assert counts["mixed_in_rows"] == 45 and len(rows) == 145  # 50 generated, every 10th truncated
+
+
+@pytest.mark.parametrize("method, source", [("sft", None), ("freeze", None), ("external-mix", "external"),
+                                            ("sa-sft", "self")])
+def test_each_method_mixes_in_its_own_data(tmp_path, method, source):
+    external = {"external": {"path": "unused.jsonl"}} if method == "external-mix" else {}
+    cfg, rd = prepare(tmp_path, task_rows=200, external_rows=300, train={"method": method},
+                      mix={"self_ratio": 1.0, **external})
+    rows, _ = mixed_rows(cfg, rd)
+    mixed_in = {r["source"] for r in rows} - {"task"}
+    assert mixed_in == ({source} if source else set())
+    assert len(rows) == (400 if source else 200)
+
+
+def test_interleave_spreads_evenly():
+    out = "".join(interleave(iter("a" * 6), 6, iter("b" * 3), 3))
+    assert out == "abaabaaba"
