@@ -9,9 +9,10 @@ from sasft_ray.config import ConfigError, load_config, shipped_configs
 from sasft_ray.data import BadRow
 from sasft_ray.generate import STAGES, TooFewSurvivors
 from sasft_ray.rundir import StageChanged
+from sasft_ray.train import TrainSetupError
 
 # Mistakes in the config or the data: a message, not a traceback.
-USER_ERRORS = (ConfigError, BadRow, StageChanged, TooFewSurvivors)
+USER_ERRORS = (ConfigError, BadRow, StageChanged, TooFewSurvivors, TrainSetupError)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +27,16 @@ def cmd_generate(args) -> None:
     cfg = load_config(args.config, args.overrides)
     rd = generate(cfg, redo="all" if args.force else args.redo)
     print(f"run directory: {rd.root}  (manifest: {rd.path('manifest.json')})")
+
+
+def cmd_train(args) -> None:
+    from sasft_ray.rundir import RunDir
+    from sasft_ray.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    rd = RunDir(cfg.run_dir)
+    train(cfg, rd, force=args.force)
+    print(f"model: {rd.path('model')}")
 
 
 def cmd_config(args) -> None:
@@ -52,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="redo every stage, even those already done")
     p.add_argument("--redo", choices=STAGES, help="redo this stage and the ones after it")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("train", help="fine-tune on the mixed data with DeepSpeed ZeRO on Ray Train, export HF")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="train again even if done")
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("config", help="print the resolved config (after overrides), or the error")
     _config_args(p)

@@ -91,8 +91,33 @@ class MixConfig(Section):
 
 
 class TrainConfig(Section):
+    """Full fine-tuning with DeepSpeed ZeRO; identical across methods except what is mixed and frozen."""
+
     method: Literal["sft", "sa-sft", "freeze", "external-mix"] = "sa-sft"
     num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0, description="used when resources.use_gpu")
+    zero_stage: int = Field(3, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    bf16: bool | None = Field(None, description="None: bf16 on GPU, fp32 on CPU")
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    max_length: int = Field(2048, ge=16, description="tokens; longer dialogues are cut at the right")
+    max_grad_norm: float = Field(1.0, gt=0)
+    freeze_layers: int = Field(0, ge=0, description="method freeze: embeddings and the lowest k blocks")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
+    seed: int = 0
+    fail_once_at_step: int | None = Field(
+        None, ge=1, description="testing: the last worker exits once at this step, to exercise recovery")
 
 
 class ServeConfig(Section):

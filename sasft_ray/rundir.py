@@ -95,15 +95,21 @@ class RunDir:
         with self.fs.open_output_stream(self.local("config.yaml")) as f:
             f.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
 
+    def done(self, name: str, config_hash: str) -> bool:
+        """True if the stage finished with this config; a finished stage of another config is an error."""
+        prior = self.stage_info(name)
+        if prior.get("status") != "done":
+            return False
+        if prior.get("config_hash") != config_hash:
+            raise StageChanged(
+                f"stage '{name}' in {self.root} was made with another config; "
+                f"use --redo {name} to redo it and the stages after it, or another run_dir")
+        print(f"[{name}] done earlier, skipped ({prior.get('rows_out', '?')} rows out)")
+        return True
+
     def begin(self, name: str, config_hash: str, force: bool = False, outputs: tuple[str, ...] = ()) -> bool:
         """True if the stage must run now (its old outputs are wiped); False if it is done already."""
-        prior = self.stage_info(name)
-        if prior.get("status") == "done" and not force:
-            if prior.get("config_hash") != config_hash:
-                raise StageChanged(
-                    f"stage '{name}' in {self.root} was made with another config; "
-                    f"use --redo {name} to redo it and the stages after it, or another run_dir")
-            print(f"[{name}] done earlier, skipped ({prior.get('rows_out', '?')} rows out)")
+        if not force and self.done(name, config_hash):
             return False
         for out in outputs:  # half-finished or forced: start clean, never append
             self.remove(out)

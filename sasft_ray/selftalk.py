@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from dataclasses import dataclass
 
 from sasft_ray.config import Config
@@ -113,12 +114,14 @@ def _collect(row: dict, *, fmt: TurnFormat, role: str, max_tokens: int) -> dict:
         "messages": list(row["messages"]) + [{"role": role, "content": text}],
         "num_tokens": int(row["num_tokens"]) + len(tokens),
         "truncated": bool(row["truncated"]) or truncated,
+        "finished_at": time.time(),  # when this message was done: throughput over time, stalls
     }
 
 
 def _seed_row(row: dict, *, system_prompt: str | None) -> dict:
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return {"id": int(row["id"]), "messages": messages, "num_tokens": 0, "truncated": False, "first_words": ""}
+    return {"id": int(row["id"]), "messages": messages, "num_tokens": 0, "truncated": False, "first_words": "",
+            "finished_at": 0.0}
 
 
 def engine_processor_config(cfg: Config):
@@ -137,6 +140,8 @@ def engine_processor_config(cfg: Config):
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
     if not gpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(eng.kv_cache_gib)))
+        # Engines of consecutive stages share the cores: idle OpenMP threads must sleep, not spin.
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     return vLLMEngineProcessorConfig(
         model_source=cfg.model.path, engine_kwargs=engine_kwargs, concurrency=eng.concurrency,
         batch_size=eng.batch_size, chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,

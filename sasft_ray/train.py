@@ -1,0 +1,353 @@
+"""`sasft train`: DeepSpeed ZeRO full fine-tuning on Ray Train, then an HF export.
+
+The driver tokenizes the mixed dataset with Ray Data (loss on assistant tokens only),
+checks everything that can be checked before a worker starts, and launches a
+`TorchTrainer`. Each worker loads the model sharded (`HfDeepSpeedConfig` before
+`from_pretrained`), trains on its shard of the data, checkpoints every N steps
+(every rank writes its ZeRO shard; Ray Train merges them in one folder) and, at the
+end, gathers the full weights on rank 0, which writes `<run_dir>/model/` and the
+per-layer weight drift `<run_dir>/drift.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sasft_ray.config import Config
+from sasft_ray.rundir import RunDir
+from sasft_ray.selftalk import load_tokenizer, turn_format
+
+IGNORE = -100
+
+
+class TrainSetupError(ValueError):
+    """A training config or dataset that cannot work, found before any worker starts."""
+
+
+# --- tokenization: the model's own chat template, loss on assistant tokens only -----------------
+
+def encode(tokenizer, messages: list[dict], max_length: int, strip_bos: str = "") -> dict:
+    """Token ids and labels; labels are IGNORE everywhere but inside assistant messages
+    (their content and the template's end-of-turn marker, so the model learns to stop)."""
+    def render(msgs, generation_prompt=False) -> str:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        return text[len(strip_bos):] if strip_bos and text.startswith(strip_bos) else text
+
+    full = render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start, end = len(render(messages[:i], True)), len(render(messages[: i + 1]))
+            if not full.startswith(render(messages[: i + 1])):
+                raise TrainSetupError("the chat template renders a conversation differently from its prefixes; "
+                                      "assistant-only loss needs a prefix-stable template")
+            spans.append((start, end))
+    enc = tokenizer(full, return_offsets_mapping=True, add_special_tokens=True)
+    ids = enc["input_ids"][:max_length]
+    labels = [tok if any(s <= a < e for s, e in spans) else IGNORE
+              for tok, (a, _) in zip(ids, enc["offset_mapping"][:max_length])]
+    return {"input_ids": ids, "labels": labels}
+
+
+def _encode_batch(batch: dict, *, model: str, trust_remote_code: bool, max_length: int, strip_bos: str) -> dict:
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    encoded = [encode(tokenizer, list(m), max_length, strip_bos) for m in batch["messages"]]
+    return {"input_ids": np.array([np.array(e["input_ids"], dtype=np.int64) for e in encoded] + [None],
+                                  dtype=object)[:-1],
+            "labels": np.array([np.array(e["labels"], dtype=np.int64) for e in encoded] + [None], dtype=object)[:-1],
+            "targets": np.array([int((np.array(e["labels"]) != IGNORE).sum()) for e in encoded], dtype=np.int64)}
+
+
+def tokenized(cfg: Config, path: str, strip_bos: str):
+    """Tokenized rows of a Parquet folder or file, materialized so the driver knows the counts."""
+    import ray
+
+    encode_fn = functools.partial(_encode_batch, model=cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
+                                  max_length=cfg.train.max_length, strip_bos=strip_bos)
+    ds = ray.data.read_parquet(path, columns=["messages"]).map_batches(encode_fn, batch_size=256, num_cpus=0.5)
+    return ds.materialize()
+
+
+# --- DeepSpeed ----------------------------------------------------------------------------------
+
+def deepspeed_config(cfg: Config) -> dict:
+    t, gpu = cfg.train, cfg.resources.use_gpu
+    bf16 = gpu if t.bf16 is None else t.bf16
+    zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * t.num_workers,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+    }
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def frozen_prefixes(num_layers: int, k: int | None) -> tuple[str, ...]:
+    """Parameter-name pieces frozen by method `freeze`: the embeddings and the lowest k blocks."""
+    k = num_layers // 2 if k is None else k
+    return ("embed_tokens.",) + tuple(f"layers.{i}." for i in range(k))
+
+
+def _collate(batch: dict, pad_id: int) -> dict:
+    import torch
+
+    width = max(len(x) for x in batch["input_ids"])
+    ids = torch.full((len(batch["input_ids"]), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    mask = torch.zeros_like(ids)
+    for i, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.as_tensor(x), torch.as_tensor(y), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# --- the worker loop ----------------------------------------------------------------------------
+
+def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it silently
+    import deepspeed
+    import ray.train
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    cfg = Config.model_validate(config["cfg"])
+    t, ds_config, total_steps = cfg.train, config["ds_config"], config["total_steps"]
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.resources.use_gpu else "gloo")
+    torch.manual_seed(t.seed)
+    rank = ray.train.get_context().get_world_rank()
+
+    keep_alive = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None  # noqa: F841  (sharded load)
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    if t.method == "freeze":
+        frozen = frozen_prefixes(model.config.num_hidden_layers, t.freeze_layers)
+        for name, p in model.named_parameters():
+            if any(piece in name for piece in frozen):
+                p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    warmup = round(t.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_lambda, warmup=warmup, total=total_steps, schedule=t.schedule))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, model_parameters=trainable)
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            _, client = engine.load_checkpoint(folder, tag="ds")
+            step = client["step"]
+        if rank == 0:
+            print(f"[train] resumed from step {step}")
+            log_event(config["events"], event="resumed", step=step)
+
+    shard = ray.train.get_dataset_shard("train")
+    collate = functools.partial(_collate, pad_id=config["pad_id"])
+    losses: list[float] = []
+    while step < total_steps:
+        for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=collate, drop_last=True,
+                                              local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + step):
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            step += 1
+            if t.fail_once_at_step == step and rank == t.num_workers - 1:
+                marker = Path(config["fail_marker"])
+                if not marker.exists():
+                    marker.write_text("failed once")
+                    time.sleep(5)  # let the controller collect the last report (it polls every 2 s)
+                    os._exit(1)  # a real process death: Ray Train must restart from the checkpoint
+            last = step == total_steps
+            if step % t.checkpoint_every == 0 or last:
+                metrics = {"step": step, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0]}
+                losses = []
+                if rank == 0:
+                    log_event(config["events"], event="checkpoint", **metrics)
+                with tempfile.TemporaryDirectory() as folder:
+                    engine.save_checkpoint(folder, tag="ds", client_state={"step": step})
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            if last:
+                break
+
+    heldout = heldout_loss(engine, ray.train.get_dataset_shard("heldout"), collate, t.micro_batch_size)
+    export(engine, cfg, config["model_dir"], rank)
+    if rank == 0:
+        Path(config["model_dir"], "train_result.json").write_text(json.dumps({"heldout_loss": heldout}))
+
+
+def log_event(path: str, **event) -> None:
+    """One JSON line per event of the run (checkpoints with their loss, resumes): its history."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+
+
+def heldout_loss(engine, shard, collate, batch_size: int) -> float:
+    import torch
+    import torch.distributed as dist
+
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            total += torch.tensor([engine(**batch).loss.item() * n, n], dtype=torch.float64)
+    dist.all_reduce(total)
+    engine.train()
+    return float(total[0] / max(1.0, float(total[1])))
+
+
+def export(engine, cfg: Config, out: str, rank: int) -> None:
+    """Full weights on rank 0 as an HF folder (safetensors, config, tokenizer, chat template)."""
+    state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 \
+        else engine.module.state_dict()
+    if rank != 0:
+        return
+    engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+    load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).save_pretrained(out)
+    Path(out, "drift.json").write_text(json.dumps(weight_drift(cfg.model.path, state), indent=2))
+
+
+def weight_drift(base_path: str, state: dict) -> dict:
+    """Relative drift ||θ - θ0|| / ||θ0|| per block and in total, from the base safetensors."""
+    import torch
+    from safetensors import safe_open
+
+    sums: dict[str, list[float]] = {}
+    for file in sorted(Path(base_path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if key not in state:
+                    continue
+                base = f.get_tensor(key).double()
+                diff = state[key].double() - base
+                group = _group(key)
+                for g in (group, "total"):
+                    acc = sums.setdefault(g, [0.0, 0.0])
+                    acc[0] += float(torch.sum(diff * diff))
+                    acc[1] += float(torch.sum(base * base))
+    return {g: math.sqrt(d) / math.sqrt(b) if b else 0.0 for g, (d, b) in sums.items()}
+
+
+def _group(key: str) -> str:
+    parts = key.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        return f"layers.{int(parts[i + 1]):03d}"
+    return "embeddings" if "embed" in key else "lm_head" if "lm_head" in key else "other"
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+def check_before_work(cfg: Config, rows: int, rows_with_targets: int) -> int:
+    """Everything that would fail late, checked now; returns the total optimizer steps."""
+    t = cfg.train
+    if rows_with_targets < rows:
+        raise TrainSetupError(
+            f"{rows - rows_with_targets} of {rows} training rows have no assistant token left after cutting "
+            f"at train.max_length={t.max_length}; raise max_length or shorten the data")
+    global_batch = t.micro_batch_size * t.grad_accum * t.num_workers
+    per_epoch = rows // global_batch
+    if per_epoch == 0:
+        raise TrainSetupError(
+            f"{rows} training rows do not fill one global batch of {global_batch} "
+            f"(micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x num_workers {t.num_workers})")
+    return t.max_steps or per_epoch * t.epochs
+
+
+def check_resources(cfg: Config) -> None:
+    import ray
+
+    t = cfg.train
+    have = ray.cluster_resources()
+    need = {"CPU": t.num_workers * t.cpus_per_worker}
+    if cfg.resources.use_gpu:
+        need["GPU"] = t.num_workers * t.gpus_per_worker
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
+    if short and not cfg.resources.address:  # a cluster may autoscale; a local Ray will not
+        raise TrainSetupError("not enough resources for train.num_workers: " + ", ".join(
+            f"{k} needs {v:g}, Ray has {h:g}" for k, (v, h) in short.items()))
+
+
+def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sasft_ray.generate import connect
+
+    if not Path(cfg.model.path).exists() and cfg.model.path.startswith((".", "/")):
+        raise TrainSetupError(f"model.path {cfg.model.path} does not exist")
+    if rd.stage_info("mix").get("status") != "done":
+        raise TrainSetupError(f"{rd.root} has no finished mix; run `sasft generate` first")
+    config_hash = cfg.section_hash("train", "model", "mix")
+    if not force and rd.done("train", config_hash):
+        return None
+    connect(cfg)
+    check_resources(cfg)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    strip_bos = turn_format(tokenizer).strip_bos
+    train_ds = tokenized(cfg, rd.path("mixed"), strip_bos)
+    rows = train_ds.count()
+    with_targets = train_ds.filter(lambda r: r["targets"] > 0).count()
+    total_steps = check_before_work(cfg, rows, with_targets)
+    heldout_ds = tokenized(cfg, rd.path("task", "heldout.parquet"), strip_bos)
+    rd.begin("train", config_hash, force=True, outputs=("model", "train-events.jsonl", "train-failed-once"))
+
+    t = cfg.train
+    ds_config = deepspeed_config(cfg)
+    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                   str(Path.home() / ".cache" / "torch_extensions"))}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "ds_config": ds_config, "total_steps": total_steps,
+                           "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                           else tokenizer.eos_token_id,
+                           "model_dir": rd.local("model"), "fail_marker": rd.local("train-failed-once"),
+                           "events": rd.local("train-events.jsonl")},
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=cfg.resources.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker}
+                                                                if cfg.resources.use_gpu else {})}),
+        run_config=RunConfig(
+            name="train", storage_path=rd.path(),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            worker_runtime_env={"env_vars": env}),
+        datasets={"train": train_ds, "heldout": heldout_ds},
+    )
+    result = trainer.fit()
+    out = json.loads(Path(rd.local("model", "train_result.json")).read_text())
+    drift = json.loads(Path(rd.local("model", "drift.json")).read_text())
+    counts = {"rows_in": rows, "steps": total_steps, "final_loss": result.metrics.get("loss"),
+              "heldout_loss": out["heldout_loss"], "drift_total": drift.get("total"),
+              "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    return rd.finish("train", counts)
