@@ -18,41 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
+
+from bench_common import PeakMemory
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-
-class PeakMemory:
-    """Samples the total RSS of this process tree plus every Ray worker, every 0.2 s."""
-
-    def __init__(self):
-        import psutil
-
-        self.psutil, self.peak, self._stop = psutil, 0, threading.Event()
-
-    def _total(self) -> int:
-        total = 0
-        for proc in self.psutil.process_iter(["pid", "cmdline", "memory_info"]):
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if proc.info["pid"] == os.getpid() or "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd:
-                total += proc.info["memory_info"].rss if proc.info["memory_info"] else 0
-        return total
-
-    def __enter__(self):
-        def loop():
-            while not self._stop.wait(0.2):
-                self.peak = max(self.peak, self._total())
-
-        self._thread = threading.Thread(target=loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def bare_vllm(cfg, fmt, n: int) -> dict:
@@ -80,7 +51,7 @@ def bare_vllm(cfg, fmt, n: int) -> dict:
         seconds = time.perf_counter() - start
     del llm
     return {"startup_s": startup, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "peak_gib": mem.peak / 2**30}
+            "peak_gib": mem.total / 2**30}
 
 
 def pipeline(cfg, fmt, n: int) -> dict:
@@ -101,7 +72,7 @@ def pipeline(cfg, fmt, n: int) -> dict:
     window = (finished > lo) & (finished <= hi)
     steady = tokens[window].sum() / (hi - lo)
     return {"startup_s": (end - start) - tokens.sum() / steady, "tokens": int(tokens.sum()), "seconds": end - start,
-            "tokens_per_s": steady, "peak_gib": mem.peak / 2**30}
+            "tokens_per_s": steady, "peak_gib": mem.total / 2**30}
 
 
 def main() -> None:

@@ -154,14 +154,32 @@ class Config(Section):
             raise ValueError("train.method 'external-mix' needs mix.external (the general dataset to mix in)")
         return self
 
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of some sections: a finished stage is reused only if its inputs did not change."""
-        data = {name: self._dump(name) for name in sections}
+    def section_hash(self, *keys: str) -> str:
+        """Stable hash of some sections or dotted keys: a finished stage is reused only if what it
+        depends on did not change."""
+        data = {key: self._dump(key) for key in keys}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _dump(self, name: str) -> Any:
-        value = getattr(self, name)
+    def _dump(self, key: str) -> Any:
+        value: Any = self
+        for part in key.split("."):
+            value = getattr(value, part)
         return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The same config with its existing local paths made absolute: Ray workers (Ray Train's above
+    all) do not run in the driver's working directory. Hub ids and URIs are left as they are."""
+    def fix(path: str) -> str:
+        return str(Path(path).absolute()) if "://" not in path and Path(path).exists() else path
+
+    update = {"run_dir": cfg.run_dir if "://" in cfg.run_dir else str(Path(cfg.run_dir).absolute()),
+              "model": cfg.model.model_copy(update={"path": fix(cfg.model.path)}),
+              "data": cfg.data.model_copy(update={"path": fix(cfg.data.path)})}
+    if cfg.mix.external:
+        update["mix"] = cfg.mix.model_copy(
+            update={"external": cfg.mix.external.model_copy(update={"path": fix(cfg.mix.external.path)})})
+    return cfg.model_copy(update=update)
 
 
 def shipped_configs() -> list[str]:

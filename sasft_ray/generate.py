@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from sasft_ray import data as task_data
-from sasft_ray.config import Config, DataConfig
+from sasft_ray.config import Config, DataConfig, absolute_paths
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
 from sasft_ray.mix import write_mix
 from sasft_ray.rundir import RunDir
@@ -88,7 +88,7 @@ def task_stage(cfg: Config, rd: RunDir, force: bool) -> None:
     if rd.begin("task", cfg.section_hash("data"), force, outputs=("task",)):
         rd.finish("task", write_canonical(cfg.data, rd, "task", with_heldout=True))
     if cfg.train.method == "external-mix" and rd.begin(
-            "external", cfg.section_hash("mix"), force, outputs=("external",)):
+            "external", cfg.section_hash("mix.external"), force, outputs=("external",)):
         rd.finish("external", write_canonical(cfg.mix.external, rd, "external", with_heldout=False))
 
 
@@ -139,7 +139,7 @@ def selftalk_stats(rd: RunDir) -> dict:
 
 
 def mix_stage(cfg: Config, rd: RunDir, force: bool) -> None:
-    if not rd.begin("mix", cfg.section_hash("mix", "train", "data", "selftalk", "filters"), force,
+    if not rd.begin("mix", cfg.section_hash("mix", "train.method", "data", "selftalk", "filters"), force,
                     outputs=("mixed",)):
         return
     rd.finish("mix", write_mix(cfg, rd))
@@ -154,6 +154,7 @@ def generate(cfg: Config, redo: str | None = None) -> RunDir:
     force = {name: i >= first for i, name in enumerate(STAGES)}
     if cfg.bootstrap == "tiny":
         bootstrap(cfg.model.path, cfg.data.path)
+    cfg = absolute_paths(cfg)
     rd = RunDir(cfg.run_dir)
     rd.save_config(cfg)
     task_stage(cfg, rd, force["task"])

@@ -73,16 +73,18 @@ def turn_format(tokenizer) -> TurnFormat:
     )
 
 
+def render(tokenizer, messages: list[dict], strip_bos: str = "", generation_prompt: bool = False) -> str:
+    """The chat template's text, less a leading BOS that the tokenizer will add again."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return text[len(strip_bos):] if strip_bos and text.startswith(strip_bos) else text
+
+
 def render_prompt(tokenizer, fmt: TurnFormat, history: list[dict], role: str) -> str:
     """The text that opens the next `role` turn after `history`, nothing more."""
     if role == "assistant":
-        text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-    else:
-        text = tokenizer.apply_chat_template(history + [{"role": "user", "content": SENTINEL}], tokenize=False)
-        text = text.split(SENTINEL, 1)[0]
-    if fmt.strip_bos and text.startswith(fmt.strip_bos):
-        text = text[len(fmt.strip_bos):]  # the engine's tokenizer adds BOS itself
-    return text
+        return render(tokenizer, history, fmt.strip_bos, generation_prompt=True)
+    text = render(tokenizer, history + [{"role": "user", "content": SENTINEL}], fmt.strip_bos)
+    return text.split(SENTINEL, 1)[0]
 
 
 # --- Ray Data stages: top-level functions, so they pickle by reference ------------------------

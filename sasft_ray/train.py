@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sasft_ray.config import Config
+from sasft_ray.config import Config, absolute_paths
 from sasft_ray.rundir import RunDir
-from sasft_ray.selftalk import load_tokenizer, turn_format
+from sasft_ray.selftalk import load_tokenizer, render, turn_format
 
 IGNORE = -100
 
@@ -37,19 +37,16 @@ class TrainSetupError(ValueError):
 def encode(tokenizer, messages: list[dict], max_length: int, strip_bos: str = "") -> dict:
     """Token ids and labels; labels are IGNORE everywhere but inside assistant messages
     (their content and the template's end-of-turn marker, so the model learns to stop)."""
-    def render(msgs, generation_prompt=False) -> str:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-        return text[len(strip_bos):] if strip_bos and text.startswith(strip_bos) else text
-
-    full = render(messages)
+    full = render(tokenizer, messages, strip_bos)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            start, end = len(render(messages[:i], True)), len(render(messages[: i + 1]))
-            if not full.startswith(render(messages[: i + 1])):
+            before = render(tokenizer, messages[:i], strip_bos, generation_prompt=True)
+            through = render(tokenizer, messages[: i + 1], strip_bos)
+            if not (full.startswith(through) and through.startswith(before)):
                 raise TrainSetupError("the chat template renders a conversation differently from its prefixes; "
                                       "assistant-only loss needs a prefix-stable template")
-            spans.append((start, end))
+            spans.append((len(before), len(through)))
     enc = tokenizer(full, return_offsets_mapping=True, add_special_tokens=True)
     ids = enc["input_ids"][:max_length]
     labels = [tok if any(s <= a < e for s, e in spans) else IGNORE
@@ -60,10 +57,16 @@ def encode(tokenizer, messages: list[dict], max_length: int, strip_bos: str = ""
 def _encode_batch(batch: dict, *, model: str, trust_remote_code: bool, max_length: int, strip_bos: str) -> dict:
     tokenizer = load_tokenizer(model, trust_remote_code)
     encoded = [encode(tokenizer, list(m), max_length, strip_bos) for m in batch["messages"]]
-    return {"input_ids": np.array([np.array(e["input_ids"], dtype=np.int64) for e in encoded] + [None],
-                                  dtype=object)[:-1],
-            "labels": np.array([np.array(e["labels"], dtype=np.int64) for e in encoded] + [None], dtype=object)[:-1],
-            "targets": np.array([int((np.array(e["labels"]) != IGNORE).sum()) for e in encoded], dtype=np.int64)}
+    return {"input_ids": _ragged([e["input_ids"] for e in encoded]),
+            "labels": _ragged([e["labels"] for e in encoded]),
+            "targets": np.array([sum(lab != IGNORE for lab in e["labels"]) for e in encoded], dtype=np.int64)}
+
+
+def _ragged(rows: list[list[int]]) -> np.ndarray:
+    """An object array of int64 arrays of different lengths (numpy would try to make it 2-D)."""
+    out = np.empty(len(rows), dtype=object)
+    out[:] = [np.asarray(r, dtype=np.int64) for r in rows]
+    return out
 
 
 def tokenized(cfg: Config, path: str, strip_bos: str):
@@ -171,6 +174,7 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
     shard = ray.train.get_dataset_shard("train")
     collate = functools.partial(_collate, pad_id=config["pad_id"])
     losses: list[float] = []
+    tokens = torch.zeros(1, dtype=torch.float64)  # tokens trained on since the last report, this rank
     while step < total_steps:
         for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=collate, drop_last=True,
                                               local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + step):
@@ -178,6 +182,7 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
+            tokens += batch["attention_mask"].sum()
             if not engine.is_gradient_accumulation_boundary():
                 continue
             step += 1
@@ -189,8 +194,10 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
                     os._exit(1)  # a real process death: Ray Train must restart from the checkpoint
             last = step == total_steps
             if step % t.checkpoint_every == 0 or last:
-                metrics = {"step": step, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0]}
-                losses = []
+                torch.distributed.all_reduce(tokens)
+                metrics = {"step": step, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
+                           "tokens": int(tokens.item())}
+                losses, tokens = [], torch.zeros(1, dtype=torch.float64)
                 if rank == 0:
                     log_event(config["events"], event="checkpoint", **metrics)
                 with tempfile.TemporaryDirectory() as folder:
@@ -304,6 +311,7 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
 
     from sasft_ray.generate import connect
 
+    cfg = absolute_paths(cfg)
     if not Path(cfg.model.path).exists() and cfg.model.path.startswith((".", "/")):
         raise TrainSetupError(f"model.path {cfg.model.path} does not exist")
     if rd.stage_info("mix").get("status") != "done":

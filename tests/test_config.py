@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from sasft_ray.cli import main
-from sasft_ray.config import ConfigError, load_config, shipped_configs, validate_config
+from sasft_ray.config import ConfigError, absolute_paths, load_config, shipped_configs, validate_config
 
 
 def test_shipped_demo_config_loads_by_name():
@@ -59,6 +59,9 @@ def test_section_hash_tracks_only_its_sections():
     b = load_config("demo", ["mix.self_ratio=3"])
     assert a.section_hash("selftalk") == b.section_hash("selftalk")
     assert a.section_hash("mix") != b.section_hash("mix")
+    c = load_config("demo", ["train.lr=0.1"])
+    assert a.section_hash("train.method") == c.section_hash("train.method")
+    assert a.section_hash("train.lr") != c.section_hash("train.lr")
 
 
 def test_cli_config_prints_resolved_yaml_and_reports_errors(capsys, tmp_path):
@@ -77,3 +80,12 @@ def test_cli_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for command in ("generate", "config", "tiny-model"):
         assert command in out
+
+
+def test_local_paths_become_absolute_hub_ids_do_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    cfg = validate_config({"run_dir": "runs/x", "model": {"path": "models/m"}, "data": {"path": "org/dataset"}})
+    fixed = absolute_paths(cfg)
+    assert fixed.run_dir == str(tmp_path / "runs/x") and fixed.model.path == str(tmp_path / "models/m")
+    assert fixed.data.path == "org/dataset"  # not here: a hub id
