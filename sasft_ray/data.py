@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from sasft_ray.config import DataConfig
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
+_BETWEEN_ROWS = re.compile(r"[\s,]*")
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 ROW_SCHEMA = pa.schema([("messages", MESSAGE_TYPE), ("source_row", pa.int64())])
 
@@ -97,7 +99,7 @@ def _read_json(path: str) -> Iterator[tuple[str, object]]:
     pos += 1
     line = 1 + text.count("\n", 0, pos)
     while True:
-        start = pos + len(text[pos:]) - len(text[pos:].lstrip(" \t\r\n,"))
+        start = _BETWEEN_ROWS.match(text, pos).end()
         line += text.count("\n", pos, start)
         pos = start
         if text[pos:pos + 1] == "]":
@@ -106,7 +108,8 @@ def _read_json(path: str) -> Iterator[tuple[str, object]]:
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise BadRow(where, "<json>", f"malformed JSON: {e.msg}", "malformed JSON") from None
+            at = f"{path}:line {line + text.count(chr(10), pos, e.pos)}"
+            raise BadRow(at, "<json>", f"malformed JSON: {e.msg}", "malformed JSON") from None
         yield where, obj
         line += text.count("\n", pos, end)
         pos = end
@@ -118,9 +121,8 @@ def _read_parquet(path: str) -> Iterator[tuple[str, object]]:
     p = Path(path)
     files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
     for file in files:
-        for_rows = pq.ParquetFile(file)
         n = 0
-        for batch in for_rows.iter_batches(batch_size=1024):
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 yield f"{file}:row {n}", row
                 n += 1

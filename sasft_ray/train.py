@@ -175,6 +175,7 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
     collate = functools.partial(_collate, pad_id=config["pad_id"])
     losses: list[float] = []
     tokens = torch.zeros(1, dtype=torch.float64)  # tokens trained on since the last report, this rank
+    micro_steps = 0
     while step < total_steps:
         for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=collate, drop_last=True,
                                               local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + step):
@@ -183,7 +184,8 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
             engine.step()
             losses.append(loss.item())
             tokens += batch["attention_mask"].sum()
-            if not engine.is_gradient_accumulation_boundary():
+            micro_steps += 1
+            if micro_steps % t.grad_accum:  # DeepSpeed steps the optimizer every grad_accum micro-batches
                 continue
             step += 1
             if t.fail_once_at_step == step and rank == t.num_workers - 1:
@@ -196,7 +198,7 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
             if step % t.checkpoint_every == 0 or last:
                 torch.distributed.all_reduce(tokens)
                 metrics = {"step": step, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
-                           "tokens": int(tokens.item())}
+                           "tokens": int(tokens.item()), "optimizer_steps": engine.global_steps}
                 losses, tokens = [], torch.zeros(1, dtype=torch.float64)
                 if rank == 0:
                     log_event(config["events"], event="checkpoint", **metrics)
@@ -218,7 +220,7 @@ def log_event(path: str, **event) -> None:
         f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
 
 
-def heldout_loss(engine, shard, collate, batch_size: int) -> float:
+def heldout_loss(engine, shard, collate, batch_size: int) -> float | None:
     import torch
     import torch.distributed as dist
 
@@ -230,7 +232,7 @@ def heldout_loss(engine, shard, collate, batch_size: int) -> float:
             total += torch.tensor([engine(**batch).loss.item() * n, n], dtype=torch.float64)
     dist.all_reduce(total)
     engine.train()
-    return float(total[0] / max(1.0, float(total[1])))
+    return float(total[0] / total[1]) if total[1] else None  # None: no held-out rows
 
 
 def export(engine, cfg: Config, out: str, rank: int) -> None:

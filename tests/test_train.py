@@ -111,9 +111,12 @@ def test_export_generates_in_transformers_and_vllm(trained):
 def test_freeze_keeps_frozen_weights_bit_identical(task_run, tiny_llama, tmp_path):
     cfg, rd = task_run
     freeze_cfg = make_config(tmp_path, tiny_llama, data_path=cfg.data.path,
-                             train={**TRAIN, "method": "freeze", "freeze_layers": 1, "max_steps": 3})
+                             train={**TRAIN, "method": "freeze", "freeze_layers": 1, "max_steps": 3,
+                                    "grad_accum": 2})
     freeze_rd = generate(freeze_cfg)
     train(freeze_cfg, freeze_rd)
+    last = json.loads(Path(freeze_rd.local("train-events.jsonl")).read_text().splitlines()[-1])
+    assert last["step"] == last["optimizer_steps"] == 3  # our step count agrees with DeepSpeed's
     base = load_file(str(Path(tiny_llama, "model.safetensors")))
     tuned = load_file(str(Path(freeze_rd.local("model", "model.safetensors"))))
     for key in base:
