@@ -75,7 +75,8 @@ def tokenized(cfg: Config, path: str, strip_bos: str):
 
     encode_fn = functools.partial(_encode_batch, model=cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
                                   max_length=cfg.train.max_length, strip_bos=strip_bos)
-    ds = ray.data.read_parquet(path, columns=["messages"]).map_batches(encode_fn, batch_size=256, num_cpus=0.5)
+    ds = ray.data.read_parquet(path).select_columns(["messages"]).map_batches(encode_fn, batch_size=256,
+                                                                              num_cpus=0.5)
     return ds.materialize()
 
 
@@ -125,7 +126,7 @@ def _collate(batch: dict, pad_id: int) -> dict:
     labels = torch.full_like(ids, IGNORE)
     mask = torch.zeros_like(ids)
     for i, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.as_tensor(x), torch.as_tensor(y), 1
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
