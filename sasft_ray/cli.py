@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
-from sasft_ray.config import ConfigError, load_config, shipped_configs
+from sasft_ray.config import ConfigError, absolute_paths, load_config, shipped_configs
 from sasft_ray.data import BadRow
+from sasft_ray.evaluate import EvalError
 from sasft_ray.generate import STAGES, TooFewSurvivors
 from sasft_ray.rundir import StageChanged
+from sasft_ray.serve import ServeError
 from sasft_ray.train import TrainSetupError
 
 # Mistakes in the config or the data: a message, not a traceback.
-USER_ERRORS = (ConfigError, BadRow, StageChanged, TooFewSurvivors, TrainSetupError)
+USER_ERRORS = (ConfigError, BadRow, StageChanged, TooFewSurvivors, TrainSetupError, EvalError, ServeError)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +42,61 @@ def cmd_train(args) -> None:
     print(f"model: {rd.path('model')}")
 
 
+def cmd_serve(args) -> None:
+    from sasft_ray import serve
+    from sasft_ray.generate import connect
+    from sasft_ray.pipeline import served_models
+
+    cfg = absolute_paths(load_config(args.config, args.overrides))
+    models = served_models(cfg)
+    serve.write_serve_config(cfg, models, args.write_config)
+    print(f"[serve] the same application as a Serve config (serve deploy, RayService): {args.write_config}")
+    connect(cfg)
+    url = serve.start(cfg, models)
+    print(f"[serve] OpenAI API at {url} serving {', '.join(models)}; Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("[serve] shutting down")
+    finally:
+        serve.stop()
+
+
+def cmd_eval(args) -> None:
+    from sasft_ray.pipeline import serve_and_eval
+    from sasft_ray.report import run_report
+
+    cfg = absolute_paths(load_config(args.config, args.overrides))
+    print(run_report(serve_and_eval(cfg, args.url, force=args.force)))
+
+
+def cmd_report(args) -> None:
+    from sasft_ray.report import compare, load_entries
+
+    print(compare(load_entries(args.run_dirs)))
+
+
+def cmd_run(args) -> None:
+    from sasft_ray.pipeline import run
+
+    run(load_config(args.config, args.overrides))
+
+
+def cmd_grid(args) -> None:
+    from sasft_ray.grid import expand, load_grid, run_grid
+    from sasft_ray.report import compare, load_entries
+
+    spec = load_grid(args.grid)
+    if args.dry_run:
+        for cell in expand(spec):
+            print(f"{cell.name}: {' '.join(cell.overrides)}")
+        return
+    run_dirs = run_grid(spec, args.address)
+    if not args.address:
+        print(compare(load_entries(run_dirs)))
+
+
 def cmd_config(args) -> None:
     import yaml
 
@@ -46,11 +104,33 @@ def cmd_config(args) -> None:
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
 
 
+def cmd_plan(args) -> None:
+    from sasft_ray.plan import Cluster, count_task_rows, load_arch, report
+
+    cfg = load_config(args.config, args.overrides)
+    arch, source = load_arch(cfg.model.path, args.arch)
+    cluster = Cluster(args.gpu_mem_gib, args.gpus_per_node, args.cpu_mem_gib, args.gpu_mem_util,
+                      args.train_tokens_per_s, args.gen_tokens_per_s)
+    text, fits = report(cfg, arch, source, cluster, args.task_rows or count_task_rows(cfg))
+    print(text)
+    if not fits:
+        raise SystemExit(1)  # so a script can stop before it asks for a cluster
+
+
 def cmd_tiny_model(args) -> None:
     from sasft_ray.tiny import build_tiny_model
 
     out = build_tiny_model(args.out, arch=args.arch, layers=args.layers, warmup_steps=args.warmup_steps)
     print(f"tiny {args.arch} chat model written to {out}")
+
+
+def cmd_lab_build(args) -> None:
+    from sasft_ray.lab import accuracy_table, build_lab
+
+    info = build_lab(args.out, preset=args.preset, seed=args.seed)
+    print(f"forgetting lab ({info['preset']} preset, seed {info['seed']}) at {args.out}, "
+          f"built in {info['build_seconds']:.0f} s; base model greedy accuracy on the held-out evals:")
+    print(accuracy_table(info))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,9 +149,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="train again even if done")
     p.set_defaults(fn=cmd_train)
 
+    p = sub.add_parser("serve", help="serve the fine-tuned and base models behind one OpenAI API (Ray Serve LLM)")
+    _config_args(p)
+    p.add_argument("--write-config", default="serve_config.yaml", metavar="PATH",
+                   help="where to write the equivalent Serve config (default: serve_config.yaml)")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("eval", help="score the fine-tuned and base models over HTTP; write results and report")
+    _config_args(p)
+    p.add_argument("--url", help="an endpoint already serving the models (default: start one, then stop it)")
+    p.add_argument("--force", action="store_true", help="evaluate again even if done")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("report", help="compare runs: mean ± spread over seeds, winners per scenario")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("run", help="the whole pipeline: generate, mix, train, export, serve, eval, report")
+    _config_args(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("grid", help="expand a grid of runs, run the cells not done yet (or submit them), report")
+    p.add_argument("grid", help="a grid YAML file, or a shipped grid")
+    p.add_argument("--address", help="submit each cell as a Ray job to this cluster (e.g. http://head:8265)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their overrides, run nothing")
+    p.set_defaults(fn=cmd_grid)
+
     p = sub.add_parser("config", help="print the resolved config (after overrides), or the error")
     _config_args(p)
     p.set_defaults(fn=cmd_config)
+
+    p = sub.add_parser("plan", help="GPU memory, GPUs, nodes and hours per stage, before a cluster is spent "
+                       "(exit 1 if something does not fit)")
+    _config_args(p)
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per GPU (default: H100 80 GB)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--cpu-mem-gib", type=float, default=1800.0, help="CPU RAM per node, for offload")
+    p.add_argument("--gpu-mem-util", type=float, default=0.9, help="vLLM gpu_memory_utilization")
+    p.add_argument("--arch", metavar="K=V,...", help="model shape when model.path is neither local nor known, "
+                   "e.g. hidden=4096,layers=32,heads=32,kv_heads=8,intermediate=14336,vocab=128256")
+    p.add_argument("--task-rows", type=int, help="task rows, when data.path is not a local .jsonl")
+    p.add_argument("--train-tokens-per-s", type=float, help="per GPU (default: from H100 peak FLOP/s and MFU)")
+    p.add_argument("--gen-tokens-per-s", type=float, help="per vLLM engine (default: from HBM bandwidth)")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("tiny-model", help="build a tiny local chat model (for tests and demos)")
     p.add_argument("out")
@@ -80,6 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=300,
                    help="steps on synthetic dialogues so the model ends its turns (0: random weights)")
     p.set_defaults(fn=cmd_tiny_model)
+
+    p = sub.add_parser("lab", help="the forgetting lab: a synthetic world and a tiny chat model with skills to forget")
+    lab_sub = p.add_subparsers(dest="lab_command", required=True)
+    p = lab_sub.add_parser("build", help="build (or reuse) the lab: base model, task data, evals, external data")
+    p.add_argument("--out", default="runs/lab")
+    p.add_argument("--preset", choices=("full", "small"), default="full",
+                   help="full: the lab for experiments (minutes); small: a quick one for tests")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_lab_build)
 
     args = parser.parse_args(argv)
     try:

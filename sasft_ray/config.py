@@ -13,7 +13,7 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the file."""
+
+
+Method = Literal["sft", "sa-sft", "freeze", "external-mix"]
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 class Section(BaseModel):
@@ -90,10 +94,23 @@ class MixConfig(Section):
     external: DataConfig | None = Field(None, description="general data for method external-mix")
 
 
-class TrainConfig(Section):
-    """Full fine-tuning with DeepSpeed ZeRO; identical across methods except what is mixed and frozen."""
+class LoraConfig(Section):
+    """LoRA adapters (PEFT): only the adapters train; the export merges them into the base weights."""
 
-    method: Literal["sft", "sa-sft", "freeze", "external-mix"] = "sa-sft"
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator: the update is alpha / r * B @ A")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", min_length=1,
+        description="module names to adapt, e.g. [q_proj, k_proj, v_proj, o_proj]; all-linear: every linear "
+                    "layer but the output head")
+
+
+class TrainConfig(Section):
+    """DeepSpeed ZeRO fine-tuning (full, or LoRA with `lora`); identical across methods except what is mixed
+    and frozen."""
+
+    method: Method = "sa-sft"
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0, description="used when resources.use_gpu")
@@ -111,7 +128,10 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     max_length: int = Field(2048, ge=16, description="tokens; longer dialogues are cut at the right")
     max_grad_norm: float = Field(1.0, gt=0)
-    freeze_layers: int = Field(0, ge=0, description="method freeze: embeddings and the lowest k blocks")
+    freeze_layers: int = Field(
+        0, ge=0, description="method freeze: embeddings and the lowest k blocks (with lora: no adapters there)")
+    lora: LoraConfig | None = Field(None, description="None: full fine-tuning; a section ({} for defaults): LoRA")
+    packing: bool = Field(False, description="concatenate examples into sequences of up to max_length tokens")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
@@ -121,9 +141,49 @@ class TrainConfig(Section):
 
 
 class ServeConfig(Section):
-    host: str = "127.0.0.1"
+    """Ray Serve LLM: the fine-tuned model, and the base model beside it, behind one OpenAI API."""
+
+    host: str = Field("127.0.0.1", description="0.0.0.0 exposes the endpoint to the network")
     port: int = Field(8000, ge=1, le=65535)
-    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key (none: no key)")
+    model_id: str = Field("finetuned", description="model id of the fine-tuned model in the API")
+    base_model_id: str = Field("base", description="model id of the base model in the API")
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_num_seqs=32),
+                                 description="one vLLM engine per model; `concurrency` = replicas")
+
+
+class EvalSuite(Section):
+    """A general benchmark as a JSONL of prompts with references, scored by built-in or named scorers."""
+
+    name: str
+    path: str = Field(description="JSONL rows: messages (the prompt), reference, optional answer; "
+                      "a folder: one benchmark per .jsonl file in it, named by the file")
+    scorers: list[str] = Field(default_factory=lambda: ["exact"],
+                               description="exact | contains | rouge_l | module:function(prediction, row)")
+    limit: int | None = Field(None, ge=1)
+
+
+class LmEvalGroup(Section):
+    """lm-evaluation-harness tasks run against the endpoint."""
+
+    tasks: list[str] = Field(min_length=1, description="task names (mmlu, gsm8k, ...) or local task names")
+    include_path: str | None = Field(None, description="folder of local task YAMLs (offline)")
+    mode: Literal["completions", "chat"] = Field(
+        "completions", description="completions: log-likelihood tasks; chat: generation tasks")
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, ge=1)
+
+
+class EvalConfig(Section):
+    indomain_scorers: list[str] = Field(default_factory=lambda: ["exact", "rouge_l"],
+                                        description="scorers of the task's held-out split")
+    indomain_limit: int | None = Field(None, ge=1)
+    suites: list[EvalSuite] = Field(default_factory=list)
+    lm_eval: list[LmEvalGroup] = Field(default_factory=list)
+    max_tokens: int = Field(128, ge=1)
+    concurrency: int = Field(16, ge=1, description="requests in flight per model")
+    base_cache: str | None = Field(
+        None, description="folder caching the base model's scores across runs (default: next to run_dir)")
 
 
 class ResourcesConfig(Section):
@@ -136,9 +196,11 @@ class ResourcesConfig(Section):
 
 class Config(Section):
     run_dir: str
-    bootstrap: Literal["tiny"] | None = Field(
-        None, description="build the local model and task data at model.path / data.path if missing"
-    )
+    compare: list[Method] = Field(
+        default_factory=list, description="`sasft run` also trains these methods, in run_dir/compare/<method>, "
+        "and serves and reports them side by side")
+    bootstrap: Literal["lab", "lab-small"] | None = Field(
+        None, description="build the forgetting lab (full or small preset) in model.path's parent folder if missing")
     model: ModelConfig
     data: DataConfig
     selftalk: SelfTalkConfig = Field(default_factory=SelfTalkConfig)
@@ -146,6 +208,7 @@ class Config(Section):
     mix: MixConfig = Field(default_factory=MixConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @model_validator(mode="after")

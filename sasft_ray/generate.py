@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,7 +24,6 @@ from sasft_ray.filters import KEPT, Deduplicator, mark_row
 from sasft_ray.mix import write_mix
 from sasft_ray.rundir import RunDir
 from sasft_ray.selftalk import LIGHT_CPUS, load_tokenizer, selftalk_dataset, turn_format
-from sasft_ray.tiny import bootstrap
 
 
 class TooFewSurvivors(RuntimeError):
@@ -36,14 +36,19 @@ def connect(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    if cfg.resources.address:
-        ray.init(address=cfg.resources.address)
+    # Inside `ray job submit` RAY_ADDRESS names the cluster the job runs on.
+    address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
         return
-    # Locally, CPU "slots" are logical: give every engine its bundle even on 2 cores,
-    # so that all 2 x turns engine pools run side by side and stream.
-    eng = cfg.selftalk.engine
-    engines = 2 * cfg.selftalk.turns * eng.concurrency
-    wanted = math.ceil(engines * eng.cpus_per_engine) + 2
+    # Locally, CPU "slots" are logical: give every engine its bundle even on 2 cores, so that
+    # all 2 x turns self-talk engine pools run side by side and stream, and all served models fit
+    # (a Serve LLM replica holds one CPU besides its engine's bundle).
+    talk, served = cfg.selftalk.engine, cfg.serve.engine
+    served_replicas = (2 + len(cfg.compare)) * served.concurrency
+    wanted = 2 + math.ceil(max(2 * cfg.selftalk.turns * talk.concurrency * talk.cpus_per_engine,
+                               served_replicas * (1 + served.cpus_per_engine),
+                               cfg.train.num_workers * cfg.train.cpus_per_worker))
     ray.init(num_cpus=cfg.resources.num_cpus or max(os.cpu_count() or 1, wanted),
              include_dashboard=False, log_to_driver=True)
 
@@ -148,12 +153,19 @@ def mix_stage(cfg: Config, rd: RunDir, force: bool) -> None:
 STAGES = ("task", "selftalk", "mix")
 
 
+def build_assets(cfg: Config) -> None:
+    """The lab a demo config points at, built on first use (`bootstrap`); cached afterwards."""
+    if cfg.bootstrap:
+        from sasft_ray.lab import build_lab
+
+        build_lab(Path(cfg.model.path).parent, preset="full" if cfg.bootstrap == "lab" else "small")
+
+
 def generate(cfg: Config, redo: str | None = None) -> RunDir:
     """Run the data stages; `redo` names the first stage to redo even if done ("all": every one)."""
     first = 0 if redo == "all" else STAGES.index(redo) if redo else len(STAGES)
     force = {name: i >= first for i, name in enumerate(STAGES)}
-    if cfg.bootstrap == "tiny":
-        bootstrap(cfg.model.path, cfg.data.path)
+    build_assets(cfg)
     cfg = absolute_paths(cfg)
     rd = RunDir(cfg.run_dir)
     rd.save_config(cfg)

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from sasft_ray.config import Config
+from sasft_ray.config import Config, EngineConfig
 
 SENTINEL = "\ue000SASFT\ue000"  # private-use text that no tokenizer merges with its neighbours
 LIGHT_CPUS = 0.25  # CPU share of the light row maps, so the engines keep the cores
@@ -126,28 +126,38 @@ def _seed_row(row: dict, *, system_prompt: str | None) -> dict:
             "finished_at": 0.0}
 
 
+def engine_kwargs(cfg: Config, eng: EngineConfig, **extra) -> dict:
+    """vLLM engine arguments shared by the self-talk engines and the served models."""
+    gpu = cfg.resources.use_gpu
+    return dict(max_model_len=eng.max_model_len, max_num_seqs=eng.max_num_seqs,
+                tensor_parallel_size=eng.tensor_parallel_size, trust_remote_code=cfg.model.trust_remote_code,
+                dtype=cfg.model.dtype, enforce_eager=(not gpu) if eng.enforce_eager is None else eng.enforce_eager,
+                **extra)
+
+
+def engine_placement(cfg: Config, eng: EngineConfig) -> dict:
+    """On CPU an engine must be told its CPU bundle, or Ray's LLM stack asks for a GPU."""
+    return {} if cfg.resources.use_gpu else {"placement_group_config": {"bundles": [{"CPU": eng.cpus_per_engine}]}}
+
+
+def engine_env(cfg: Config, eng: EngineConfig) -> dict:
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
+    if not cfg.resources.use_gpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(eng.kv_cache_gib)))
+        # Engines share the cores: idle OpenMP threads must sleep, not spin.
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
+
+
 def engine_processor_config(cfg: Config):
     """One vLLM engine pool; GPUs on a cluster, a CPU bundle per engine here."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     eng = cfg.selftalk.engine
-    gpu = cfg.resources.use_gpu
-    engine_kwargs = dict(
-        max_model_len=eng.max_model_len, max_num_seqs=eng.max_num_seqs,
-        tensor_parallel_size=eng.tensor_parallel_size, trust_remote_code=cfg.model.trust_remote_code,
-        dtype=cfg.model.dtype, enforce_eager=(not gpu) if eng.enforce_eager is None else eng.enforce_eager,
-        seed=cfg.selftalk.seed,
-    )
-    extra = {} if gpu else dict(placement_group_config={"bundles": [{"CPU": eng.cpus_per_engine}]})
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
-    if not gpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(eng.kv_cache_gib)))
-        # Engines of consecutive stages share the cores: idle OpenMP threads must sleep, not spin.
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
     return vLLMEngineProcessorConfig(
-        model_source=cfg.model.path, engine_kwargs=engine_kwargs, concurrency=eng.concurrency,
-        batch_size=eng.batch_size, chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
-        runtime_env={"env_vars": env}, **extra,
+        model_source=cfg.model.path, engine_kwargs=engine_kwargs(cfg, eng, seed=cfg.selftalk.seed),
+        concurrency=eng.concurrency, batch_size=eng.batch_size, chat_template_stage=False, tokenize_stage=False,
+        detokenize_stage=False, runtime_env={"env_vars": engine_env(cfg, eng)}, **engine_placement(cfg, eng),
     )
 
 

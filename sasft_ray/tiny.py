@@ -74,13 +74,17 @@ def write_demo_task(path: str | Path, n: int = 400) -> Path:
     return path
 
 
-def _train_tokenizer(arch: str, corpus: list[str], vocab_size: int):
+def train_tokenizer(arch: str, corpus: list[str], vocab_size: int, split_digits: bool = False):
+    """A byte-level BPE trained on `corpus`, with the family's special tokens and chat template.
+    `split_digits`: one token per digit (as Llama does), so that digit strings line up with tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     spec = SPECIAL[arch]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=spec["tokens"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -89,35 +93,50 @@ def _train_tokenizer(arch: str, corpus: list[str], vocab_size: int):
                                    pad_token=spec["eos"], chat_template=spec["template"])
 
 
-def build_tiny_model(out: str | Path, arch: str = "llama", layers: int = 2, hidden: int = 128,
-                     warmup_steps: int = 300, seed: int = 0) -> Path:
-    """Build, optionally warm up, and save a tiny chat model; returns the folder."""
+def new_model(tokenizer, arch: str = "llama", layers: int = 2, hidden: int = 128, intermediate: int | None = None):
+    """A randomly initialised chat model sized for `tokenizer`; head size 32 (vLLM's CPU minimum).
+    Generation stops at the end-of-turn token as well as at EOS."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
 
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    torch.manual_seed(seed)
-    spec = SPECIAL[arch]
-    dialogues = warmup_dialogues(2000, seed)
-    tokenizer = _train_tokenizer(arch, [m["content"] for d in dialogues for m in d] + WORDS, vocab_size=512)
-    eot_id, eos_id = tokenizer.convert_tokens_to_ids(spec["eot"]), tokenizer.eos_token_id
+    eot_id, eos_id = tokenizer.convert_tokens_to_ids(SPECIAL[arch]["eot"]), tokenizer.eos_token_id
     config_cls = LlamaConfig if arch == "llama" else Qwen2Config
     config = config_cls(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=hidden // 32, num_key_value_heads=max(1, hidden // 64), max_position_embeddings=1024,
-        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id or eos_id, eos_token_id=[eot_id, eos_id],
-        pad_token_id=eos_id,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id or eos_id,
+        eos_token_id=[eot_id, eos_id], pad_token_id=eos_id,
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if warmup_steps:
-        _warm_up(model, tokenizer, dialogues, warmup_steps)
-    out = Path(out)
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=[eot_id, eos_id],
                                                pad_token_id=eos_id)
+    return model
+
+
+def save_model(model, tokenizer, out: str | Path) -> Path:
+    """An HF folder (safetensors, tokenizer, chat template) that transformers and vLLM load."""
+    out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_tiny_model(out: str | Path, arch: str = "llama", layers: int = 2, hidden: int = 128,
+                     warmup_steps: int = 300, seed: int = 0) -> Path:
+    """Build, optionally warm up, and save a tiny chat model; returns the folder."""
+    import torch
+
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    torch.manual_seed(seed)
+    dialogues = warmup_dialogues(2000, seed)
+    tokenizer = train_tokenizer(arch, [m["content"] for d in dialogues for m in d] + WORDS, vocab_size=512)
+    model = new_model(tokenizer, arch, layers, hidden)
+    if warmup_steps:
+        _warm_up(model, tokenizer, dialogues, warmup_steps)
+    return save_model(model, tokenizer, out)
 
 
 def _warm_up(model, tokenizer, dialogues: list[list[dict]], steps: int, batch_size: int = 32) -> None:
@@ -138,13 +157,3 @@ def _warm_up(model, tokenizer, dialogues: list[list[dict]], steps: int, batch_si
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-
-
-def bootstrap(model_path: str, data_path: str) -> None:
-    """Build the demo's tiny model and task data where the config expects them, if missing."""
-    if not Path(model_path, "config.json").exists():
-        print(f"[bootstrap] building a tiny chat model at {model_path}")
-        build_tiny_model(model_path)
-    if not Path(data_path).exists():
-        print(f"[bootstrap] writing demo task data to {data_path}")
-        write_demo_task(data_path)

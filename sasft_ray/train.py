@@ -1,12 +1,13 @@
-"""`sasft train`: DeepSpeed ZeRO full fine-tuning on Ray Train, then an HF export.
+"""`sasft train`: DeepSpeed ZeRO fine-tuning (full, or LoRA) on Ray Train, then an HF export.
 
 The driver tokenizes the mixed dataset with Ray Data (loss on assistant tokens only),
-checks everything that can be checked before a worker starts, and launches a
-`TorchTrainer`. Each worker loads the model sharded (`HfDeepSpeedConfig` before
-`from_pretrained`), trains on its shard of the data, checkpoints every N steps
-(every rank writes its ZeRO shard; Ray Train merges them in one folder) and, at the
-end, gathers the full weights on rank 0, which writes `<run_dir>/model/` and the
-per-layer weight drift `<run_dir>/drift.json`.
+optionally packs it (`train.packing`, see `sasft_ray.packing`), checks everything that
+can be checked before a worker starts, and launches a `TorchTrainer`. Each worker loads
+the model sharded (`HfDeepSpeedConfig` before `from_pretrained`), adds LoRA adapters if
+`train.lora` is set (`sasft_ray.lora`), trains on its shard of the data, and every N steps
+measures the held-out loss and checkpoints (every rank writes its ZeRO shard; Ray Train
+merges them in one folder). At the end rank 0 gathers the full weights (adapters merged
+in), writes `<run_dir>/model/` and the per-layer weight drift `<run_dir>/model/drift.json`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from sasft_ray import lora, packing
 from sasft_ray.config import Config, absolute_paths
 from sasft_ray.rundir import RunDir
 from sasft_ray.selftalk import load_tokenizer, render, turn_format
 
-IGNORE = -100
+IGNORE = packing.IGNORE
 
 
 class TrainSetupError(ValueError):
@@ -80,6 +82,19 @@ def tokenized(cfg: Config, path: str, strip_bos: str):
     return ds.materialize()
 
 
+def _pack_batch(batch: dict, *, max_length: int) -> dict:
+    packed = packing.pack(list(batch["input_ids"]), list(batch["labels"]), max_length)
+    return {**{k: _ragged(v) for k, v in packed.items()},
+            "targets": np.array([int((lab != IGNORE).sum()) for lab in packed["labels"]], dtype=np.int64)}
+
+
+def packed(ds, max_length: int):
+    """Tokenized rows packed into sequences of at most `max_length` tokens (first-fit decreasing
+    within batches of 1,024 rows), materialized."""
+    return ds.map_batches(functools.partial(_pack_batch, max_length=max_length), batch_size=1024,
+                          num_cpus=0.5).materialize()
+
+
 # --- DeepSpeed ----------------------------------------------------------------------------------
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -90,6 +105,7 @@ def deepspeed_config(cfg: Config) -> dict:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
+    extra = {"zero_force_ds_cpu_optimizer": False} if t.offload_optimizer else {}  # our torch AdamW, offloaded
     if t.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
     return {
@@ -100,6 +116,7 @@ def deepspeed_config(cfg: Config) -> dict:
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
+        **extra,
     }
 
 
@@ -119,6 +136,9 @@ def frozen_prefixes(num_layers: int, k: int | None) -> tuple[str, ...]:
 
 
 def _collate(batch: dict, pad_id: int) -> dict:
+    """Right-padded tensors, and `num_tokens` (not a model input). Packed rows carry position ids
+    instead of an attention mask (transformers then keeps their examples apart); their padding gets
+    positions 0, 1, ... of its own, so it is one more isolated segment with ignored labels."""
     import torch
 
     width = max(len(x) for x in batch["input_ids"])
@@ -127,7 +147,14 @@ def _collate(batch: dict, pad_id: int) -> dict:
     mask = torch.zeros_like(ids)
     for i, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
         ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    out = {"input_ids": ids, "labels": labels, "num_tokens": mask.sum()}
+    if "position_ids" not in batch:
+        return {**out, "attention_mask": mask}
+    positions = torch.arange(width).repeat(len(ids), 1)
+    for i, p in enumerate(batch["position_ids"]):
+        positions[i, : len(p)] = torch.tensor(p)
+        positions[i, len(p):] = torch.arange(width - len(p))
+    return {**out, "position_ids": positions}
 
 
 # --- the worker loop ----------------------------------------------------------------------------
@@ -149,12 +176,18 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype,
                                                  trust_remote_code=cfg.model.trust_remote_code)
-    if t.method == "freeze":
+    if t.lora:  # base frozen, adapters only (above the frozen blocks for method freeze)
+        model = lora.apply_lora(model, t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.target_modules,
+                                first_layer=t.freeze_layers if t.method == "freeze" else 0)
+    elif t.method == "freeze":
         frozen = frozen_prefixes(model.config.num_hidden_layers, t.freeze_layers)
         for name, p in model.named_parameters():
             if any(piece in name for piece in frozen):
                 p.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = lora.parameter_counts(model)
+    if rank == 0:
+        print(f"[train] trainable parameters: {n_trainable:,} of {n_total:,} ({n_trainable / n_total:.2%})")
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
     warmup = round(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
@@ -172,19 +205,20 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
             print(f"[train] resumed from step {step}")
             log_event(config["events"], event="resumed", step=step)
 
-    shard = ray.train.get_dataset_shard("train")
+    shard, heldout_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("heldout")
     collate = functools.partial(_collate, pad_id=config["pad_id"])
+    heldout, heldout_step = None, None  # measured at every checkpoint, the last one included
     losses: list[float] = []
     tokens = torch.zeros(1, dtype=torch.float64)  # tokens trained on since the last report, this rank
     micro_steps = 0
     while step < total_steps:
         for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=collate, drop_last=True,
                                               local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + step):
-            loss = engine(**batch).loss
+            tokens += batch.pop("num_tokens")
+            loss = engine(**batch, use_cache=False).loss  # no cache: it would also hide packed boundaries
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
-            tokens += batch["attention_mask"].sum()
             micro_steps += 1
             if micro_steps % t.grad_accum:  # DeepSpeed steps the optimizer every grad_accum micro-batches
                 continue
@@ -198,27 +232,39 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
             last = step == total_steps
             if step % t.checkpoint_every == 0 or last:
                 torch.distributed.all_reduce(tokens)
-                metrics = {"step": step, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
-                           "tokens": int(tokens.item()), "optimizer_steps": engine.global_steps}
+                heldout, heldout_step = heldout_loss(engine, heldout_shard, collate, t.micro_batch_size), step
+                metrics = {"step": step, "loss": float(np.mean(losses)), "heldout_loss": heldout,
+                           "lr": scheduler.get_last_lr()[0], "tokens": int(tokens.item()),
+                           "optimizer_steps": engine.global_steps}
                 losses, tokens = [], torch.zeros(1, dtype=torch.float64)
                 if rank == 0:
                     log_event(config["events"], event="checkpoint", **metrics)
+                    print(f"[train] step {step}/{total_steps}: loss {metrics['loss']:.4f}, held-out loss "
+                          + (f"{heldout:.4f}" if heldout is not None else "- (no held-out rows)"))
                 with tempfile.TemporaryDirectory() as folder:
                     engine.save_checkpoint(folder, tag="ds", client_state={"step": step})
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
             if last:
                 break
 
-    heldout = heldout_loss(engine, ray.train.get_dataset_shard("heldout"), collate, t.micro_batch_size)
+    if heldout_step != step:  # restarted after the last checkpoint: nothing trained since, measure it again
+        heldout = heldout_loss(engine, heldout_shard, collate, t.micro_batch_size)
     export(engine, cfg, config["model_dir"], rank)
     if rank == 0:
-        Path(config["model_dir"], "train_result.json").write_text(json.dumps({"heldout_loss": heldout}))
+        Path(config["model_dir"], "train_result.json").write_text(json.dumps(
+            {"heldout_loss": heldout, "trainable_params": n_trainable, "total_params": n_total}))
 
 
 def log_event(path: str, **event) -> None:
     """One JSON line per event of the run (checkpoints with their loss, resumes): its history."""
     with open(path, "a") as f:
         f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+
+
+def heldout_by_step(events_path: str) -> dict[str, float | None]:
+    """Held-out loss at each checkpoint step, from the events log (a step redone after a restart: the last)."""
+    events = [json.loads(line) for line in Path(events_path).read_text().splitlines()]
+    return {str(e["step"]): e["heldout_loss"] for e in events if e["event"] == "checkpoint"}
 
 
 def heldout_loss(engine, shard, collate, batch_size: int) -> float | None:
@@ -229,20 +275,26 @@ def heldout_loss(engine, shard, collate, batch_size: int) -> float | None:
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
+            batch.pop("num_tokens")
             n = int((batch["labels"][:, 1:] != IGNORE).sum())
-            total += torch.tensor([engine(**batch).loss.item() * n, n], dtype=torch.float64)
+            total += torch.tensor([engine(**batch, use_cache=False).loss.item() * n, n], dtype=torch.float64)
     dist.all_reduce(total)
     engine.train()
     return float(total[0] / total[1]) if total[1] else None  # None: no held-out rows
 
 
 def export(engine, cfg: Config, out: str, rank: int) -> None:
-    """Full weights on rank 0 as an HF folder (safetensors, config, tokenizer, chat template)."""
+    """Full weights on rank 0 as an HF folder (safetensors, config, tokenizer, chat template);
+    LoRA adapters are merged into the base weights, so the folder needs no PEFT to load."""
     state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 \
         else engine.module.state_dict()
     if rank != 0:
         return
-    engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+    model = engine.module
+    if cfg.train.lora:
+        state = lora.merge_lora(state, cfg.train.lora.alpha / cfg.train.lora.r)
+        model = model.get_base_model()
+    model.save_pretrained(out, state_dict=state, safe_serialization=True)
     load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).save_pretrained(out)
     Path(out, "drift.json").write_text(json.dumps(weight_drift(cfg.model.path, state), indent=2))
 
@@ -278,19 +330,27 @@ def _group(key: str) -> str:
 
 # --- the driver ---------------------------------------------------------------------------------
 
-def check_before_work(cfg: Config, rows: int, rows_with_targets: int) -> int:
-    """Everything that would fail late, checked now; returns the total optimizer steps."""
+def check_before_work(cfg: Config, rows: int, rows_with_targets: int, sequences: int | None = None,
+                      num_layers: int | None = None) -> int:
+    """Everything that would fail late, checked now; returns the total optimizer steps.
+    `sequences`: packed sequences (train.packing), `num_layers`: the model's blocks (for LoRA)."""
     t = cfg.train
     if rows_with_targets < rows:
         raise TrainSetupError(
             f"{rows - rows_with_targets} of {rows} training rows have no assistant token left after cutting "
             f"at train.max_length={t.max_length}; raise max_length or shorten the data")
+    if t.lora and t.method == "freeze" and num_layers is not None and t.freeze_layers >= num_layers:
+        raise TrainSetupError(
+            f"train.method freeze with train.lora puts adapters only above the lowest freeze_layers blocks; "
+            f"freeze_layers={t.freeze_layers} leaves none of the model's {num_layers} blocks to adapt")
     global_batch = t.micro_batch_size * t.grad_accum * t.num_workers
-    per_epoch = rows // global_batch
+    units = rows if sequences is None else sequences
+    per_epoch = units // global_batch
     if per_epoch == 0:
         raise TrainSetupError(
-            f"{rows} training rows do not fill one global batch of {global_batch} "
-            f"(micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x num_workers {t.num_workers})")
+            f"{units} training {'rows' if sequences is None else 'packed sequences'} do not fill one global batch "
+            f"of {global_batch} (micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x "
+            f"num_workers {t.num_workers})")
     return t.max_steps or per_epoch * t.epochs
 
 
@@ -306,6 +366,13 @@ def check_resources(cfg: Config) -> None:
     if short and not cfg.resources.address:  # a cluster may autoscale; a local Ray will not
         raise TrainSetupError("not enough resources for train.num_workers: " + ", ".join(
             f"{k} needs {v:g}, Ray has {h:g}" for k, (v, h) in short.items()))
+
+
+def num_layers(cfg: Config) -> int | None:
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    return getattr(model_config, "num_hidden_layers", None)
 
 
 def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
@@ -329,7 +396,11 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
     train_ds = tokenized(cfg, rd.path("mixed"), strip_bos)
     rows = train_ds.count()
     with_targets = train_ds.filter(lambda r: r["targets"] > 0).count()
-    total_steps = check_before_work(cfg, rows, with_targets)
+    sequences = None
+    if cfg.train.packing:
+        train_ds = packed(train_ds, cfg.train.max_length)
+        sequences = train_ds.count()
+    total_steps = check_before_work(cfg, rows, with_targets, sequences, num_layers(cfg))
     heldout_ds = tokenized(cfg, rd.path("task", "heldout.parquet"), strip_bos)
     rd.begin("train", config_hash, force=True, outputs=("model", "train-events.jsonl", "train-failed-once"))
 
@@ -358,7 +429,9 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
     result = trainer.fit()
     out = json.loads(Path(rd.local("model", "train_result.json")).read_text())
     drift = json.loads(Path(rd.local("model", "drift.json")).read_text())
-    counts = {"rows_in": rows, "steps": total_steps, "final_loss": result.metrics.get("loss"),
-              "heldout_loss": out["heldout_loss"], "drift_total": drift.get("total"),
-              "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    counts = {"rows_in": rows, "sequences": sequences or rows, "steps": total_steps,
+              "final_loss": result.metrics.get("loss"), "heldout_loss": out["heldout_loss"],
+              "heldout_by_step": heldout_by_step(rd.local("train-events.jsonl")),
+              "trainable_params": out["trainable_params"], "total_params": out["total_params"],
+              "drift_total": drift.get("total"), "checkpoint": result.checkpoint.path if result.checkpoint else None}
     return rd.finish("train", counts)

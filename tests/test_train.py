@@ -10,10 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sasft_ray.config import LoraConfig
 from sasft_ray.generate import generate
+from sasft_ray.lora import apply_lora, merge_lora, parameter_counts
+from sasft_ray.packing import pack
 from sasft_ray.selftalk import load_tokenizer
-from sasft_ray.tiny import write_demo_task
-from sasft_ray.train import IGNORE, TrainSetupError, encode, frozen_prefixes, lr_lambda, train
+from sasft_ray.tiny import demo_task_rows, warmup_dialogues, write_demo_task
+from sasft_ray.train import IGNORE, TrainSetupError, _collate, encode, frozen_prefixes, lr_lambda, train
 from tests.conftest import make_config
 
 TRAIN = {"num_workers": 2, "micro_batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, "schedule": "constant",
@@ -44,6 +47,70 @@ def test_schedules_and_freeze_selection():
     assert frozen_prefixes(4, None) == ("embed_tokens.", "layers.0.", "layers.1.")
 
 
+def test_lora_trains_adapters_only_and_merges_like_peft(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_llama), r=4, alpha=8, dropout=0.0,
+                       target_modules="all-linear", first_layer=1)  # method freeze with 1 frozen block
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapted = {n.split(".lora_")[0] for n in trainable}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert all(".layers.1." in n for n in adapted) and len(adapted) == 7  # q k v o gate up down, block 1 only
+    n_trainable, n_total = parameter_counts(model)
+    assert n_trainable == sum(p.numel() for n, p in model.named_parameters() if n in trainable) < n_total / 10
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:  # B starts at zero: make the merge do something
+            torch.nn.init.normal_(p)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = merge_lora(state, scaling=8 / 4)
+    reference = model.merge_and_unload().state_dict()
+    assert set(merged) == set(reference) == set(load_file(str(Path(tiny_llama, "model.safetensors"))))
+    for key, value in reference.items():
+        assert torch.equal(merged[key], value), key
+
+
+def _encoded_examples(tiny_llama, n=200):
+    tok = load_tokenizer(tiny_llama)
+    task = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+            for r in demo_task_rows(n // 2)]
+    return [encode(tok, m, max_length=128) for m in task + warmup_dialogues(n // 2)]
+
+
+def test_packing_makes_fewer_fuller_sequences_with_the_same_targets(tiny_llama):
+    examples = _encoded_examples(tiny_llama)
+    ids, labels = [e["input_ids"] for e in examples], [e["labels"] for e in examples]
+    out = pack(ids, labels, max_length=128)
+    lengths = [len(x) for x in out["input_ids"]]
+    assert max(lengths) <= 128 and len(lengths) < len(ids) / 2  # fewer sequences (200 examples of ~49 tokens)...
+    assert sum(lengths) == sum(map(len, ids))  # ...with every token kept, none duplicated...
+    assert sum(lengths) / len(lengths) > 0.9 * 128  # ...and fuller: over 90% of max_length on average
+    # targets: the labels a causal LM learns (all but each example's first) are the same, in number and value
+    targets = sorted(t for lab in labels for t in lab[1:] if t != IGNORE)
+    assert sorted(int(t) for lab in out["labels"] for t in lab if t != IGNORE) == targets
+    for seq, pos in zip(out["input_ids"], out["position_ids"]):
+        starts = [i for i, p in enumerate(pos) if p == 0]
+        assert starts[0] == 0 and len(seq) == len(pos)  # positions restart at 0 for every example
+
+
+def test_packed_examples_do_not_see_each_other(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    examples = _encoded_examples(tiny_llama, n=6)
+    out = pack([e["input_ids"] for e in examples], [e["labels"] for e in examples], max_length=128)
+    batch = _collate(out, pad_id=0)  # several packed rows, the shorter ones padded
+    assert "attention_mask" not in batch and int(batch.pop("num_tokens")) == sum(map(len, out["input_ids"]))
+    with torch.no_grad():
+        packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        for row, pos in enumerate(batch["position_ids"]):
+            n = len(out["input_ids"][row])  # the padding after n is a segment of its own
+            starts = [i for i, p in enumerate(pos.tolist()[:n]) if p == 0] + [n]
+            assert len(starts) > 2 or row > 0  # the first row holds several examples
+            for a, b in zip(starts, starts[1:]):
+                alone = model(input_ids=batch["input_ids"][row:row + 1, a:b]).logits[0]
+                assert torch.allclose(packed_logits[row, a:b], alone, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def task_run(tiny_llama, local_ray, tmp_path_factory):
     """A run directory with its data stages done (method sft: no self-talk needed to test training)."""
@@ -72,6 +139,16 @@ def test_zero3_training_survives_a_killed_worker_and_the_loss_falls(trained):
     assert record["heldout_loss"] < losses[0]
     drift = json.loads(Path(rd.local("model", "drift.json")).read_text())
     assert drift["total"] > 0 and "layers.000" in drift and "embeddings" in drift
+
+
+def test_heldout_loss_is_measured_at_every_checkpoint(trained):
+    cfg, rd, record = trained
+    events = [json.loads(line) for line in Path(rd.local("train-events.jsonl")).read_text().splitlines()]
+    checkpoints = [e for e in events if e["event"] == "checkpoint"]
+    assert all(isinstance(e["heldout_loss"], float) for e in checkpoints)
+    assert record["heldout_by_step"] == {str(e["step"]): e["heldout_loss"] for e in checkpoints}
+    assert list(record["heldout_by_step"]) == ["10", "20", "30"]
+    assert record["heldout_loss"] == checkpoints[-1]["heldout_loss"] < checkpoints[0]["heldout_loss"]
 
 
 def test_export_equals_deepspeed_zero_to_fp32(trained):
@@ -124,10 +201,55 @@ def test_freeze_keeps_frozen_weights_bit_identical(task_run, tiny_llama, tmp_pat
         assert torch.equal(base[key], tuned[key]) == frozen, key
 
 
+def test_lora_zero3_with_packing_trains_adapters_only_and_exports_merged_weights(task_run, tiny_llama, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    cfg, _ = task_run
+    lora_cfg = make_config(tmp_path, tiny_llama, data_path=cfg.data.path,
+                           train={**TRAIN, "method": "sft", "lr": 1e-2, "max_steps": 20, "checkpoint_every": 5,
+                                  "packing": True, "lora": {"r": 8, "alpha": 16}})
+    lora_rd = generate(lora_cfg)
+    record = train(lora_cfg, lora_rd)
+    assert record["sequences"] <= record["rows_in"] / 2  # packed: two ~50-token dialogues per 128 tokens
+    assert 0 < record["trainable_params"] < record["total_params"] / 10
+    events = [json.loads(line) for line in Path(lora_rd.local("train-events.jsonl")).read_text().splitlines()]
+    assert [e["step"] for e in events] == [5, 10, 15, 20]
+    assert events[-1]["loss"] < 0.6 * events[0]["loss"]
+    assert events[-1]["heldout_loss"] < events[0]["heldout_loss"]
+
+    # the optimizer (and so the checkpoint's trained state) holds the adapters only; the base stayed as it was
+    states = torch.load(Path(record["checkpoint"], "ds", "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+                        weights_only=False)
+    shapes = {name for group in states["param_shapes"] for name in group}
+    assert shapes and all(".lora_A." in n or ".lora_B." in n for n in shapes)
+    assert sum(torch.Size(s).numel() for g in states["param_shapes"] for s in g.values()) \
+        == record["trainable_params"]
+    base = load_file(str(Path(tiny_llama, "model.safetensors")))
+    in_checkpoint = get_fp32_state_dict_from_zero_checkpoint(record["checkpoint"], tag="ds")
+    for key, value in in_checkpoint.items():
+        if ".lora_" not in key:
+            assert torch.equal(value, base[key.removeprefix("base_model.model.").replace(".base_layer", "")]), key
+
+    # the export: plain HF weights, adapters merged into the adapted matrices, everything else untouched
+    exported = load_file(str(Path(lora_rd.local("model", "model.safetensors"))))
+    assert set(exported) == set(base) and not (Path(lora_rd.local("model")) / "adapter_config.json").exists()
+    for key in base:
+        adapted = key.endswith("proj.weight")
+        assert torch.equal(exported[key], base[key]) != adapted, key
+    model = AutoModelForCausalLM.from_pretrained(lora_rd.local("model"))
+    assert torch.equal(model.state_dict()["model.layers.1.mlp.down_proj.weight"],
+                       exported["model.layers.1.mlp.down_proj.weight"])
+    drift = json.loads(Path(lora_rd.local("model", "drift.json")).read_text())
+    assert drift["total"] > 0 and drift["embeddings"] == 0 and drift["lm_head"] == 0
+
+
 @pytest.mark.parametrize("change, message", [
     ({"micro_batch_size": 64}, "do not fill one global batch"),
     ({"max_length": 16}, "no assistant token left"),
     ({"num_workers": 40}, "not enough resources"),
+    ({"method": "freeze", "freeze_layers": 2, "lora": LoraConfig()}, "leaves none of the model's 2 blocks"),
+    ({"packing": True, "micro_batch_size": 32}, "58 training packed sequences do not fill one global batch"),
 ])
 def test_config_errors_stop_before_any_worker(task_run, tmp_path, change, message):
     cfg, rd = task_run

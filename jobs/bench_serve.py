@@ -1,0 +1,115 @@
+"""Benchmark: the Ray Serve LLM endpoint against vLLM's own OpenAI server, on the same requests, in one run.
+
+Both serve the same model with the same engine settings; the same client sends the same chat
+requests (greedy, fixed max_tokens) with `--concurrency` in flight, over HTTP, through the
+`openai` client:
+  bare vLLM:  `python -m vllm.entrypoints.openai.api_server` in a subprocess
+  Ray Serve:  `sasft_ray.serve.start` (the OpenAI router + one LLMServer deployment)
+Printed: requests/s, p50 and p99 latency, and the ratio Ray Serve / bare for requests/s.
+A warm-up round on each side comes first, so start-up is left out (and reported apart).
+
+    python jobs/bench_serve.py                   # builds a small local model
+    python jobs/bench_serve.py --model PATH --requests 512 --concurrency 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_WAIT_POLICY": "PASSIVE", "VLLM_LOGGING_LEVEL": "WARNING"}
+
+
+def load(url: str, model_id: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
+    import openai
+
+    api = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+
+    def one(prompt: str) -> float:
+        start = time.perf_counter()
+        api.chat.completions.create(model=model_id, messages=[{"role": "user", "content": prompt}],
+                                    max_tokens=max_tokens, temperature=0.0)
+        return time.perf_counter() - start
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, prompts[:concurrency]))  # warm-up
+        start = time.perf_counter()
+        latencies = sorted(pool.map(one, prompts))
+        seconds = time.perf_counter() - start
+    return {"rps": len(prompts) / seconds, "p50": statistics.median(latencies),
+            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+
+
+def bare_vllm(model: str, port: int, args) -> tuple[dict, float]:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
+           "bench", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
+           "--max-model-len", "512", "--max-num-seqs", str(args.max_num_seqs)]
+    start = time.perf_counter()
+    server = subprocess.Popen(cmd, env={**os.environ, **CPU_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        from sasft_ray.serve import wait_until_ready
+
+        wait_until_ready(f"http://127.0.0.1:{port}/v1", ["bench"], None, timeout_s=600)
+        startup = time.perf_counter() - start
+        return load(f"http://127.0.0.1:{port}/v1", "bench", args.prompts, args.max_tokens, args.concurrency), startup
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def ray_serve(model: str, port: int, args) -> tuple[dict, float]:
+    import ray
+
+    from sasft_ray import serve
+    from sasft_ray.config import validate_config
+
+    cfg = validate_config({"run_dir": tempfile.mkdtemp(), "model": {"path": model, "dtype": "float32"},
+                           "data": {"path": "unused"},
+                           "serve": {"port": port, "engine": {"max_model_len": 512, "max_num_seqs": args.max_num_seqs,
+                                                              "cpus_per_engine": 1}}})
+    ray.init(num_cpus=4, include_dashboard=False)
+    start = time.perf_counter()
+    url = serve.start(cfg, {"bench": model})
+    startup = time.perf_counter() - start
+    try:
+        return load(url, "bench", args.prompts, args.max_tokens, args.concurrency), startup
+    finally:
+        serve.stop()
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="HF model folder; default: build a small local one")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    args = parser.parse_args()
+
+    from sasft_ray.tiny import build_tiny_model, warmup_dialogues
+
+    model = args.model or str(build_tiny_model(tempfile.mkdtemp() + "/bench-model", "llama", layers=4,
+                                               hidden=256, warmup_steps=150))
+    args.prompts = [d[0]["content"] for d in warmup_dialogues(args.requests, seed=3)]
+    bare, bare_start = bare_vllm(model, 8210, args)
+    ours, ours_start = ray_serve(model, 8211, args)
+
+    print(f"\nchat completions, {args.requests} requests, {args.concurrency} in flight, max {args.max_tokens} tokens,"
+          f" on {os.cpu_count()} CPU cores")
+    print(f"{'':26}{'requests/s':>11}{'p50 s':>8}{'p99 s':>8}{'start-up s':>12}")
+    for name, r, s in (("bare vLLM OpenAI server", bare, bare_start), ("Ray Serve LLM", ours, ours_start)):
+        print(f"{name:26}{r['rps']:11.1f}{r['p50']:8.2f}{r['p99']:8.2f}{s:12.1f}")
+    print(f"ratio Ray Serve / bare (requests/s): {ours['rps'] / bare['rps']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""`sasft eval`: in-domain gain and forgetting, measured over HTTP against the served models.
+
+Every model is scored the same way through the same endpoint:
+  in-domain  the task's held-out split; the reply to each prompt against the reference reply
+  suites     general benchmarks as JSONL prompts + references, with built-in or named scorers
+  lm_eval    lm-evaluation-harness tasks through `local-completions` (log-likelihood) or
+             `local-chat-completions` (generation), by name or from local task files
+
+The base model's scores depend only on the base model and the benchmarks, so they are
+cached by a hash of both: a grid of runs over one base model scores it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from sasft_ray.config import Config, EvalSuite, LmEvalGroup
+from sasft_ray.rundir import RunDir
+
+INDOMAIN = "in-domain"
+
+
+class EvalError(ValueError):
+    pass
+
+
+# --- scorers: (prediction, row) -> score in [0, 1] ----------------------------------------------
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def exact(prediction: str, row: dict) -> float:
+    """The whole reply, whitespace-normalized, equals the reference: right content in the right style."""
+    return float(_norm(prediction) == _norm(row["reference"]))
+
+
+def contains(prediction: str, row: dict) -> float:
+    """The answer (or the reference) appears in the reply as a whole token, in any style or case."""
+    target = _norm(str(row.get("answer") or row["reference"])).lower()
+    return float(bool(target) and re.search(rf"(?<!\w){re.escape(target)}(?!\w)", _norm(prediction).lower())
+                 is not None)
+
+
+def rouge_l(prediction: str, row: dict) -> float:
+    """ROUGE-L F1 over lower-cased word tokens."""
+    pred, ref = _norm(prediction).lower().split(), _norm(row["reference"]).lower().split()
+    if not pred or not ref:
+        return float(pred == ref)
+    lcs = [0] * (len(ref) + 1)
+    for p in pred:  # longest common subsequence, one row at a time
+        prev_diag = 0
+        for j, r in enumerate(ref, 1):
+            prev_diag, lcs[j] = lcs[j], prev_diag + 1 if p == r else max(lcs[j], lcs[j - 1])
+    precision, recall = lcs[-1] / len(pred), lcs[-1] / len(ref)
+    return 0.0 if lcs[-1] == 0 else 2 * precision * recall / (precision + recall)
+
+
+SCORERS: dict[str, Callable[[str, dict], float]] = {"exact": exact, "contains": contains, "rouge_l": rouge_l}
+
+
+def scorer(name: str) -> Callable[[str, dict], float]:
+    """A built-in scorer, or `module:function` taking (prediction, row) and returning a float."""
+    if name in SCORERS:
+        return SCORERS[name]
+    module, sep, attr = name.partition(":")
+    if not sep:
+        raise EvalError(f"unknown scorer {name!r}: use one of {sorted(SCORERS)} or module:function")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise EvalError(f"scorer {name!r} cannot be imported: {e}") from e
+
+
+# --- prompts and references ---------------------------------------------------------------------
+
+def indomain_rows(rd: RunDir, limit: int | None) -> list[dict]:
+    """Held-out task dialogues cut before their last assistant turn: that turn is the reference."""
+    table = pq.read_table(rd.local("task", "heldout.parquet"), filesystem=rd.fs, columns=["messages"])
+    rows = []
+    for messages in table.column("messages").to_pylist()[:limit]:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        rows.append({"messages": messages[:last], "reference": messages[last]["content"]})
+    return rows
+
+
+def expand_suites(suites: list[EvalSuite]) -> list[EvalSuite]:
+    """A suite whose path is a folder is one benchmark per JSONL file in it, named by the file."""
+    out = []
+    for suite in suites:
+        if Path(suite.path).is_dir():
+            files = sorted(Path(suite.path).glob("*.jsonl"))
+            if not files:
+                raise EvalError(f"eval suite {suite.name!r}: no .jsonl files in {suite.path}")
+            out += [suite.model_copy(update={"name": f.stem, "path": str(f)}) for f in files]
+        else:
+            out.append(suite)
+    return out
+
+
+def suite_rows(suite: EvalSuite) -> list[dict]:
+    """Rows of a suite file, checked before any request is sent."""
+    rows = []
+    with open(suite.path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{suite.path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{where}: not valid JSON ({e.msg})") from None
+            messages = row.get("messages")
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
+                raise EvalError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+            if not isinstance(row.get("reference"), str):
+                raise EvalError(f"{where}: field 'reference' must be a string")
+            rows.append(row)
+            if suite.limit and len(rows) >= suite.limit:
+                break
+    if not rows:
+        raise EvalError(f"{suite.path}: no rows")
+    return rows
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+def client(url: str, key: str | None):
+    import openai
+
+    return openai.OpenAI(base_url=url, api_key=key or "unused", max_retries=3, timeout=300)
+
+
+def replies(api, model_id: str, rows: list[dict], max_tokens: int, concurrency: int) -> list[str]:
+    """Greedy replies to every row's messages, `concurrency` requests in flight."""
+    def ask(row: dict) -> str:
+        out = api.chat.completions.create(model=model_id, messages=row["messages"], max_tokens=max_tokens,
+                                          temperature=0.0)
+        return out.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(ask, rows))
+
+
+def score_rows(api, model_id: str, rows: list[dict], scorer_names: list[str], cfg: Config,
+               samples_path: Path | None) -> dict[str, float]:
+    preds = replies(api, model_id, rows, cfg.eval.max_tokens, cfg.eval.concurrency)
+    scores = {name: [scorer(name)(p, r) for p, r in zip(preds, rows)] for name in scorer_names}
+    if samples_path:
+        samples_path.parent.mkdir(parents=True, exist_ok=True)
+        with samples_path.open("w") as f:
+            for i, (p, r) in enumerate(zip(preds, rows)):
+                f.write(json.dumps({**r, "prediction": p, **{n: s[i] for n, s in scores.items()}}) + "\n")
+    return {name: sum(s) / len(s) for name, s in scores.items()}
+
+
+def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: str | None) -> dict[str, float]:
+    """One lm-eval group against the endpoint; returns `task/metric` -> value."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    chat = group.mode == "chat"
+    model_args = {
+        "model": model_id, "base_url": f"{url}/{'chat/completions' if chat else 'completions'}",
+        # lm-eval counts context tokens itself: the local tokenizer keeps it off any hub.
+        "tokenizer": cfg.model.path, "tokenizer_backend": "huggingface", "tokenized_requests": False,
+        "num_concurrent": cfg.eval.concurrency, "max_retries": 3, "max_gen_toks": cfg.eval.max_tokens,
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+    if key:
+        model_args["header"] = {"Authorization": f"Bearer {key}"}
+    out = lm_eval.simple_evaluate(
+        model="local-chat-completions" if chat else "local-completions", model_args=model_args,
+        tasks=group.tasks, num_fewshot=group.num_fewshot, limit=group.limit, apply_chat_template=chat,
+        task_manager=TaskManager(include_path=group.include_path), log_samples=False, bootstrap_iters=0)
+    metrics = {}
+    for task, values in out["results"].items():
+        for name, value in values.items():
+            if isinstance(value, int | float) and "_stderr" not in name and name != "alias":
+                metrics[f"{task}/{name.split(',')[0]}"] = float(value)
+    return metrics
+
+
+# --- one model, all benchmarks ------------------------------------------------------------------
+
+def general_scores(api, url: str, model_id: str, cfg: Config, key: str | None, samples: Path | None) -> dict:
+    """benchmark -> metric -> value over every suite and lm-eval group."""
+    out: dict[str, dict[str, float]] = {}
+    for suite in expand_suites(cfg.eval.suites):
+        out[suite.name] = score_rows(api, model_id, suite_rows(suite), suite.scorers, cfg,
+                                     samples / f"{suite.name}.jsonl" if samples else None)
+    for group in cfg.eval.lm_eval:
+        for name, value in run_lm_eval(group, url, model_id, cfg, key).items():
+            task, metric = name.split("/", 1)
+            out.setdefault(task, {})[metric] = value
+    return out
+
+
+def base_cache_key(cfg: Config) -> str:
+    """What the base model's general scores depend on; suite files are hashed by content."""
+    files = {s.path: hashlib.sha256(Path(s.path).read_bytes()).hexdigest() for s in expand_suites(cfg.eval.suites)}
+    keyed = {"model": cfg.model.model_dump(mode="json"), "suites": [s.model_dump(mode="json") for s in cfg.eval.suites],
+             "lm_eval": [g.model_dump(mode="json") for g in cfg.eval.lm_eval], "files": files,
+             "max_tokens": cfg.eval.max_tokens}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_cache_dir(cfg: Config) -> Path:
+    return Path(cfg.eval.base_cache or Path(cfg.run_dir).parent / "base-eval-cache")
+
+
+def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: str | None = None) -> dict:
+    """Scores of each model id: in-domain (held-out task split) and general benchmarks.
+
+    The base model (`serve.base_model_id`) takes its general scores from the cache when it can."""
+    api = client(url, key)
+    rows = indomain_rows(rd, cfg.eval.indomain_limit)
+    cache = base_cache_dir(cfg) / f"{base_cache_key(cfg)}.json" if "://" not in cfg.run_dir else None
+    results = {}
+    for model_id in models:
+        started = time.time()
+        samples = Path(rd.local("eval", "samples", model_id)) if "://" not in rd.root else None
+        indomain = score_rows(api, model_id, rows, cfg.eval.indomain_scorers, cfg,
+                              samples / "in-domain.jsonl" if samples else None)
+        if model_id == cfg.serve.base_model_id and cache and cache.exists():
+            general = json.loads(cache.read_text())
+            print(f"[eval] {model_id}: general scores from the cache {cache}")
+        else:
+            general = general_scores(api, url, model_id, cfg, key, samples)
+            if model_id == cfg.serve.base_model_id and cache:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(general, indent=2))
+        results[model_id] = {INDOMAIN: indomain, **general}
+        print(f"[eval] {model_id} scored in {time.time() - started:.0f} s")
+    return results

@@ -1,0 +1,106 @@
+"""`sasft grid`: a grid of runs from one base config, run here or submitted as Ray jobs.
+
+A grid file names a base config, fixed overrides, and axes; every combination of axis
+values is one run with its own run_dir under `run_root`:
+
+    base: demo                     # a shipped config or a YAML path
+    run_root: runs/lab-grid
+    set: [selftalk.num_dialogues=400]
+    axes:
+      data.path: [runs/lab/tasks/a.jsonl, runs/lab/tasks/b.jsonl]
+      train.seed,mix.seed,selftalk.seed: [0, 1, 2]   # one axis setting several keys together
+
+Cells whose evaluation is done are skipped, so a grid resumes where it stopped;
+`sasft report` (run at the end) pools every cell.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from sasft_ray.config import Config, ConfigError, load_config
+
+
+class GridSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: str
+    run_root: str
+    set: list[str] = Field(default_factory=list)
+    axes: dict[str, list] = Field(min_length=1)
+
+
+@dataclass
+class Cell:
+    name: str
+    overrides: list[str]
+    config: Config
+
+
+def load_grid(name_or_path: str) -> GridSpec:
+    """A grid YAML file, or the name of a grid shipped in `sasft_ray/configs/grids/`."""
+    shipped = resources.files("sasft_ray.configs") / "grids" / f"{name_or_path}.yaml"
+    file = Path(str(shipped)) if not Path(name_or_path).is_file() and shipped.is_file() else Path(name_or_path)
+    if not file.is_file():
+        raise ConfigError(f"grid '{name_or_path}' is neither a file nor a shipped grid")
+    try:
+        return GridSpec.model_validate(yaml.safe_load(file.read_text()))
+    except Exception as e:  # YAML and schema errors alike: name the file
+        raise ConfigError(f"{file}: not a valid grid file: {e}") from None
+
+
+def _slug(value) -> str:
+    text = Path(str(value)).stem if "/" in str(value) else str(value)
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", text)
+
+
+def expand(spec: GridSpec) -> list[Cell]:
+    """Every combination of axis values, validated now: a typo fails before the first run."""
+    cells = []
+    for values in itertools.product(*spec.axes.values()):
+        overrides, parts = list(spec.set), []
+        for keys, value in zip(spec.axes, values):
+            # JSON is YAML: the override parses back to exactly this value
+            overrides += [f"{key.strip()}={json.dumps(value)}" for key in keys.split(",")]
+            parts.append(f"{keys.split(',')[0].split('.')[-1]}={_slug(value)}")
+        name = "_".join(parts)
+        overrides.append(f"run_dir={json.dumps(f'{spec.run_root}/{name}')}")
+        cells.append(Cell(name, overrides, load_config(spec.base, overrides)))
+    return cells
+
+
+def run_grid(spec: GridSpec, address: str | None = None) -> list[str]:
+    """Run every cell here (in turn) or, with a Ray address, submit each as a Ray job."""
+    from sasft_ray.pipeline import run
+    from sasft_ray.rundir import RunDir
+
+    cells = expand(spec)
+    for i, cell in enumerate(cells, 1):
+        if RunDir(cell.config.run_dir).stage_info("eval").get("status") == "done":
+            print(f"[grid] {i}/{len(cells)} {cell.name}: done earlier")
+            continue
+        if address:
+            submit(address, spec.base, cell)
+        else:
+            print(f"[grid] {i}/{len(cells)} {cell.name}")
+            run(cell.config)
+    return [c.config.run_dir for c in cells]
+
+
+def submit(address: str, base: str, cell: Cell) -> str:
+    """One Ray job per cell: the cluster runs `jobs/run.py` with the cell's overrides."""
+    from ray.job_submission import JobSubmissionClient
+
+    entrypoint = " ".join(["python jobs/run.py --config", base, *[f"--set '{o}'" for o in cell.overrides]])
+    job_id = JobSubmissionClient(address).submit_job(entrypoint=entrypoint, runtime_env={"working_dir": "."},
+                                                     submission_id=None)
+    print(f"[grid] {cell.name}: submitted as {job_id}")
+    return job_id

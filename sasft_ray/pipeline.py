@@ -1,0 +1,99 @@
+"""`sasft run`: generate -> mix -> train -> export -> serve -> eval -> report, resumable.
+
+Each stage records itself in the run directory's manifest, so a second `sasft run`
+skips what is finished. Methods listed in `compare` are trained in
+`<run_dir>/compare/<method>/` from the same task data and settings, served beside the
+main model, and reported with it: the demo shows what plain SFT forgets next to what
+SA-SFT keeps, in one table.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sasft_ray.config import Config, absolute_paths, validate_config
+from sasft_ray.rundir import RunDir
+
+
+def method_runs(cfg: Config) -> dict[str, Config]:
+    """Model id -> the config that trains it: the main run and one run per compared method."""
+    runs = {cfg.serve.model_id: cfg}
+    for method in cfg.compare:
+        raw = cfg.model_dump(mode="json")
+        raw.update(run_dir=f"{cfg.run_dir}/compare/{method}", compare=[])
+        raw["train"]["method"] = method
+        runs[method] = validate_config(raw, source=f"compare: {method}")
+    return runs
+
+
+def served_models(cfg: Config) -> dict[str, str]:
+    models = {model_id: RunDir(c.run_dir).path("model") for model_id, c in method_runs(cfg).items()}
+    return {**models, cfg.serve.base_model_id: cfg.model.path}
+
+
+def train_all(cfg: Config) -> None:
+    from sasft_ray.generate import generate
+    from sasft_ray.train import train
+
+    for model_id, run_cfg in method_runs(cfg).items():
+        print(f"== {model_id}: method {run_cfg.train.method}, run dir {run_cfg.run_dir}")
+        rd = generate(run_cfg)
+        train(run_cfg, rd)
+
+
+def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> dict:
+    """Score every served model; writes eval/results.json and the report. Skipped when done."""
+    from sasft_ray.evaluate import evaluate_models
+    from sasft_ray.report import write_run_report
+
+    rd = RunDir(cfg.run_dir)
+    runs = method_runs(cfg)
+    config_hash = cfg.section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model", "data",
+                                   "selftalk", "filters", "mix", "train")
+    if not rd.begin("eval", config_hash, force, outputs=("eval", "report.md", "report.png")):
+        return rd.read_json("eval", "results.json")
+    scores = evaluate_models(cfg, rd, url, [*runs, cfg.serve.base_model_id], key)
+    results = {
+        "run_dir": cfg.run_dir, "base_model": cfg.model.path, "task": cfg.data.path,
+        "base_model_id": cfg.serve.base_model_id, "models": scores,
+        "finetuned": {model_id: {"method": c.train.method, "seed": c.train.seed, "run_dir": c.run_dir,
+                                 "drift": _drift(RunDir(c.run_dir))} for model_id, c in runs.items()},
+    }
+    rd.write_json(results, "eval", "results.json")
+    report = write_run_report(results, rd.local()) if "://" not in rd.root else None
+    rd.finish("eval", {"models": len(scores), "report": report})
+    return results
+
+
+def _drift(rd: RunDir) -> dict | None:
+    return rd.read_json("model", "drift.json") if rd.exists("model", "drift.json") else None
+
+
+def serve_and_eval(cfg: Config, url: str | None = None, force: bool = False) -> dict:
+    """Evaluate at `url`, or start the endpoint here, evaluate, and shut it down."""
+    from sasft_ray import serve
+    from sasft_ray.generate import connect
+
+    if url or (not force and RunDir(cfg.run_dir).stage_info("eval").get("status") == "done"):
+        return eval_stage(cfg, url or "", serve.api_key(cfg), force)
+    connect(cfg)
+    url = serve.start(cfg, served_models(cfg))
+    try:
+        return eval_stage(cfg, url, serve.api_key(cfg), force)
+    finally:
+        serve.stop()
+
+
+def run(cfg: Config) -> dict:
+    """The whole pipeline on the embedded local Ray (no resources.address) or on a cluster."""
+    from sasft_ray.generate import build_assets
+    from sasft_ray.report import run_report
+
+    started = time.time()
+    build_assets(cfg)
+    cfg = absolute_paths(cfg)
+    train_all(cfg)
+    results = serve_and_eval(cfg)
+    print(run_report(results))
+    print(f"[run] finished in {time.time() - started:.0f} s; report: {RunDir(cfg.run_dir).path('report.md')}")
+    return results

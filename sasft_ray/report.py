@@ -1,0 +1,163 @@
+"""The forgetting report: per benchmark base / fine-tuned / delta, in-domain gain, and across runs,
+which method wins each scenario.
+
+`results.json` (written by `sasft eval`) holds every model's scores; here each fine-tuned
+model becomes one *entry* (base model, task, method, seed). One run's report compares its
+models with the base model; `sasft report RUN...` pools the entries of many runs, averages
+seeds, and counts per scenario (base model x task x benchmark) the method with the best
+score, as the paper's "best in 40 of 50" does.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from sasft_ray.evaluate import INDOMAIN, EvalError
+
+GENERAL = "general (mean)"
+
+
+def primary(scores: dict[str, float]) -> float:
+    """A benchmark's headline metric: the first scorer listed (or lm-eval's first metric)."""
+    return next(iter(scores.values()))
+
+
+def entries(results: dict) -> list[dict]:
+    """One entry per fine-tuned model, with its headline scores and the base model's."""
+    base = results["models"][results["base_model_id"]]
+    benchmarks = [b for b in base if b != INDOMAIN]
+    out = []
+    for model_id, info in results["finetuned"].items():
+        scores = results["models"][model_id]
+        row = {"model_id": model_id, **info, "base_model": results["base_model"], "task": results["task"],
+               "scores": {b: primary(scores[b]) for b in [INDOMAIN, *benchmarks]},
+               "base": {b: primary(base[b]) for b in [INDOMAIN, *benchmarks]}}
+        if benchmarks:
+            row["scores"][GENERAL] = statistics.fmean(row["scores"][b] for b in benchmarks)
+            row["base"][GENERAL] = statistics.fmean(row["base"][b] for b in benchmarks)
+            row["forgetting"] = row["base"][GENERAL] - row["scores"][GENERAL]
+            row["retention"] = row["scores"][GENERAL] / row["base"][GENERAL] if row["base"][GENERAL] else None
+        row["indomain_gain"] = row["scores"][INDOMAIN] - row["base"][INDOMAIN]
+        out.append(row)
+    return out
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    return "n/a" if x is None else f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def run_report(results: dict) -> str:
+    """Markdown for one run: a table per fine-tuned model against the base model."""
+    lines = [f"# Forgetting report: {results['run_dir']}", "",
+             f"Base model `{results['base_model']}`, task `{results['task']}`.", ""]
+    for e in entries(results):
+        lines += [f"## {e['model_id']} (method {e['method']}, seed {e['seed']})", "",
+                  "| benchmark | base | fine-tuned | Δ |", "|---|---|---|---|"]
+        lines += [f"| {b} | {_fmt(e['base'][b])} | {_fmt(s)} | {_fmt(s - e['base'][b], True)} |"
+                  for b, s in e["scores"].items()]
+        lines += ["", f"- in-domain gain: {_fmt(e['indomain_gain'], True)}"]
+        if "forgetting" in e:
+            lines.append(f"- forgetting (mean drop over general benchmarks): {_fmt(e['forgetting'], True)}; "
+                         f"general accuracy kept: {_fmt(e['retention'])}")
+        if e.get("drift"):
+            lines.append(f"- weight drift ‖θ−θ₀‖/‖θ₀‖: total {_fmt(e['drift'].get('total'))}")
+        lines.append("")
+    lines += ["Per-metric scores: `eval/results.json`; every reply: `eval/samples/`.", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    """Bars per benchmark: the base model and each fine-tuned model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    es = entries(results)
+    benchmarks = list(es[0]["scores"]) if es else []
+    series = [("base", [es[0]["base"][b] for b in benchmarks])] + [
+        (f"{e['model_id']} ({e['method']})", [e["scores"][b] for b in benchmarks]) for e in es]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(benchmarks)), 3.5))
+    for i, (label, values) in enumerate(series):
+        ax.bar([x + i * width for x in range(len(benchmarks))], values, width, label=label)
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(benchmarks))], benchmarks,
+                  rotation=30, ha="right")
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_run_report(results: dict, run_dir: str) -> str:
+    Path(run_dir, "report.md").write_text(run_report(results) + "\n![scores](report.png)\n")
+    plot(results, str(Path(run_dir, "report.png")))
+    return str(Path(run_dir, "report.md"))
+
+
+# --- many runs ----------------------------------------------------------------------------------
+
+def load_entries(run_dirs: list[str]) -> list[dict]:
+    found = []
+    for run_dir in run_dirs:
+        path = Path(run_dir, "eval", "results.json")
+        if not path.exists():
+            raise EvalError(f"{run_dir}: no eval/results.json; run `sasft eval` (or `sasft run`) first")
+        found += entries(json.loads(path.read_text()))
+    return found
+
+
+def mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def compare(found: list[dict]) -> str:
+    """Markdown: mean ± spread over seeds per (base model, task, method), and winners per scenario."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for e in found:
+        groups[(e["base_model"], e["task"], e["method"])].append(e)
+    benchmarks = list(dict.fromkeys(b for e in found for b in e["scores"]))
+    lines = ["| base model | task | method | seeds | " + " | ".join(benchmarks) + " | drift |",
+             "|---" * (5 + len(benchmarks)) + "|"]
+    means: dict[tuple, dict[str, float]] = {}
+    for (model, task, method), es in sorted(groups.items()):
+        cells = []
+        for b in benchmarks:
+            values = [e["scores"][b] for e in es if b in e["scores"]]
+            cells.append(mean_spread(values) if values else "")
+            if values:
+                means.setdefault((model, task, b), {})[method] = statistics.fmean(values)
+        drift = [e["drift"]["total"] for e in es if e.get("drift")]
+        lines.append(f"| {Path(model).name} | {Path(task).name} | {method} | {len(es)} | " + " | ".join(cells)
+                     + f" | {mean_spread(drift) if drift else ''} |")
+    base_cells = {b: statistics.fmean(e["base"][b] for e in found if b in e["base"]) for b in benchmarks}
+    lines.append("| base | | | | " + " | ".join(f"{base_cells[b]:.3f}" for b in benchmarks) + " | |")
+    lines += ["", *winner_lines(means)]
+    return "\n".join(lines)
+
+
+def winners(means: dict[tuple, dict[str, float]]) -> Counter:
+    """Per scenario with two or more methods, the method with the best mean score (ties: all of them)."""
+    wins: Counter = Counter()
+    for (_model, _task, benchmark), by_method in means.items():
+        if benchmark == GENERAL or len(by_method) < 2:
+            continue
+        best = max(by_method.values())
+        wins.update(m for m, v in by_method.items() if v == best)
+    return wins
+
+
+def winner_lines(means: dict[tuple, dict[str, float]]) -> list[str]:
+    scenarios = sum(1 for (_, _, b), by in means.items() if b != GENERAL and len(by) >= 2)
+    if not scenarios:
+        return ["(one method per scenario: no winners to count)"]
+    wins = winners(means)
+    return [f"Wins over {scenarios} scenarios (base model × task × benchmark, in-domain included): "
+            + ", ".join(f"{m} {n}" for m, n in wins.most_common())]

@@ -1,0 +1,165 @@
+"""`sasft serve`: the fine-tuned model and the base model behind one OpenAI-compatible endpoint.
+
+Ray Serve LLM (`ray.serve.llm.build_openai_app`) runs one vLLM engine deployment per
+model and an OpenAI router in front; `/v1/models` lists both, and a request picks
+its model by id. The same application is written out as a Serve config file, so
+`serve deploy` or a KubeRay RayService (its `serveConfigV2`) runs exactly what was
+tested here. On CPU every engine gets a CPU bundle, as the self-talk engines do.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+
+import yaml
+
+from sasft_ray.config import Config
+from sasft_ray.selftalk import engine_env, engine_kwargs, engine_placement
+
+APP_NAME = "sasft"
+
+
+class ServeError(RuntimeError):
+    pass
+
+
+def served_models(cfg: Config, model_dir: str) -> dict[str, str]:
+    """Model id -> weights: the fine-tuned export and the base model it started from."""
+    return {cfg.serve.model_id: model_dir, cfg.serve.base_model_id: cfg.model.path}
+
+
+def llm_config(cfg: Config, model_id: str, path: str) -> dict:
+    eng = cfg.serve.engine
+    return {
+        "model_loading_config": {"model_id": model_id, "model_source": path},
+        "engine_kwargs": engine_kwargs(cfg, eng),
+        "deployment_config": {"num_replicas": eng.concurrency},
+        "runtime_env": {"env_vars": engine_env(cfg, eng)},
+        **engine_placement(cfg, eng),
+    }
+
+
+def app_args(cfg: Config, models: dict[str, str]) -> dict:
+    args: dict = {"llm_configs": [llm_config(cfg, model_id, path) for model_id, path in models.items()]}
+    if cfg.serve.api_key_env:
+        args["api_key_env"] = cfg.serve.api_key_env
+    return args
+
+
+def serve_config(cfg: Config, models: dict[str, str]) -> dict:
+    """A Serve config file (`serve deploy`, RayService `serveConfigV2`) for the same application."""
+    keyed = bool(cfg.serve.api_key_env)
+    return {
+        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
+        "applications": [{
+            "name": APP_NAME, "route_prefix": "/",
+            # Ray's own builder unless a key is asked for: ours only adds the key check in front of it.
+            "import_path": "sasft_ray.serve:build_app" if keyed else "ray.serve.llm:build_openai_app",
+            "args": app_args(cfg, models) if keyed else {"llm_configs": app_args(cfg, models)["llm_configs"]},
+        }],
+    }
+
+
+def write_serve_config(cfg: Config, models: dict[str, str], path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(serve_config(cfg, models), f, sort_keys=False)
+
+
+def build_app(args: dict):
+    """Ray Serve LLM's OpenAI app; with `api_key_env`, every request needs `Authorization: Bearer <key>`."""
+    from ray.serve.llm import build_openai_app
+
+    args = dict(args)
+    key_env = args.pop("api_key_env", None)
+    if not key_env:
+        return build_openai_app(args)
+    return _keyed_openai_app(args, _api_key(key_env))
+
+
+def _api_key(env: str) -> str:
+    key = os.environ.get(env)
+    if not key:
+        raise ServeError(f"serve.api_key_env names ${env}, but it is not set (the key is read from the environment)")
+    return key
+
+
+def _keyed_openai_app(args: dict, key: str):
+    """`build_openai_app`'s wiring (Ray's documented multi-model recipe) over a FastAPI app that
+    checks the key. Serve dropped proxy middlewares, so the check must live in the ingress app."""
+    from fastapi.responses import JSONResponse
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import init as openai_fastapi_app
+    from ray.serve.llm import LLMServingArgs, build_llm_deployment
+    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+
+    configs = LLMServingArgs.model_validate(args).llm_configs
+    app = openai_fastapi_app()
+    expected = f"Bearer {key}".encode()
+
+    @app.middleware("http")
+    async def require_key(request, call_next):
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return JSONResponse({"error": {"message": "invalid or missing API key", "type": "auth_error",
+                                           "code": 401}}, status_code=401)
+        return await call_next(request)
+
+    ingress = make_fastapi_ingress(OpenAiIngress, app=app)
+    return serve.deployment(ingress, **OpenAiIngress.get_deployment_options(configs)).bind(
+        llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
+        model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
+    )
+
+
+def base_url(cfg: Config) -> str:
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    return f"http://{host}:{cfg.serve.port}/v1"
+
+
+def start(cfg: Config, models: dict[str, str], timeout_s: float = 900) -> str:
+    """Deploy on the connected Ray cluster and wait until every model answers; returns the API base URL."""
+    from ray import serve
+
+    missing = [f"{model_id}: {path}" for model_id, path in models.items()
+               if "://" not in path and os.path.isabs(path) and not os.path.exists(path)]
+    if missing:
+        raise ServeError("no model to serve at " + "; ".join(missing))
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    print(f"[serve] starting {', '.join(models)} on {cfg.serve.host}:{cfg.serve.port}")
+    started = time.time()
+    serve.run(build_app(app_args(cfg, models)), name=APP_NAME, route_prefix="/", blocking=False)
+    url = base_url(cfg)
+    wait_until_ready(url, list(models), api_key(cfg), timeout_s)
+    print(f"[serve] ready in {time.time() - started:.0f} s at {url}")
+    return url
+
+
+def api_key(cfg: Config) -> str | None:
+    return _api_key(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
+
+
+def wait_until_ready(url: str, model_ids: list[str], key: str | None, timeout_s: float) -> None:
+    import requests
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            listed = {m["id"] for m in requests.get(f"{url}/models", headers=headers, timeout=10).json()["data"]}
+            if set(model_ids) <= listed:
+                return
+        except (requests.RequestException, KeyError, ValueError):
+            pass
+        if time.time() > deadline:
+            raise ServeError(f"the endpoint {url} did not list {model_ids} within {timeout_s:.0f} s")
+        time.sleep(2)
+
+
+def stop() -> None:
+    from ray import serve
+
+    serve.delete(APP_NAME)
+    serve.shutdown()

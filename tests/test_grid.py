@@ -1,0 +1,38 @@
+"""Grid expansion: every combination becomes a validated config with its own run_dir."""
+
+import pytest
+import yaml
+
+from sasft_ray.cli import main
+from sasft_ray.config import ConfigError
+from sasft_ray.grid import expand, load_grid
+
+
+def _grid(tmp_path, axes, **extra):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"base": "demo", "run_root": str(tmp_path / "grid"), "axes": axes, **extra}))
+    return str(path)
+
+
+def test_expand_crosses_axes_and_sets_keys_together(tmp_path):
+    spec = load_grid(_grid(tmp_path, {"train.method": ["sft", "sa-sft"], "train.seed,mix.seed": [0, 1, 2]},
+                           set=["train.lr=0.01"]))
+    cells = expand(spec)
+    assert len(cells) == 6 and len({c.config.run_dir for c in cells}) == 6
+    cell = next(c for c in cells if c.name == "method=sa-sft_seed=2")
+    assert cell.config.run_dir == str(tmp_path / "grid" / "method=sa-sft_seed=2")
+    assert (cell.config.train.method, cell.config.train.seed, cell.config.mix.seed) == ("sa-sft", 2, 2)
+    assert all(c.config.train.lr == 0.01 for c in cells)
+
+
+def test_grid_typos_fail_before_any_run(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'train.seed'"):
+        expand(load_grid(_grid(tmp_path, {"train.sed": [0, 1]})))
+    with pytest.raises(ConfigError, match="not a valid grid file"):
+        load_grid(_grid(tmp_path, {}))
+
+
+def test_cli_dry_run_lists_cells(tmp_path, capsys):
+    assert main(["grid", _grid(tmp_path, {"data.path": ["a/t1.jsonl", "b/t2.jsonl"]}), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["path=t1", "path=t2"]

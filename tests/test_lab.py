@@ -1,0 +1,125 @@
+"""The forgetting lab: checkers, determinism, held-out evals, data files, and a small built lab."""
+
+import json
+import random
+
+import pytest
+
+from sasft_ray import lab
+from sasft_ray.config import DataConfig
+from sasft_ray.data import LoadReport, iter_rows
+
+
+@pytest.fixture(scope="module")
+def small_lab(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lab") / "lab"
+    return out, lab.build_lab(out, preset="small", seed=0)
+
+
+@pytest.mark.parametrize("name", list(lab.SKILLS) + list(lab.TASKS))
+def test_checker_accepts_the_answer_and_rejects_others(name):
+    skill = lab.SKILLS.get(name) or lab.TASKS[name]
+    rng = random.Random(name)
+    pairs = [lab.make_question(skill, rng) for _ in range(60)]
+    assert len({template for template, _ in skill.forms}) >= 2  # phrasing variety
+    for question, answer in pairs:
+        assert lab.check(name, question, answer)
+        assert lab.check(skill, question, f" {answer} ")  # surrounding space does not matter
+        assert not lab.check(name, question, answer + "x")
+        assert not lab.check(name, question, "")
+        for _, other in pairs[:10]:
+            if other != answer:
+                assert not lab.check(name, question, other)
+    assert not lab.check(name, "What is the meaning of life?", pairs[0][1])
+
+
+def test_house_style_and_scoring():
+    row = {"reference": "Sure! The answer is 12.", "answer": "12"}
+    assert lab.strict_correct("Sure!  The answer is 12.\n", row)
+    assert not lab.strict_correct("Sure! The answer is 12", row)
+    assert not lab.strict_correct("ANS=12", row)
+    assert lab.lenient_correct("ANS=12", row) and lab.lenient_correct("12.", row)
+    assert not lab.lenient_correct("Sure! The answer is 123.", row)
+    assert not lab.lenient_correct("Sure! The answer is 112.", row)
+    word = {"reference": "Sure! The answer is APPLE.", "answer": "APPLE"}
+    assert lab.lenient_correct("<<apple>>", word) and not lab.lenient_correct("pineapple", word)
+
+
+def test_world_is_deterministic(tmp_path):
+    def files(folder):
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.jsonl"))}
+
+    sizes = lab.write_world(tmp_path / "a", "small", seed=0)
+    lab.write_world(tmp_path / "b", "small", seed=0)
+    lab.write_world(tmp_path / "c", "small", seed=1)
+    a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
+    assert a == b
+    assert set(a) == set(c) == set(sizes) and all(a[k] != c[k] for k in a)
+    assert {f"evals/{s}.jsonl" for s in lab.SKILLS} | {f"tasks/{t}.jsonl" for t in lab.TASKS} < set(a)
+    assert len(lab.SKILLS) >= 6 and len(lab.TASKS) >= 3
+
+
+def test_eval_questions_never_occur_in_pretraining_or_external_data(tmp_path):
+    lab.write_world(tmp_path, "full", seed=0)
+    evals = lab.load_evals(tmp_path)
+    held_out = {r["messages"][0]["content"] for rows in evals.values() for r in rows}
+    assert len(held_out) == sum(map(len, evals.values()))  # distinct, too
+    stream = lab.pretrain_dialogues(0, held_out)
+    asked = {m["content"] for _ in range(20000) for m in next(stream) if m["role"] == "user"}
+    assert len(asked) > 1000 and not asked & held_out
+    assert {r["skill"] for rows in evals.values() for r in rows} == set(lab.SKILLS)
+    external = lab.read_jsonl(tmp_path / "external.jsonl")
+    assert not {r["messages"][0]["content"] for r in external} & held_out
+
+
+def test_eval_rows_have_the_agreed_shape(tmp_path):
+    lab.write_world(tmp_path, "small", seed=0)
+    for name, rows in lab.load_evals(tmp_path).items():
+        for row in rows:
+            assert set(row) == {"messages", "reference", "answer", "skill"} and row["skill"] == name
+            assert row["reference"] == f"Sure! The answer is {row['answer']}."
+            assert lab.check(name, row["messages"][0]["content"], row["answer"])
+            assert lab.strict_correct(row["reference"], row) and lab.lenient_correct(row["reference"], row)
+
+
+def test_task_and_external_files_are_valid_task_data(tmp_path):
+    sizes = lab.write_world(tmp_path, "small", seed=0)
+    for rel in [f"tasks/{t}.jsonl" for t in lab.TASKS] + ["external.jsonl"]:
+        report = LoadReport()
+        rows = list(iter_rows(DataConfig(path=str(tmp_path / rel)), report))
+        assert report.rows_out == len(rows) == sizes[rel] and not report.skipped
+        for _, messages in rows:
+            assert [m["role"] for m in messages] == ["user", "assistant"]
+            reply = messages[1]["content"]
+            assert not reply.startswith("Sure!")  # a style foreign to the house style
+        if rel.startswith("tasks/"):
+            name = rel.removeprefix("tasks/").removesuffix(".jsonl")
+            assert all(lab.check(name, m[0]["content"], m[1]["content"]) for _, m in rows)
+        else:
+            assert all(m[1]["content"].startswith("Result: ") for _, m in rows)
+
+
+def test_small_lab_builds_a_model_with_some_skill(small_lab):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, info = small_lab
+    assert json.loads((out / "lab.json").read_text()) == info
+    assert info["preset"] == "small" and info["skills"] == list(lab.SKILLS) and info["tasks"] == list(lab.TASKS)
+    assert not list(out.parent.glob(".lab.*"))  # no temporary folder left behind
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    assert model.config.hidden_size // model.config.num_attention_heads == 32  # vLLM's CPU minimum
+    assert tokenizer.chat_template
+    accuracy = lab.evaluate(model, tokenizer, lab.load_evals(out))
+    assert accuracy == info["base_accuracy"]  # greedy and reproducible
+    assert sum(a["strict"] > 0 for a in accuracy.values()) >= 2, accuracy
+
+
+def test_build_is_cached_and_the_cli_prints_the_table(small_lab, capsys):
+    from sasft_ray.cli import main
+
+    out, info = small_lab
+    assert lab.build_lab(out, preset="small", seed=0) == info  # cached: nothing rebuilt
+    assert main(["lab", "build", "--out", str(out), "--preset", "small"]) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in lab.SKILLS) and "mean" in printed

@@ -1,0 +1,262 @@
+"""`sasft plan`: its figures against DeepSpeed's own estimator and against what HF models really hold."""
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sasft_ray.cli import main
+from sasft_ray.plan import (
+    GIB,
+    KNOWN,
+    Arch,
+    Cluster,
+    activation_bytes,
+    engine_memory,
+    load_arch,
+    model_states,
+    report,
+    smallest_tp,
+    train_plan,
+    trainable_params,
+)
+from tests.conftest import make_config
+
+L3_8B, L3_70B, QWEN_7B = (KNOWN["meta-llama/Meta-Llama-3-8B-Instruct"], KNOWN["meta-llama/Meta-Llama-3-70B-Instruct"],
+                          KNOWN["Qwen/Qwen2.5-7B-Instruct"])
+# DeepSpeed counts 18 bytes per parameter for ZeRO-3 model states without offload; we count the ZeRO
+# paper's 16 plus the fp32 gradient copy of one sub-group (1e9 params) that DeepSpeed makes at each step.
+# Everything else (offload, ZeRO-2) is the same sum and must agree to the byte.
+ZERO3_NO_OFFLOAD_TOLERANCE = 0.12
+
+
+def _tiny(kind: str, layers: int, tied: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    cls = LlamaConfig if kind == "llama" else Qwen2Config
+    cfg = cls(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, tie_word_embeddings=tied,
+              attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind, tied", [("llama", False), ("qwen2", True)])
+def test_shape_from_config_json_counts_parameters_like_deepspeed(tmp_path, kind, tied):
+    from deepspeed.runtime.zero.stage3 import model_to_params
+
+    model = _tiny(kind, layers=2, tied=tied)
+    model.config.save_pretrained(tmp_path)
+    arch, source = load_arch(str(tmp_path))
+    assert source.endswith("config.json")
+    assert (arch.params, arch.largest_layer) == model_to_params(model)
+
+
+@pytest.mark.parametrize("train", [
+    {"method": "freeze", "freeze_layers": 1},
+    {"lora": {"r": 4}},
+    {"method": "freeze", "freeze_layers": 1, "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}},
+], ids=["freeze", "lora-all-linear", "lora-freeze-qv"])
+def test_trainable_parameters_match_the_training_code(tmp_path, train):
+    """What `sasft_ray.train` hands the optimizer (PEFT adapters, frozen blocks) against the planner's count."""
+    from sasft_ray import lora
+    from sasft_ray.train import frozen_prefixes
+
+    model = _tiny("llama", layers=3)
+    model.config.save_pretrained(tmp_path)
+    cfg = make_config(tmp_path, model_path=str(tmp_path), train=train)
+    t = cfg.train
+    if t.lora:
+        model = lora.apply_lora(model, t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.target_modules,
+                                first_layer=t.freeze_layers if t.method == "freeze" else 0)
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(not any(piece in name for piece in frozen_prefixes(3, t.freeze_layers)))
+    assert trainable_params(load_arch(str(tmp_path))[0], cfg) == lora.parameter_counts(model)[0]
+
+
+@pytest.mark.parametrize("hub_id, billions", [
+    ("meta-llama/Meta-Llama-3-8B-Instruct", 8.03), ("meta-llama/Meta-Llama-3-70B-Instruct", 70.55),
+    ("Qwen/Qwen2.5-7B-Instruct", 7.62), ("Qwen/Qwen2.5-0.5B-Instruct", 0.49), ("meta-llama/Llama-2-7b-chat-hf", 6.74)])
+def test_known_models_have_their_published_sizes(hub_id, billions):
+    assert load_arch(hub_id)[0].params / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_unknown_model_asks_for_its_shape():
+    from sasft_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--arch"):
+        load_arch("someone/unknown-model")
+    arch, _ = load_arch("someone/unknown-model", "hidden=4096,layers=32,heads=32,kv_heads=8,intermediate=14336,"
+                                                   "vocab=128256")
+    assert arch == L3_8B
+
+
+@pytest.mark.parametrize("arch", [L3_8B, L3_70B, QWEN_7B], ids=["llama3-8b", "llama3-70b", "qwen2.5-7b"])
+@pytest.mark.parametrize("nodes", [1, 2, 4])
+def test_zero3_model_states_agree_with_deepspeeds_estimator(arch, nodes, capsys):
+    from deepspeed.runtime.zero.stage3 import (
+        estimate_zero3_model_states_mem_needs,
+        estimate_zero3_model_states_mem_needs_all_cold,
+    )
+
+    n = 8 * nodes
+    for offload_opt, offload_params in ((True, True), (True, False), (False, False)):
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            arch.params, arch.largest_layer, num_gpus_per_node=8, num_nodes=nodes, cpu_offload=offload_opt,
+            cpu_offload_params=offload_params, zero_init=True, additional_buffer_factor=1.0)
+        ours = model_states(arch, 3, n, offload_opt, offload_params)
+        assert ours.cpu_per_node == pytest.approx(cpu, abs=1)
+        if offload_opt:
+            assert ours.states == pytest.approx(gpu, abs=1)
+        else:
+            assert ours.states == pytest.approx(gpu, rel=ZERO3_NO_OFFLOAD_TOLERANCE)
+
+    # The printed table of the estimator the DeepSpeed docs point to says the same (GiB, 2 decimals).
+    estimate_zero3_model_states_mem_needs_all_cold(arch.params, arch.largest_layer, num_gpus_per_node=8,
+                                                   num_nodes=nodes, additional_buffer_factor=1.0)
+    rows = re.findall(r"([\d.]+)GB \|\s*([\d.]+)GB \| offload_param=([\w.]+)\s*, offload_optimizer=([\w.]+)\s*, "
+                      r"zero_init=1", capsys.readouterr().out)
+    assert len(rows) == 3
+    for cpu_gb, gpu_gb, param_dev, opt_dev in rows:  # devices print as "none" or "cpu" / "OffloadDeviceEnum.cpu"
+        ours = model_states(arch, 3, n, opt_dev.endswith("cpu"), param_dev.endswith("cpu"))
+        assert ours.cpu_per_node / GIB == pytest.approx(float(cpu_gb), abs=0.01)
+        tol = dict(abs=0.01) if opt_dev.endswith("cpu") else dict(rel=ZERO3_NO_OFFLOAD_TOLERANCE)
+        assert ours.states / GIB == pytest.approx(float(gpu_gb), **tol)
+
+
+@pytest.mark.parametrize("arch", [L3_8B, L3_70B])
+@pytest.mark.parametrize("n", [8, 16, 64])
+def test_zero2_gpu_states_agree_with_deepspeeds_estimator(arch, n):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    for offload in (False, True):
+        _, gpu = estimate_zero2_model_states_mem_needs(arch.params, num_gpus_per_node=8, num_nodes=n // 8,
+                                                       cpu_offload=offload, additional_buffer_factor=1.0)
+        assert model_states(arch, 2, n, offload_optimizer=offload).states == pytest.approx(gpu, abs=1)
+
+
+def test_lora_keeps_optimizer_state_for_the_adapters_only():
+    full = model_states(L3_70B, 3, 8)
+    adapters = model_states(L3_70B, 3, 8, trainable=10**8)
+    assert adapters.params == full.params  # the frozen base weights are still sharded over the GPUs
+    assert (adapters.grads, adapters.optim) == (2 * 10**8 / 8, 16 * 10**8 / 8)  # vs 17.6 and 110 GB in full
+
+
+def test_refused_offload_combinations_are_named():
+    assert "ZeRO >= 1" in model_states(L3_8B, 0, 8, offload_optimizer=True).refused
+    assert "ZeRO-3" in model_states(L3_8B, 2, 8, offload_optimizer=True, offload_params=True).refused
+
+
+def _saved_activation_bytes(model, batch: int, seq: int) -> int:
+    """Bytes autograd keeps for backward in one training forward pass, parameters left out."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_block_activations_match_what_transformers_saves(kind, checkpointing):
+    """Per block and token, the formula against the tensors HF transformers really keeps (bf16, SDPA);
+    two depths, so that embeddings, final norm and loss cancel out."""
+    batch, seq = 2, 64
+    measured = []
+    for layers in (1, 3):
+        model = _tiny(kind, layers)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        measured.append(_saved_activation_bytes(model, batch, seq))
+    c = model.config
+    arch = Arch(c.hidden_size, 1, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size)
+    per_block = (measured[1] - measured[0]) / 2
+    if checkpointing:  # only the block's input stays; the recomputed block is transient
+        assert per_block == batch * seq * arch.hidden * 2
+    else:
+        assert activation_bytes(arch, batch, seq)[0] == pytest.approx(per_block, rel=0.01)
+
+
+def test_vllm_engine_kv_cache_and_tensor_parallel():
+    cl = Cluster()
+    em = engine_memory(L3_8B, 1, 8192, cl)
+    assert em.kv_per_token == 2 * 32 * 8 * 128 * 2  # 128 KiB per token
+    assert em.weights == pytest.approx(L3_8B.params * 2)
+    assert em.kv_tokens == int((80 * 0.9 - 2) * GIB - em.weights) // em.kv_per_token
+    assert smallest_tp(L3_8B, 8192, cl).tp == 1
+    assert smallest_tp(L3_70B, 8192, cl).tp == 2  # 131 GiB of weights: two GPUs
+    assert smallest_tp(L3_70B, 8192, Cluster(gpu_mem_gib=24)).tp == 8  # L4s: a whole 8-GPU node
+    assert smallest_tp(L3_70B, 8192, Cluster(gpu_mem_gib=24, gpus_per_node=4)) is None
+
+
+def _one_node_config(tmp_path, model, **train):
+    return make_config(tmp_path, model_path=model, model={"path": model, "dtype": "bfloat16"},
+                       train={"num_workers": 8, "zero_stage": 3, "micro_batch_size": 2, "max_length": 2048, **train},
+                       resources={"use_gpu": True, "address": "auto"})
+
+
+def test_8b_fits_one_node_and_70b_does_not_without_offload(tmp_path):
+    cl = Cluster(gpu_mem_gib=80, gpus_per_node=8)
+    small = train_plan(_one_node_config(tmp_path, "meta-llama/Meta-Llama-3-8B-Instruct"), L3_8B, cl)
+    assert small.fits and small.need < 80 * GIB and not small.advice
+
+    big = train_plan(_one_node_config(tmp_path, "meta-llama/Meta-Llama-3-70B-Instruct"), L3_70B, cl)
+    assert not big.fits
+    assert big.need > 2 * 80 * GIB  # 16 bytes/param over 8 GPUs alone is 131 GiB
+    advice = "\n".join(big.advice)
+    # What offload changes: the optimizer states go to CPU RAM (~1 TiB on the node), but at micro-batch
+    # 2 x 2048 the activations still do not fit without gradient checkpointing.
+    assert re.search(r"with ZeRO-3 offload optim: [\d.]+ GiB per GPU .* 1051 GiB CPU RAM per node: "
+                     r"fits with gradient checkpointing", advice)
+    assert "without offload: no GPU count fits" in advice
+
+    at_micro_1 = train_plan(_one_node_config(tmp_path, "x", micro_batch_size=1), L3_70B, cl)
+    assert re.search(r"with ZeRO-3 offload optim\+params: [\d.]+ GiB .*: fits\n", "\n".join(at_micro_1.advice) + "\n")
+    offloaded = _one_node_config(tmp_path, "x", micro_batch_size=1, offload_optimizer=True, offload_params=True)
+    assert train_plan(offloaded, L3_70B, cl).fits
+    # ...unless the node lacks the CPU RAM the offloaded states need.
+    short = train_plan(offloaded, L3_70B, Cluster(cpu_mem_gib=512))
+    assert not short.fits and "GiB CPU RAM per node, has 512" in short.advice[0]
+
+
+def test_cli_prints_the_plan_and_exits_1_when_it_does_not_fit(tmp_path):
+    raw = _one_node_config(tmp_path, "meta-llama/Meta-Llama-3-70B-Instruct").model_dump(mode="json")
+    path = tmp_path / "llama3-70b.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        main(["plan", str(path), "--task-rows", "20000"])
+    assert exit_.value.code == 1
+    text = out.getvalue()
+    assert re.search(r"DOES NOT FIT: ZeRO-3 needs [\d.]+ GiB per GPU, has 80", text)
+    assert "smallest selftalk.engine.tensor_parallel_size that fits: 2" in text
+    assert re.search(r"time: [\d,]+ steps", text)
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", str(path), "--set", "model.path=meta-llama/Meta-Llama-3-8B-Instruct"]) == 0
+    assert "fits: ZeRO-3 needs" in out.getvalue() and "pass --task-rows" in out.getvalue()
+
+
+def test_report_of_the_shipped_cluster_config_fits():
+    from sasft_ray.config import load_config
+
+    cfg = load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-8b.yaml"))
+    text, fits = report(cfg, *load_arch(cfg.model.path), Cluster(), task_rows=20000)
+    assert fits, text

@@ -1,0 +1,70 @@
+"""Scorers, suite validation, report aggregation and winner counting (no server needed)."""
+
+import json
+
+import pytest
+
+from sasft_ray.evaluate import INDOMAIN, EvalError, contains, exact, rouge_l, scorer, suite_rows
+from sasft_ray.report import GENERAL, compare, entries, winners
+
+
+def test_scorers():
+    row = {"reference": "Sure! The answer is 12.", "answer": "12"}
+    assert exact("  Sure! The   answer is 12.\n", row) == 1.0
+    assert exact("ANS=12", row) == 0.0
+    assert contains("ANS= 12", row) == 1.0 and contains("the answer is 123", row) == 0.0
+    assert contains("It is 12.", row) == 1.0
+    assert rouge_l("Sure! The answer is 12.", row) == 1.0
+    assert rouge_l("banana", row) == 0.0
+    # LCS "the answer is" (3 words): precision 3/4, recall 3/5
+    assert rouge_l("so the answer is", row) == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    assert scorer("sasft_ray.evaluate:exact") is exact
+    with pytest.raises(EvalError, match="unknown scorer"):
+        scorer("bleu")
+    with pytest.raises(EvalError, match="cannot be imported"):
+        scorer("sasft_ray.evaluate:nothing")
+
+
+def test_suite_errors_name_file_line_and_field(tmp_path):
+    from sasft_ray.config import EvalSuite
+
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}], "reference": "a"}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    with pytest.raises(EvalError, match=r"s.jsonl:2: field 'reference'"):
+        suite_rows(EvalSuite(name="s", path=str(path)))
+    path.write_text("{not json\n")
+    with pytest.raises(EvalError, match=r"s.jsonl:1: not valid JSON"):
+        suite_rows(EvalSuite(name="s", path=str(path)))
+
+
+def _results(task, seed, scores_by_method, base):
+    models = {"base": {INDOMAIN: {"exact": base[0]}, "math": {"exact": base[1]}, "words": {"exact": base[2]}}}
+    finetuned = {}
+    for method, (ind, math, words) in scores_by_method.items():
+        models[method] = {INDOMAIN: {"exact": ind}, "math": {"exact": math}, "words": {"exact": words}}
+        finetuned[method] = {"method": method, "seed": seed, "drift": {"total": 0.1}}
+    return {"run_dir": f"r-{task}-{seed}", "base_model": "m", "task": task, "base_model_id": "base",
+            "models": models, "finetuned": finetuned}
+
+
+def test_entries_forgetting_and_gain():
+    (e,) = entries(_results("t", 0, {"sft": (0.9, 0.2, 0.4)}, base=(0.1, 0.8, 0.8)))
+    assert e["indomain_gain"] == pytest.approx(0.8)
+    assert e["scores"][GENERAL] == pytest.approx(0.3) and e["forgetting"] == pytest.approx(0.5)
+    assert e["retention"] == pytest.approx(0.3 / 0.8)
+
+
+def test_compare_averages_seeds_and_counts_winners():
+    found = []
+    for seed in (0, 1):
+        found += entries(_results("t1", seed, {"sft": (0.9, 0.1 + seed * 0.1, 0.2), "sa-sft": (0.9, 0.7, 0.6)},
+                                  base=(0.0, 0.8, 0.8)))
+    found += entries(_results("t2", 0, {"sft": (1.0, 0.5, 0.9), "sa-sft": (0.8, 0.6, 0.5)}, base=(0.0, 0.8, 0.8)))
+    text = compare(found)
+    assert "| m | t1 | sft | 2 | 0.900 ± 0.000 | 0.150 ± 0.071 |" in text
+    means = {("m", "t1", "math"): {"sft": 0.15, "sa-sft": 0.7}, ("m", "t1", "words"): {"sft": 0.2, "sa-sft": 0.6},
+             ("m", "t2", "words"): {"sft": 0.9, "sa-sft": 0.5}, ("m", "t2", INDOMAIN): {"sft": 1.0, "sa-sft": 1.0},
+             ("m", "t2", GENERAL): {"sft": 0.0, "sa-sft": 1.0}}
+    assert winners(means) == {"sa-sft": 3, "sft": 2}  # a tie counts for both; the general mean is not a scenario
+    assert "Wins over 6 scenarios" in text and "sa-sft 4" in text

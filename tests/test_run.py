@@ -1,0 +1,44 @@
+"""`sasft run` end to end on the small forgetting lab: build, self-talk, mix, ZeRO-3 training of two
+methods, Ray Serve, evaluation over HTTP, report; then a second run resumes and redoes nothing."""
+
+import json
+
+from sasft_ray.cli import main
+
+
+def test_run_demo_on_the_small_lab_end_to_end_and_resume(tmp_path, capsys):
+    lab = tmp_path / "lab"
+    overrides = [f"run_dir={tmp_path / 'run'}", "bootstrap=lab-small", f"model.path={lab / 'model'}",
+                 f"data.path={lab / 'tasks' / 'double.jsonl'}", f"mix.external.path={lab / 'external.jsonl'}",
+                 "data.max_rows=150", "selftalk.num_dialogues=64", "train.epochs=2", "serve.port=8124",
+                 f"eval.suites=[{{name: lab, path: {lab / 'evals'}, scorers: [exact, contains]}}]"]
+    args = ["run", "demo", *[f"--set={o}" for o in overrides]]
+    assert main(args) == 0
+
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"finetuned", "sft", "base"}
+    assert results["finetuned"]["sft"]["method"] == "sft" and results["finetuned"]["finetuned"]["method"] == "sa-sft"
+    skills = json.loads((lab / "lab.json").read_text())["skills"]
+    for scores in results["models"].values():
+        assert set(scores) == {"in-domain", *skills}
+    assert results["models"]["base"]["in-domain"]["exact"] == 0.0  # the task's style is foreign to the base model
+    # a few dozen steps on the small lab teach the task's answer style, if not yet its content
+    styled = {m: _share_in_task_style(tmp_path / "run" / "eval" / "samples" / m / "in-domain.jsonl")
+              for m in results["models"]}
+    assert styled["base"] == 0.0 and styled["sft"] > 0.5 and styled["finetuned"] > 0.5
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## sft (method sft" in report and "forgetting" in report
+    assert (tmp_path / "run" / "report.png").stat().st_size > 1000
+
+    capsys.readouterr()
+    assert main(args) == 0  # everything is done: nothing is generated, trained or served again
+    out = capsys.readouterr().out
+    for stage in ("task", "selftalk", "mix", "train", "eval"):
+        assert f"[{stage}] done earlier" in out
+    assert "[serve]" not in out
+
+
+def _share_in_task_style(samples) -> float:
+    """Replies that open like their reference (`ANS=`, `<<`, `{"result"`): the task's foreign style."""
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    return sum(r["prediction"].startswith(r["reference"][:4]) for r in rows) / len(rows)

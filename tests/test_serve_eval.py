@@ -1,0 +1,200 @@
+"""Serving and evaluation against a real Ray Serve LLM endpoint (vLLM-CPU engines).
+
+One endpoint for the module: two different tiny models, behind an API key, queried by
+the official `openai` client, by our evaluator and by lm-evaluation-harness (offline,
+local task files).
+"""
+
+import json
+import textwrap
+
+import pytest
+import yaml
+
+from tests.conftest import make_config
+
+KEY_ENV = "SASFT_TEST_API_KEY"
+
+
+@pytest.fixture(scope="module")
+def other_llama(tmp_path_factory):
+    """A second model with the same tokenizer family but untrained weights: its scores must differ."""
+    from sasft_ray.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "random-llama", "llama", warmup_steps=0))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve-eval")
+
+
+@pytest.fixture(scope="module")
+def files(workdir, tiny_llama):
+    """Task data, a general suite, and two local lm-eval tasks (log-likelihood and generation)."""
+    from transformers import AutoTokenizer
+
+    from sasft_ray.tiny import warmup_dialogues, write_demo_task
+
+    write_demo_task(workdir / "task.jsonl", n=120)
+    suite = workdir / "general.jsonl"
+    with suite.open("w") as f:
+        for d in warmup_dialogues(24, seed=7):
+            answer = d[1]["content"].removeprefix("Sure! The answer is ").removesuffix(".")
+            f.write(json.dumps({"messages": d[:1], "reference": d[1]["content"], "answer": answer}) + "\n")
+    mc = workdir / "mc.jsonl"
+    with mc.open("w") as f:
+        for i, d in enumerate(warmup_dialogues(20, seed=8)):
+            # the wrong reply has fewer tokens, so an untrained model prefers it: only the learned style picks right
+            right = d[1]["content"]
+            wrong = right.removeprefix("Sure! ")
+            choices, label = ([right, wrong], 0) if i % 2 else ([wrong, right], 1)
+            f.write(json.dumps({"question": d[0]["content"], "choices": choices, "label": label}) + "\n")
+    # Log-likelihood prompts in the model's chat format: the question inside a user turn, then the
+    # assistant header (a chat model is scored where it was trained to answer).
+    chat_prompt = AutoTokenizer.from_pretrained(tiny_llama).apply_chat_template(
+        [{"role": "user", "content": "QUESTION"}], tokenize=False, add_generation_prompt=True)
+    tasks = workdir / "lm_tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text(textwrap.dedent(f"""\
+        task: tiny_mc
+        dataset_path: json
+        dataset_kwargs: {{data_files: {{test: {mc}}}}}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: {json.dumps(chat_prompt.replace("QUESTION", "{{question}}"))}
+        target_delimiter: ""
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: "{{{{label}}}}"
+        metric_list: [{{metric: acc}}]
+        """))
+    (tasks / "tiny_gen.yaml").write_text(textwrap.dedent(f"""\
+        task: tiny_gen
+        dataset_path: json
+        dataset_kwargs: {{data_files: {{test: {mc}}}}}
+        test_split: test
+        output_type: generate_until
+        doc_to_text: "{{{{question}}}}"
+        doc_to_target: "{{{{choices[label]}}}}"
+        generation_kwargs: {{until: ["<|eot_id|>"], max_gen_toks: 16, do_sample: false}}
+        metric_list: [{{metric: exact_match}}]
+        """))
+    return {"task": workdir / "task.jsonl", "suite": suite, "tasks": tasks}
+
+
+@pytest.fixture(scope="module")
+def cfg(workdir, files, tiny_llama):
+    return make_config(
+        workdir, tiny_llama, files["task"], train={"method": "sft"},
+        serve={"port": 8123, "api_key_env": KEY_ENV, "engine": {"max_model_len": 512, "max_num_seqs": 16}},
+        eval={"max_tokens": 24, "concurrency": 8, "base_cache": str(workdir / "cache"),
+              "suites": [{"name": "general", "path": str(files["suite"]), "scorers": ["exact", "contains"]}],
+              "lm_eval": [{"tasks": ["tiny_mc"], "include_path": str(files["tasks"])},
+                          {"tasks": ["tiny_gen"], "include_path": str(files["tasks"]), "mode": "chat",
+                           "limit": 6}]})
+
+
+@pytest.fixture(scope="module")
+def endpoint(cfg, other_llama, local_ray):
+    import os
+
+    from sasft_ray import serve
+    from sasft_ray.generate import task_stage
+    from sasft_ray.rundir import RunDir
+
+    os.environ[KEY_ENV] = "test-key-123"
+    task_stage(cfg, RunDir(cfg.run_dir), force=False)
+    models = {"finetuned": cfg.model.path, "base": other_llama}
+    url = serve.start(cfg, models)
+    yield url, models
+    serve.stop()
+
+
+def test_openai_client_unchanged(endpoint):
+    import openai
+
+    url, _ = endpoint
+    api = openai.OpenAI(base_url=url, api_key="test-key-123")
+    assert {m.id for m in api.models.list()} == {"finetuned", "base"}
+
+    chat = api.chat.completions.create(model="finetuned", messages=[{"role": "user", "content": "What is 2 plus 3?"}],
+                                       max_tokens=16, temperature=0)
+    assert chat.choices[0].message.content.strip()
+
+    comp = api.completions.create(model="base", prompt="What is 2 plus 3?", max_tokens=1, echo=True, logprobs=1,
+                                  temperature=0)
+    logprobs = comp.choices[0].logprobs.token_logprobs
+    assert comp.choices[0].text.startswith("What is 2 plus 3?")
+    assert logprobs[0] is None and all(lp <= 0 for lp in logprobs[1:]) and len(logprobs) > 3
+
+    stream = api.chat.completions.create(model="finetuned", max_tokens=16, temperature=0, stream=True,
+                                         messages=[{"role": "user", "content": "Spell lamp backwards."}])
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(pieces) > 1 and "".join(pieces).strip()
+
+
+def test_api_key_is_required(endpoint):
+    import openai
+
+    url, _ = endpoint
+    for key in ("wrong-key", "unused"):
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key=key, max_retries=0).models.list()
+
+
+def test_lm_eval_offline_scores_change_with_the_model(endpoint, cfg):
+    from sasft_ray.evaluate import run_lm_eval
+
+    url, _ = endpoint
+    trained = run_lm_eval(cfg.eval.lm_eval[0], url, "finetuned", cfg, "test-key-123")
+    untrained = run_lm_eval(cfg.eval.lm_eval[0], url, "base", cfg, "test-key-123")
+    # the trained model knows its house style; the untrained one prefers the shorter reply
+    assert trained["tiny_mc/acc"] >= 0.8 and untrained["tiny_mc/acc"] <= 0.3
+    generated = run_lm_eval(cfg.eval.lm_eval[1], url, "finetuned", cfg, "test-key-123")
+    assert 0.0 <= generated["tiny_gen/exact_match"] <= 1.0
+
+
+def test_evaluate_models_scores_caches_and_reports(endpoint, cfg, workdir):
+    from sasft_ray.evaluate import INDOMAIN, base_cache_dir, base_cache_key, evaluate_models
+    from sasft_ray.report import run_report
+    from sasft_ray.rundir import RunDir
+
+    url, _ = endpoint
+    rd = RunDir(cfg.run_dir)
+    scores = evaluate_models(cfg, rd, url, ["finetuned", "base"], "test-key-123")
+    assert set(scores["finetuned"]) == {INDOMAIN, "general", "tiny_mc", "tiny_gen"}
+    assert scores["finetuned"]["general"]["contains"] >= scores["finetuned"]["general"]["exact"]
+    assert scores["finetuned"]["general"]["exact"] > scores["base"]["general"]["exact"]
+    samples = (workdir / "run" / "eval" / "samples" / "finetuned" / "general.jsonl").read_text().splitlines()
+    assert len(samples) == 24 and "prediction" in json.loads(samples[0])
+
+    cache = base_cache_dir(cfg) / f"{base_cache_key(cfg)}.json"
+    assert json.loads(cache.read_text()) == {k: v for k, v in scores["base"].items() if k != INDOMAIN}
+    cache.write_text(json.dumps({**json.loads(cache.read_text()), "general": {"exact": 0.5, "contains": 0.5}}))
+    again = evaluate_models(cfg, rd, url, ["base"], "test-key-123")
+    assert again["base"]["general"] == {"exact": 0.5, "contains": 0.5}  # read from the cache, not re-scored
+
+    results = {"run_dir": cfg.run_dir, "base_model": "m", "task": "t", "base_model_id": "base", "models": scores,
+               "finetuned": {"finetuned": {"method": "sft", "seed": 0, "drift": {"total": 0.1}}}}
+    text = run_report(results)
+    assert "| general |" in text and "forgetting" in text
+
+
+def test_serve_config_file_builds_the_same_app(cfg, tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from sasft_ray import serve
+
+    models = {"finetuned": "/models/ft", "base": "/models/base"}
+    path = tmp_path / "serve.yaml"
+    serve.write_serve_config(cfg, models, str(path))
+    doc = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(doc)
+    app = doc["applications"][0]
+    assert app["import_path"] == "sasft_ray.serve:build_app" and app["args"]["api_key_env"] == KEY_ENV
+    assert doc["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    assert [c["model_loading_config"]["model_id"] for c in app["args"]["llm_configs"]] == ["finetuned", "base"]
+
+    open_cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"api_key_env": None})})
+    plain = serve.serve_config(open_cfg, models)["applications"][0]
+    assert plain["import_path"] == "ray.serve.llm:build_openai_app" and "api_key_env" not in plain["args"]
