@@ -100,7 +100,6 @@ def submit(address: str, base: str, cell: Cell) -> str:
     from ray.job_submission import JobSubmissionClient
 
     entrypoint = " ".join(["python jobs/run.py --config", base, *[f"--set '{o}'" for o in cell.overrides]])
-    job_id = JobSubmissionClient(address).submit_job(entrypoint=entrypoint, runtime_env={"working_dir": "."},
-                                                     submission_id=None)
+    job_id = JobSubmissionClient(address).submit_job(entrypoint=entrypoint, runtime_env={"working_dir": "."})
     print(f"[grid] {cell.name}: submitted as {job_id}")
     return job_id

@@ -1,6 +1,6 @@
 """The forgetting lab: a synthetic world small enough to show forgetting on two CPU cores.
 
-A ~1M-parameter Llama chat model is pretrained from scratch on seven general skills, all
+A ~1M-parameter Llama chat model is pretrained from scratch on eight general skills, all
 answered in one house style ("Sure! The answer is X."). Narrow tasks are answered in styles
 foreign to it (`ANS=...`, `<<...>>`, `{"result": ...}`, all-caps): plain SFT on one of them makes the
 model answer everything that way and so forget its general skills, which is the phenomenon

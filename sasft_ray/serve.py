@@ -25,11 +25,6 @@ class ServeError(RuntimeError):
     pass
 
 
-def served_models(cfg: Config, model_dir: str) -> dict[str, str]:
-    """Model id -> weights: the fine-tuned export and the base model it started from."""
-    return {cfg.serve.model_id: model_dir, cfg.serve.base_model_id: cfg.model.path}
-
-
 def llm_config(cfg: Config, model_id: str, path: str) -> dict:
     eng = cfg.serve.engine
     return {
@@ -50,14 +45,13 @@ def app_args(cfg: Config, models: dict[str, str]) -> dict:
 
 def serve_config(cfg: Config, models: dict[str, str]) -> dict:
     """A Serve config file (`serve deploy`, RayService `serveConfigV2`) for the same application."""
-    keyed = bool(cfg.serve.api_key_env)
     return {
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
         "applications": [{
             "name": APP_NAME, "route_prefix": "/",
             # Ray's own builder unless a key is asked for: ours only adds the key check in front of it.
-            "import_path": "sasft_ray.serve:build_app" if keyed else "ray.serve.llm:build_openai_app",
-            "args": app_args(cfg, models) if keyed else {"llm_configs": app_args(cfg, models)["llm_configs"]},
+            "import_path": "sasft_ray.serve:build_app" if cfg.serve.api_key_env else "ray.serve.llm:build_openai_app",
+            "args": app_args(cfg, models),
         }],
     }
 

@@ -6,7 +6,6 @@ local task files).
 """
 
 import json
-import textwrap
 
 import pytest
 import yaml
@@ -56,29 +55,16 @@ def files(workdir, tiny_llama):
         [{"role": "user", "content": "QUESTION"}], tokenize=False, add_generation_prompt=True)
     tasks = workdir / "lm_tasks"
     tasks.mkdir()
-    (tasks / "tiny_mc.yaml").write_text(textwrap.dedent(f"""\
-        task: tiny_mc
-        dataset_path: json
-        dataset_kwargs: {{data_files: {{test: {mc}}}}}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: {json.dumps(chat_prompt.replace("QUESTION", "{{question}}"))}
-        target_delimiter: ""
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: "{{{{label}}}}"
-        metric_list: [{{metric: acc}}]
-        """))
-    (tasks / "tiny_gen.yaml").write_text(textwrap.dedent(f"""\
-        task: tiny_gen
-        dataset_path: json
-        dataset_kwargs: {{data_files: {{test: {mc}}}}}
-        test_split: test
-        output_type: generate_until
-        doc_to_text: "{{{{question}}}}"
-        doc_to_target: "{{{{choices[label]}}}}"
-        generation_kwargs: {{until: ["<|eot_id|>"], max_gen_toks: 16, do_sample: false}}
-        metric_list: [{{metric: exact_match}}]
-        """))
+    local = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(mc)}}, "test_split": "test"}
+    (tasks / "tiny_mc.yaml").write_text(yaml.safe_dump({
+        "task": "tiny_mc", **local, "output_type": "multiple_choice",
+        "doc_to_text": chat_prompt.replace("QUESTION", "{{question}}"), "target_delimiter": "",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}]}))
+    (tasks / "tiny_gen.yaml").write_text(yaml.safe_dump({
+        "task": "tiny_gen", **local, "output_type": "generate_until", "doc_to_text": "{{question}}",
+        "doc_to_target": "{{choices[label]}}",
+        "generation_kwargs": {"until": ["<|eot_id|>"], "max_gen_toks": 16, "do_sample": False},
+        "metric_list": [{"metric": "exact_match"}]}))
     return {"task": workdir / "task.jsonl", "suite": suite, "tasks": tasks}
 
 
