@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny model and one local Ray for the whole session (both are slow to make)."""
+"""Shared fixtures: tiny models (slow to make, one per session) and local Ray clusters."""
 
 import os
 
@@ -26,10 +26,30 @@ def tiny_qwen2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small_lab(tmp_path_factory):
+    """The forgetting lab's small preset: a tiny pretrained model, its tasks and evals (read-only for tests)."""
+    from sasft_ray.lab import build_lab
+
+    out = tmp_path_factory.mktemp("lab") / "lab"
+    return out, build_lab(out, preset="small", seed=0)
+
+
+@pytest.fixture(scope="module")
 def local_ray():
+    """A local Ray per test module, so that no module inherits another's actors, Serve apps or CPU count."""
     import ray
 
     ray.init(num_cpus=6, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def no_ray_left():
+    """For tests of the CLI, which starts its own embedded Ray: none before, none left after."""
+    import ray
+
+    assert not ray.is_initialized()
     yield
     ray.shutdown()
 

@@ -10,12 +10,6 @@ from sasft_ray.config import DataConfig
 from sasft_ray.data import LoadReport, iter_rows
 
 
-@pytest.fixture(scope="module")
-def small_lab(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lab") / "lab"
-    return out, lab.build_lab(out, preset="small", seed=0)
-
-
 @pytest.mark.parametrize("name", list(lab.SKILLS) + list(lab.TASKS))
 def test_checker_accepts_the_answer_and_rejects_others(name):
     skill = lab.SKILLS.get(name) or lab.TASKS[name]

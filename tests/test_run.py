@@ -1,4 +1,4 @@
-"""`sasft run` end to end on the small forgetting lab: build, self-talk, mix, ZeRO-3 training of two
+"""`sasft run` end to end on the small forgetting lab: self-talk, mix, ZeRO-3 training of two
 methods, Ray Serve, evaluation over HTTP, report; then a second run resumes and redoes nothing."""
 
 import json
@@ -6,8 +6,8 @@ import json
 from sasft_ray.cli import main
 
 
-def test_run_demo_on_the_small_lab_end_to_end_and_resume(tmp_path, capsys):
-    lab = tmp_path / "lab"
+def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, capsys, no_ray_left):
+    lab, _ = small_lab
     overrides = [f"run_dir={tmp_path / 'run'}", "bootstrap=lab-small", f"model.path={lab / 'model'}",
                  f"data.path={lab / 'tasks' / 'double.jsonl'}", f"mix.external.path={lab / 'external.jsonl'}",
                  "data.max_rows=150", "selftalk.num_dialogues=64", "train.epochs=2", "serve.port=8124",
