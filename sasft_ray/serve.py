@@ -126,7 +126,11 @@ def start(cfg: Config, models: dict[str, str], timeout_s: float = 900) -> str:
     started = time.time()
     serve.run(build_app(app_args(cfg, models)), name=APP_NAME, route_prefix="/", blocking=False)
     url = base_url(cfg)
-    wait_until_ready(url, list(models), api_key(cfg), timeout_s)
+    try:
+        wait_until_ready(url, list(models), api_key(cfg), timeout_s)
+    except BaseException:
+        stop()  # a timed-out or interrupted start leaves no half-started app behind
+        raise
     print(f"[serve] ready in {time.time() - started:.0f} s at {url}")
     return url
 
