@@ -14,7 +14,6 @@ it is measured between the first and the last checkpoint reports (checkpoint sav
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -60,14 +59,13 @@ def bare_loop(cfg, rd, steps: int, warmup_steps: int) -> dict:
 
 
 def ray_zero3(cfg, rd) -> dict:
-    from sasft_ray.train import train
+    from sasft_ray.train import train, train_events
 
     with PeakMemory(worker_tag="RayTrainWorker") as mem:
         start = time.perf_counter()
         train(cfg, rd, force=True)
         wall = time.perf_counter() - start
-    events = [json.loads(line) for line in Path(rd.local("train-events.jsonl")).read_text().splitlines()]
-    reports = [e for e in events if e["event"] == "checkpoint"]
+    reports = [e for e in train_events(rd) if e["event"] == "checkpoint"]
     tokens = sum(e["tokens"] for e in reports[1:])
     seconds = reports[-1]["time"] - reports[0]["time"]
     per_step = seconds / (reports[-1]["step"] - reports[0]["step"])

@@ -114,6 +114,8 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0, description="used when resources.use_gpu")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="workers on as few nodes as possible (PACK) or across nodes (SPREAD)")
     zero_stage: int = Field(3, ge=0, le=3)
     offload_optimizer: bool = False
     offload_params: bool = False

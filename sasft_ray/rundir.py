@@ -47,7 +47,7 @@ class RunDir:
 
     def path(self, *parts: str) -> str:
         """Where Ray Data and pyarrow should read or write `parts`."""
-        if "://" in self.root:
+        if self.remote:
             return "/".join([self.root, *parts])
         return str(Path(self.base, *parts))
 
@@ -64,16 +64,40 @@ class RunDir:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.local(*parts))
 
-    def read_json(self, *parts: str) -> dict:
+    @property
+    def remote(self) -> bool:
+        return "://" in self.root
+
+    def read_text(self, *parts: str) -> str:
         with self.fs.open_input_stream(self.local(*parts)) as f:
-            return json.loads(f.read())
+            return f.read().decode()
+
+    def read_json(self, *parts: str) -> dict:
+        return json.loads(self.read_text(*parts))
+
+    def write_text(self, text: str, *parts: str) -> None:
+        with self.fs.open_output_stream(self.local(*parts)) as f:
+            f.write(text.encode())
+
+    def append_line(self, line: str, *parts: str) -> None:
+        """Object stores cannot append: there the (small) file is read and rewritten."""
+        if not self.remote:
+            with open(self.local(*parts), "a") as f:
+                f.write(line + "\n")
+            return
+        before = self.read_text(*parts) if self.exists(*parts) else ""
+        self.write_text(before + line + "\n", *parts)
+
+    def upload(self, folder: str, *parts: str) -> None:
+        """Copy a local folder (a worker's export, say) to `parts`."""
+        pafs.copy_files(str(Path(folder).absolute()), self.local(*parts), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
 
     def write_json(self, data: dict, *parts: str) -> None:
         """Write to a temporary name then move: a crash never leaves half a manifest."""
-        tmp = self.local(*parts) + ".tmp"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(data, indent=2, sort_keys=False).encode())
-        self.fs.move(tmp, self.local(*parts))
+        tmp = (*parts[:-1], parts[-1] + ".tmp")
+        self.write_text(json.dumps(data, indent=2, sort_keys=False), *tmp)
+        self.fs.move(self.local(*tmp), self.local(*parts))
 
     # --- manifest ---------------------------------------------------------------------------------
 
@@ -92,8 +116,7 @@ class RunDir:
         self.write_json(manifest, "manifest.json")
 
     def save_config(self, cfg: Config) -> None:
-        with self.fs.open_output_stream(self.local("config.yaml")) as f:
-            f.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+        self.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
 
     def done(self, name: str, config_hash: str) -> bool:
         """True if the stage finished with this config; a finished stage of another config is an error."""

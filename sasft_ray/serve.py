@@ -27,8 +27,10 @@ class ServeError(RuntimeError):
 
 def llm_config(cfg: Config, model_id: str, path: str) -> dict:
     eng = cfg.serve.engine
+    # A model in s3:// or gs:// is a mirror: each replica downloads it to its own node first.
+    source = {"bucket_uri": path} if path.startswith(("s3://", "gs://")) else path
     return {
-        "model_loading_config": {"model_id": model_id, "model_source": path},
+        "model_loading_config": {"model_id": model_id, "model_source": source},
         "engine_kwargs": engine_kwargs(cfg, eng),
         "deployment_config": {"num_replicas": eng.concurrency},
         "runtime_env": {"env_vars": engine_env(cfg, eng)},

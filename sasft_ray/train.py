@@ -168,9 +168,12 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
 
     cfg = Config.model_validate(config["cfg"])
     t, ds_config, total_steps = cfg.train, config["ds_config"], config["total_steps"]
+    rd = RunDir(cfg.run_dir)  # local, a shared mount, or s3:// / gs://: every node reaches it
     deepspeed.init_distributed(dist_backend="nccl" if cfg.resources.use_gpu else "gloo")
     torch.manual_seed(t.seed)
     rank = ray.train.get_context().get_world_rank()
+    nodes = [None] * t.num_workers  # where each rank runs, logged at every (re)start
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
 
     keep_alive = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None  # noqa: F841  (sharded load)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
@@ -203,7 +206,8 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
             step = client["step"]
         if rank == 0:
             print(f"[train] resumed from step {step}")
-            log_event(config["events"], event="resumed", step=step)
+    if rank == 0:
+        log_event(rd, event="resumed" if checkpoint else "started", step=step, nodes=nodes)
 
     shard, heldout_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("heldout")
     collate = functools.partial(_collate, pad_id=config["pad_id"])
@@ -223,12 +227,10 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
             if micro_steps % t.grad_accum:  # DeepSpeed steps the optimizer every grad_accum micro-batches
                 continue
             step += 1
-            if t.fail_once_at_step == step and rank == t.num_workers - 1:
-                marker = Path(config["fail_marker"])
-                if not marker.exists():
-                    marker.write_text("failed once")
-                    time.sleep(5)  # let the controller collect the last report (it polls every 2 s)
-                    os._exit(1)  # a real process death: Ray Train must restart from the checkpoint
+            if t.fail_once_at_step == step and rank == t.num_workers - 1 and not rd.exists(FAILED_ONCE):
+                rd.write_text("failed once", FAILED_ONCE)
+                time.sleep(5)  # let the controller collect the last report (it polls every 2 s)
+                os._exit(1)  # a real process death: Ray Train must restart from the checkpoint
             last = step == total_steps
             if step % t.checkpoint_every == 0 or last:
                 torch.distributed.all_reduce(tokens)
@@ -238,7 +240,7 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
                            "optimizer_steps": engine.global_steps}
                 losses, tokens = [], torch.zeros(1, dtype=torch.float64)
                 if rank == 0:
-                    log_event(config["events"], event="checkpoint", **metrics)
+                    log_event(rd, event="checkpoint", **metrics)
                     print(f"[train] step {step}/{total_steps}: loss {metrics['loss']:.4f}, held-out loss "
                           + (f"{heldout:.4f}" if heldout is not None else "- (no held-out rows)"))
                 with tempfile.TemporaryDirectory() as folder:
@@ -249,21 +251,31 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
 
     if heldout_step != step:  # restarted after the last checkpoint: nothing trained since, measure it again
         heldout = heldout_loss(engine, heldout_shard, collate, t.micro_batch_size)
-    export(engine, cfg, config["model_dir"], rank)
-    if rank == 0:
-        Path(config["model_dir"], "train_result.json").write_text(json.dumps(
-            {"heldout_loss": heldout, "trainable_params": n_trainable, "total_params": n_total}))
+    with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the folder once it is whole
+        out = scratch if rd.remote else rd.local("model")
+        export(engine, cfg, out, rank)
+        if rank == 0:
+            Path(out, "train_result.json").write_text(json.dumps(
+                {"heldout_loss": heldout, "trainable_params": n_trainable, "total_params": n_total}))
+            if rd.remote:
+                rd.upload(out, "model")
 
 
-def log_event(path: str, **event) -> None:
-    """One JSON line per event of the run (checkpoints with their loss, resumes): its history."""
-    with open(path, "a") as f:
-        f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+EVENTS, FAILED_ONCE = "train-events.jsonl", "train-failed-once"
 
 
-def heldout_by_step(events_path: str) -> dict[str, float | None]:
+def log_event(rd: RunDir, **event) -> None:
+    """One JSON line per event of the run (starts and resumes with the workers' nodes, checkpoints
+    with their loss): its history."""
+    rd.append_line(json.dumps({"time": round(time.time(), 3), **event}), EVENTS)
+
+
+def train_events(rd: RunDir) -> list[dict]:
+    return [json.loads(line) for line in rd.read_text(EVENTS).splitlines()]
+
+
+def heldout_by_step(events: list[dict]) -> dict[str, float | None]:
     """Held-out loss at each checkpoint step, from the events log (a step redone after a restart: the last)."""
-    events = [json.loads(line) for line in Path(events_path).read_text().splitlines()]
     return {str(e["step"]): e["heldout_loss"] for e in events if e["event"] == "checkpoint"}
 
 
@@ -402,7 +414,7 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
         sequences = train_ds.count()
     total_steps = check_before_work(cfg, rows, with_targets, sequences, num_layers(cfg))
     heldout_ds = tokenized(cfg, rd.path("task", "heldout.parquet"), strip_bos)
-    rd.begin("train", config_hash, force=True, outputs=("model", "train-events.jsonl", "train-failed-once"))
+    rd.begin("train", config_hash, force=True, outputs=("model", EVENTS, FAILED_ONCE))
 
     t = cfg.train
     ds_config = deepspeed_config(cfg)
@@ -412,11 +424,9 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "ds_config": ds_config, "total_steps": total_steps,
                            "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                           else tokenizer.eos_token_id,
-                           "model_dir": rd.local("model"), "fail_marker": rd.local("train-failed-once"),
-                           "events": rd.local("train-events.jsonl")},
+                           else tokenizer.eos_token_id},
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=cfg.resources.use_gpu,
+            num_workers=t.num_workers, use_gpu=cfg.resources.use_gpu, placement_strategy=t.placement_strategy,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker}
                                                                 if cfg.resources.use_gpu else {})}),
         run_config=RunConfig(
@@ -427,11 +437,10 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
         datasets={"train": train_ds, "heldout": heldout_ds},
     )
     result = trainer.fit()
-    out = json.loads(Path(rd.local("model", "train_result.json")).read_text())
-    drift = json.loads(Path(rd.local("model", "drift.json")).read_text())
+    out, drift = rd.read_json("model", "train_result.json"), rd.read_json("model", "drift.json")
     counts = {"rows_in": rows, "sequences": sequences or rows, "steps": total_steps,
               "final_loss": result.metrics.get("loss"), "heldout_loss": out["heldout_loss"],
-              "heldout_by_step": heldout_by_step(rd.local("train-events.jsonl")),
+              "heldout_by_step": heldout_by_step(train_events(rd)),
               "trainable_params": out["trainable_params"], "total_params": out["total_params"],
               "drift_total": drift.get("total"), "checkpoint": result.checkpoint.path if result.checkpoint else None}
     return rd.finish("train", counts)

@@ -1,6 +1,10 @@
 """End to end through real Ray Data and real vLLM (CPU) actors, on the tiny model."""
 
 import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -16,15 +20,53 @@ SELFTALK = {"num_dialogues": 24, "turns": 2, "max_user_tokens": 40, "max_assista
 
 
 @pytest.fixture(scope="module")
+def local_ray():
+    """This module's Ray has a dashboard: the state API finds the engine actor to kill."""
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def kill_engine_actor_mid_batch(timeout_s: float = 600) -> str:
+    """SIGKILL the process of a vLLM engine actor while it runs a batch; returns the actor's id."""
+    from ray.util.state import list_actors, list_tasks
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for task in list_tasks(filters=[("state", "=", "RUNNING")], limit=1000):
+            if task.name.endswith("(vLLMEngineStageUDF)).submit"):
+                (actor,) = list_actors(filters=[("actor_id", "=", task.actor_id)], detail=True)
+                os.kill(actor.pid, signal.SIGKILL)
+                return actor.actor_id
+        time.sleep(0.2)
+    raise AssertionError("no vLLM engine actor ran a batch")
+
+
+@pytest.fixture(scope="module")
 def generated(tiny_llama, local_ray, tmp_path_factory):
+    """The data stages, with one engine actor killed while it generates (Ray restarts it)."""
     tmp = tmp_path_factory.mktemp("gen")
     write_demo_task(tmp / "task.jsonl", n=200)
     cfg = make_config(tmp, tiny_llama, selftalk=SELFTALK, mix={"self_ratio": 0.1})
-    return cfg, generate(cfg)
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(generate, cfg)
+        killed = kill_engine_actor_mid_batch()
+        return cfg, run.result(), killed
+
+
+def test_a_killed_engine_actor_loses_and_repeats_no_dialogue(generated):
+    from ray.util.state import get_actor
+
+    cfg, rd, killed = generated
+    assert get_actor(killed).num_restarts >= 1  # it really died mid-batch, and came back
+    ids = pads.dataset(rd.local("selftalk")).to_table(columns=["id"])["id"].to_pylist()
+    assert sorted(ids) == list(range(rd.stage_info("selftalk")["rows_in"]))
 
 
 def test_selftalk_writes_well_formed_multi_turn_dialogues(generated):
-    cfg, rd = generated
+    cfg, rd, _ = generated
     info = rd.stage_info("selftalk")
     assert info["status"] == "done" and info["rows_in"] == 30  # 24 x oversample 1.25
     assert info["survived"] + sum(info["drops"].values()) == 30
@@ -41,7 +83,7 @@ def test_selftalk_writes_well_formed_multi_turn_dialogues(generated):
 
 
 def test_mix_and_manifest(generated):
-    cfg, rd = generated
+    cfg, rd, _ = generated
     task, mix = rd.stage_info("task"), rd.stage_info("mix")
     assert mix["mixed_in_rows"] == round(0.1 * task["train_rows"])
     assert mix["rows_out"] == task["train_rows"] + mix["mixed_in_rows"]
@@ -51,7 +93,7 @@ def test_mix_and_manifest(generated):
 
 
 def test_rerun_skips_finished_stages_and_refuses_a_changed_config(generated):
-    cfg, rd = generated
+    cfg, rd, _ = generated
     before = rd.manifest()["stages"]
     generate(cfg)
     assert rd.manifest()["stages"] == before  # nothing redone
@@ -61,7 +103,7 @@ def test_rerun_skips_finished_stages_and_refuses_a_changed_config(generated):
 
 
 def test_half_finished_stage_is_redone_cleanly(generated):
-    cfg, rd = generated
+    cfg, rd, _ = generated
     manifest = rd.manifest()
     manifest["stages"]["mix"]["status"] = "running"  # as if the process died mid-stage
     rd.write_json(manifest, "manifest.json")

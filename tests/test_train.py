@@ -16,7 +16,7 @@ from sasft_ray.lora import apply_lora, merge_lora, parameter_counts
 from sasft_ray.packing import pack
 from sasft_ray.selftalk import load_tokenizer
 from sasft_ray.tiny import demo_task_rows, warmup_dialogues, write_demo_task
-from sasft_ray.train import IGNORE, TrainSetupError, _collate, encode, frozen_prefixes, lr_lambda, train
+from sasft_ray.train import IGNORE, TrainSetupError, _collate, encode, frozen_prefixes, lr_lambda, train, train_events
 from tests.conftest import make_config
 
 TRAIN = {"num_workers": 2, "micro_batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, "schedule": "constant",
@@ -131,9 +131,10 @@ def test_zero3_training_survives_a_killed_worker_and_the_loss_falls(trained):
     cfg, rd, record = trained
     assert record["status"] == "done" and record["steps"] == 30
     assert Path(rd.local("train-failed-once")).exists()  # a worker really died at step 15...
-    events = [json.loads(line) for line in Path(rd.local("train-events.jsonl")).read_text().splitlines()]
-    assert [(e["event"], e["step"]) for e in events] == [
-        ("checkpoint", 10), ("resumed", 10), ("checkpoint", 20), ("checkpoint", 30)]  # ...and went on from 10
+    events = train_events(rd)
+    assert [(e["event"], e["step"]) for e in events] == [("started", 0), ("checkpoint", 10), ("resumed", 10),
+                                                         ("checkpoint", 20), ("checkpoint", 30)]  # ...went on from 10
+    assert len(events[0]["nodes"]) == 2
     losses = [e["loss"] for e in events if e["event"] == "checkpoint"]
     assert losses[-1] < 0.6 * losses[0] and record["final_loss"] == losses[-1]
     assert record["heldout_loss"] < losses[0]
@@ -143,8 +144,7 @@ def test_zero3_training_survives_a_killed_worker_and_the_loss_falls(trained):
 
 def test_heldout_loss_is_measured_at_every_checkpoint(trained):
     cfg, rd, record = trained
-    events = [json.loads(line) for line in Path(rd.local("train-events.jsonl")).read_text().splitlines()]
-    checkpoints = [e for e in events if e["event"] == "checkpoint"]
+    checkpoints = [e for e in train_events(rd) if e["event"] == "checkpoint"]
     assert all(isinstance(e["heldout_loss"], float) for e in checkpoints)
     assert record["heldout_by_step"] == {str(e["step"]): e["heldout_loss"] for e in checkpoints}
     assert list(record["heldout_by_step"]) == ["10", "20", "30"]
@@ -192,7 +192,7 @@ def test_freeze_keeps_frozen_weights_bit_identical(task_run, tiny_llama, tmp_pat
                                     "grad_accum": 2})
     freeze_rd = generate(freeze_cfg)
     train(freeze_cfg, freeze_rd)
-    last = json.loads(Path(freeze_rd.local("train-events.jsonl")).read_text().splitlines()[-1])
+    last = train_events(freeze_rd)[-1]
     assert last["step"] == last["optimizer_steps"] == 3  # our step count agrees with DeepSpeed's
     base = load_file(str(Path(tiny_llama, "model.safetensors")))
     tuned = load_file(str(Path(freeze_rd.local("model", "model.safetensors"))))
@@ -213,7 +213,7 @@ def test_lora_zero3_with_packing_trains_adapters_only_and_exports_merged_weights
     record = train(lora_cfg, lora_rd)
     assert record["sequences"] <= record["rows_in"] / 2  # packed: two ~50-token dialogues per 128 tokens
     assert 0 < record["trainable_params"] < record["total_params"] / 10
-    events = [json.loads(line) for line in Path(lora_rd.local("train-events.jsonl")).read_text().splitlines()]
+    events = [e for e in train_events(lora_rd) if e["event"] == "checkpoint"]
     assert [e["step"] for e in events] == [5, 10, 15, 20]
     assert events[-1]["loss"] < 0.6 * events[0]["loss"]
     assert events[-1]["heldout_loss"] < events[0]["heldout_loss"]
