@@ -229,7 +229,7 @@ def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: s
     results = {}
     for model_id in models:
         started = time.time()
-        samples = Path(rd.local("eval", "samples", model_id)) if "://" not in rd.root else None
+        samples = Path(rd.local("eval", "samples", model_id)) if not rd.remote else None
         indomain = score_rows(api, model_id, rows, cfg.eval.indomain_scorers, cfg,
                               samples / "in-domain.jsonl" if samples else None)
         if model_id == cfg.serve.base_model_id and cache and cache.exists():

@@ -60,7 +60,7 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
                                  "drift": _drift(RunDir(c.run_dir))} for model_id, c in runs.items()},
     }
     rd.write_json(results, "eval", "results.json")
-    report = write_run_report(results, rd.local()) if "://" not in rd.root else None
+    report = write_run_report(results, rd.local()) if not rd.remote else None
     rd.finish("eval", {"models": len(scores), "report": report})
     return results
 

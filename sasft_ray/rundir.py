@@ -45,6 +45,10 @@ class RunDir:
             pafs.LocalFileSystem(), str(Path(root).absolute()))
         self.fs.create_dir(self.base, recursive=True)
 
+    @property
+    def remote(self) -> bool:
+        return "://" in self.root
+
     def path(self, *parts: str) -> str:
         """Where Ray Data and pyarrow should read or write `parts`."""
         if self.remote:
@@ -63,10 +67,6 @@ class RunDir:
             self.fs.delete_dir(self.local(*parts))
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.local(*parts))
-
-    @property
-    def remote(self) -> bool:
-        return "://" in self.root
 
     def read_text(self, *parts: str) -> str:
         with self.fs.open_input_stream(self.local(*parts)) as f:
