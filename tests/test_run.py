@@ -1,5 +1,7 @@
-"""`sasft run` end to end on the small forgetting lab: self-talk, mix, ZeRO-3 training of two
-methods, Ray Serve, evaluation over HTTP, report; then a second run resumes and redoes nothing."""
+"""`sasft run` end to end on the small forgetting lab: self-talk, mix, ZeRO-3 training, Ray Serve,
+evaluation over HTTP, report; then a second run resumes and redoes nothing. The demo's `compare`
+(a second method trained, served and reported beside the first) is left to the demo itself, which
+CI runs: here it would cost one more training and one more vLLM engine."""
 
 import json
 
@@ -10,14 +12,14 @@ def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, ca
     lab, _ = small_lab
     overrides = [f"run_dir={tmp_path / 'run'}", "bootstrap=lab-small", f"model.path={lab / 'model'}",
                  f"data.path={lab / 'tasks' / 'double.jsonl'}", f"mix.external.path={lab / 'external.jsonl'}",
-                 "data.max_rows=150", "selftalk.num_dialogues=64", "train.epochs=2", "serve.port=8124",
+                 "data.max_rows=150", "compare=[]", "selftalk.num_dialogues=64", "train.epochs=2", "serve.port=8124",
                  f"eval.suites=[{{name: lab, path: {lab / 'evals'}, scorers: [exact, contains]}}]"]
     args = ["run", "demo", *[f"--set={o}" for o in overrides]]
     assert main(args) == 0
 
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
-    assert set(results["models"]) == {"finetuned", "sft", "base"}
-    assert results["finetuned"]["sft"]["method"] == "sft" and results["finetuned"]["finetuned"]["method"] == "sa-sft"
+    assert set(results["models"]) == {"finetuned", "base"}
+    assert results["finetuned"]["finetuned"]["method"] == "sa-sft"
     skills = json.loads((lab / "lab.json").read_text())["skills"]
     for scores in results["models"].values():
         assert set(scores) == {"in-domain", *skills}
@@ -25,9 +27,9 @@ def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, ca
     # a few dozen steps on the small lab teach the task's answer style, if not yet its content
     styled = {m: _share_in_task_style(tmp_path / "run" / "eval" / "samples" / m / "in-domain.jsonl")
               for m in results["models"]}
-    assert styled["base"] == 0.0 and styled["sft"] > 0.5 and styled["finetuned"] > 0.5
+    assert styled["base"] == 0.0 and styled["finetuned"] > 0.5
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "## sft (method sft" in report and "forgetting" in report
+    assert "## finetuned (method sa-sft" in report and "forgetting" in report
     assert (tmp_path / "run" / "report.png").stat().st_size > 1000
 
     capsys.readouterr()
