@@ -68,3 +68,16 @@ def test_compare_averages_seeds_and_counts_winners():
              ("m", "t2", GENERAL): {"sft": 0.0, "sa-sft": 1.0}}
     assert winners(means) == {"sa-sft": 3, "sft": 2}  # a tie counts for both; the general mean is not a scenario
     assert "Wins over 6 scenarios" in text and "sa-sft 4" in text
+
+
+def test_a_metric_every_general_benchmark_has_gets_its_mean_too():
+    results = _results("t", 0, {"sft": (0.9, 0.2, 0.4)}, base=(0.1, 0.8, 0.8))
+    for model, (math, words) in {"base": (1.0, 0.6), "sft": (0.5, 0.0)}.items():
+        results["models"][model]["math"]["contains"] = math
+        results["models"][model]["words"]["contains"] = words
+    (e,) = entries(results)
+    assert e["scores"]["general (contains)"] == pytest.approx(0.25)
+    assert e["base"]["general (contains)"] == pytest.approx(0.8)
+    assert e["scores"][GENERAL] == pytest.approx(0.3)  # the headline stays the first metric
+    assert "Wins over 3 scenarios" in compare([e, *entries(_results("t", 0, {"sa-sft": (0.9, 0.9, 0.9)},
+                                                                   base=(0.1, 0.8, 0.8)))])
