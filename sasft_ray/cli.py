@@ -20,8 +20,11 @@ USER_ERRORS = (ConfigError, BadRow, StageChanged, TooFewSurvivors, TrainSetupErr
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help=f"a YAML file, or a shipped config: {', '.join(shipped_configs())}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value (repeatable); the value is parsed as YAML")
+    _set_arg(p, "override one config value (repeatable); the value is parsed as YAML")
+
+
+def _set_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
 
 
 def cmd_generate(args) -> None:
@@ -84,15 +87,15 @@ def cmd_run(args) -> None:
 
 
 def cmd_grid(args) -> None:
-    from sasft_ray.grid import expand, load_grid, run_grid
+    from sasft_ray.grid import expand, load_grid, run_grid, with_changes
     from sasft_ray.report import compare, load_entries
 
-    spec = load_grid(args.grid)
+    spec = with_changes(load_grid(args.grid), args.overrides, args.run_root)
     if args.dry_run:
-        for cell in expand(spec):
+        for cell in expand(spec, args.only):
             print(f"{cell.name}: {' '.join(cell.overrides)}")
         return
-    run_dirs = run_grid(spec, args.address)
+    run_dirs = run_grid(spec, args.address, args.only)
     if not args.address:
         print(compare(load_entries(run_dirs)))
 
@@ -173,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("grid", help="a grid YAML file, or a shipped grid")
     p.add_argument("--address", help="submit each cell as a Ray job to this cluster (e.g. http://head:8265)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their overrides, run nothing")
+    p.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE",
+                   help="run only the cells with this axis setting, as the cell names spell it (repeatable)")
+    _set_arg(p, "override one config value in every cell (repeatable), after the grid's own `set`")
+    p.add_argument("--run-root", help="put the cells' run dirs here instead of the grid's run_root")
     p.set_defaults(fn=cmd_grid)
 
     p = sub.add_parser("config", help="print the resolved config (after overrides), or the error")

@@ -11,7 +11,8 @@ values is one run with its own run_dir under `run_root`:
       train.seed,mix.seed,selftalk.seed: [0, 1, 2]   # one axis setting several keys together
 
 Cells whose evaluation is done are skipped, so a grid resumes where it stopped;
-`sasft report` (run at the end) pools every cell.
+`sasft report` (run at the end) pools every cell. `--only path=parity` runs part of a grid,
+`--set` and `--run-root` change it for one study without copying the file.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class GridSpec(BaseModel):
 
 @dataclass
 class Cell:
-    name: str
+    name: str  # its axis settings joined by "_", e.g. path=parity_seed=0
     overrides: list[str]
     config: Config
 
@@ -62,8 +63,14 @@ def _slug(value) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", text)
 
 
-def expand(spec: GridSpec) -> list[Cell]:
-    """Every combination of axis values, validated now: a typo fails before the first run."""
+def with_changes(spec: GridSpec, overrides: list[str] = (), run_root: str | None = None) -> GridSpec:
+    """The grid with more overrides (after its own, so they win) and, optionally, another run_root."""
+    return spec.model_copy(update={"set": [*spec.set, *overrides], "run_root": run_root or spec.run_root})
+
+
+def expand(spec: GridSpec, only: list[str] = ()) -> list[Cell]:
+    """Every combination of axis values, validated now: a typo fails before the first run.
+    `only`: keep the cells that have every one of these axis settings (e.g. "path=parity")."""
     cells = []
     for values in itertools.product(*spec.axes.values()):
         overrides, parts = list(spec.set), []
@@ -71,18 +78,22 @@ def expand(spec: GridSpec) -> list[Cell]:
             # JSON is YAML: the override parses back to exactly this value
             overrides += [f"{key.strip()}={json.dumps(value)}" for key in keys.split(",")]
             parts.append(f"{keys.split(',')[0].split('.')[-1]}={_slug(value)}")
+        if not set(only) <= set(parts):
+            continue
         name = "_".join(parts)
         overrides.append(f"run_dir={json.dumps(f'{spec.run_root}/{name}')}")
         cells.append(Cell(name, overrides, load_config(spec.base, overrides)))
+    if not cells:
+        raise ConfigError(f"no cell of the grid has all of {', '.join(only)}; see `sasft grid GRID --dry-run`")
     return cells
 
 
-def run_grid(spec: GridSpec, address: str | None = None) -> list[str]:
+def run_grid(spec: GridSpec, address: str | None = None, only: list[str] = ()) -> list[str]:
     """Run every cell here (in turn) or, with a Ray address, submit each as a Ray job."""
     from sasft_ray.pipeline import run
     from sasft_ray.rundir import RunDir
 
-    cells = expand(spec)
+    cells = expand(spec, only)
     for i, cell in enumerate(cells, 1):
         if RunDir(cell.config.run_dir).stage_info("eval").get("status") == "done":
             print(f"[grid] {i}/{len(cells)} {cell.name}: done earlier")

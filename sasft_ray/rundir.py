@@ -127,7 +127,8 @@ class RunDir:
             raise StageChanged(
                 f"stage '{name}' in {self.root} was made with another config; "
                 f"use --redo {name} to redo it and the stages after it, or another run_dir")
-        print(f"[{name}] done earlier, skipped ({prior.get('rows_out', '?')} rows out)")
+        made = [f"{prior[k]} {what}" for k, what in (("rows_out", "rows out"), ("steps", "steps")) if k in prior]
+        print(f"[{name}] done earlier, skipped" + (f" ({made[0]})" if made else ""))
         return True
 
     def begin(self, name: str, config_hash: str, force: bool = False, outputs: tuple[str, ...] = ()) -> bool:

@@ -7,7 +7,8 @@ the model sharded (`HfDeepSpeedConfig` before `from_pretrained`), adds LoRA adap
 `train.lora` is set (`sasft_ray.lora`), trains on its shard of the data, and every N steps
 measures the held-out loss and checkpoints (every rank writes its ZeRO shard; Ray Train
 merges them in one folder). At the end rank 0 gathers the full weights (adapters merged
-in), writes `<run_dir>/model/` and the per-layer weight drift `<run_dir>/model/drift.json`.
+in), writes `<run_dir>/model/` and the per-layer weight drift `<run_dir>/model/drift.json`
+(`sasft_ray.export`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from sasft_ray import lora, packing
 from sasft_ray.config import Config, absolute_paths
+from sasft_ray.export import export
 from sasft_ray.rundir import RunDir
 from sasft_ray.selftalk import load_tokenizer, render, turn_format
 
@@ -296,51 +298,6 @@ def heldout_loss(engine, shard, collate, batch_size: int) -> float | None:
     dist.all_reduce(total)
     engine.train()
     return float(total[0] / total[1]) if total[1] else None  # None: no held-out rows
-
-
-def export(engine, cfg: Config, out: str, rank: int) -> None:
-    """Full weights on rank 0 as an HF folder (safetensors, config, tokenizer, chat template);
-    LoRA adapters are merged into the base weights, so the folder needs no PEFT to load."""
-    state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 \
-        else engine.module.state_dict()
-    if rank != 0:
-        return
-    model = engine.module
-    if cfg.train.lora:
-        state = lora.merge_lora(state, cfg.train.lora.alpha / cfg.train.lora.r)
-        model = model.get_base_model()
-    model.save_pretrained(out, state_dict=state, safe_serialization=True)
-    load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).save_pretrained(out)
-    Path(out, "drift.json").write_text(json.dumps(weight_drift(cfg.model.path, state), indent=2))
-
-
-def weight_drift(base_path: str, state: dict) -> dict:
-    """Relative drift ||θ - θ0|| / ||θ0|| per block and in total, from the base safetensors."""
-    import torch
-    from safetensors import safe_open
-
-    sums: dict[str, list[float]] = {}
-    for file in sorted(Path(base_path).glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if key not in state:
-                    continue
-                base = f.get_tensor(key).double()
-                diff = state[key].double() - base
-                group = _group(key)
-                for g in (group, "total"):
-                    acc = sums.setdefault(g, [0.0, 0.0])
-                    acc[0] += float(torch.sum(diff * diff))
-                    acc[1] += float(torch.sum(base * base))
-    return {g: math.sqrt(d) / math.sqrt(b) if b else 0.0 for g, (d, b) in sums.items()}
-
-
-def _group(key: str) -> str:
-    parts = key.split(".")
-    if "layers" in parts:
-        i = parts.index("layers")
-        return f"layers.{int(parts[i + 1]):03d}"
-    return "embeddings" if "embed" in key else "lm_head" if "lm_head" in key else "other"
 
 
 # --- the driver ---------------------------------------------------------------------------------

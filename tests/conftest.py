@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models (slow to make, one per session) and local Ray clusters."""
 
 import os
+import socket
 
 import pytest
 
@@ -44,6 +45,28 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def bucket():
+    """An S3 bucket on a moto server on loopback; pyarrow, Ray Data, Ray Train and Ray Serve reach it
+    through the standard AWS environment variables, which a Ray started afterwards inherits."""
+    import boto3
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    assert not ray.is_initialized(), "start the bucket before Ray, or Ray's processes miss its address"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            env.setenv(key, value)
+        boto3.client("s3").create_bucket(Bucket="runs")
+        yield "s3://runs"
+    server.stop()
+
+
 @pytest.fixture
 def no_ray_left():
     """For tests of the CLI, which starts its own embedded Ray: none before, none left after."""
@@ -66,3 +89,9 @@ def make_config(tmp_path, model_path="unused", data_path=None, **sections):
         else:
             raw[key] = value
     return validate_config(raw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,7 @@ import yaml
 
 from sasft_ray.cli import main
 from sasft_ray.config import ConfigError
-from sasft_ray.grid import expand, load_grid
+from sasft_ray.grid import expand, load_grid, with_changes
 
 
 def _grid(tmp_path, axes, **extra):
@@ -36,3 +36,18 @@ def test_cli_dry_run_lists_cells(tmp_path, capsys):
     assert main(["grid", _grid(tmp_path, {"data.path": ["a/t1.jsonl", "b/t2.jsonl"]}), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out] == ["path=t1", "path=t2"]
+
+
+def test_cli_runs_part_of_a_grid_with_more_overrides_elsewhere(tmp_path, capsys):
+    grid = _grid(tmp_path, {"data.path": ["a/t1.jsonl", "b/t2.jsonl"], "train.seed": [0, 1]}, set=["train.lr=0.01"])
+    args = ["grid", grid, "--only", "path=t2", "--set", "train.lr=0.02", "--run-root", str(tmp_path / "study")]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["path=t2_seed=0", "path=t2_seed=1"]
+    assert all("train.lr=0.02" in line and str(tmp_path / "study" / "path=t2_seed=") in line for line in out)
+
+    spec = with_changes(load_grid(grid), ["train.lr=0.02"], str(tmp_path / "study"))
+    (cell,) = expand(spec, only=["seed=1", "path=t1"])
+    assert (cell.config.train.lr, cell.config.run_dir) == (0.02, str(tmp_path / "study" / "path=t1_seed=1"))
+    with pytest.raises(ConfigError, match="no cell of the grid has all of seed=2"):
+        expand(spec, only=["seed=2"])

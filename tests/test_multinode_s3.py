@@ -3,7 +3,6 @@ the run directory on a real S3-compatible server (moto, on loopback), and a trai
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,35 +15,10 @@ import yaml
 from sasft_ray.rundir import RunDir
 from sasft_ray.tiny import write_demo_task
 from sasft_ray.train import train_events
+from tests.conftest import free_port
 
 ROOT = Path(__file__).parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def bucket():
-    """An S3 bucket on a moto server on loopback; pyarrow, Ray Data and Ray Train reach it through the
-    standard AWS environment variables, which the cluster's processes inherit."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                           "AWS_EC2_METADATA_DISABLED": "true"}.items():
-            env.setenv(key, value)
-        boto3.client("s3").create_bucket(Bucket="runs")
-        yield "s3://runs"
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +26,7 @@ def cluster(bucket):
     """A head node and a worker node, each a raylet of its own with 3 CPUs; jobs go to the head's dashboard."""
     from ray.cluster_utils import Cluster
 
-    port = _free_port()
+    port = free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 3, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
     worker = cluster.add_node(num_cpus=3)
@@ -84,7 +58,8 @@ def submit(dashboard: str, job: str, config: Path) -> str:
     (the project is installed on every node, as the cluster configs install it)."""
     out = subprocess.run([RAY, "job", "submit", "--address", dashboard, "--no-wait",
                           "--", sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--config", str(config)],
-                         capture_output=True, text=True, timeout=120, check=True)
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"ray job submit failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     return re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout).group()
 
 

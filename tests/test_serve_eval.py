@@ -2,7 +2,8 @@
 
 One endpoint for the module: two different tiny models, behind an API key, queried by
 the official `openai` client, by our evaluator and by lm-evaluation-harness (offline,
-local task files).
+local task files). The second model is served from an `s3://` folder (a moto server on
+loopback), as a run whose run_dir is in S3 serves its fine-tuned model.
 """
 
 import json
@@ -81,7 +82,15 @@ def cfg(workdir, files, tiny_llama):
 
 
 @pytest.fixture(scope="module")
-def endpoint(cfg, other_llama, local_ray):
+def other_llama_in_s3(bucket, other_llama):
+    from sasft_ray.rundir import RunDir
+
+    RunDir(f"{bucket}/models").upload(other_llama, "random-llama")
+    return f"{bucket}/models/random-llama"
+
+
+@pytest.fixture(scope="module")
+def endpoint(cfg, other_llama_in_s3, local_ray):  # the bucket before Ray: Ray's processes need its address
     import os
 
     from sasft_ray import serve
@@ -90,7 +99,7 @@ def endpoint(cfg, other_llama, local_ray):
 
     os.environ[KEY_ENV] = "test-key-123"
     task_stage(cfg, RunDir(cfg.run_dir), force=False)
-    models = {"finetuned": cfg.model.path, "base": other_llama}
+    models = {"finetuned": cfg.model.path, "base": other_llama_in_s3}
     url = serve.start(cfg, models)
     yield url, models
     serve.stop()

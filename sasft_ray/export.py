@@ -1,0 +1,61 @@
+"""The end of training: the fine-tuned model as an HF folder, and how far its weights moved.
+
+`export` runs inside the Ray Train workers (every rank takes part in gathering ZeRO-3 shards,
+rank 0 writes); `weight_drift` compares the written state with the base model's safetensors,
+block by block, so the report can tell which layers a method moved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from sasft_ray import lora
+from sasft_ray.config import Config
+from sasft_ray.selftalk import load_tokenizer
+
+
+def export(engine, cfg: Config, out: str, rank: int) -> None:
+    """Full weights on rank 0 as an HF folder (safetensors, config, tokenizer, chat template);
+    LoRA adapters are merged into the base weights, so the folder needs no PEFT to load."""
+    state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 \
+        else engine.module.state_dict()
+    if rank != 0:
+        return
+    model = engine.module
+    if cfg.train.lora:
+        state = lora.merge_lora(state, cfg.train.lora.alpha / cfg.train.lora.r)
+        model = model.get_base_model()
+    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).save_pretrained(out)
+    Path(out, "drift.json").write_text(json.dumps(weight_drift(cfg.model.path, state), indent=2))
+
+
+def weight_drift(base_path: str, state: dict) -> dict:
+    """Relative drift ||θ - θ0|| / ||θ0|| per block and in total, from the base safetensors."""
+    import torch
+    from safetensors import safe_open
+
+    sums: dict[str, list[float]] = {}
+    for file in sorted(Path(base_path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if key not in state:
+                    continue
+                base = f.get_tensor(key).double()
+                diff = state[key].double() - base
+                group = _group(key)
+                for g in (group, "total"):
+                    acc = sums.setdefault(g, [0.0, 0.0])
+                    acc[0] += float(torch.sum(diff * diff))
+                    acc[1] += float(torch.sum(base * base))
+    return {g: math.sqrt(d) / math.sqrt(b) if b else 0.0 for g, (d, b) in sums.items()}
+
+
+def _group(key: str) -> str:
+    parts = key.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        return f"layers.{int(parts[i + 1]):03d}"
+    return "embeddings" if "embed" in key else "lm_head" if "lm_head" in key else "other"
