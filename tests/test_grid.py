@@ -51,3 +51,13 @@ def test_cli_runs_part_of_a_grid_with_more_overrides_elsewhere(tmp_path, capsys)
     assert (cell.config.train.lr, cell.config.run_dir) == (0.02, str(tmp_path / "study" / "path=t1_seed=1"))
     with pytest.raises(ConfigError, match="no cell of the grid has all of seed=2"):
         expand(spec, only=["seed=2"])
+
+
+def test_shipped_lab_grid_is_four_methods_by_three_tasks_by_three_seeds():
+    cells = expand(load_grid("lab"))
+    assert len(cells) == 9 and len({c.config.run_dir for c in cells}) == 9
+    assert {c.config.data.path.rsplit("/", 1)[-1] for c in cells} == {"parity.jsonl", "shift.jsonl", "digits.jsonl"}
+    seeds = {(c.config.train.seed, c.config.mix.seed, c.config.selftalk.seed) for c in cells}
+    assert seeds == {(0, 0, 0), (1, 1, 1), (2, 2, 2)}
+    assert all(c.config.train.method == "sa-sft" and c.config.compare == ["sft", "freeze", "external-mix"]
+               for c in cells)
