@@ -10,7 +10,7 @@ values is one run with its own run_dir under `run_root`:
       data.path: [runs/lab/tasks/a.jsonl, runs/lab/tasks/b.jsonl]
       train.seed,mix.seed,selftalk.seed: [0, 1, 2]   # one axis setting several keys together
 
-Cells whose evaluation is done are skipped, so a grid resumes where it stopped;
+Cells evaluated with the same settings are skipped, so a grid resumes where it stopped;
 `sasft report` (run at the end) pools every cell. `--only path=parity` runs part of a grid,
 `--set` and `--run-root` change it for one study without copying the file.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from sasft_ray.config import Config, ConfigError, load_config
+from sasft_ray.config import Config, ConfigError, absolute_paths, load_config
 
 
 class GridSpec(BaseModel):
@@ -90,12 +90,17 @@ def expand(spec: GridSpec, only: list[str] = ()) -> list[Cell]:
 
 def run_grid(spec: GridSpec, address: str | None = None, only: list[str] = ()) -> list[str]:
     """Run every cell here (in turn) or, with a Ray address, submit each as a Ray job."""
-    from sasft_ray.pipeline import run
-    from sasft_ray.rundir import RunDir
+    from sasft_ray.pipeline import eval_hash, run
+    from sasft_ray.rundir import RunDir, StageChanged
 
     cells = expand(spec, only)
-    for i, cell in enumerate(cells, 1):
-        if RunDir(cell.config.run_dir).stage_info("eval").get("status") == "done":
+    # Before any cell runs: a cell finished under other settings is refused, not passed off as done.
+    try:
+        finished = [RunDir(c.config.run_dir).finished("eval", eval_hash(absolute_paths(c.config))) for c in cells]
+    except StageChanged as e:
+        raise StageChanged(f"{e} (for a grid: --run-root)") from None
+    for i, (cell, done) in enumerate(zip(cells, finished), 1):
+        if done:
             print(f"[grid] {i}/{len(cells)} {cell.name}: done earlier")
             continue
         if address:

@@ -41,6 +41,12 @@ def train_all(cfg: Config) -> None:
         train(run_cfg, rd)
 
 
+def eval_hash(cfg: Config) -> str:
+    """What a run's results depend on: the evaluation, and everything that trained its models."""
+    return cfg.section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model", "data",
+                            "selftalk", "filters", "mix", "train")
+
+
 def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> dict:
     """Score every served model; writes eval/results.json and the report. Skipped when done."""
     from sasft_ray.evaluate import evaluate_models
@@ -48,9 +54,7 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
 
     rd = RunDir(cfg.run_dir)
     runs = method_runs(cfg)
-    config_hash = cfg.section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model", "data",
-                                   "selftalk", "filters", "mix", "train")
-    if not rd.begin("eval", config_hash, force, outputs=("eval", "report.md", "report.png")):
+    if not rd.begin("eval", eval_hash(cfg), force, outputs=("eval", "report.md", "report.png")):
         return rd.read_json("eval", "results.json")
     scores = evaluate_models(cfg, rd, url, [*runs, cfg.serve.base_model_id], key)
     results = {

@@ -118,7 +118,7 @@ class RunDir:
     def save_config(self, cfg: Config) -> None:
         self.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
 
-    def done(self, name: str, config_hash: str) -> bool:
+    def finished(self, name: str, config_hash: str) -> bool:
         """True if the stage finished with this config; a finished stage of another config is an error."""
         prior = self.stage_info(name)
         if prior.get("status") != "done":
@@ -127,6 +127,13 @@ class RunDir:
             raise StageChanged(
                 f"stage '{name}' in {self.root} was made with another config; "
                 f"use --redo {name} to redo it and the stages after it, or another run_dir")
+        return True
+
+    def done(self, name: str, config_hash: str) -> bool:
+        """`finished`, and says so."""
+        if not self.finished(name, config_hash):
+            return False
+        prior = self.stage_info(name)
         made = [f"{prior[k]} {what}" for k, what in (("rows_out", "rows out"), ("steps", "steps")) if k in prior]
         print(f"[{name}] done earlier, skipped" + (f" ({made[0]})" if made else ""))
         return True

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models (slow to make, one per session) and local Ray clusters."""
+"""Shared fixtures: tiny models (slow to make, one per session), local Ray clusters, an S3 bucket."""
 
 import os
 import socket

@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from sasft_ray.cli import main
-from sasft_ray.config import ConfigError
-from sasft_ray.grid import expand, load_grid, with_changes
+from sasft_ray.config import ConfigError, absolute_paths
+from sasft_ray.grid import expand, load_grid, run_grid, with_changes
 
 
 def _grid(tmp_path, axes, **extra):
@@ -61,3 +61,18 @@ def test_shipped_lab_grid_is_four_methods_by_three_tasks_by_three_seeds():
     assert seeds == {(0, 0, 0), (1, 1, 1), (2, 2, 2)}
     assert all(c.config.train.method == "sa-sft" and c.config.compare == ["sft", "freeze", "external-mix"]
                for c in cells)
+
+
+def test_a_finished_cell_is_skipped_and_one_finished_under_other_settings_refused(tmp_path, capsys):
+    from sasft_ray.pipeline import eval_hash
+    from sasft_ray.rundir import RunDir, StageChanged
+
+    spec = load_grid(_grid(tmp_path, {"train.seed": [0, 1]}))
+    for cell in expand(spec):  # as if each cell had been run and evaluated
+        rd = RunDir(cell.config.run_dir)
+        rd.begin("eval", eval_hash(absolute_paths(cell.config)))
+        rd.finish("eval", {})
+    assert run_grid(spec) == [c.config.run_dir for c in expand(spec)]  # nothing to run: no Ray is started
+    assert capsys.readouterr().out.count("done earlier") == 2
+    with pytest.raises(StageChanged, match="seed=0 was made with another config.*--run-root"):
+        run_grid(with_changes(spec, ["train.lr=0.02"]))
