@@ -120,23 +120,27 @@ class RunDir:
 
     def finished(self, name: str, config_hash: str) -> bool:
         """True if the stage finished with this config; a finished stage of another config is an error."""
+        return self._finished_info(name, config_hash) is not None
+
+    def done(self, name: str, config_hash: str) -> bool:
+        """`finished`, and says so."""
+        prior = self._finished_info(name, config_hash)
+        if prior is None:
+            return False
+        made = next((f" ({prior[k]} {what})" for k, what in (("rows_out", "rows out"), ("steps", "steps"))
+                     if k in prior), "")
+        print(f"[{name}] done earlier, skipped{made}")
+        return True
+
+    def _finished_info(self, name: str, config_hash: str) -> dict | None:
         prior = self.stage_info(name)
         if prior.get("status") != "done":
-            return False
+            return None
         if prior.get("config_hash") != config_hash:
             raise StageChanged(
                 f"stage '{name}' in {self.root} was made with another config; "
                 f"use --redo {name} to redo it and the stages after it, or another run_dir")
-        return True
-
-    def done(self, name: str, config_hash: str) -> bool:
-        """`finished`, and says so."""
-        if not self.finished(name, config_hash):
-            return False
-        prior = self.stage_info(name)
-        made = [f"{prior[k]} {what}" for k, what in (("rows_out", "rows out"), ("steps", "steps")) if k in prior]
-        print(f"[{name}] done earlier, skipped" + (f" ({made[0]})" if made else ""))
-        return True
+        return prior
 
     def begin(self, name: str, config_hash: str, force: bool = False, outputs: tuple[str, ...] = ()) -> bool:
         """True if the stage must run now (its old outputs are wiped); False if it is done already."""
