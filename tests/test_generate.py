@@ -4,7 +4,7 @@ import json
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -21,27 +21,29 @@ SELFTALK = {"num_dialogues": 24, "turns": 2, "max_user_tokens": 40, "max_assista
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """This module's Ray has a dashboard: the state API finds the engine actor to kill."""
+    """This module's Ray has a dashboard: the state API finds the engine actor to kill. Workers report
+    task states every 100 ms instead of every second, so that a running batch is seen."""
     import ray
 
-    ray.init(num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1")
+    ray.init(num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
+             _system_config={"task_events_report_interval_ms": 100})
     yield
     ray.shutdown()
 
 
-def kill_engine_actor_mid_batch(timeout_s: float = 600) -> str:
+def kill_engine_actor_mid_batch(run: Future) -> str:
     """SIGKILL the process of a vLLM engine actor while it runs a batch; returns the actor's id."""
     from ray.util.state import list_actors, list_tasks
 
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
+    while not run.done():
         for task in list_tasks(filters=[("state", "=", "RUNNING")], limit=1000):
             if task.name.endswith("(vLLMEngineStageUDF)).submit"):
                 (actor,) = list_actors(filters=[("actor_id", "=", task.actor_id)], detail=True)
                 os.kill(actor.pid, signal.SIGKILL)
                 return actor.actor_id
-        time.sleep(0.2)
-    raise AssertionError("no vLLM engine actor ran a batch")
+        time.sleep(0.05)
+    run.result()  # raises the generation's own error, if it failed
+    raise AssertionError("the self-talk finished before any engine actor was seen running a batch")
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +51,12 @@ def generated(tiny_llama, local_ray, tmp_path_factory):
     """The data stages, with one engine actor killed while it generates (Ray restarts it)."""
     tmp = tmp_path_factory.mktemp("gen")
     write_demo_task(tmp / "task.jsonl", n=200)
-    cfg = make_config(tmp, tiny_llama, selftalk=SELFTALK, mix={"self_ratio": 0.1})
+    # Two sequences at a time: a batch then runs for seconds, not a fraction of one, on a fast machine too.
+    slow_engine = {**SELFTALK["engine"], "max_num_seqs": 2}
+    cfg = make_config(tmp, tiny_llama, selftalk={**SELFTALK, "engine": slow_engine}, mix={"self_ratio": 0.1})
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(generate, cfg)
-        killed = kill_engine_actor_mid_batch()
+        killed = kill_engine_actor_mid_batch(run)
         return cfg, run.result(), killed
 
 
