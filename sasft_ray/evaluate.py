@@ -219,8 +219,10 @@ def base_cache_dir(cfg: Config) -> Path:
     return Path(cfg.eval.base_cache or Path(cfg.run_dir).parent / "base-eval-cache")
 
 
-def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: str | None = None) -> dict:
-    """Scores of each model id: in-domain (held-out task split) and general benchmarks.
+def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: str | None = None,
+                    samples: Path | None = None) -> dict:
+    """Scores of each model id: in-domain (held-out task split) and general benchmarks; with
+    `samples`, every reply goes to `samples/<model id>/<benchmark>.jsonl`.
 
     The base model (`serve.base_model_id`) takes its general scores from the cache when it can."""
     api = client(url, key)
@@ -229,14 +231,14 @@ def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: s
     results = {}
     for model_id in models:
         started = time.time()
-        samples = Path(rd.local("eval", "samples", model_id)) if not rd.remote else None
+        replies = samples / model_id if samples else None
         indomain = score_rows(api, model_id, rows, cfg.eval.indomain_scorers, cfg,
-                              samples / "in-domain.jsonl" if samples else None)
+                              replies / "in-domain.jsonl" if replies else None)
         if model_id == cfg.serve.base_model_id and cache and cache.exists():
             general = json.loads(cache.read_text())
             print(f"[eval] {model_id}: general scores from the cache {cache}")
         else:
-            general = general_scores(api, url, model_id, cfg, key, samples)
+            general = general_scores(api, url, model_id, cfg, key, replies)
             if model_id == cfg.serve.base_model_id and cache:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(json.dumps(general, indent=2))

@@ -9,7 +9,9 @@ SA-SFT keeps, in one table.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 from sasft_ray.config import Config, absolute_paths, validate_config
 from sasft_ray.rundir import RunDir
@@ -56,16 +58,21 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
     runs = method_runs(cfg)
     if not rd.begin("eval", eval_hash(cfg), force, outputs=("eval", "report.md", "report.png")):
         return rd.read_json("eval", "results.json")
-    scores = evaluate_models(cfg, rd, url, [*runs, cfg.serve.base_model_id], key)
-    results = {
-        "run_dir": cfg.run_dir, "base_model": cfg.model.path, "task": cfg.data.path,
-        "base_model_id": cfg.serve.base_model_id, "models": scores,
-        "finetuned": {model_id: {"method": c.train.method, "seed": c.train.seed, "run_dir": c.run_dir,
-                                 "drift": _drift(RunDir(c.run_dir))} for model_id, c in runs.items()},
-    }
+    with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the replies and report at the end
+        out = scratch if rd.remote else rd.local()
+        scores = evaluate_models(cfg, rd, url, [*runs, cfg.serve.base_model_id], key,
+                                 samples=Path(out, "eval", "samples"))
+        results = {
+            "run_dir": cfg.run_dir, "base_model": cfg.model.path, "task": cfg.data.path,
+            "base_model_id": cfg.serve.base_model_id, "models": scores,
+            "finetuned": {model_id: {"method": c.train.method, "seed": c.train.seed, "run_dir": c.run_dir,
+                                     "drift": _drift(RunDir(c.run_dir))} for model_id, c in runs.items()},
+        }
+        write_run_report(results, out)
+        if rd.remote:
+            rd.upload(scratch)
     rd.write_json(results, "eval", "results.json")
-    report = write_run_report(results, rd.local()) if not rd.remote else None
-    rd.finish("eval", {"models": len(scores), "report": report})
+    rd.finish("eval", {"models": len(scores), "report": rd.path("report.md")})
     return results
 
 

@@ -15,7 +15,10 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import yaml
+
 from sasft_ray.evaluate import INDOMAIN, EvalError
+from sasft_ray.rundir import RunDir
 
 GENERAL = "general (mean)"
 
@@ -112,13 +115,42 @@ def write_run_report(results: dict, run_dir: str) -> str:
 # --- many runs ----------------------------------------------------------------------------------
 
 def load_entries(run_dirs: list[str]) -> list[dict]:
-    found = []
+    """The entries of every run (local folders or s3:// / gs:// URIs), each labelled with its variant."""
+    found, configs = [], []
     for run_dir in run_dirs:
-        path = Path(run_dir, "eval", "results.json")
-        if not path.exists():
+        rd = RunDir(run_dir, create=False)
+        if not rd.exists("eval", "results.json"):
             raise EvalError(f"{run_dir}: no eval/results.json; run `sasft eval` (or `sasft run`) first")
-        found += entries(json.loads(path.read_text()))
-    return found
+        runs = entries(rd.read_json("eval", "results.json"))
+        configs.append(yaml.safe_load(rd.read_text("config.yaml")) if rd.exists("config.yaml") else {})
+        found.append(runs)
+    for runs, variant in zip(found, variants(configs)):
+        for e in runs:
+            e["variant"] = variant
+    return [e for runs in found for e in runs]
+
+
+# Settings that have columns of their own, or are spread over (seeds), rather than told apart.
+NOT_A_VARIANT = {"run_dir", "model.path", "data.path", "train.method", "compare"}
+
+
+def variants(configs: list[dict]) -> list[str]:
+    """Per run, the settings in which the runs differ: a study's λ, say ("mix.self_ratio=0.5")."""
+    flat = [_flatten(c) for c in configs]
+    keys = sorted({k for f in flat for k in f})
+    varying = [k for k in keys if k not in NOT_A_VARIANT and not k.endswith(".seed")
+               and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    return [", ".join(f"{k}={f.get(k)}" for k in varying) for f in flat]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def mean_spread(values: list[float]) -> str:
@@ -128,10 +160,12 @@ def mean_spread(values: list[float]) -> str:
 
 
 def compare(found: list[dict]) -> str:
-    """Markdown: mean ± spread over seeds per (base model, task, method), and winners per scenario."""
+    """Markdown: mean ± spread over seeds per (base model, task, method and variant), and winners
+    per scenario."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for e in found:
-        groups[(e["base_model"], e["task"], e["method"])].append(e)
+        method = f"{e['method']} ({e['variant']})" if e.get("variant") else e["method"]
+        groups[(e["base_model"], e["task"], method)].append(e)
     benchmarks = list(dict.fromkeys(b for e in found for b in e["scores"]))
     lines = ["| base model | task | method | seeds | " + " | ".join(benchmarks) + " | drift |",
              "|---" * (5 + len(benchmarks)) + "|"]

@@ -39,11 +39,12 @@ def versions() -> dict[str, str]:
 class RunDir:
     """A local folder or a `s3://` / `gs://` URI, reached through pyarrow filesystems."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, create: bool = True):
         self.root = root.rstrip("/")
         self.fs, self.base = pafs.FileSystem.from_uri(self.root) if "://" in root else (
             pafs.LocalFileSystem(), str(Path(root).absolute()))
-        self.fs.create_dir(self.base, recursive=True)
+        if create:
+            self.fs.create_dir(self.base, recursive=True)
 
     @property
     def remote(self) -> bool:

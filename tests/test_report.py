@@ -81,3 +81,27 @@ def test_a_metric_every_general_benchmark_has_gets_its_mean_too():
     assert e["scores"][GENERAL] == pytest.approx(0.3)  # the headline stays the first metric
     assert "Wins over 3 scenarios" in compare([e, *entries(_results("t", 0, {"sa-sft": (0.9, 0.9, 0.9)},
                                                                    base=(0.1, 0.8, 0.8)))])
+
+
+def test_runs_that_differ_in_a_setting_are_told_apart_and_their_seeds_pooled(tmp_path):
+    import yaml
+
+    from sasft_ray.report import load_entries
+
+    for ratio in (0.5, 2.0):
+        for seed in (0, 1):
+            run = tmp_path / f"ratio={ratio}_seed={seed}"
+            (run / "eval").mkdir(parents=True)
+            results = _results("t", seed, {"sa-sft": (1.0, ratio / 4, 0.5)}, base=(0.0, 0.6, 0.6))
+            (run / "eval" / "results.json").write_text(json.dumps(results))
+            (run / "config.yaml").write_text(yaml.safe_dump({"run_dir": str(run), "data": {"path": "t"},
+                                                             "mix": {"self_ratio": ratio, "seed": seed},
+                                                             "train": {"seed": seed, "lr": 1e-3}}))
+    found = load_entries(sorted(str(run) for run in tmp_path.iterdir()))
+    assert [e["variant"] for e in found] == ["mix.self_ratio=0.5"] * 2 + ["mix.self_ratio=2.0"] * 2
+    text = compare(found)
+    assert "| m | t | sa-sft (mix.self_ratio=2.0) | 2 | 1.000 ± 0.000 | 0.500 ± 0.000 |" in text
+    assert "Wins over 3 scenarios" in text and "sa-sft (mix.self_ratio=2.0) 3, sa-sft (mix.self_ratio=0.5) 2" in text
+    with pytest.raises(EvalError, match="nowhere: no eval/results.json"):
+        load_entries([str(tmp_path / "nowhere")])
+    assert not (tmp_path / "nowhere").exists()  # reading a report creates no folder

@@ -156,11 +156,11 @@ def test_evaluate_models_scores_caches_and_reports(endpoint, cfg, workdir):
 
     url, _ = endpoint
     rd = RunDir(cfg.run_dir)
-    scores = evaluate_models(cfg, rd, url, ["finetuned", "base"], "test-key-123")
+    scores = evaluate_models(cfg, rd, url, ["finetuned", "base"], "test-key-123", samples=workdir / "samples")
     assert set(scores["finetuned"]) == {INDOMAIN, "general", "tiny_mc", "tiny_gen"}
     assert scores["finetuned"]["general"]["contains"] >= scores["finetuned"]["general"]["exact"]
     assert scores["finetuned"]["general"]["exact"] > scores["base"]["general"]["exact"]
-    samples = (workdir / "run" / "eval" / "samples" / "finetuned" / "general.jsonl").read_text().splitlines()
+    samples = (workdir / "samples" / "finetuned" / "general.jsonl").read_text().splitlines()
     assert len(samples) == 24 and "prediction" in json.loads(samples[0])
 
     cache = base_cache_dir(cfg) / f"{base_cache_key(cfg)}.json"
@@ -173,6 +173,29 @@ def test_evaluate_models_scores_caches_and_reports(endpoint, cfg, workdir):
                "finetuned": {"finetuned": {"method": "sft", "seed": 0, "drift": {"total": 0.1}}}}
     text = run_report(results)
     assert "| general |" in text and "forgetting" in text
+
+
+def test_a_run_dir_in_s3_gets_its_results_replies_and_report(endpoint, cfg, bucket, capsys):
+    """What a cluster run with its run_dir in S3 gets from the eval stage, and `sasft report` reads back."""
+    from sasft_ray.cli import main
+    from sasft_ray.generate import task_stage
+    from sasft_ray.pipeline import eval_stage
+    from sasft_ray.rundir import RunDir
+
+    url, _ = endpoint
+    suites_only = cfg.eval.model_copy(update={"lm_eval": []})
+    remote = cfg.model_copy(update={"run_dir": f"{bucket}/eval-run", "eval": suites_only})
+    rd = RunDir(remote.run_dir)
+    task_stage(remote, rd, force=False)
+    results = eval_stage(remote, url, "test-key-123")
+    assert rd.read_json("eval", "results.json") == results and set(results["models"]) == {"finetuned", "base"}
+    assert rd.stage_info("eval")["report"] == f"{bucket}/eval-run/report.md"
+    assert "## finetuned (method sft" in rd.read_text("report.md") and rd.exists("report.png")
+    replies = rd.read_text("eval", "samples", "base", "general.jsonl").splitlines()
+    assert len(replies) == 24 and "prediction" in json.loads(replies[0])
+    capsys.readouterr()
+    assert main(["report", remote.run_dir]) == 0
+    assert "| task.jsonl | sft | 1 |" in capsys.readouterr().out  # one run of method sft, read from S3
 
 
 def test_serve_config_file_builds_the_same_app(cfg, tmp_path):
