@@ -76,3 +76,21 @@ def test_a_finished_cell_is_skipped_and_one_finished_under_other_settings_refuse
     assert capsys.readouterr().out.count("done earlier") == 2
     with pytest.raises(StageChanged, match="seed=0 was made with another config.*--run-root"):
         run_grid(with_changes(spec, ["train.lr=0.02"]))
+
+
+def test_shipped_lambda_study_varies_lambda_alone():
+    cells = expand(load_grid("lab-lambda"))
+    assert [c.config.mix.self_ratio for c in cells] == [0.5, 1.0, 2.0]
+    rest = [c.config.model_dump(exclude={"run_dir": True, "mix": {"self_ratio"}}) for c in cells]
+    assert all(r == rest[0] for r in rest) and cells[0].config.compare == []
+    # the pool holds enough self-dialogues for the largest λ (about 90% of max_rows are training rows)
+    cfg = cells[-1].config
+    assert cfg.selftalk.num_dialogues >= 2.0 * cfg.data.max_rows * (1 - cfg.data.heldout_fraction)
+
+
+def test_shipped_temperature_study_is_the_lambda_studys_middle_cell_at_other_temperatures():
+    (_, middle, _), cells = expand(load_grid("lab-lambda")), expand(load_grid("lab-temperature"))
+    assert (middle.config.mix.self_ratio, middle.config.selftalk.temperature) == (1.0, 0.2)
+    assert [c.config.selftalk.temperature for c in cells] == [0.7, 1.0]
+    same = {"run_dir": True, "selftalk": {"temperature"}}
+    assert all(c.config.model_dump(exclude=same) == middle.config.model_dump(exclude=same) for c in cells)
