@@ -96,7 +96,8 @@ def run_grid(spec: GridSpec, address: str | None = None, only: list[str] = ()) -
     cells = expand(spec, only)
     # Before any cell runs: a cell finished under other settings is refused, not passed off as done.
     try:
-        finished = [RunDir(c.config.run_dir).finished("eval", eval_hash(absolute_paths(c.config))) for c in cells]
+        finished = [RunDir(c.config.run_dir, create=False).finished("eval", eval_hash(absolute_paths(c.config)))
+                    for c in cells]
     except StageChanged as e:
         raise StageChanged(f"{e} (for a grid: --run-root)") from None
     for i, (cell, done) in enumerate(zip(cells, finished), 1):

@@ -106,28 +106,24 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_run_report(results: dict, run_dir: str) -> str:
-    Path(run_dir, "report.md").write_text(run_report(results) + "\n![scores](report.png)\n")
-    plot(results, str(Path(run_dir, "report.png")))
-    return str(Path(run_dir, "report.md"))
+def write_run_report(results: dict, folder: str) -> None:
+    Path(folder, "report.md").write_text(run_report(results) + "\n![scores](report.png)\n")
+    plot(results, str(Path(folder, "report.png")))
 
 
 # --- many runs ----------------------------------------------------------------------------------
 
 def load_entries(run_dirs: list[str]) -> list[dict]:
     """The entries of every run (local folders or s3:// / gs:// URIs), each labelled with its variant."""
-    found, configs = [], []
+    results, configs = [], []
     for run_dir in run_dirs:
         rd = RunDir(run_dir, create=False)
         if not rd.exists("eval", "results.json"):
             raise EvalError(f"{run_dir}: no eval/results.json; run `sasft eval` (or `sasft run`) first")
-        runs = entries(rd.read_json("eval", "results.json"))
+        results.append(rd.read_json("eval", "results.json"))
         configs.append(yaml.safe_load(rd.read_text("config.yaml")) if rd.exists("config.yaml") else {})
-        found.append(runs)
-    for runs, variant in zip(found, variants(configs)):
-        for e in runs:
-            e["variant"] = variant
-    return [e for runs in found for e in runs]
+    return [{**e, "variant": variant} for result, variant in zip(results, variants(configs))
+            for e in entries(result)]
 
 
 # Settings that have columns of their own, or are spread over (seeds), rather than told apart.
