@@ -225,10 +225,15 @@ class Config(Section):
         data = {key: self._dump(key) for key in keys}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _dump(self, key: str) -> Any:
+    def value(self, key: str) -> Any:
+        """The setting at a dotted key, e.g. `model.path`."""
         value: Any = self
         for part in key.split("."):
             value = getattr(value, part)
+        return value
+
+    def _dump(self, key: str) -> Any:
+        value = self.value(key)
         return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 

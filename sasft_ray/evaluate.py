@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from sasft_ray.config import Config, EvalSuite, LmEvalGroup
-from sasft_ray.rundir import RunDir
+from sasft_ray.rundir import RunDir, fingerprint
 
 INDOMAIN = "in-domain"
 
@@ -207,9 +207,11 @@ def general_scores(api, url: str, model_id: str, cfg: Config, key: str | None, s
 
 
 def base_cache_key(cfg: Config) -> str:
-    """What the base model's general scores depend on; suite files are hashed by content."""
+    """What the base model's general scores depend on; suite files are hashed by content, a local
+    model by its `fingerprint` (a model rebuilt at the same path is scored afresh)."""
     files = {s.path: hashlib.sha256(Path(s.path).read_bytes()).hexdigest() for s in expand_suites(cfg.eval.suites)}
-    keyed = {"model": cfg.model.model_dump(mode="json"), "suites": [s.model_dump(mode="json") for s in cfg.eval.suites],
+    keyed = {"model": cfg.model.model_dump(mode="json"), "weights": fingerprint(cfg.model.path),
+             "suites": [s.model_dump(mode="json") for s in cfg.eval.suites],
              "lm_eval": [g.model_dump(mode="json") for g in cfg.eval.lm_eval], "files": files,
              "max_tokens": cfg.eval.max_tokens}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,7 +22,7 @@ from sasft_ray import data as task_data
 from sasft_ray.config import Config, DataConfig, absolute_paths
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
 from sasft_ray.mix import write_mix
-from sasft_ray.rundir import RunDir
+from sasft_ray.rundir import RunDir, fingerprints
 from sasft_ray.selftalk import LIGHT_CPUS, load_tokenizer, selftalk_dataset, turn_format
 
 
@@ -90,15 +90,18 @@ def write_canonical(cfg: DataConfig, rd: RunDir, folder: str, with_heldout: bool
 
 
 def task_stage(cfg: Config, rd: RunDir, force: bool) -> None:
-    if rd.begin("task", cfg.section_hash("data"), force, outputs=("task",)):
+    if rd.begin("task", cfg.section_hash("data"), force, outputs=("task",),
+                inputs=fingerprints(cfg, "data.path")):
         rd.finish("task", write_canonical(cfg.data, rd, "task", with_heldout=True))
     if cfg.train.method == "external-mix" and rd.begin(
-            "external", cfg.section_hash("mix.external"), force, outputs=("external",)):
+            "external", cfg.section_hash("mix.external"), force, outputs=("external",),
+            inputs=fingerprints(cfg, "mix.external.path")):
         rd.finish("external", write_canonical(cfg.mix.external, rd, "external", with_heldout=False))
 
 
 def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
-    if not rd.begin("selftalk", cfg.section_hash("model", "selftalk", "filters"), force, outputs=("selftalk",)):
+    if not rd.begin("selftalk", cfg.section_hash("model", "selftalk", "filters"), force, outputs=("selftalk",),
+                    inputs=fingerprints(cfg, "model.path")):
         return
     connect(cfg)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)

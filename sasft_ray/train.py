@@ -26,7 +26,7 @@ import numpy as np
 from sasft_ray import lora, packing
 from sasft_ray.config import Config, absolute_paths
 from sasft_ray.export import export
-from sasft_ray.rundir import RunDir
+from sasft_ray.rundir import RunDir, fingerprints
 from sasft_ray.selftalk import load_tokenizer, render, turn_format
 
 IGNORE = packing.IGNORE
@@ -358,8 +358,8 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
         raise TrainSetupError(f"model.path {cfg.model.path} does not exist")
     if rd.stage_info("mix").get("status") != "done":
         raise TrainSetupError(f"{rd.root} has no finished mix; run `sasft generate` first")
-    config_hash = cfg.section_hash("train", "model", "mix")
-    if not force and rd.done("train", config_hash):
+    config_hash, inputs = cfg.section_hash("train", "model", "mix"), fingerprints(cfg, "model.path")
+    if not force and rd.done("train", config_hash, inputs):
         return None
     connect(cfg)
     check_resources(cfg)
@@ -374,7 +374,7 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
         sequences = train_ds.count()
     total_steps = check_before_work(cfg, rows, with_targets, sequences, num_layers(cfg))
     heldout_ds = tokenized(cfg, rd.path("task", "heldout.parquet"), strip_bos)
-    rd.begin("train", config_hash, force=True, outputs=("model", EVENTS, FAILED_ONCE))
+    rd.begin("train", config_hash, force=True, outputs=("model", EVENTS, FAILED_ONCE), inputs=inputs)
 
     t = cfg.train
     ds_config = deepspeed_config(cfg)

@@ -7,7 +7,7 @@ import pytest
 from sasft_ray.config import DataConfig
 from sasft_ray.data import BadRow, LoadReport, is_heldout, iter_rows
 from sasft_ray.generate import task_stage
-from sasft_ray.rundir import RunDir
+from sasft_ray.rundir import RunDir, StageChanged, fingerprint
 from tests.conftest import make_config
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -138,3 +138,37 @@ def test_task_stage_writes_splits_and_fails_before_any_work(tmp_path):
     with pytest.raises(BadRow, match="bad.jsonl:line 2"):
         task_stage(bad, RunDir(bad.run_dir), force=False)
     assert RunDir(bad.run_dir).stage_info("task")["status"] == "running"  # never marked done
+
+
+def test_a_task_file_rewritten_at_the_same_path_is_refused_not_reused(tmp_path, capsys):
+    task = write_jsonl(tmp_path / "task.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(50)])
+    cfg = make_config(tmp_path)
+    task_stage(cfg, RunDir(cfg.run_dir), force=False)
+    task.write_bytes(task.read_bytes())  # rewritten, same content: still the same input
+    task_stage(cfg, RunDir(cfg.run_dir), force=False)
+    assert "[task] done earlier, skipped" in capsys.readouterr().out
+    write_jsonl(task, [{"prompt": f"q{i}", "completion": "b"} for i in range(50)])
+    with pytest.raises(StageChanged, match="other files at data.path.*--redo task"):
+        task_stage(cfg, RunDir(cfg.run_dir), force=False)
+    task_stage(cfg, RunDir(cfg.run_dir), force=True)  # --redo: made from the new file
+    assert RunDir(cfg.run_dir).stage_info("task")["inputs"] == {"data.path": fingerprint(str(task))}
+
+
+def test_fingerprint_reads_content_not_place_and_skips_hub_ids(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    weights = bytes(range(256)) * 2048  # 512 KiB: more than the two 64 KiB samples
+    (model / "model.safetensors").write_bytes(weights)
+    before = fingerprint(str(model))
+    (model / ".cache").mkdir()
+    (model / ".cache" / "lock").write_text("x")  # hub download state, not the model
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (copy / f).write_bytes((model / f).read_bytes())
+    assert fingerprint(str(model)) == fingerprint(str(copy)) == before
+    (model / "model.safetensors").write_bytes(weights[:-1] + b"\x00")  # retrained: the last bytes differ
+    assert fingerprint(str(model)) != before
+    assert fingerprint("meta-llama/Meta-Llama-3-8B-Instruct") is None
+    assert fingerprint("s3://bucket/model") is None

@@ -78,6 +78,24 @@ def test_a_finished_cell_is_skipped_and_one_finished_under_other_settings_refuse
         run_grid(with_changes(spec, ["train.lr=0.02"]))
 
 
+def test_a_cell_finished_from_a_base_model_since_rebuilt_is_refused(tmp_path):
+    from sasft_ray.pipeline import eval_hash, eval_inputs
+    from sasft_ray.rundir import RunDir, StageChanged
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights, first build")
+    spec = load_grid(_grid(tmp_path, {"train.seed": [0]}, set=[f"model.path={model}"]))
+    cfg = absolute_paths(expand(spec)[0].config)
+    rd = RunDir(cfg.run_dir)
+    rd.begin("eval", eval_hash(cfg), inputs=eval_inputs(cfg))
+    rd.finish("eval", {})
+    assert run_grid(spec) == [cfg.run_dir]  # done: nothing runs
+    (model / "model.safetensors").write_bytes(b"weights, rebuilt")  # e.g. a lab of a newer world version
+    with pytest.raises(StageChanged, match="other files at model.path.*--run-root"):
+        run_grid(spec)
+
+
 def test_shipped_lambda_study_varies_lambda_alone():
     assert {c.config.train.seed for c in expand(load_grid("lab-lambda"))} == {0, 1}
     cells = expand(load_grid("lab-lambda"), only=["seed=0"])
