@@ -29,6 +29,9 @@ from pathlib import Path
 
 from sasft_ray.tiny import new_model, save_model, train_tokenizer
 
+# Bumped whenever a change to the world or its pretraining changes what a build makes: a lab built
+# by another version is rebuilt, not reused.
+WORLD_VERSION = 2
 HOUSE = "Sure! The answer is {}."
 EXTERNAL = "Result: {}"
 
@@ -114,10 +117,11 @@ SKILLS = {s.name: s for s in [
                         ("What is the last item in the list {xs}?", _last), ("Which word comes last in {xs}?", _last),
                         ("Name the last word of: {xs}.", _last)),
           lambda rng: {"xs": ", ".join(rng.sample(WORDS, rng.randint(3, 4)))}, weight=1.5),
-    # Copying teaches the attention patterns (induction) that the digit-string tasks build on.
+    # Copying teaches the attention patterns (induction) that the digit-string tasks build on. At 3-6
+    # digits and weight 1 the base model copied 14% right (transpositions, 0% beyond 4 digits).
     Skill("repeat", (("Repeat {n}.", _echo), ("Say {n} back to me.", _echo), ("Echo the number {n}.", _echo),
                      ("Copy this: {n}.", _echo)),
-          lambda rng: {"n": "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 6)))}),
+          lambda rng: {"n": "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 4)))}, weight=2.0),
 ]}
 
 
@@ -364,7 +368,8 @@ def load_evals(lab: str | Path) -> dict[str, list[dict]]:
 # --- the whole lab ----------------------------------------------------------------------------------
 
 def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0) -> dict:
-    """Build the lab at `out` (or reuse it, if built with the same preset and seed); returns lab.json."""
+    """Build the lab at `out` (or reuse it, if built with the same preset, seed and world version);
+    returns lab.json."""
     import torch
 
     if preset not in PRESETS:
@@ -373,7 +378,7 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0)
     done = out / "lab.json"
     if done.exists():
         info = json.loads(done.read_text())
-        if info.get("preset") == preset and info.get("seed") == seed:
+        if (info.get("preset"), info.get("seed"), info.get("version")) == (preset, seed, WORLD_VERSION):
             return info
     start, threads = time.time(), torch.get_num_threads()
     torch.set_num_threads(min(2, os.cpu_count() or 1))  # the reference machine: 2 cores
@@ -391,7 +396,7 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0)
         save_model(model, tokenizer, tmp / "model")
         accuracy = evaluate(model, tokenizer, evals)
         info = {
-            "preset": preset, "seed": seed, "skills": list(SKILLS), "tasks": list(TASKS),
+            "preset": preset, "seed": seed, "version": WORLD_VERSION, "skills": list(SKILLS), "tasks": list(TASKS),
             "sizes": {**sizes, "params": sum(t.numel() for t in model.parameters()), **p},
             "build_seconds": round(time.time() - start, 1),
             "base_accuracy": accuracy,

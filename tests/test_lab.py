@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 import pytest
 
@@ -117,3 +118,22 @@ def test_build_is_cached_and_the_cli_prints_the_table(small_lab, capsys):
     assert main(["lab", "build", "--out", str(out), "--preset", "small"]) == 0
     printed = capsys.readouterr().out
     assert all(name in printed for name in lab.SKILLS) and "mean" in printed
+
+
+def test_a_lab_built_by_another_world_version_is_rebuilt_not_reused(small_lab, tmp_path, monkeypatch):
+    out, info = small_lab
+    stale = tmp_path / "lab"
+    shutil.copytree(out, stale)
+    (stale / "lab.json").write_text(json.dumps({**info, "version": lab.WORLD_VERSION - 1}))
+
+    class Rebuilt(Exception):
+        pass
+
+    def rebuild(*args, **kwargs):  # stop the rebuild at its first step: starting it is the point
+        raise Rebuilt
+
+    monkeypatch.setattr(lab, "write_world", rebuild)
+    with pytest.raises(Rebuilt):
+        lab.build_lab(stale, preset="small", seed=0)
+    assert json.loads((stale / "lab.json").read_text())["version"] == lab.WORLD_VERSION - 1  # left intact
+    assert lab.build_lab(out, preset="small", seed=0) == info  # the current version is still reused
