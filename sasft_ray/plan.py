@@ -39,9 +39,15 @@ GIB = 2**30
 # Assumptions, named so they can be read and changed. Throughput defaults are an H100 SXM's.
 GPU_BF16_TFLOPS = 989.0  # dense bf16 peak
 GPU_HBM_TBS = 3.35  # memory bandwidth, TB/s
-TRAIN_MFU = 0.35  # model FLOPs utilization of a ZeRO-3 full fine-tune (0.3-0.45 is typical)
+# Model FLOPs utilization of a ZeRO-3 full fine-tune (0.3-0.45 is typical on nodes of 8). One H200 alone
+# measured 0.19-0.23 at micro-batch 4 x 2048 tokens, 0.05-0.09 at 1 x 2048 (1.2B, 3.2B; jobs/check_gpu.py).
+TRAIN_MFU = 0.35
 DECODE_BW_EFFICIENCY = 0.6  # share of HBM bandwidth a vLLM decode step reaches
-CUDA_OVERHEAD_GIB = 3.0  # per training GPU: CUDA context, NCCL buffers, allocator fragmentation
+# Per training GPU: CUDA context, NCCL buffers, the allocator's slack. On one H200 (jobs/check_gpu.py) the
+# formulas above came out 2-7% over the peak allocated, the process's context took 1.3 GiB, and with
+# expandable segments (train.py sets them) the allocator held 1.5-3 GiB over its peak: this covers it.
+# Eight ranks' NCCL buffers are not measured.
+CUDA_OVERHEAD_GIB = 3.0
 VLLM_WORKSPACE_GIB = 2.0  # per engine GPU: vLLM's activation peak and CUDA graphs, outside the KV cache
 ZERO3_SUB_GROUP = 10**9  # DeepSpeed's default sub_group_size
 LLAMA_LIKE = ("llama", "qwen2", "mistral")  # block layout the formulas assume

@@ -256,3 +256,19 @@ def test_config_errors_stop_before_any_worker(task_run, tmp_path, change, messag
     bad = cfg.model_copy(update={"train": cfg.train.model_copy(update=change)})
     with pytest.raises(TrainSetupError, match=message):
         train(bad, rd, force=True)
+
+
+def test_the_gpu_check_passes_on_cpu(tmp_path):
+    """`jobs/check_gpu.py` (one GPU node: bf16 ZeRO-3 over NCCL, export, packing, the planner's
+    figures) runs the same code on CPU in fp32 over gloo, so it does not rot between GPU sessions."""
+    out = tmp_path / "check.json"
+    arch = "hidden=128,layers=2,heads=4,kv_heads=2,intermediate=256,vocab=512"
+    proc = subprocess.run([sys.executable, "jobs/check_gpu.py", "--cpu", "--arch", arch, "--seq", "64",
+                           "--scale-steps", "4", "--json", str(out)], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    checks = result["correctness"]["checks"]
+    assert len(checks) == 4 and all(checks.values()), checks
+    scale = result["scale"][0]
+    assert scale["tokens_per_s"] > 0 and scale["planned_states_gib"] > 0 and "oom" not in scale
