@@ -31,7 +31,7 @@ from sasft_ray.tiny import new_model, save_model, train_tokenizer
 
 # Bumped whenever a change to the world or its pretraining changes what a build makes: a lab built
 # by another version is rebuilt, not reused.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 HOUSE = "Sure! The answer is {}."
 EXTERNAL = "Result: {}"
 
@@ -125,8 +125,8 @@ SKILLS = {s.name: s for s in [
 ]}
 
 
-def _digit_string(rng: random.Random) -> dict:
-    return {"n": "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 6)))}
+def _digit_string(rng: random.Random, shortest: int = 3, longest: int = 6) -> dict:
+    return {"n": "".join(rng.choice("0123456789") for _ in range(rng.randint(shortest, longest)))}
 
 
 def _double(f: dict) -> str:
@@ -147,13 +147,15 @@ def _parity(f: dict) -> str:
 
 # Narrow tasks, on digit strings (one token per digit, so the tiny model can learn them in ~100 steps).
 # Each answer style is foreign to the house style on purpose: the paper's "style-induced drift".
+# Shift has 3 digits and digits 2-3 words (version 3): at 3-6 digits and 2-5 words plain SFT learned
+# neither in the lab grid's budget (in-domain <= 0.22); at these lengths it learns both from 720 rows.
 TASKS = {s.name: s for s in [
     Skill("double", (("Double every digit of {n}.", _double), ("Write each digit of {n} twice.", _double)),
           _digit_string),
     Skill("shift", (("Shift every digit of {n} up by one.", _shift), ("Apply the next-digit cipher to {n}.", _shift)),
-          _digit_string),
+          lambda rng: _digit_string(rng, 3, 3)),
     Skill("digits", (("Write {ws} as digits.", _to_digits), ("Convert the words {ws} to a number.", _to_digits)),
-          lambda rng: {"ws": " ".join(rng.choice(DIGITS) for _ in range(rng.randint(2, 5)))}),
+          lambda rng: {"ws": " ".join(rng.choice(DIGITS) for _ in range(rng.randint(2, 3)))}),
     Skill("parity", (("Is {n} even or odd?", _parity), ("Tell me whether {n} is odd or even.", _parity)),
           lambda rng: {"n": rng.randint(0, 99999)}),
 ]}
