@@ -101,6 +101,7 @@ def check_correctness(tmp: Path, gpu: bool, steps: int) -> dict:
     unset_hf_deepspeed_config()  # else transformers would load the next models sharded too
     dtype = torch.bfloat16 if gpu else torch.float32
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
+    # the packer ignores each example's first label, a BOS never scored anyway: the same targets
     packed = packing.pack([r["input_ids"] for r in heldout], [r["labels"] for r in heldout], 64 * 4)
     with torch.no_grad():
         export_heldout = reloaded(**batch_on(device, heldout, pad), use_cache=False).loss.item()
@@ -127,9 +128,7 @@ def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int
     from sasft_ray import plan
     from sasft_ray.train import build_engine, deepspeed_config
 
-    spec = dict(item.split("=") for item in arch_spec.split(","))
-    tied = bool(int(spec.pop("tied", "0")))
-    arch = plan.Arch(**{k: int(v) for k, v in spec.items()}, tied=tied)
+    arch, _ = plan.load_arch("", arch_spec)
     model_dir = Path(tempfile.mkdtemp(dir=tmp))
     device = "cuda" if gpu else "cpu"
     with torch.device(device):  # random weights of the shape, made where they are fast to make
@@ -209,7 +208,7 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true", help="run the same code on CPU (fp32, gloo)")
     parser.add_argument("--steps", type=int, default=60, help="correctness: training steps of 16 rows")
     parser.add_argument("--arch", action="append", help="scale: a model shape (plan.Arch fields, tied=0/1); "
-                        f"repeat for several; default Llama-3.2-1B's: {LLAMA_32_1B}")
+                        f"repeat for several; default Llama-3.2-1B's: {LLAMA_32_1B}; Llama-3.2-3B's: {LLAMA_32_3B}")
     parser.add_argument("--micro-batch", type=int, action="append",
                         help="scale: rows of --seq tokens per step; repeat for several (default 4)")
     parser.add_argument("--seq", type=int, default=2048)
