@@ -169,7 +169,8 @@ def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int
         free, total = torch.cuda.mem_get_info()
         out.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / plan.GIB,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / plan.GIB,
-                   used_now_gib=(total - free) / plan.GIB, after_init_gib=after_init / plan.GIB)
+                   after_init_gib=after_init / plan.GIB,
+                   device_in_use_gib=(total - free) / plan.GIB)  # every process on the GPU: the parent too
         # where the peak comes from: one more step, its phases measured apart
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -186,19 +187,19 @@ def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int
     return out
 
 
-def scale_in_fresh_process(gpu: bool, *args) -> dict:
+def scale_in_fresh_process(tmp: Path, gpu: bool, *args) -> dict:
     """One measurement per process: DeepSpeed keeps references to an engine after `del`, so a second
     engine in the same process would count the first one's memory as its own."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_scale_child, gpu, *args).result()
+        return pool.submit(_scale_child, tmp, gpu, *args).result()
 
 
-def _scale_child(gpu: bool, *args) -> dict:
+def _scale_child(tmp: Path, gpu: bool, *args) -> dict:
     import torch
 
     init_single_process(gpu)
     try:
-        return check_scale(*args)
+        return check_scale(tmp, gpu, *args)
     except torch.OutOfMemoryError as e:  # a figure too: the planner said it would fit, or not
         return {"oom": str(e).splitlines()[0]}
 
@@ -236,7 +237,7 @@ def main() -> int:
 
     for spec, micro_batch in itertools.product(args.arch or [LLAMA_32_1B], args.micro_batch or [4]):
         start = time.perf_counter()
-        s = scale_in_fresh_process(gpu, tmp, gpu, spec, micro_batch, args.seq, args.scale_steps)
+        s = scale_in_fresh_process(tmp, gpu, spec, micro_batch, args.seq, args.scale_steps)
         s.update(arch=spec, micro_batch=micro_batch, seconds=time.perf_counter() - start)
         result["scale"].append(s)
         if "oom" in s:
