@@ -141,7 +141,8 @@ def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int
     cfg = config(model_dir, tmp, gpu, micro_batch_size=micro_batch, max_length=seq, max_steps=steps, lr=1e-5)
     cl = plan.Cluster(gpu_mem_gib=torch.cuda.mem_get_info()[1] / plan.GIB if gpu else 80.0, gpus_per_node=1)
     tp = plan.train_plan(cfg, arch, cl)
-    planned_rate = plan.GPU_BF16_TFLOPS * 1e12 * plan.TRAIN_MFU / (6 * arch.params)
+    _, tokens, seconds = plan.train_time(cfg, arch, cl, task_rows=None)  # the planner's own rate (max_steps set)
+    planned_rate = tokens / seconds
 
     if gpu:
         torch.cuda.empty_cache()
