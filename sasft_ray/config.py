@@ -91,6 +91,9 @@ class FilterConfig(Section):
 class MixConfig(Section):
     self_ratio: float = Field(1.0, ge=0.0, description="self (or external) rows per task row")
     seed: int = 0
+    max_distinct: int | None = Field(
+        None, ge=1, description="at most this many distinct rows mixed in, each repeated in turn to reach "
+        "self_ratio (diversity at a fixed λ); None: no row twice")
     external: DataConfig | None = Field(None, description="general data for method external-mix")
 
 
@@ -221,7 +224,8 @@ class Config(Section):
 
     def section_hash(self, *keys: str) -> str:
         """Stable hash of some sections or dotted keys: a finished stage is reused only if what it
-        depends on did not change."""
+        depends on did not change. Unset (None) settings are left out, so a setting added in a later
+        version, unset, does not make finished stages look changed."""
         data = {key: self._dump(key) for key in keys}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -234,7 +238,7 @@ class Config(Section):
 
     def _dump(self, key: str) -> Any:
         value = self.value(key)
-        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        return value.model_dump(mode="json", exclude_none=True) if isinstance(value, BaseModel) else value
 
 
 def absolute_paths(cfg: Config) -> Config:

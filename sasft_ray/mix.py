@@ -2,7 +2,8 @@
 
 Which rows: the other source contributes exactly round(λ · task rows) rows (capped
 by what survived), those whose key hashed from (seed, source, id) is smallest: a
-seeded sample, the same on every run.
+seeded sample, the same on every run. With `mix.max_distinct` it contributes as
+many rows from fewer distinct ones: the sample is repeated, reshuffled each pass.
 
 In what order: both sources stream in windows, each window shuffled with a seeded
 generator, and the two streams are merged by fractional position (row i of n sits
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -60,8 +62,13 @@ class Source:
             self.filter = only if self.filter is None else self.filter & only
         return min(count, len(ids))
 
-    def rows(self, seed: int) -> Iterator[dict]:
-        """Every selected row, in file order shuffled within windows."""
+    def rows(self, seed: int, count: int) -> Iterator[dict]:
+        """`count` selected rows: all of them in file order shuffled within windows, then again,
+        shuffled anew, while more are wanted."""
+        passes = (self._one_pass(seed + n) for n in itertools.count())
+        return itertools.islice(itertools.chain.from_iterable(passes), count)
+
+    def _one_pass(self, seed: int) -> Iterator[dict]:
         rng = np.random.default_rng(mix_key(seed, self.name, -1))
         window: list[dict] = []
         scanner = self.dataset.scanner(columns=["messages", self.id_column], filter=self.filter)
@@ -94,7 +101,7 @@ def write_mix(cfg: Config, rd: RunDir) -> dict:
     counts = {"task_rows": task_rows, "self_ratio": cfg.mix.self_ratio, "method": cfg.train.method}
     other_name = MIXED_IN[cfg.train.method]
     got = 0
-    rows: Iterator[dict] = task.rows(seed)
+    rows: Iterator[dict] = task.rows(seed, task_rows)
     if other_name is not None:
         wanted = round(cfg.mix.self_ratio * task_rows)
         if other_name == "self":
@@ -102,12 +109,14 @@ def write_mix(cfg: Config, rd: RunDir) -> dict:
             wanted = min(wanted, cfg.selftalk.num_dialogues)
         else:
             other = Source(rd, "external", "external/train.parquet", "source_row")
-        got = other.sample(seed, wanted)
+        distinct = other.sample(seed, min(wanted, cfg.mix.max_distinct or wanted))
+        got = wanted if cfg.mix.max_distinct and distinct else distinct
         if got < wanted:
             print(f"[mix] WARNING: wanted {wanted} {other_name} rows for self_ratio={cfg.mix.self_ratio}, "
                   f"only {got} available: the achieved ratio is {got / task_rows:.3f}")
-        rows = interleave(rows, task_rows, other.rows(seed), got)
-        counts.update(mixed_in_source=other_name, achieved_ratio=round(got / task_rows, 4))
+        rows = interleave(rows, task_rows, other.rows(seed, got), got)
+        counts.update(mixed_in_source=other_name, achieved_ratio=round(got / task_rows, 4),
+                      mixed_in_distinct=distinct)
 
     rd.fs.create_dir(rd.local("mixed"), recursive=True)
     with pq.ParquetWriter(rd.local("mixed", "part-0.parquet"), MIXED_SCHEMA, filesystem=rd.fs) as writer:

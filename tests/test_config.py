@@ -64,6 +64,19 @@ def test_section_hash_tracks_only_its_sections():
     assert a.section_hash("train.lr") != c.section_hash("train.lr")
 
 
+def test_a_setting_added_later_and_left_unset_keeps_finished_stages_finished():
+    from sasft_ray.config import MixConfig
+
+    class MixConfigOfALaterVersion(MixConfig):
+        added_later: int | None = None
+
+    now = load_config("demo")
+    later = now.model_copy(update={"mix": MixConfigOfALaterVersion(**now.mix.model_dump())})
+    assert later.section_hash("mix") == now.section_hash("mix")
+    later.mix.added_later = 3
+    assert later.section_hash("mix") != now.section_hash("mix")
+
+
 def test_cli_config_prints_resolved_yaml_and_reports_errors(capsys, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"run_dir": "r", "model": {"path": "m"}, "data": {"path": "d.jsonl"}}))

@@ -114,3 +114,11 @@ def test_shipped_temperature_study_is_the_lambda_studys_middle_cell_at_other_tem
     assert [c.config.selftalk.temperature for c in cells] == [0.7, 1.0]
     same = {"run_dir": True, "selftalk": {"temperature"}}
     assert all(c.config.model_dump(exclude=same) == middle.config.model_dump(exclude=same) for c in cells)
+
+
+def test_shipped_distinct_study_varies_diversity_alone_at_one_lambda():
+    cells = expand(load_grid("lab-distinct"), only=["seed=0"])
+    assert [c.config.mix.max_distinct for c in cells] == [45, 90, 180, None]
+    rest = [c.config.model_dump(exclude={"run_dir": True, "mix": {"max_distinct"}}) for c in cells]
+    assert all(r == rest[0] for r in rest) and cells[0].config.compare == []
+    assert cells[-1].config.mix.self_ratio == 1.0

@@ -71,6 +71,19 @@ def test_ratio_is_capped_by_num_dialogues_and_survivors(tmp_path):
     assert counts["mixed_in_rows"] == 45 and len(rows) == 145  # 50 generated, every 10th truncated
 
 
+def test_max_distinct_repeats_fewer_dialogues_to_keep_the_ratio(tmp_path):
+    cfg, rd = prepare(tmp_path, task_rows=100, self_rows=900, mix={"self_ratio": 1.0, "max_distinct": 8})
+    rows, counts = mixed_rows(cfg, rd)
+    self_ids = [r["id"] for r in rows if r["source"] == "self"]
+    assert len(self_ids) == 100 and counts["mixed_in_distinct"] == 8 and len(set(self_ids)) == 8
+    assert sorted(self_ids.count(i) for i in set(self_ids)) == [12] * 4 + [13] * 4  # in turn, not at random
+    passes = [self_ids[k:k + 8] for k in range(0, 96, 8)]
+    assert all(sorted(p) == sorted(passes[0]) for p in passes) and len(set(map(tuple, passes))) > 1  # reshuffled
+    unrepeated = [r["id"] for r in mixed_rows(make_config(tmp_path, mix={"self_ratio": 1.0}), rd)[0]
+                  if r["source"] == "self"]
+    assert len(unrepeated) == len(set(unrepeated)) == 100
+
+
 @pytest.mark.parametrize("method, source", [("sft", None), ("freeze", None), ("external-mix", "external"),
                                             ("sa-sft", "self")])
 def test_each_method_mixes_in_its_own_data(tmp_path, method, source):
