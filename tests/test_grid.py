@@ -122,3 +122,12 @@ def test_shipped_distinct_study_varies_diversity_alone_at_one_lambda():
     rest = [c.config.model_dump(exclude={"run_dir": True, "mix": {"max_distinct"}}) for c in cells]
     assert all(r == rest[0] for r in rest) and cells[0].config.compare == []
     assert cells[-1].config.mix.self_ratio == 1.0
+
+
+def test_shipped_turns_study_is_the_distinct_studys_last_cell_with_two_exchanges():
+    *_, one_exchange = expand(load_grid("lab-distinct"), only=["seed=0"])
+    (cell,) = expand(load_grid("lab-turns"), only=["seed=0"])
+    assert (one_exchange.config.selftalk.turns, one_exchange.config.mix.max_distinct) == (1, None)
+    assert cell.config.selftalk.turns == 2
+    same = {"run_dir": True, "selftalk": {"turns"}}
+    assert cell.config.model_dump(exclude=same) == one_exchange.config.model_dump(exclude=same)
