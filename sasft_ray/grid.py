@@ -59,7 +59,8 @@ def load_grid(name_or_path: str) -> GridSpec:
 
 
 def _slug(value) -> str:
-    text = Path(str(value)).stem if "/" in str(value) else str(value)
+    """A path or hub id by its last part, less a data file's extension: parity, Qwen2.5-7B-Instruct."""
+    text = re.sub(r"\.(jsonl|json|parquet)$", "", str(value).rsplit("/", 1)[-1])
     return re.sub(r"[^A-Za-z0-9.-]+", "-", text)
 
 
