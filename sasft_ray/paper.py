@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 SUPERNI_TASKS = (
@@ -29,6 +29,8 @@ def superni_rows(task: dict) -> Iterator[dict]:
     """One chat row per instance: the task's definition and the input, then the first reference output."""
     definition = " ".join(task["Definition"]).strip()
     for instance in task["Instances"]:
+        if not instance["output"]:
+            continue
         yield {"messages": [{"role": "user", "content": f"{definition}\n\n{instance['input']}"},
                             {"role": "assistant", "content": instance["output"][0]}]}
 
@@ -39,32 +41,33 @@ def medtext_rows(rows: Iterable[dict]) -> Iterator[dict]:
         yield {"messages": [{"role": "user", "content": row["Prompt"]}], "reference": row["Completion"]}
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+def write_once(path: Path, rows: Callable[[], Iterable[dict]]) -> int:
+    """Write `path` as JSONL unless it is there already (a re-run fetches only what is missing);
+    returns its rows. A crash leaves a `.part` file, never a short `path`."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(".part")
+        with part.open("w") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows())
+        part.rename(path)
+    with path.open() as f:
+        return sum(1 for _ in f)
+
+
+def _superni_task(task: str) -> dict:
+    with urllib.request.urlopen(SUPERNI_URL.format(task=task), timeout=120) as response:
+        return json.load(response)
+
+
+def _medtext() -> Iterable[dict]:
+    from datasets import load_dataset
+
+    return load_dataset(MEDTEXT, split="train")
 
 
 def prepare(out: Path, tasks: Iterable[str] = SUPERNI_TASKS) -> dict[str, int]:
-    """Download and write `out/<task>.jsonl` per task and `out/general/medtext.jsonl`; returns rows per file.
-    A file already there is kept: a re-run fetches only what is missing."""
-    written = {}
-    for task in tasks:
-        path = out / f"{task}.jsonl"
-        if not path.exists():
-            with urllib.request.urlopen(SUPERNI_URL.format(task=task), timeout=120) as response:
-                write_jsonl(path.with_suffix(".part"), superni_rows(json.load(response)))
-            path.with_suffix(".part").rename(path)
-        written[path.name] = sum(1 for _ in path.open())
-    path = out / "general" / "medtext.jsonl"
-    if not path.exists():
-        from datasets import load_dataset
-
-        write_jsonl(path.with_suffix(".part"), medtext_rows(load_dataset(MEDTEXT, split="train")))
-        path.with_suffix(".part").rename(path)
-    written["general/medtext.jsonl"] = sum(1 for _ in path.open())
+    """`out/<task>.jsonl` per SuperNI task and `out/general/medtext.jsonl`; returns rows per file."""
+    written = {f"{task}.jsonl": write_once(out / f"{task}.jsonl", lambda task=task: superni_rows(_superni_task(task)))
+               for task in tasks}
+    written["general/medtext.jsonl"] = write_once(out / "general" / "medtext.jsonl", lambda: medtext_rows(_medtext()))
     return written
