@@ -75,9 +75,13 @@ def cmd_eval(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from sasft_ray.grid import expand, load_grid
     from sasft_ray.report import compare, load_entries
 
-    print(compare(load_entries(args.run_dirs)))
+    run_dirs = args.run_dirs + ([cell.config.run_dir for cell in expand(load_grid(args.grid))] if args.grid else [])
+    if not run_dirs:
+        raise ConfigError("name run dirs, or a grid with --grid")
+    print(compare(load_entries(run_dirs)))
 
 
 def cmd_run(args) -> None:
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("report", help="compare runs: mean ± spread over seeds, winners per scenario")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
+    p.add_argument("--grid", help="also every cell of this grid (a file or a shipped grid), wherever its run_root is")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("run", help="the whole pipeline: generate, mix, train, export, serve, eval, report")

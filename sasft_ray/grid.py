@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -28,6 +29,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from sasft_ray.config import Config, ConfigError, absolute_paths, load_config
+
+FORWARDED_ENV = ("HF_TOKEN",)  # gated hub models (Llama) need it on the cluster
 
 
 class GridSpec(BaseModel):
@@ -118,6 +121,9 @@ def submit(address: str, base: str, cell: Cell) -> str:
     from ray.job_submission import JobSubmissionClient
 
     entrypoint = " ".join(["python jobs/run.py --config", base, *[f"--set '{o}'" for o in cell.overrides]])
-    job_id = JobSubmissionClient(address).submit_job(entrypoint=entrypoint, runtime_env={"working_dir": "."})
+    # Secrets travel from the submitter's environment to the job's, never through a file.
+    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    job_id = JobSubmissionClient(address).submit_job(entrypoint=entrypoint,
+                                                     runtime_env={"working_dir": ".", "env_vars": env})
     print(f"[grid] {cell.name}: submitted as {job_id}")
     return job_id
