@@ -3,8 +3,9 @@ and MedText as a general benchmark, for `cluster/grids/paper.yaml`.
 
 The paper fine-tunes on five SuperNI tasks without naming them in what we know of it; these five
 are ours (summarization, sentiment, extraction, reading comprehension, commonsense QA: short,
-checkable answers in formats of their own). It needs the internet (GitHub and the HF hub), so it
-runs where a cluster's jobs run; the tests feed the converters rows in the same formats.
+checkable answers in formats of their own). It needs GitHub and the HF hub, so it runs on a machine
+that reaches them (where the grid is submitted from: `data/` travels with each job's working dir);
+the tests feed the converters rows in the same formats.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ SUPERNI_TASKS = (
     "task073_commonsenseqa_answer_generation",
 )
 SUPERNI_URL = "https://raw.githubusercontent.com/allenai/natural-instructions/master/tasks/{task}.json"
-MEDTEXT = "BI55/MedText"  # 1.4k clinical prompts with reference completions, scored by ROUGE-L
+MEDTEXT = "BI55/MedText"  # clinical prompts with reference completions, scored by ROUGE-L
 
 
 def superni_rows(task: dict) -> Iterator[dict]:
