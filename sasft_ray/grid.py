@@ -116,14 +116,18 @@ def run_grid(spec: GridSpec, address: str | None = None, only: list[str] = ()) -
     return [c.config.run_dir for c in cells]
 
 
+def job_request(base: str, cell: Cell) -> dict:
+    """What `submit` sends for a cell: `jobs/run.py` with the cell's overrides, run in this working dir.
+    Secrets travel from the submitter's environment to the job's, never through a file."""
+    entrypoint = " ".join(["python jobs/run.py --config", base, *[f"--set '{o}'" for o in cell.overrides]])
+    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    return {"entrypoint": entrypoint, "runtime_env": {"working_dir": ".", "env_vars": env}}
+
+
 def submit(address: str, base: str, cell: Cell) -> str:
-    """One Ray job per cell: the cluster runs `jobs/run.py` with the cell's overrides."""
+    """One Ray job per cell."""
     from ray.job_submission import JobSubmissionClient
 
-    entrypoint = " ".join(["python jobs/run.py --config", base, *[f"--set '{o}'" for o in cell.overrides]])
-    # Secrets travel from the submitter's environment to the job's, never through a file.
-    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    job_id = JobSubmissionClient(address).submit_job(entrypoint=entrypoint,
-                                                     runtime_env={"working_dir": ".", "env_vars": env})
+    job_id = JobSubmissionClient(address).submit_job(**job_request(base, cell))
     print(f"[grid] {cell.name}: submitted as {job_id}")
     return job_id

@@ -139,24 +139,12 @@ def test_report_of_a_grid_names_the_cell_not_done_yet(tmp_path, capsys):
     assert f"{tmp_path / 'grid' / 'seed=0'}: no eval/results.json" in capsys.readouterr().err
 
 
-def test_submitted_cells_get_the_hub_token_from_the_environment_with_a_stand_in_job_client(tmp_path, monkeypatch):
-    from sasft_ray.grid import submit
+def test_a_submitted_cell_runs_its_overrides_with_the_hub_token_from_the_environment(tmp_path, monkeypatch):
+    from sasft_ray.grid import job_request
 
-    submitted = []
-
-    class StandInClient:  # a Ray cluster's job API is tested for real in test_multinode_s3.py
-        def __init__(self, address):
-            self.address = address
-
-        def submit_job(self, **job):
-            submitted.append(job)
-            return "raysubmit_1"
-
-    monkeypatch.setattr("ray.job_submission.JobSubmissionClient", StandInClient)
     monkeypatch.setenv("HF_TOKEN", "hf_from_the_environment")
     (cell,) = expand(load_grid(_grid(tmp_path, {"train.seed": [0]})))
-    assert submit("http://head:8265", "demo", cell) == "raysubmit_1"
-    (job,) = submitted
+    job = job_request("demo", cell)
     assert job["runtime_env"] == {"working_dir": ".", "env_vars": {"HF_TOKEN": "hf_from_the_environment"}}
     assert job["entrypoint"].startswith("python jobs/run.py --config demo")
     assert "--set 'train.seed=0'" in job["entrypoint"]
