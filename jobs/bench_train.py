@@ -1,11 +1,13 @@
-"""Benchmark: our Ray Train + DeepSpeed ZeRO-3 job against a bare single-process PyTorch loop.
+"""Benchmark: our Ray Train + DeepSpeed ZeRO-3 job against what a user would run instead.
 
 Same model, same tokenized data (the assistant-only labels of `sasft_ray.train.encode`), same
 global batch, same optimizer, in one run.
   bare loop:  one process, plain AdamW, global batch = micro_batch x workers
-  ours:       `sasft_ray.train.train` with ZeRO-3 on `--workers` CPU workers (gloo)
-Steady-state tokens/s leaves out start-up: for the bare loop it skips the first steps, for ours
-it is measured between the first and the last checkpoint reports (checkpoint saving included).
+  torchrun:   the very loop every Ray Train worker runs (`sasft_ray.loop`: same engine, ZeRO-3 config,
+              checkpoints) in `--workers` gloo processes launched by `torchrun`, rows read into memory
+  ours:       `sasft_ray.train.train`: Ray Train workers fed by Ray Data, checkpoints uploaded by Ray
+Steady-state tokens/s leaves out start-up: for the bare loop it skips the first steps; for torchrun
+and ours it is measured between the first and the last checkpoint record (checkpoint saving included).
 
     python jobs/bench_train.py
     python jobs/bench_train.py --steps 80 --layers 4 --hidden 256
@@ -14,7 +16,11 @@ it is measured between the first and the last checkpoint reports (checkpoint sav
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,21 +28,30 @@ from pathlib import Path
 from bench_common import PeakMemory
 
 
-def bare_loop(cfg, rd, steps: int, warmup_steps: int) -> dict:
+def encoded_rows(cfg, path: str) -> list[dict]:
     import pyarrow.parquet as pq
+
+    from sasft_ray.selftalk import load_tokenizer, turn_format
+    from sasft_ray.train import encode
+
+    tokenizer = load_tokenizer(cfg.model.path)
+    strip_bos = turn_format(tokenizer).strip_bos
+    rows = pq.read_table(path).column("messages").to_pylist()
+    return [encode(tokenizer, m, cfg.train.max_length, strip_bos) for m in rows]
+
+
+def bare_loop(cfg, rd, steps: int, warmup_steps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sasft_ray.selftalk import load_tokenizer, turn_format
-    from sasft_ray.train import _collate, encode
+    from sasft_ray.loop import collate
+    from sasft_ray.selftalk import load_tokenizer
 
     t = cfg.train
     with PeakMemory() as mem:
         start = time.perf_counter()
-        tokenizer = load_tokenizer(cfg.model.path)
-        strip_bos = turn_format(tokenizer).strip_bos
-        rows = pq.read_table(rd.local("mixed")).column("messages").to_pylist()
-        encoded = [encode(tokenizer, m, t.max_length, strip_bos) for m in rows]
+        encoded = encoded_rows(cfg, rd.local("mixed"))
+        pad_id = load_tokenizer(cfg.model.path).pad_token_id
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
         optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr)
         startup = time.perf_counter() - start
@@ -46,8 +61,9 @@ def bare_loop(cfg, rd, steps: int, warmup_steps: int) -> dict:
             if step == warmup_steps:
                 tokens, timed_from = 0, time.perf_counter()
             chunk = [encoded[(step * batch_size + i) % len(encoded)] for i in range(batch_size)]
-            batch = _collate({"input_ids": [e["input_ids"] for e in chunk], "labels": [e["labels"] for e in chunk]},
-                             pad_id=tokenizer.pad_token_id)
+            batch = collate({"input_ids": [e["input_ids"] for e in chunk], "labels": [e["labels"] for e in chunk]},
+                            pad_id=pad_id)
+            batch.pop("num_tokens")
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -58,6 +74,64 @@ def bare_loop(cfg, rd, steps: int, warmup_steps: int) -> dict:
     return {"tokens_per_s": tokens / seconds, "startup_s": startup, "peak_gib": mem.total / 2**30}
 
 
+def steady(records: list[dict], wall: float) -> dict:
+    """Tokens/s between the first and the last checkpoint record; start-up (and export) is the wall
+    time that this rate does not explain."""
+    reports = [e for e in records if e["event"] == "checkpoint"]
+    tokens = sum(e["tokens"] for e in reports[1:])
+    seconds = reports[-1]["time"] - reports[0]["time"]
+    per_step = seconds / (reports[-1]["step"] - reports[0]["step"])
+    return {"tokens_per_s": tokens / seconds, "startup_s": wall - reports[-1]["step"] * per_step}
+
+
+def peer_worker(cfg_json: str, events: str) -> None:
+    """One `torchrun` process: the library's loop on this rank's share of the rows, measuring the
+    held-out loss and checkpointing where Ray Train's workers do, its records (rank 0) in `events`."""
+    import torch.distributed as dist
+
+    from sasft_ray import loop
+    from sasft_ray.config import Config
+    from sasft_ray.rundir import RunDir
+    from sasft_ray.selftalk import load_tokenizer
+
+    cfg = Config.model_validate_json(Path(cfg_json).read_text())
+    t = cfg.train
+    loop.init_process_group(gpu=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rd = RunDir(cfg.run_dir)
+    rows, heldout = encoded_rows(cfg, rd.local("mixed")), encoded_rows(cfg, rd.local("task", "heldout.parquet"))
+    pad_id = load_tokenizer(cfg.model.path).pad_token_id
+    engine, *_ = loop.build_engine(cfg, loop.deepspeed_config(cfg), t.max_steps, rank)
+    scratch = tempfile.mkdtemp(prefix="bench-ckpt-")
+
+    def log(record: dict) -> None:
+        event = "checkpoint" if "heldout_loss" in record else "log"
+        with open(events, "a") as f:
+            f.write(json.dumps({"time": time.time(), "event": event, **record}) + "\n")
+
+    loop.run(engine, cfg, lambda step: loop.device_batches(rows, t.micro_batch_size, pad_id, engine.device, rank=rank,
+                                                          world=world, seed=t.seed + step),
+             lambda: loop.device_batches(heldout, t.micro_batch_size, pad_id, engine.device, rank=rank, world=world,
+                                         drop_last=False), total_steps=t.max_steps, log=log,
+             checkpoint=lambda step, record: engine.save_checkpoint(scratch, tag="ds", client_state={"step": step}))
+
+
+def torchrun(cfg, workers: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory(worker_tag="--peer-worker") as mem:
+        cfg_json, events = Path(tmp, "cfg.json"), Path(tmp, "events.jsonl")
+        cfg_json.write_text(cfg.model_dump_json())
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={workers}",
+                        f"--master_port={port}", __file__, "--peer-worker", str(cfg_json), str(events)],
+                       check=True, cwd=Path(__file__).parent)
+        wall = time.perf_counter() - start
+        records = [json.loads(line) for line in events.read_text().splitlines()]
+    return {**steady(records, wall), "peak_gib": mem.per_worker / 2**30}
+
+
 def ray_zero3(cfg, rd) -> dict:
     from sasft_ray.train import train, train_events
 
@@ -65,13 +139,7 @@ def ray_zero3(cfg, rd) -> dict:
         start = time.perf_counter()
         train(cfg, rd, force=True)
         wall = time.perf_counter() - start
-    reports = [e for e in train_events(rd) if e["event"] == "checkpoint"]
-    tokens = sum(e["tokens"] for e in reports[1:])
-    seconds = reports[-1]["time"] - reports[0]["time"]
-    per_step = seconds / (reports[-1]["step"] - reports[0]["step"])
-    # start-up (and export) is the wall time that the steady rate does not explain
-    return {"tokens_per_s": tokens / seconds, "startup_s": wall - reports[-1]["step"] * per_step,
-            "peak_gib": mem.per_worker / 2**30}
+    return {**steady(train_events(rd), wall), "peak_gib": mem.per_worker / 2**30}
 
 
 def main() -> None:
@@ -81,12 +149,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--peer-worker", nargs=2, metavar=("CFG_JSON", "EVENTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peer_worker:
+        return peer_worker(*args.peer_worker)
 
     import ray
     from safetensors.torch import load_file
 
-    from sasft_ray.config import validate_config
+    from sasft_ray.config import absolute_paths, validate_config
     from sasft_ray.generate import generate
     from sasft_ray.tiny import build_tiny_model, write_demo_task
 
@@ -98,22 +169,26 @@ def main() -> None:
         "run_dir": str(tmp / "run"), "model": {"path": str(model), "dtype": "float32"},
         "data": {"path": str(tmp / "task.jsonl")},
         "train": {"method": "sft", "num_workers": args.workers, "micro_batch_size": args.micro_batch,
-                  "max_steps": args.steps, "checkpoint_every": every, "lr": 1e-3, "max_length": 128},
+                  "max_steps": args.steps, "checkpoint_every": every, "log_every": every, "lr": 1e-3,
+                  "max_length": 128},
     })
     rd = generate(cfg)
     bare = bare_loop(cfg, rd, args.steps, warmup_steps=every)
+    peer = torchrun(absolute_paths(cfg), args.workers)
     ours = ray_zero3(cfg, rd)
     ray.shutdown()
 
     params = sum(p.numel() for p in load_file(str(model / "model.safetensors")).values())
     print(f"\ntraining, {params / 1e6:.1f}M-parameter Llama, {args.steps} steps of "
           f"{args.micro_batch * args.workers} dialogues, on {os.cpu_count()} CPU cores")
-    print(f"{'':34}{'tokens/s':>10}{'start-up s':>12}{'peak GiB':>10}")
-    print(f"{'bare PyTorch loop (1 process)':34}{bare['tokens_per_s']:10.0f}{bare['startup_s']:12.1f}"
-          f"{bare['peak_gib']:10.2f}")
-    print(f"{f'Ray Train + ZeRO-3 ({args.workers} workers)':34}{ours['tokens_per_s']:10.0f}"
-          f"{ours['startup_s']:12.1f}{ours['peak_gib']:10.2f}  (peak per worker)")
-    print(f"ratio ours / bare (steady state tokens/s): {ours['tokens_per_s'] / bare['tokens_per_s']:.2f}")
+    print(f"{'':36}{'tokens/s':>10}{'start-up s':>12}{'peak GiB':>10}")
+    for name, r, note in (("bare PyTorch loop (1 process)", bare, ""),
+                          (f"torchrun + ZeRO-3 ({args.workers} processes)", peer, "  (peak per process)"),
+                          (f"Ray Train + ZeRO-3 ({args.workers} workers)", ours, "  (peak per worker)")):
+        print(f"{name:36}{r['tokens_per_s']:10.0f}{r['startup_s']:12.1f}{r['peak_gib']:10.2f}{note}")
+    print(f"ratio Ray Train / torchrun (the same loop and ZeRO-3 config, {args.workers} gloo processes; steady-state "
+          f"tokens/s): {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}")
+    print(f"ratio Ray Train / bare loop (steady-state tokens/s): {ours['tokens_per_s'] / bare['tokens_per_s']:.2f}")
 
 
 if __name__ == "__main__":

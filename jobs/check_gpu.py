@@ -1,19 +1,24 @@
 """Check one GPU node before a cluster is spent on it: the training path in bf16 on CUDA, and the
 planner's figures against what the GPU measures. One process, no Ray, nothing from a hub.
 
-1. Correctness. A tiny chat model (`sasft_ray.tiny`) is fine-tuned on the demo task by the library's
-   own engine (`sasft_ray.train.build_engine`: bf16, ZeRO-3, NCCL, AdamW and its schedule) on the
-   library's tokenization (assistant-only labels) and batches. Checked: the loss falls; the export
-   (`sasft_ray.export`: ZeRO-3 shards gathered into an HF folder) reloads in transformers and gives
-   the engine's own held-out loss; a packed batch (`train.packing`) gives the loss of the same rows
-   padded, so packed examples do not see each other under the GPU's attention kernels.
+The training is the library's own: `sasft_ray.loop` (the engine and the loop that every Ray Train
+worker runs), fed as Ray Data feeds a worker (collated batches already on the GPU) in a process
+group made as Ray Train makes it (NCCL alone), so a tensor on the wrong device fails here as it
+would on a cluster.
+
+1. Correctness. A tiny chat model (`sasft_ray.tiny`) is fine-tuned on the demo task (bf16, ZeRO-3,
+   AdamW and its schedule, assistant-only labels). Checked: the loss falls; a progress record comes
+   every `train.log_every` steps; the export (`sasft_ray.export`: ZeRO-3 shards gathered into an HF
+   folder) reloads in transformers and gives the loop's own held-out loss; packed rows
+   (`train.packing`) give the loss of the same rows padded, so packed examples do not see each other
+   under the GPU's attention kernels.
 2. Scale. A randomly initialized model of a real shape (default Llama-3.2-1B's, 1.24B parameters)
-   trains a few steps of `--micro-batch` x `--seq` tokens under the same engine. Printed: measured
-   peak GPU memory and tokens/s beside `sasft plan`'s per-GPU memory and throughput assumption.
+   trains a few steps of `--micro-batch` packed rows of `--seq` tokens, with gradient checkpointing
+   off and on. Printed: peak GPU memory, tokens/s and MFU beside `sasft plan`'s figures.
 
     python jobs/check_gpu.py                                            # on a GPU node
     ray job submit --working-dir . --entrypoint-num-gpus 1 -- python jobs/check_gpu.py
-    python jobs/check_gpu.py --cpu --arch hidden=128,layers=2,heads=4,kv_heads=2,intermediate=256,vocab=512
+    python jobs/check_gpu.py --cpu                                      # the same code on CPU, a tiny shape
 
 Exit code 0 when every correctness check passes; `--json FILE` writes all figures.
 """
@@ -26,7 +31,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -35,16 +39,7 @@ from pathlib import Path
 
 LLAMA_32_1B = "hidden=2048,layers=16,heads=32,kv_heads=8,intermediate=8192,vocab=128256,tied=1"
 LLAMA_32_3B = "hidden=3072,layers=28,heads=24,kv_heads=8,intermediate=8192,vocab=128256,tied=1"
-
-
-def init_single_process(gpu: bool) -> None:
-    import deepspeed
-
-    with socket.socket() as s:  # a free port for the one-member process group
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+TINY = "hidden=128,layers=2,heads=4,kv_heads=2,intermediate=256,vocab=512"  # CPU: the 1.2B default needs > 24 GB
 
 
 def config(model: Path, tmp: Path, gpu: bool, **train):
@@ -55,45 +50,37 @@ def config(model: Path, tmp: Path, gpu: bool, **train):
                             "train": {"method": "sft", "num_workers": 1, "zero_stage": 3, **train}})
 
 
-def batch_on(device, rows: list[dict], pad_id: int) -> dict:
-    from sasft_ray.train import _collate
-
-    batch = _collate({k: [r[k] for r in rows] for k in rows[0]}, pad_id)
-    batch.pop("num_tokens")
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def check_correctness(tmp: Path, gpu: bool, steps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from sasft_ray import packing
+    from sasft_ray import loop, packing
     from sasft_ray.export import export
     from sasft_ray.selftalk import load_tokenizer, turn_format
     from sasft_ray.tiny import build_tiny_model, demo_task_rows, write_demo_task
-    from sasft_ray.train import build_engine, deepspeed_config, encode
+    from sasft_ray.train import encode
 
     model_dir = build_tiny_model(tmp / "tiny", "llama", layers=2, hidden=128, warmup_steps=0)
     write_demo_task(tmp / "task.jsonl")
-    cfg = config(model_dir, tmp, gpu, micro_batch_size=16, lr=3e-3, max_steps=steps, max_length=64)
+    cfg = config(model_dir, tmp, gpu, micro_batch_size=16, lr=3e-3, max_steps=steps, max_length=64, log_every=5,
+                 checkpoint_every=steps)
     tokenizer = load_tokenizer(str(model_dir))
     strip_bos = turn_format(tokenizer).strip_bos
     rows = [encode(tokenizer, [{"role": "user", "content": r["instruction"]},
                                {"role": "assistant", "content": r["output"]}], 64, strip_bos)
             for r in demo_task_rows(16 * steps + 32)]
     train_rows, heldout = rows[:-32], rows[-32:]
-    engine, _, _, _ = build_engine(cfg, deepspeed_config(cfg), steps, rank=0)
+    engine, _, _, _ = loop.build_engine(cfg, loop.deepspeed_config(cfg), steps, rank=0)
     device, pad = engine.device, tokenizer.pad_token_id
-    losses = []
-    for step in range(steps):
-        loss = engine(**batch_on(device, train_rows[16 * step: 16 * (step + 1)], pad), use_cache=False).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    engine.eval()
-    with torch.no_grad():
-        engine_heldout = engine(**batch_on(device, heldout, pad), use_cache=False).loss.item()
+
+    def heldout_batches(rows=heldout):
+        return loop.device_batches(rows, 16, pad, device, drop_last=False)
+
+    records: list[dict] = []  # the library's own loop, fed as Ray Data feeds a worker: batches on the device
+    end = loop.run(engine, cfg, lambda step: loop.device_batches(train_rows, 16, pad, device, seed=step),
+                   heldout_batches, total_steps=steps, log=records.append)
+    engine_heldout = end["heldout_loss"]
 
     out = tmp / "export"
     export(engine, cfg, str(out), rank=0)
@@ -103,30 +90,39 @@ def check_correctness(tmp: Path, gpu: bool, steps: int) -> dict:
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
     # the packer ignores each example's first label, a BOS never scored anyway: the same targets
     packed = packing.pack([r["input_ids"] for r in heldout], [r["labels"] for r in heldout], 64 * 4)
-    with torch.no_grad():
-        export_heldout = reloaded(**batch_on(device, heldout, pad), use_cache=False).loss.item()
-        packed_loss = reloaded(**batch_on(device, [dict(zip(packed, v)) for v in zip(*packed.values())], pad),
-                               use_cache=False).loss.item()
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    export_heldout = loop.heldout_loss(reloaded, heldout_batches())
+    packed_loss = loop.heldout_loss(reloaded, heldout_batches([dict(zip(packed, v)) for v in zip(*packed.values())]))
+    first, last = records[0]["loss"], records[-1]["loss"]
     drift = json.loads((out / "drift.json").read_text())["total"]
     checks = {
-        f"loss falls ({first:.3f} -> {last:.3f})": last < 0.5 * first,
+        f"loss falls ({first:.3f} -> {last:.3f}, steps 1-5 -> {steps - 4}-{steps})": last < 0.5 * first,
+        f"records every 5 steps on rank 0 ({len(records)} of {steps // 5}), grad norm and tokens/s in each":
+            len(records) == steps // 5 and all(r["grad_norm"] and r["tokens_per_s_per_gpu"] > 0 for r in records),
         f"export reloads with the engine's held-out loss ({engine_heldout:.4f} vs {export_heldout:.4f})":
             abs(export_heldout - engine_heldout) <= 0.01 * engine_heldout,
         f"packed rows keep apart ({len(packed['input_ids'])} packed vs {len(heldout)} padded rows: "
         f"loss {packed_loss:.4f} vs {export_heldout:.4f})": abs(packed_loss - export_heldout) <= 0.02 * export_heldout,
         f"weight drift recorded ({drift:.3f})": drift > 0,
     }
-    return {"checks": checks, "losses": losses, "engine_heldout": engine_heldout, "export_heldout": export_heldout,
+    return {"checks": checks, "records": records, "engine_heldout": engine_heldout, "export_heldout": export_heldout,
             "packed_loss": packed_loss, "drift": drift}
 
 
-def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int, steps: int) -> dict:
+def packed_rows(n: int, seq: int, vocab: int, example: int = 512) -> list[dict]:
+    """Random full-length rows packed from examples of `example` tokens (positions restart at each)."""
+    import torch
+
+    positions = (torch.arange(seq) % min(example, seq)).tolist()
+    return [{"input_ids": ids, "labels": ids, "position_ids": positions}
+            for ids in torch.randint(vocab, (n, seq)).tolist()]
+
+
+def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int, steps: int,
+                checkpointing: bool, attn: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from sasft_ray import plan
-    from sasft_ray.train import build_engine, deepspeed_config
+    from sasft_ray import loop, plan
 
     arch, _ = plan.load_arch("", arch_spec)
     model_dir = Path(tempfile.mkdtemp(dir=tmp))
@@ -138,7 +134,10 @@ def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int
             tie_word_embeddings=arch.tied, max_position_embeddings=max(seq, 2048)), dtype=torch.bfloat16)
     model.save_pretrained(model_dir)
     del model
-    cfg = config(model_dir, tmp, gpu, micro_batch_size=micro_batch, max_length=seq, max_steps=steps, lr=1e-5)
+    warmup = 2  # the first window (start-up, kernel selection) is left out of the rate
+    cfg = config(model_dir, tmp, gpu, micro_batch_size=micro_batch, max_length=seq, max_steps=steps, lr=1e-5,
+                 log_every=warmup, checkpoint_every=steps, gradient_checkpointing=checkpointing,
+                 attn_implementation=attn)
     cl = plan.Cluster(gpu_mem_gib=torch.cuda.mem_get_info()[1] / plan.GIB if gpu else 80.0, gpus_per_node=1)
     tp = plan.train_plan(cfg, arch, cl)
     _, tokens, seconds = plan.train_time(cfg, arch, cl, task_rows=None)  # the planner's own rate (max_steps set)
@@ -147,25 +146,19 @@ def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    engine, _, _, _ = build_engine(cfg, deepspeed_config(cfg), steps, rank=0)
+    engine, _, _, _ = loop.build_engine(cfg, loop.deepspeed_config(cfg), steps, rank=0)
     after_init = torch.cuda.memory_allocated() if gpu else 0
-    ids = torch.randint(arch.vocab, (micro_batch, seq), device=engine.device)
-    warmup, timed = 2, None
-    for step in range(steps):
-        if step == warmup:
-            if gpu:
-                torch.cuda.synchronize()
-            timed = time.perf_counter()
-        loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
-        engine.backward(loss)
-        engine.step()
-    if gpu:
-        torch.cuda.synchronize()
-    rate = micro_batch * seq * (steps - warmup) / (time.perf_counter() - timed)
+    rows = packed_rows(micro_batch * steps, seq, arch.vocab)
+    records: list[dict] = []
+    loop.run(engine, cfg, lambda step: loop.device_batches(rows, micro_batch, 0, engine.device), lambda: iter(()),
+             total_steps=steps, log=records.append)
+    timed = records[1:]
+    rate = sum(r["tokens"] for r in timed) / sum(r["tokens"] / r["tokens_per_s_per_gpu"] for r in timed)
     out = {"params": arch.params, "tokens_per_s": rate, "planned_tokens_per_s": planned_rate,
            "mfu": rate * 6 * arch.params / (plan.GPU_BF16_TFLOPS * 1e12),
            "planned_states_gib": tp.chosen.states / plan.GIB, "planned_blocks_gib": tp.act[0] / plan.GIB,
-           "planned_logits_gib": tp.act[1] / plan.GIB, "planned_total_gib": tp.need / plan.GIB}
+           "planned_logits_gib": tp.act[1] / plan.GIB, "planned_total_gib": tp.need / plan.GIB,
+           "losses": [r["loss"] for r in records]}
     if gpu:
         free, total = torch.cuda.mem_get_info()
         out.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / plan.GIB,
@@ -173,9 +166,11 @@ def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int
                    after_init_gib=after_init / plan.GIB,
                    device_in_use_gib=(total - free) / plan.GIB)  # every process on the GPU: the parent too
         # where the peak comes from: one more step, its phases measured apart
+        batch = next(loop.device_batches(rows, micro_batch, 0, engine.device))
+        batch.pop("num_tokens")
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
+        engine.backward(engine(**batch, use_cache=False).loss)
         torch.cuda.synchronize()
         forward_backward = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -198,7 +193,11 @@ def scale_in_fresh_process(tmp: Path, gpu: bool, *args) -> dict:
 def _scale_child(tmp: Path, gpu: bool, *args) -> dict:
     import torch
 
-    init_single_process(gpu)
+    from sasft_ray.loop import init_process_group
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # the parent's group, not ours
+        os.environ.pop(key, None)
+    init_process_group(gpu)
     try:
         return check_scale(tmp, gpu, *args)
     except torch.OutOfMemoryError as e:  # a figure too: the planner said it would fit, or not
@@ -210,17 +209,21 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true", help="run the same code on CPU (fp32, gloo)")
     parser.add_argument("--steps", type=int, default=60, help="correctness: training steps of 16 rows")
     parser.add_argument("--arch", action="append", help="scale: a model shape (plan.Arch fields, tied=0/1); "
-                        f"repeat for several; default Llama-3.2-1B's: {LLAMA_32_1B}; Llama-3.2-3B's: {LLAMA_32_3B}")
+                        f"repeat for several; default Llama-3.2-1B's on GPU: {LLAMA_32_1B}; Llama-3.2-3B's: "
+                        f"{LLAMA_32_3B}; on CPU: {TINY}")
     parser.add_argument("--micro-batch", type=int, action="append",
-                        help="scale: rows of --seq tokens per step; repeat for several (default 4)")
+                        help="scale: packed rows of --seq tokens per step; repeat for several (default 1 and 4)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--scale-steps", type=int, default=12)
+    parser.add_argument("--gradient-checkpointing", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--attn", default="sdpa", help="scale: train.attn_implementation (sdpa, flash_attention_2)")
     parser.add_argument("--json", help="write every figure to this file")
     args = parser.parse_args()
 
     import torch
 
     from sasft_ray import plan
+    from sasft_ray.loop import init_process_group
 
     gpu = not args.cpu
     if gpu and not torch.cuda.is_available():
@@ -228,7 +231,7 @@ def main() -> int:
         return 2
     print(f"torch {torch.__version__}, " + (f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
                                             if gpu else f"CPU, {os.cpu_count()} cores"))
-    init_single_process(gpu)
+    init_process_group(gpu)  # as Ray Train makes it: NCCL alone on GPU
     tmp = Path(tempfile.mkdtemp(prefix="sasft-check-"))
     start = time.perf_counter()
     result = {"correctness": check_correctness(tmp, gpu, args.steps), "scale": []}
@@ -236,17 +239,21 @@ def main() -> int:
     for name, ok in result["correctness"]["checks"].items():
         print(f"[{'ok' if ok else 'FAILED'}] {name}")
 
-    for spec, micro_batch in itertools.product(args.arch or [LLAMA_32_1B], args.micro_batch or [4]):
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
+    for spec, micro_batch, ckpt in itertools.product(args.arch or [LLAMA_32_1B if gpu else TINY],
+                                                     args.micro_batch or [1, 4], ckpts):
         start = time.perf_counter()
-        s = scale_in_fresh_process(tmp, gpu, spec, micro_batch, args.seq, args.scale_steps)
-        s.update(arch=spec, micro_batch=micro_batch, seconds=time.perf_counter() - start)
+        s = scale_in_fresh_process(tmp, gpu, spec, micro_batch, args.seq, args.scale_steps, ckpt, args.attn)
+        s.update(arch=spec, micro_batch=micro_batch, gradient_checkpointing=ckpt, attn=args.attn,
+                 seconds=time.perf_counter() - start)
         result["scale"].append(s)
+        what = (f"micro-batch {micro_batch} x {args.seq} packed tokens, {args.attn}, "
+                f"gradient checkpointing {'on' if ckpt else 'off'}")
         if "oom" in s:
-            print(f"\nscale {spec}, micro-batch {micro_batch}: out of GPU memory: {s['oom']}")
+            print(f"\nscale {spec}, {what}: out of GPU memory: {s['oom']}")
             continue
         print(f"\nscale: {s['params'] / 1e9:.2f}B parameters ({spec}), ZeRO-3 on 1 "
-              f"{'GPU' if gpu else 'CPU process'}, micro-batch {micro_batch} x {args.seq} tokens, "
-              f"{s['seconds']:.0f} s")
+              f"{'GPU' if gpu else 'CPU process'}, {what}, {s['seconds']:.0f} s")
         print(f"  tokens/s {s['tokens_per_s']:.0f}; the planner assumes {s['planned_tokens_per_s']:.0f} "
               f"(MFU {plan.TRAIN_MFU:.2f}); measured MFU {s['mfu']:.3f} (6P FLOPs a token)")
         print(f"  planned per GPU: states {s['planned_states_gib']:.1f} + activations {s['planned_blocks_gib']:.1f}"

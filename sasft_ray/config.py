@@ -137,8 +137,19 @@ class TrainConfig(Section):
         0, ge=0, description="method freeze: embeddings and the lowest k blocks (with lora: no adapters there)")
     lora: LoraConfig | None = Field(None, description="None: full fine-tuning; a section ({} for defaults): LoRA")
     packing: bool = Field(False, description="concatenate examples into sequences of up to max_length tokens")
-    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
+    gradient_checkpointing: bool = Field(
+        False, description="keep only each block's input for backward and recompute the block (non-reentrant): "
+        "activations drop to about 1/10 for one more forward pass; what large models need to fit")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        "sdpa", description="transformers' attention kernel; flash_attention_2 (GPU, flash-attn installed) "
+        "makes packed sequences cheapest")
+    log_every: int = Field(10, ge=1, description="optimizer steps between progress records (loss, grad norm, lr, "
+                           "tokens/s per GPU, ETA) in the log and train-events.jsonl")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints (and held-out losses)")
     keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints_after_export: bool = Field(
+        False, description="keep run_dir/train/ (checkpoints with optimizer state: ~16 bytes a parameter) once "
+        "the export is written")
     max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
     seed: int = 0
     fail_once_at_step: int | None = Field(
@@ -194,6 +205,9 @@ class EvalConfig(Section):
 class ResourcesConfig(Section):
     address: str | None = Field(None, description="Ray address; None starts an embedded local Ray")
     use_gpu: bool = False
+    accelerator_type: str | None = Field(
+        None, description="GPU type the training workers need (Ray's accelerator_type, e.g. H100), so they do not "
+        "land on a cluster's smaller serving GPUs")
     num_cpus: int | None = Field(
         None, ge=1, description="logical CPUs of the embedded local Ray (more than cores lets stages overlap)"
     )

@@ -2,7 +2,9 @@
 
 `export` runs inside the Ray Train workers (every rank takes part in gathering ZeRO-3 shards,
 rank 0 writes); `weight_drift` compares the written state with the base model's safetensors,
-block by block, so the report can tell which layers a method moved.
+block by block, so the report can tell which layers a method moved. A hub model's safetensors
+are read where transformers cached them when rank 0 loaded the model (fetched once if not);
+when they cannot be had, drift.json says why instead of holding nothing.
 """
 
 from __future__ import annotations
@@ -32,13 +34,39 @@ def export(engine, cfg: Config, out: str, rank: int) -> None:
     Path(out, "drift.json").write_text(json.dumps(weight_drift(cfg.model.path, state), indent=2))
 
 
+def base_safetensors(base: str) -> tuple[list[Path], str | None]:
+    """The base model's safetensors files: in its local folder, or for a hub id in the local HF cache
+    (where `from_pretrained` put them), fetched once if missing; else ([], why not)."""
+    if Path(base).is_dir():
+        files = sorted(Path(base).glob("*.safetensors"))
+        return files, None if files else f"no *.safetensors in {base}"
+    from huggingface_hub import snapshot_download
+
+    why = "not found"
+    for local_only in (True, False):  # the cache first; the hub only if the cache lacks them
+        try:
+            files = sorted(Path(snapshot_download(base, allow_patterns=["*.safetensors"],
+                                                  local_files_only=local_only)).glob("*.safetensors"))
+        except Exception as e:  # offline, gated, no such repo: drift is a diagnostic, the export stands
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        if files:
+            return files, None
+        why = "the hub repo has no *.safetensors"
+    return [], f"base weights of {base} not found ({why})"
+
+
 def weight_drift(base_path: str, state: dict) -> dict:
-    """Relative drift ||θ - θ0|| / ||θ0|| per block and in total, from the base safetensors."""
+    """Relative drift ||θ - θ0|| / ||θ0|| per block and in total, from the base safetensors; or
+    `{"unavailable": why}` when those cannot be found."""
     import torch
     from safetensors import safe_open
 
+    files, why = base_safetensors(base_path)
+    if why:
+        return {"unavailable": why}
     sums: dict[str, list[float]] = {}
-    for file in sorted(Path(base_path).glob("*.safetensors")):
+    for file in files:
         with safe_open(str(file), "pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if key not in state:

@@ -16,10 +16,10 @@ Activations per GPU, per token of the micro-batch and per Llama/Qwen block, as H
   attention (no s x s scores kept), no recomputation: 20h + 4·kv + 8·I + 4·heads + 8 bytes. Each
   RMSNorm keeps an fp32 copy of its input, its fp32 rsqrt and two 16-bit tensors (8h + 4); attention
   keeps Q, K, V and its output (4h + 4kv) and an fp32 log-sum-exp per head; the MLP keeps gate, up,
-  silu(gate), silu·up (8I) (Korthikanti et al. 2022's count, redone for this block). With gradient
-  checkpointing a block keeps only its input (2h) and one block is recomputed at a time. Logits at the
-  loss: tokens·vocab·(4 + 4 + 2): the fp32 log-softmax kept for backward, its gradient, the 16-bit
-  gradient of the logits.
+  silu(gate), silu·up (8I) (Korthikanti et al. 2022's count, redone for this block). With
+  `train.gradient_checkpointing` a block keeps only its input (2h) and one block is recomputed at
+  a time. Logits at the loss: tokens·vocab·(4 + 4 + 2): the fp32 log-softmax kept for backward,
+  its gradient, the 16-bit gradient of the logits.
 vLLM, per engine: weights 2P/TP per GPU; KV cache 2·layers·kv_heads·head_dim·2 bytes per token,
   in gpu_mem·gpu_memory_utilization − weights − VLLM_WORKSPACE_GIB.
 Time: training tokens/s per GPU = peak FLOP/s·MFU / 6P; decoding is memory bound: each step reads
@@ -216,8 +216,8 @@ def gpu_total(mem: TrainMem, act: tuple[float, float]) -> float:
 @dataclass
 class TrainPlan:
     options: list[TrainMem]  # all ZeRO stage x offload combinations at the configured N
-    act: tuple[float, float]
-    act_ckpt: tuple[float, float]
+    act: tuple[float, float]  # as configured (train.gradient_checkpointing)
+    act_ckpt: tuple[float, float]  # with gradient checkpointing
     chosen: TrainMem
     need: float  # per-GPU bytes of the configured option
     fits: bool
@@ -229,7 +229,7 @@ def train_plan(cfg: Config, arch: Arch, cl: Cluster) -> TrainPlan:
     n, half, gib, T = t.num_workers, t.bf16 is not False, cl.gpu_mem_gib * GIB, trainable_params(arch, cfg)
     combos = [(s, False, False) for s in range(4)] + [(s, True, False) for s in (1, 2, 3)] + [(3, True, True)]
     options = [model_states(arch, s, n, o, p, half, cl.gpus_per_node, T) for s, o, p in combos]
-    act = activation_bytes(arch, t.micro_batch_size, t.max_length, half)
+    act = activation_bytes(arch, t.micro_batch_size, t.max_length, half, checkpointing=t.gradient_checkpointing)
     act_ckpt = activation_bytes(arch, t.micro_batch_size, t.max_length, half, checkpointing=True)
     chosen = model_states(arch, t.zero_stage, n, t.offload_optimizer, t.offload_params, half, cl.gpus_per_node, T)
     cpu_cap = cl.cpu_mem_gib * GIB
@@ -243,17 +243,20 @@ def train_plan(cfg: Config, arch: Arch, cl: Cluster) -> TrainPlan:
         advice.append(f"DeepSpeed refuses this combination: {chosen.refused}")
     if chosen.cpu_per_node > cpu_cap:
         advice.append(f"needs {chosen.cpu_per_node / GIB:.1f} GiB CPU RAM per node, has {cl.cpu_mem_gib:g}")
+    ckpt = " with train.gradient_checkpointing: true"
+    if not ok and not t.gradient_checkpointing and fits(chosen, act_ckpt):
+        advice.append(f"{ckpt.strip()}: {gpu_total(chosen, act_ckpt) / GIB:.1f} GiB per GPU: fits")
     if not ok:  # what offload (and recomputation) would change
         same = (chosen.stage, chosen.offload_optimizer, chosen.offload_params)
         for m in options:
             if m.stage in (t.zero_stage, 3) and not m.refused and (
                     m.stage, m.offload_optimizer, m.offload_params) != same and m.offload_optimizer:
-                verdict = ("fits" if fits(m, act) else "fits with gradient checkpointing" if fits(m, act_ckpt)
-                           else "does not fit")
-                advice.append(f"with {m.name}: {gpu_total(m, act) / GIB:.1f} GiB per GPU "
-                              f"({gpu_total(m, act_ckpt) / GIB:.1f} with gradient checkpointing), "
-                              f"{m.cpu_per_node / GIB:.0f} GiB CPU RAM per node: {verdict}")
-        for a, how in ((act, ""), (act_ckpt, " with gradient checkpointing")):
+                verdict = ("fits" if fits(m, act) else f"fits{ckpt}" if fits(m, act_ckpt) else "does not fit")
+                advice.append(f"with {m.name}: {gpu_total(m, act) / GIB:.1f} GiB per GPU"
+                              + ("" if t.gradient_checkpointing else
+                                 f" ({gpu_total(m, act_ckpt) / GIB:.1f}{ckpt})")
+                              + f", {m.cpu_per_node / GIB:.0f} GiB CPU RAM per node: {verdict}")
+        for a, how in ((act, ""),) + (() if t.gradient_checkpointing else ((act_ckpt, ckpt),)):
             more = next((k for k in range(n, 4097) if fits(model_states(arch, 3, k, half=half, trainable=T), a)),
                         None)
             advice.append(f"without offload{how}: " + (
@@ -277,7 +280,8 @@ def train_time(cfg: Config, arch: Arch, cl: Cluster, task_rows: int | None) -> t
         steps = (task + mixed) // global_batch * t.epochs
     tokens = steps * global_batch * t.max_length
     # FLOPs per token: forward 2P, backward 2P for the activations' gradients + 2T for the weights'
-    flops = 4 * arch.params + 2 * trainable_params(arch, cfg)
+    # (+ 2P: gradient checkpointing runs each block's forward again in backward)
+    flops = (6 if t.gradient_checkpointing else 4) * arch.params + 2 * trainable_params(arch, cfg)
     rate = cl.train_tokens_per_s or GPU_BF16_TFLOPS * 1e12 * TRAIN_MFU / flops
     return steps, tokens, tokens / (rate * t.num_workers)
 
@@ -393,13 +397,14 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
             f"{math.ceil(gpus / cl.gpus_per_node)} node(s); {'bf16' if t.bf16 is not False else 'fp32'}, "
             f"micro-batch {t.micro_batch_size} x {t.max_length} tokens; {what}",
             f"  activations per GPU: blocks {tp_.act[0] / g:.1f} GiB + logits {tp_.act[1] / g:.1f} GiB "
-            f"(gradient checkpointing: {sum(tp_.act_ckpt) / g:.1f} GiB; not a train.* switch yet)",
-            f"  {'GiB per GPU':33}params  grads  optim gather | total  +ckpt | CPU/node"]
+            + ("(train.gradient_checkpointing on)" if t.gradient_checkpointing else
+               f"(with train.gradient_checkpointing: {sum(tp_.act_ckpt) / g:.1f} GiB)"),
+            f"  {'GiB per GPU':33}params  grads  optim gather | total | CPU/node"]
     for m in tp_.options:
         mark = " <- config" if (m.stage, m.offload_optimizer, m.offload_params) == (
             t.zero_stage, t.offload_optimizer, t.offload_params) else ""
         out.append(f"  {m.name + mark:31}{m.params / g:7.1f}{m.grads / g:7.1f}{m.optim / g:7.1f}{m.gather / g:7.1f} |"
-                   f"{gpu_total(m, tp_.act) / g:6.1f} {gpu_total(m, tp_.act_ckpt) / g:6.1f} |"
+                   f"{gpu_total(m, tp_.act) / g:6.1f} |"
                    f"{m.cpu_per_node / g:7.0f}" + (f"  ({m.refused})" if m.refused else ""))
     out.append(f"  (totals add activations and {CUDA_OVERHEAD_GIB:g} GiB CUDA/NCCL overhead)")
     out.append(f"  {'fits' if tp_.fits else 'DOES NOT FIT'}: {tp_.chosen.name} needs {tp_.need / g:.1f} GiB per GPU, "

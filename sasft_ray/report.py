@@ -75,7 +75,8 @@ def run_report(results: dict) -> str:
             lines.append(f"- forgetting (mean drop over general benchmarks): {_fmt(e['forgetting'], True)}; "
                          f"general accuracy kept: {_fmt(e['retention'])}")
         if e.get("drift"):
-            lines.append(f"- weight drift ‖θ−θ₀‖/‖θ₀‖: total {_fmt(e['drift'].get('total'))}")
+            lines.append(f"- weight drift ‖θ−θ₀‖/‖θ₀‖: total {_fmt(e['drift']['total'])}" if "total" in e["drift"]
+                         else f"- weight drift: not measured ({e['drift'].get('unavailable')})")
         lines.append("")
     lines += ["Per-metric scores: `eval/results.json`; every reply: `eval/samples/`.", ""]
     return "\n".join(lines)
@@ -173,7 +174,7 @@ def compare(found: list[dict]) -> str:
             cells.append(mean_spread(values) if values else "")
             if values:
                 means.setdefault((model, task, b), {})[method] = statistics.fmean(values)
-        drift = [e["drift"]["total"] for e in es if e.get("drift")]
+        drift = [e["drift"]["total"] for e in es if "total" in (e.get("drift") or {})]
         lines.append(f"| {Path(model).name} | {Path(task).name} | {method} | {len(es)} | " + " | ".join(cells)
                      + f" | {mean_spread(drift) if drift else ''} |")
     base_cells = {b: statistics.fmean(e["base"][b] for e in found if b in e["base"]) for b in benchmarks}

@@ -2,20 +2,20 @@
 
 The driver tokenizes the mixed dataset with Ray Data (loss on assistant tokens only),
 optionally packs it (`train.packing`, see `sasft_ray.packing`), checks everything that
-can be checked before a worker starts, and launches a `TorchTrainer`. Each worker loads
-the model sharded (`HfDeepSpeedConfig` before `from_pretrained`), adds LoRA adapters if
-`train.lora` is set (`sasft_ray.lora`), trains on its shard of the data, and every N steps
-measures the held-out loss and checkpoints (every rank writes its ZeRO shard; Ray Train
-merges them in one folder). At the end rank 0 gathers the full weights (adapters merged
-in), writes `<run_dir>/model/` and the per-layer weight drift `<run_dir>/model/drift.json`
-(`sasft_ray.export`).
+can be checked before a worker starts, and launches a `TorchTrainer`. Each worker is thin
+glue around `sasft_ray.loop` (the engine and the loop, which `jobs/check_gpu.py` runs
+without Ray): its dataset shards, checkpoints (every rank writes its ZeRO shard; Ray Train
+uploads them in the background and merges them in one folder), `ray.train.report`, and a
+record every `train.log_every` steps in `<run_dir>/train-events.jsonl`. At the end rank 0
+gathers the full weights (adapters merged in), writes `<run_dir>/model/` and the per-layer
+weight drift `<run_dir>/model/drift.json` (`sasft_ray.export`); the checkpoints, which hold
+the optimizer state, are then deleted unless `train.keep_checkpoints_after_export`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import tempfile
 import time
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sasft_ray import lora, packing
+from sasft_ray import loop, packing
 from sasft_ray.config import Config, absolute_paths
 from sasft_ray.export import export
 from sasft_ray.rundir import RunDir, fingerprints
@@ -100,122 +100,26 @@ def packed(ds, max_length: int):
                           num_cpus=0.5).materialize()
 
 
-# --- DeepSpeed ----------------------------------------------------------------------------------
+# --- the worker: thin glue between Ray Train and `sasft_ray.loop` ---------------------------------
 
-def deepspeed_config(cfg: Config) -> dict:
-    t, gpu = cfg.train, cfg.resources.use_gpu
-    bf16 = gpu if t.bf16 is None else t.bf16
-    zero: dict = {"stage": t.zero_stage}
-    if t.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if t.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
-    extra = {"zero_force_ds_cpu_optimizer": False} if t.offload_optimizer else {}  # our torch AdamW, offloaded
-    if t.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * t.num_workers,
-        "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 10**9,
-        **extra,
-    }
-
-
-def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def frozen_prefixes(num_layers: int, k: int | None) -> tuple[str, ...]:
-    """Parameter-name pieces frozen by method `freeze`: the embeddings and the lowest k blocks."""
-    k = num_layers // 2 if k is None else k
-    return ("embed_tokens.",) + tuple(f"layers.{i}." for i in range(k))
-
-
-def _collate(batch: dict, pad_id: int) -> dict:
-    """Right-padded tensors, and `num_tokens` (not a model input). Packed rows carry position ids
-    instead of an attention mask (transformers then keeps their examples apart); their padding gets
-    positions 0, 1, ... of its own, so it is one more isolated segment with ignored labels."""
-    import torch
-
-    width = max(len(x) for x in batch["input_ids"])
-    ids = torch.full((len(batch["input_ids"]), width), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE)
-    mask = torch.zeros_like(ids)
-    for i, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-    out = {"input_ids": ids, "labels": labels, "num_tokens": mask.sum()}
-    if "position_ids" not in batch:
-        return {**out, "attention_mask": mask}
-    positions = torch.arange(width).repeat(len(ids), 1)
-    for i, p in enumerate(batch["position_ids"]):
-        positions[i, : len(p)] = torch.tensor(p)
-        positions[i, len(p):] = torch.arange(width - len(p))
-    return {**out, "position_ids": positions}
-
-
-# --- the worker loop ----------------------------------------------------------------------------
-
-def build_engine(cfg: Config, ds_config: dict, total_steps: int, rank: int):
-    """The model in a DeepSpeed engine, as the method trains it: loaded sharded under ZeRO-3,
-    LoRA adapters or frozen lower blocks, AdamW with the lr schedule. Needs torch.distributed up;
-    needs no Ray (`jobs/check_gpu.py` runs it on one bare GPU). Returns (engine, scheduler,
-    trainable parameters, all parameters)."""
-    import deepspeed
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-
-    t = cfg.train
-    # transformers holds this by weak reference and loads sharded while it lives; it must live as
-    # long as the engine (the export reads it too), so the engine keeps it
-    hf_ds_config = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype,
-                                                 trust_remote_code=cfg.model.trust_remote_code)
-    if t.lora:  # base frozen, adapters only (above the frozen blocks for method freeze)
-        model = lora.apply_lora(model, t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.target_modules,
-                                first_layer=t.freeze_layers if t.method == "freeze" else 0)
-    elif t.method == "freeze":
-        frozen = frozen_prefixes(model.config.num_hidden_layers, t.freeze_layers)
-        for name, p in model.named_parameters():
-            if any(piece in name for piece in frozen):
-                p.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = lora.parameter_counts(model)
-    if rank == 0:
-        print(f"[train] trainable parameters: {n_trainable:,} of {n_total:,} ({n_trainable / n_total:.2%})")
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        lr_lambda, warmup=round(t.warmup_ratio * total_steps), total=total_steps, schedule=t.schedule))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, model_parameters=trainable)
-    engine.hf_ds_config = hf_ds_config
-    return engine, scheduler, n_trainable, n_total
+EVENTS, FAILED_ONCE = "train-events.jsonl", "train-failed-once"
+RAY_TRAIN = "train"  # Ray Train's run folder in run_dir: its checkpoints and snapshot
 
 
 def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it silently
     import deepspeed
     import ray.train
     import torch
+    from ray.train import CheckpointUploadMode
 
     cfg = Config.model_validate(config["cfg"])
     t, ds_config, total_steps = cfg.train, config["ds_config"], config["total_steps"]
     rd = RunDir(cfg.run_dir)  # local, a shared mount, or s3:// / gs://: every node reaches it
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.resources.use_gpu else "gloo")
-    torch.manual_seed(t.seed)
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.resources.use_gpu else "gloo")  # Ray Train's group
     rank = ray.train.get_context().get_world_rank()
     nodes = [None] * t.num_workers  # where each rank runs, logged at every (re)start
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    engine, scheduler, n_trainable, n_total = build_engine(cfg, ds_config, total_steps, rank)
+    engine, _, n_trainable, n_total = loop.build_engine(cfg, ds_config, total_steps, rank)
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -229,63 +133,60 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
         log_event(rd, event="resumed" if checkpoint else "started", step=step, nodes=nodes)
 
     shard, heldout_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("heldout")
-    collate = functools.partial(_collate, pad_id=config["pad_id"])
-    heldout, heldout_step = None, None  # measured at every checkpoint, the last one included
-    losses: list[float] = []
-    tokens = torch.zeros(1, dtype=torch.float64)  # tokens trained on since the last report, this rank
-    micro_steps = 0
-    while step < total_steps:
-        for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=collate, drop_last=True,
-                                              local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + step):
-            tokens += batch.pop("num_tokens")
-            loss = engine(**batch, use_cache=False).loss  # no cache: it would also hide packed boundaries
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-            micro_steps += 1
-            if micro_steps % t.grad_accum:  # DeepSpeed steps the optimizer every grad_accum micro-batches
-                continue
-            step += 1
-            if t.fail_once_at_step == step and rank == t.num_workers - 1 and not rd.exists(FAILED_ONCE):
-                rd.write_text("failed once", FAILED_ONCE)
-                time.sleep(5)  # let the controller collect the last report (it polls every 2 s)
-                os._exit(1)  # a real process death: Ray Train must restart from the checkpoint
-            last = step == total_steps
-            if step % t.checkpoint_every == 0 or last:
-                torch.distributed.all_reduce(tokens)
-                heldout, heldout_step = heldout_loss(engine, heldout_shard, collate, t.micro_batch_size), step
-                metrics = {"step": step, "loss": float(np.mean(losses)), "heldout_loss": heldout,
-                           "lr": scheduler.get_last_lr()[0], "tokens": int(tokens.item()),
-                           "optimizer_steps": engine.global_steps}
-                losses, tokens = [], torch.zeros(1, dtype=torch.float64)
-                if rank == 0:
-                    log_event(rd, event="checkpoint", **metrics)
-                    print(f"[train] step {step}/{total_steps}: loss {metrics['loss']:.4f}, held-out loss "
-                          + (f"{heldout:.4f}" if heldout is not None else "- (no held-out rows)"))
-                with tempfile.TemporaryDirectory() as folder:
-                    engine.save_checkpoint(folder, tag="ds", client_state={"step": step})
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-            if last:
-                break
+    collate = functools.partial(loop.collate, pad_id=config["pad_id"])
 
-    if heldout_step != step:  # restarted after the last checkpoint: nothing trained since, measure it again
-        heldout = heldout_loss(engine, heldout_shard, collate, t.micro_batch_size)
+    def batches(step: int):  # Ray Data moves each collated batch to this worker's device
+        return shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=collate, drop_last=True,
+                                        local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + step)
+
+    def log(record: dict) -> None:
+        saving = "heldout_loss" in record
+        log_event(rd, event="checkpoint" if saving else "log", **record)
+        print(progress_line(record, total_steps))
+
+    def save(step: int, record: dict) -> None:
+        # every rank writes its ZeRO shard; Ray Train uploads them in the background and merges them
+        folder = tempfile.mkdtemp(prefix="sasft-ckpt-")
+        engine.save_checkpoint(folder, tag="ds", client_state={"step": step})
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+
+    fail_at = t.fail_once_at_step if rank == t.num_workers - 1 else None
+
+    def after_step(step: int) -> None:
+        if step == fail_at and not rd.exists(FAILED_ONCE):
+            rd.write_text("failed once", FAILED_ONCE)
+            time.sleep(5)  # let the controller collect the last report (it polls every 2 s)
+            os._exit(1)  # a real process death: Ray Train must restart from the checkpoint
+
+    end = loop.run(engine, cfg, batches, lambda: heldout_shard.iter_torch_batches(
+        batch_size=t.micro_batch_size, collate_fn=collate), total_steps=total_steps, step=step, log=log,
+        checkpoint=save, after_step=after_step if fail_at else None)
+
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the folder once it is whole
         out = scratch if rd.remote else rd.local("model")
         export(engine, cfg, out, rank)
         if rank == 0:
             Path(out, "train_result.json").write_text(json.dumps(
-                {"heldout_loss": heldout, "trainable_params": n_trainable, "total_params": n_total}))
+                {"heldout_loss": end["heldout_loss"], "trainable_params": n_trainable, "total_params": n_total}))
             if rd.remote:
                 rd.upload(out, "model")
 
 
-EVENTS, FAILED_ONCE = "train-events.jsonl", "train-failed-once"
+def progress_line(record: dict, total_steps: int) -> str:
+    heldout = record.get("heldout_loss")
+    norm = record.get("grad_norm")
+    return (f"[train] step {record['step']}/{total_steps}: loss {record['loss']:.4f}"
+            + (f", grad norm {norm:.3f}" if norm is not None else "")
+            + f", lr {record['lr']:.2e}, {record['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, "
+            f"ETA {record['eta_s'] / 60:.1f} min"
+            + ("" if "heldout_loss" not in record else
+               f", held-out loss {heldout:.4f}" if heldout is not None else ", held-out loss - (no rows)"))
 
 
 def log_event(rd: RunDir, **event) -> None:
-    """One JSON line per event of the run (starts and resumes with the workers' nodes, checkpoints
-    with their loss): its history."""
+    """One JSON line per event of the run (starts and resumes with the workers' nodes, log records,
+    checkpoints with their held-out loss): its history."""
     rd.append_line(json.dumps({"time": round(time.time(), 3), **event}), EVENTS)
 
 
@@ -296,22 +197,6 @@ def train_events(rd: RunDir) -> list[dict]:
 def heldout_by_step(events: list[dict]) -> dict[str, float | None]:
     """Held-out loss at each checkpoint step, from the events log (a step redone after a restart: the last)."""
     return {str(e["step"]): e["heldout_loss"] for e in events if e["event"] == "checkpoint"}
-
-
-def heldout_loss(engine, shard, collate, batch_size: int) -> float | None:
-    import torch
-    import torch.distributed as dist
-
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
-            batch.pop("num_tokens")
-            n = int((batch["labels"][:, 1:] != IGNORE).sum())
-            total += torch.tensor([engine(**batch, use_cache=False).loss.item() * n, n], dtype=torch.float64)
-    dist.all_reduce(total)
-    engine.train()
-    return float(total[0] / total[1]) if total[1] else None  # None: no held-out rows
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -329,6 +214,9 @@ def check_before_work(cfg: Config, rows: int, rows_with_targets: int, sequences:
         raise TrainSetupError(
             f"train.method freeze with train.lora puts adapters only above the lowest freeze_layers blocks; "
             f"freeze_layers={t.freeze_layers} leaves none of the model's {num_layers} blocks to adapt")
+    if t.attn_implementation.startswith("flash") and not cfg.resources.use_gpu:
+        raise TrainSetupError(f"train.attn_implementation {t.attn_implementation} needs GPUs "
+                              "(resources.use_gpu); use sdpa on CPU")
     global_batch = t.micro_batch_size * t.grad_accum * t.num_workers
     units = rows if sequences is None else sequences
     per_epoch = units // global_batch
@@ -361,8 +249,18 @@ def num_layers(cfg: Config) -> int | None:
     return getattr(model_config, "num_hidden_layers", None)
 
 
+def scaling_config(cfg: Config):
+    """The training workers' resources: one GPU each (of `resources.accelerator_type`, if set) or CPUs."""
+    from ray.train import ScalingConfig
+
+    t, gpu = cfg.train, cfg.resources.use_gpu
+    return ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, placement_strategy=t.placement_strategy,
+                         resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if gpu else {})},
+                         accelerator_type=cfg.resources.accelerator_type if gpu else None)
+
+
 def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from sasft_ray.generate import connect
@@ -388,10 +286,15 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
         sequences = train_ds.count()
     total_steps = check_before_work(cfg, rows, with_targets, sequences, num_layers(cfg))
     heldout_ds = tokenized(cfg, rd.path("task", "heldout.parquet"), strip_bos)
-    rd.begin("train", config_hash, force=True, outputs=("model", EVENTS, FAILED_ONCE), inputs=inputs)
+    # Ray Train resumes from its own snapshot in run_dir/train/ (even in a new fit()): only a run of this
+    # very config that did not finish may resume there; any other starts from a clean folder
+    prior = rd.stage_info("train")
+    resuming = not force and prior.get("status") == "running" and prior.get("config_hash") == config_hash
+    rd.begin("train", config_hash, force=True, inputs=inputs,
+             outputs=("model", FAILED_ONCE) + (() if resuming else (EVENTS, RAY_TRAIN)))
 
     t = cfg.train
-    ds_config = deepspeed_config(cfg)
+    ds_config = loop.deepspeed_config(cfg)
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    str(Path.home() / ".cache" / "torch_extensions"))}
     if cfg.resources.use_gpu:  # measured on one H200 (jobs/check_gpu.py): the allocator then holds 1.5-3 GiB
@@ -402,12 +305,9 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "ds_config": ds_config, "total_steps": total_steps,
                            "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                            else tokenizer.eos_token_id},
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=cfg.resources.use_gpu, placement_strategy=t.placement_strategy,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker}
-                                                                if cfg.resources.use_gpu else {})}),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
-            name="train", storage_path=rd.path(),
+            name=RAY_TRAIN, storage_path=rd.path(),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
             worker_runtime_env={"env_vars": env}),
@@ -415,9 +315,15 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
     )
     result = trainer.fit()
     out, drift = rd.read_json("model", "train_result.json"), rd.read_json("model", "drift.json")
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if not t.keep_checkpoints_after_export:  # the export is written: drop the optimizer state (~12 bytes a param)
+        rd.remove(RAY_TRAIN)
+        checkpoint = None
     counts = {"rows_in": rows, "sequences": sequences or rows, "steps": total_steps,
               "final_loss": result.metrics.get("loss"), "heldout_loss": out["heldout_loss"],
               "heldout_by_step": heldout_by_step(train_events(rd)),
               "trainable_params": out["trainable_params"], "total_params": out["total_params"],
-              "drift_total": drift.get("total"), "checkpoint": result.checkpoint.path if result.checkpoint else None}
+              "drift_total": drift.get("total"), **({"drift_unavailable": drift["unavailable"]}
+                                                    if "unavailable" in drift else {}),
+              "checkpoint": checkpoint}
     return rd.finish("train", counts)

@@ -21,6 +21,7 @@ from sasft_ray.plan import (
     report,
     smallest_tp,
     train_plan,
+    train_time,
     trainable_params,
 )
 from tests.conftest import make_config
@@ -62,9 +63,9 @@ def test_shape_from_config_json_counts_parameters_like_deepspeed(tmp_path, kind,
     {"method": "freeze", "freeze_layers": 1, "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}},
 ], ids=["freeze", "lora-all-linear", "lora-freeze-qv"])
 def test_trainable_parameters_match_the_training_code(tmp_path, train):
-    """What `sasft_ray.train` hands the optimizer (PEFT adapters, frozen blocks) against the planner's count."""
+    """What `sasft_ray.loop` hands the optimizer (PEFT adapters, frozen blocks) against the planner's count."""
     from sasft_ray import lora
-    from sasft_ray.train import frozen_prefixes
+    from sasft_ray.loop import frozen_prefixes
 
     model = _tiny("llama", layers=3)
     model.config.save_pretrained(tmp_path)
@@ -223,7 +224,7 @@ def test_8b_fits_one_node_and_70b_does_not_without_offload(tmp_path):
     # What offload changes: the optimizer states go to CPU RAM (~1 TiB on the node), but at micro-batch
     # 2 x 2048 the activations still do not fit without gradient checkpointing.
     assert re.search(r"with ZeRO-3 offload optim: [\d.]+ GiB per GPU .* 1051 GiB CPU RAM per node: "
-                     r"fits with gradient checkpointing", advice)
+                     r"fits with train.gradient_checkpointing: true", advice)
     assert "without offload: no GPU count fits" in advice
 
     at_micro_1 = train_plan(_one_node_config(tmp_path, "x", micro_batch_size=1), L3_70B, cl)
@@ -254,9 +255,51 @@ def test_cli_prints_the_plan_and_exits_1_when_it_does_not_fit(tmp_path):
     assert "fits: ZeRO-3 needs" in out.getvalue() and "pass --task-rows" in out.getvalue()
 
 
-def test_report_of_the_shipped_cluster_config_fits():
+@pytest.mark.parametrize("name", ["llama3-8b", "llama3-70b"])
+def test_report_of_the_shipped_cluster_configs_fits(name):
     from sasft_ray.config import load_config
 
-    cfg = load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-8b.yaml"))
+    cfg = load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / f"{name}.yaml"))
     text, fits = report(cfg, *load_arch(cfg.model.path), Cluster(), task_rows=20000)
     assert fits, text
+
+
+def test_70b_fits_two_nodes_with_the_gradient_checkpointing_switch_only():
+    """The 70B config fits 16 x 80 GB because of train.gradient_checkpointing; the 8B config pointed at
+    70B (no checkpointing) does not, and the planner names the switch; recomputation is timed."""
+    root = Path(__file__).parents[1] / "cluster" / "configs"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", str(root / "llama3-70b.yaml"), "--task-rows", "20000"]) == 0
+    assert "(train.gradient_checkpointing on)" in out.getvalue()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        main(["plan", str(root / "llama3-70b.yaml"), "--set", "train.gradient_checkpointing=false"])
+    assert exit_.value.code == 1 and "fits with train.gradient_checkpointing: true" in out.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as exit_:
+        main(["plan", str(root / "llama3-8b.yaml"), "--set", "model.path=meta-llama/Meta-Llama-3-70B-Instruct"])
+    assert exit_.value.code == 1
+
+    from sasft_ray.config import load_config
+
+    on = load_config(str(root / "llama3-70b.yaml"))
+    off = load_config(str(root / "llama3-70b.yaml"), ["train.gradient_checkpointing=false"])
+    assert sum(train_plan(on, L3_70B, Cluster()).act) < sum(train_plan(off, L3_70B, Cluster()).act) / 10
+    seconds = [train_time(c, L3_70B, Cluster(), 20000)[2] for c in (on, off)]
+    assert seconds[0] / seconds[1] == pytest.approx(8 / 6, rel=0.01)  # one more forward: 8P FLOPs a token, not 6P
+
+
+def test_the_70b_training_workers_ask_for_what_the_plan_counts():
+    """What `sasft train` hands Ray Train for the 70B config, built without a GPU: 16 one-GPU workers of the
+    accelerator type the config names, packed onto the 2 nodes the planner counts."""
+    from sasft_ray.config import load_config
+    from sasft_ray.train import scaling_config
+
+    cfg = load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-70b.yaml"))
+    sc = scaling_config(cfg)
+    assert (sc.num_workers, sc.use_gpu, sc.accelerator_type, sc.placement_strategy) == (16, True, "H100", "PACK")
+    assert sc._resources_per_worker_not_none == {"CPU": 8, "GPU": 1, "accelerator_type:H100": 0.001}  # Ray's label
+    text, _ = report(cfg, *load_arch(cfg.model.path), Cluster(), task_rows=20000)
+    assert "train  16 workers x 1 GPU: 16 GPUs, 2 node(s)" in text
+    assert scaling_config(load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-70b.yaml"),
+                                      ["resources.use_gpu=false"])).accelerator_type is None

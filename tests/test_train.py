@@ -12,11 +12,12 @@ from safetensors.torch import load_file
 
 from sasft_ray.config import LoraConfig
 from sasft_ray.generate import generate
+from sasft_ray.loop import collate, frozen_prefixes, lr_lambda
 from sasft_ray.lora import apply_lora, merge_lora, parameter_counts
 from sasft_ray.packing import pack
 from sasft_ray.selftalk import load_tokenizer
 from sasft_ray.tiny import demo_task_rows, warmup_dialogues, write_demo_task
-from sasft_ray.train import IGNORE, TrainSetupError, _collate, encode, frozen_prefixes, lr_lambda, train, train_events
+from sasft_ray.train import IGNORE, TrainSetupError, encode, train, train_events
 from tests.conftest import make_config
 
 TRAIN = {"num_workers": 2, "micro_batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, "schedule": "constant",
@@ -98,7 +99,7 @@ def test_packed_examples_do_not_see_each_other(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     examples = _encoded_examples(tiny_llama, n=6)
     out = pack([e["input_ids"] for e in examples], [e["labels"] for e in examples], max_length=128)
-    batch = _collate(out, pad_id=0)  # several packed rows, the shorter ones padded
+    batch = collate(out, pad_id=0)  # several packed rows, the shorter ones padded
     assert "attention_mask" not in batch and int(batch.pop("num_tokens")) == sum(map(len, out["input_ids"]))
     with torch.no_grad():
         packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
@@ -123,7 +124,8 @@ def task_run(tiny_llama, local_ray, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(task_run):
     cfg, rd = task_run
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 30, "fail_once_at_step": 15})})
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "max_steps": 30, "fail_once_at_step": 15, "log_every": 5, "keep_checkpoints_after_export": True})})
     return cfg, rd, train(cfg, rd)
 
 
@@ -132,9 +134,13 @@ def test_zero3_training_survives_a_killed_worker_and_the_loss_falls(trained):
     assert record["status"] == "done" and record["steps"] == 30
     assert Path(rd.local("train-failed-once")).exists()  # a worker really died at step 15...
     events = train_events(rd)
-    assert [(e["event"], e["step"]) for e in events] == [("started", 0), ("checkpoint", 10), ("resumed", 10),
-                                                         ("checkpoint", 20), ("checkpoint", 30)]  # ...went on from 10
+    assert [(e["event"], e["step"]) for e in events] == [  # ...and it went on from the checkpoint at 10
+        ("started", 0), ("log", 5), ("checkpoint", 10), ("resumed", 10), ("log", 15),
+        ("checkpoint", 20), ("log", 25), ("checkpoint", 30)]
     assert len(events[0]["nodes"]) == 2
+    for e in events[1:]:
+        if e["event"] != "resumed":  # a record of the two ranks every log_every steps
+            assert e["tokens_per_s_per_gpu"] > 0 and e["grad_norm"] > 0 and e["lr"] == 5e-3 and e["eta_s"] >= 0
     losses = [e["loss"] for e in events if e["event"] == "checkpoint"]
     assert losses[-1] < 0.6 * losses[0] and record["final_loss"] == losses[-1]
     assert record["heldout_loss"] < losses[0]
@@ -191,9 +197,11 @@ def test_freeze_keeps_frozen_weights_bit_identical(task_run, tiny_llama, tmp_pat
                              train={**TRAIN, "method": "freeze", "freeze_layers": 1, "max_steps": 3,
                                     "grad_accum": 2})
     freeze_rd = generate(freeze_cfg)
-    train(freeze_cfg, freeze_rd)
+    record = train(freeze_cfg, freeze_rd)
     last = train_events(freeze_rd)[-1]
     assert last["step"] == last["optimizer_steps"] == 3  # our step count agrees with DeepSpeed's
+    # the export written, the checkpoints (optimizer state) are gone with Ray Train's folder
+    assert record["checkpoint"] is None and not freeze_rd.exists("train") and freeze_rd.exists("model")
     base = load_file(str(Path(tiny_llama, "model.safetensors")))
     tuned = load_file(str(Path(freeze_rd.local("model", "model.safetensors"))))
     for key in base:
@@ -201,14 +209,15 @@ def test_freeze_keeps_frozen_weights_bit_identical(task_run, tiny_llama, tmp_pat
         assert torch.equal(base[key], tuned[key]) == frozen, key
 
 
-def test_lora_zero3_with_packing_trains_adapters_only_and_exports_merged_weights(task_run, tiny_llama, tmp_path):
+def test_lora_zero3_packed_checkpointed_trains_adapters_only_and_exports_merged_weights(task_run, tiny_llama, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM
 
     cfg, _ = task_run
     lora_cfg = make_config(tmp_path, tiny_llama, data_path=cfg.data.path,
                            train={**TRAIN, "method": "sft", "lr": 1e-2, "max_steps": 20, "checkpoint_every": 5,
-                                  "packing": True, "lora": {"r": 8, "alpha": 16}})
+                                  "packing": True, "lora": {"r": 8, "alpha": 16}, "gradient_checkpointing": True,
+                                  "keep_checkpoints_after_export": True})
     lora_rd = generate(lora_cfg)
     record = train(lora_cfg, lora_rd)
     assert record["sequences"] <= record["rows_in"] / 2  # packed: two ~50-token dialogues per 128 tokens
@@ -259,16 +268,98 @@ def test_config_errors_stop_before_any_worker(task_run, tmp_path, change, messag
 
 
 def test_the_gpu_check_passes_on_cpu(tmp_path):
-    """`jobs/check_gpu.py` (one GPU node: bf16 ZeRO-3 over NCCL, export, packing, the planner's
-    figures) runs the same code on CPU in fp32 over gloo, so it does not rot between GPU sessions."""
+    """`jobs/check_gpu.py` (one GPU node: the library's loop fed as Ray Data feeds it, bf16 ZeRO-3 over
+    NCCL, export, packing, the planner's figures) runs the same code on CPU in fp32 over gloo, so it
+    does not rot between GPU sessions."""
     out = tmp_path / "check.json"
-    arch = "hidden=128,layers=2,heads=4,kv_heads=2,intermediate=256,vocab=512"
-    proc = subprocess.run([sys.executable, "jobs/check_gpu.py", "--cpu", "--arch", arch, "--seq", "64",
+    proc = subprocess.run([sys.executable, "jobs/check_gpu.py", "--cpu", "--seq", "64", "--micro-batch", "2",
                            "--scale-steps", "4", "--json", str(out)], cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     checks = result["correctness"]["checks"]
-    assert len(checks) == 4 and all(checks.values()), checks
-    scale = result["scale"][0]
-    assert scale["tokens_per_s"] > 0 and scale["planned_states_gib"] > 0 and "oom" not in scale
+    assert len(checks) == 5 and all(checks.values()), checks
+    assert [s["gradient_checkpointing"] for s in result["scale"]] == [False, True]  # a tiny shape on CPU
+    for scale in result["scale"]:
+        assert scale["tokens_per_s"] > 0 and scale["planned_states_gib"] > 0 and "oom" not in scale
+        assert len(scale["losses"]) == 2  # records at steps 2 and 4
+    assert result["scale"][1]["planned_blocks_gib"] < result["scale"][0]["planned_blocks_gib"]
+
+
+def _loop_without_ray(model_path: str, tmp: str, variants: list[dict]) -> list[dict]:
+    """In a fresh process, as `jobs/check_gpu.py` drives it: `sasft_ray.loop` in a one-process gloo group,
+    fed by `device_batches`, a few ZeRO-3 steps per variant of the train section."""
+    from sasft_ray import loop
+
+    loop.init_process_group(gpu=False)
+    rows = _encoded_examples(model_path, n=16)
+    return [_train_alone(make_config(Path(tmp) / str(i), model_path, train={
+        **TRAIN, "num_workers": 1, "max_steps": 4, "log_every": 1, "checkpoint_every": 4, **section}), rows)
+        for i, section in enumerate(variants)]
+
+
+def _train_alone(cfg, rows: list[dict]) -> dict:
+    """Each step's loss, and the bytes autograd saves for backward in one training forward (parameters,
+    gathered by ZeRO-3 at that moment, left out)."""
+    from sasft_ray import loop
+
+    pad_id = load_tokenizer(cfg.model.path).pad_token_id
+    engine, *_ = loop.build_engine(cfg, loop.deepspeed_config(cfg), 4, rank=0)
+    records: list[dict] = []
+    loop.run(engine, cfg, lambda step: loop.device_batches(rows, 4, pad_id, engine.device), lambda: iter(()),
+             total_steps=4, log=records.append)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        params = {p.data.untyped_storage().data_ptr() for p in engine.module.parameters()}
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    batch = next(loop.device_batches(rows, 4, pad_id, engine.device))
+    batch.pop("num_tokens")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        engine(**batch)
+    return {"losses": [r["loss"] for r in records], "saved": sum(saved.values())}
+
+
+def test_gradient_checkpointing_gives_the_same_loss_with_less_saved_memory(tiny_llama, tmp_path):
+    """Full, LoRA and freeze (frozen embeddings: the blocks' inputs need no grad, where reentrant
+    checkpointing would train nothing) under ZeRO-3: the same losses step by step with and without
+    `train.gradient_checkpointing`, and less memory kept for backward with it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    methods = {"full": {}, "lora": {"lora": {"r": 4}}, "freeze": {"method": "freeze", "freeze_layers": 1}}
+    variants = [{**m, "gradient_checkpointing": ckpt} for m in methods.values() for ckpt in (False, True)]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = pool.submit(_loop_without_ray, tiny_llama, str(tmp_path), variants).result()
+    for name, off, on in zip(methods, results[::2], results[1::2]):
+        assert len(off["losses"]) == 4 and off["losses"][-1] < off["losses"][0], name  # it trains
+        assert on["losses"] == pytest.approx(off["losses"], abs=1e-5), name
+        assert on["saved"] < 0.6 * off["saved"], (name, on["saved"], off["saved"])
+
+
+def test_weight_drift_of_a_hub_model_reads_the_hf_cache_stand_in_for_the_hub(tiny_llama, tmp_path, monkeypatch):
+    """A hub id's base weights are found where transformers cached them (a cache laid out by hand here,
+    as the hub would leave it); missing ones make drift.json say why, not hold nothing."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from sasft_ray.export import weight_drift
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(Path(tiny_llama, "model.safetensors"), snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    state = load_file(str(Path(tiny_llama, "model.safetensors")))
+    state["model.layers.0.mlp.down_proj.weight"] += 0.1
+    drift = weight_drift("org/tiny", state)
+    assert drift == weight_drift(tiny_llama, state) and drift["total"] > 0 and drift["layers.000"] > 0
+    assert drift["layers.001"] == 0
+    missing = weight_drift("org/absent", state)
+    assert list(missing) == ["unavailable"] and "org/absent" in missing["unavailable"]

@@ -1,0 +1,254 @@
+"""What every training worker runs, with no Ray in it: the engine and the loop.
+
+`sasft_ray.train` drives this from Ray Train (dataset shards, checkpoints, `ray.train.report`);
+`jobs/check_gpu.py` and `jobs/bench_train.py` drive the very same functions from a bare process
+or `torchrun`, fed as Ray Data feeds a worker (`device_batches`) in a process group made as Ray
+Train makes it (`init_process_group`). What the loop holds for counting, logging and collectives
+lives on the engine's device: under Ray Train's NCCL-only process group a CPU tensor in a
+collective fails, and Ray Data hands a GPU worker its batches already on the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from sasft_ray import lora
+from sasft_ray.config import Config
+from sasft_ray.packing import IGNORE
+
+# --- the engine ----------------------------------------------------------------------------------
+
+def deepspeed_config(cfg: Config) -> dict:
+    t, gpu = cfg.train, cfg.resources.use_gpu
+    bf16 = gpu if t.bf16 is None else t.bf16
+    zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
+    extra = {"zero_force_ds_cpu_optimizer": False} if t.offload_optimizer else {}  # our torch AdamW, offloaded
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * t.num_workers,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        **extra,
+    }
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def frozen_prefixes(num_layers: int, k: int | None) -> tuple[str, ...]:
+    """Parameter-name pieces frozen by method `freeze`: the embeddings and the lowest k blocks."""
+    k = num_layers // 2 if k is None else k
+    return ("embed_tokens.",) + tuple(f"layers.{i}." for i in range(k))
+
+
+def build_engine(cfg: Config, ds_config: dict, total_steps: int, rank: int):
+    """The model in a DeepSpeed engine, as the method trains it: loaded sharded under ZeRO-3,
+    gradient checkpointing if asked, LoRA adapters or frozen lower blocks, AdamW with the lr
+    schedule. Needs torch.distributed up (`init_process_group`, or Ray Train's). Returns (engine,
+    scheduler, trainable parameters, all parameters)."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    t = cfg.train
+    torch.manual_seed(t.seed)  # LoRA's initial adapters: the same on every rank and in every driver
+    # transformers holds this by weak reference and loads sharded while it lives; it must live as
+    # long as the engine (the export reads it too), so the engine keeps it
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype, attn_implementation=t.attn_implementation,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    model.config.use_cache = False  # a cache is useless in training and would hide packed boundaries
+    if t.gradient_checkpointing:  # keep each block's input only, recompute the block in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.lora:  # base frozen, adapters only (above the frozen blocks for method freeze)
+        model = lora.apply_lora(model, t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.target_modules,
+                                first_layer=t.freeze_layers if t.method == "freeze" else 0)
+    elif t.method == "freeze":
+        frozen = frozen_prefixes(model.config.num_hidden_layers, t.freeze_layers)
+        for name, p in model.named_parameters():
+            if any(piece in name for piece in frozen):
+                p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = lora.parameter_counts(model)
+    if rank == 0:
+        print(f"[train] trainable parameters: {n_trainable:,} of {n_total:,} ({n_trainable / n_total:.2%})")
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_lambda, warmup=round(t.warmup_ratio * total_steps), total=total_steps, schedule=t.schedule))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, model_parameters=trainable)
+    engine.hf_ds_config = hf_ds_config
+    return engine, scheduler, n_trainable, n_total
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+def collate(batch: dict, pad_id: int) -> dict:
+    """Right-padded tensors, and `num_tokens` (not a model input). Packed rows carry position ids
+    instead of an attention mask (transformers then keeps their examples apart); their padding gets
+    positions 0, 1, ... of its own, so it is one more isolated segment with ignored labels."""
+    import torch
+
+    width = max(len(x) for x in batch["input_ids"])
+    ids = torch.full((len(batch["input_ids"]), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    mask = torch.zeros_like(ids)
+    for i, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+    out = {"input_ids": ids, "labels": labels, "num_tokens": mask.sum()}
+    if "position_ids" not in batch:
+        return {**out, "attention_mask": mask}
+    positions = torch.arange(width).repeat(len(ids), 1)
+    for i, p in enumerate(batch["position_ids"]):
+        positions[i, : len(p)] = torch.tensor(p)
+        positions[i, len(p):] = torch.arange(width - len(p))
+    return {**out, "position_ids": positions}
+
+
+def device_batches(rows: list[dict], batch_size: int, pad_id: int, device, *, rank: int = 0, world: int = 1,
+                   seed: int | None = None, drop_last: bool = True) -> Iterator[dict]:
+    """Micro-batches as Ray Data's `iter_torch_batches(collate_fn=collate)` hands them to a Ray Train
+    worker: this rank's share of `rows` (dicts of token lists), shuffled by `seed` if given, collated,
+    every tensor already on `device`."""
+    order = list(range(rank, len(rows), world))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    for start in range(0, stop, batch_size):
+        chunk = [rows[i] for i in order[start: start + batch_size]]
+        batch = collate({k: [r[k] for r in chunk] for k in chunk[0]}, pad_id)
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def init_process_group(gpu: bool) -> None:
+    """torch.distributed as Ray Train makes it: NCCL alone on GPU (so a CPU tensor in a collective
+    fails here as it would there), gloo on CPU. Under `torchrun` its environment says who is who;
+    alone, a one-process group on a free port."""
+    import deepspeed
+    import torch
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    if gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def run(engine, cfg: Config, batches: Callable[[int], Iterable[dict]], heldout: Callable[[], Iterable[dict]], *,
+        total_steps: int, step: int = 0, log: Callable[[dict], None] | None = None,
+        checkpoint: Callable[[int, dict], None] | None = None,
+        after_step: Callable[[int], None] | None = None) -> dict:
+    """Train from optimizer step `step` to `total_steps`.
+
+    `batches(step)`: one pass over this rank's training micro-batches, started at `step` (its shuffle
+    seed); `heldout()`: this rank's held-out micro-batches. Every `train.log_every` steps and at every
+    checkpoint the ranks' loss, tokens and time are reduced into one record (loss, grad norm, lr,
+    tokens/s per GPU, ETA; the held-out loss at checkpoints) passed to `log` on rank 0; at every
+    `train.checkpoint_every` steps and the last, every rank calls `checkpoint(step, record)`.
+    Returns the last step and its held-out loss."""
+    import torch
+    import torch.distributed as dist
+
+    t, device = cfg.train, engine.device
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # since the last record, this rank: sum of micro-batch losses, micro-batches, tokens (input positions)
+    window = torch.zeros(3, dtype=torch.float64, device=device)
+    one = torch.ones((), dtype=torch.float64, device=device)
+    since = started = time.perf_counter()
+    start_step = step
+    heldout_value, heldout_step, micro = None, None, 0
+    while step < total_steps:
+        stepped = False
+        for batch in batches(step):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # a no-op under Ray Data
+            tokens = batch.pop("num_tokens")
+            loss = engine(**batch, use_cache=False).loss
+            engine.backward(loss)
+            engine.step()
+            window += torch.stack([loss.detach().double(), one, tokens.double()])
+            micro += 1
+            if micro % t.grad_accum:  # DeepSpeed steps the optimizer every grad_accum micro-batches
+                continue
+            step, stepped = step + 1, True
+            if after_step:
+                after_step(step)
+            last, saving = step == total_steps, step % t.checkpoint_every == 0 or step == total_steps
+            if saving or step % t.log_every == 0:
+                dist.all_reduce(window)  # every rank, every record: collectives stay in step
+                now = time.perf_counter()
+                loss_sum, count, tokens_sum = window.tolist()
+                record = {"step": step, "loss": loss_sum / count, "grad_norm": _grad_norm(engine),
+                          "lr": engine.get_lr()[0], "tokens": int(tokens_sum),
+                          "tokens_per_s_per_gpu": tokens_sum / (now - since) / world,
+                          "eta_s": (now - started) / (step - start_step) * (total_steps - step),
+                          "optimizer_steps": engine.global_steps}
+                window.zero_()
+                if saving:
+                    heldout_value, heldout_step = heldout_loss(engine, heldout()), step
+                    record["heldout_loss"] = heldout_value
+                if rank == 0 and log:
+                    log(record)
+                if saving and checkpoint:
+                    checkpoint(step, record)
+                since = time.perf_counter()  # the held-out pass and the save are not counted
+            if last:
+                break
+        if not stepped:
+            raise RuntimeError(f"rank {rank}: a pass over its training batches made no optimizer step "
+                               f"(fewer than grad_accum={t.grad_accum} micro-batches of {t.micro_batch_size})")
+    if heldout_step != step:  # restarted after the last checkpoint: nothing trained since, measure it again
+        heldout_value = heldout_loss(engine, heldout())
+    return {"step": step, "heldout_loss": heldout_value}
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def heldout_loss(engine, batches: Iterable[dict]) -> float | None:
+    """Mean loss per target token over every rank's held-out batches; None if there are none."""
+    import torch
+    import torch.distributed as dist
+
+    device, was_training = engine.device, engine.training
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch.pop("num_tokens")
+            n = (batch["labels"][:, 1:] != IGNORE).sum().double()  # the targets of a causal LM's loss
+            total += torch.stack([engine(**batch, use_cache=False).loss.detach().double() * n, n])
+    dist.all_reduce(total)
+    engine.train(was_training)
+    loss, n = total.tolist()
+    return loss / n if n else None
