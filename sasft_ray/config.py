@@ -28,7 +28,8 @@ METHODS: tuple[str, ...] = get_args(Method)
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no inf or nan in any float: they pass a `ge=0` and overflow much later
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -46,6 +47,7 @@ class DataConfig(Section):
         description="canonical field -> column in the file, e.g. {prompt: question, completion: answer}",
     )
     on_bad_row: Literal["error", "skip"] = "error"
+    max_line_bytes: int = Field(16 * 2**20, ge=1, description="longest JSONL line read (a longer one is a bad row)")
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_rows: int | None = Field(None, ge=1)
 
@@ -76,6 +78,15 @@ class SelfTalkConfig(Section):
     oversample: float = Field(1.25, ge=1.0, description="generate this many times num_dialogues")
     seed: int = 0
     engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @model_validator(mode="after")
+    def _dialogue_fits_the_engine(self) -> SelfTalkConfig:
+        longest = self.turns * (self.max_user_tokens + self.max_assistant_tokens)
+        if longest > self.engine.max_model_len:
+            raise ValueError(f"selftalk.turns {self.turns} x (max_user_tokens {self.max_user_tokens} + "
+                             f"max_assistant_tokens {self.max_assistant_tokens}) = {longest} tokens do not fit "
+                             f"selftalk.engine.max_model_len {self.engine.max_model_len}")
+        return self
 
 
 class FilterConfig(Section):
@@ -159,13 +170,23 @@ class TrainConfig(Section):
 class ServeConfig(Section):
     """Ray Serve LLM: the fine-tuned model, and the base model beside it, behind one OpenAI API."""
 
-    host: str = Field("127.0.0.1", description="0.0.0.0 exposes the endpoint to the network")
+    host: str = Field("127.0.0.1", description="0.0.0.0 exposes the endpoint to the network (then set api_key_env)")
     port: int = Field(8000, ge=1, le=65535)
     api_key_env: str | None = Field(None, description="environment variable holding the API key (none: no key)")
+    allow_unauthenticated: bool = Field(
+        False, description="serve on a non-loopback host with no API key (anyone who reaches it can use it)")
     model_id: str = Field("finetuned", description="model id of the fine-tuned model in the API")
     base_model_id: str = Field("base", description="model id of the base model in the API")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_num_seqs=32),
                                  description="one vLLM engine per model; `concurrency` = replicas")
+
+    @model_validator(mode="after")
+    def _no_open_endpoint(self) -> ServeConfig:
+        loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        if not loopback and not self.api_key_env and not self.allow_unauthenticated:
+            raise ValueError(f"serve.host {self.host} opens the endpoint to the network with no API key: set "
+                             "serve.api_key_env (the variable holding the key), or serve.allow_unauthenticated: true")
+        return self
 
 
 class EvalSuite(Section):
@@ -234,6 +255,19 @@ class Config(Section):
     def _method_has_its_data(self) -> Config:
         if self.train.method == "external-mix" and self.mix.external is None:
             raise ValueError("train.method 'external-mix' needs mix.external (the general dataset to mix in)")
+        return self
+
+    @model_validator(mode="after")
+    def _model_ids_distinct(self) -> Config:
+        """The served ids: the fine-tune, the base, one per compared method; one id, one model."""
+        ids = [("serve.model_id", self.serve.model_id), ("serve.base_model_id", self.serve.base_model_id),
+               *(("compare", m) for m in self.compare)]
+        seen: dict[str, str] = {}
+        for key, model_id in ids:
+            if model_id in seen:
+                raise ValueError(f"model id {model_id!r} is both {seen[model_id]} and {key}: each served model "
+                                 "needs its own id (compare lists methods, each served under its name)")
+            seen[model_id] = key
         return self
 
     def section_hash(self, *keys: str) -> str:
@@ -321,7 +355,12 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{'.'.join(parents[: i + 1])}' is a value, not a section")
         node = child
-    node[leaf] = yaml.safe_load(text)
+    try:
+        node[leaf] = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first_line = str(e).splitlines()[0]
+        raise ConfigError(f"override '{item}': the value of {key} is not valid YAML ({first_line}); "
+                          "put a string in quotes") from None
 
 
 def _explain(err: dict) -> str:

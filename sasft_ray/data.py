@@ -73,10 +73,25 @@ def _decode(raw: bytes, path: str, first_line: int = 1) -> str:
         raise BadRow(f"{path}:line {line}", "<text>", f"not valid UTF-8 at byte {e.start}", "not UTF-8") from None
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[str, object]]:
+def _lines(f, max_bytes: int) -> Iterator[bytes | None]:
+    """The file's lines, each read at most `max_bytes` at a time; None for a longer line (skipped whole)."""
+    while raw := f.readline(max_bytes + 1):
+        if len(raw) > max_bytes and not raw.endswith(b"\n"):
+            while (rest := f.readline(max_bytes + 1)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield raw
+
+
+def _read_jsonl(path: str, max_line_bytes: int) -> Iterator[tuple[str, object]]:
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(_lines(f, max_line_bytes), 1):
             where = f"{path}:line {lineno}"
+            if raw is None:
+                yield where, BadRow(where, "<line>", f"longer than data.max_line_bytes={max_line_bytes}",
+                                    "line too long")
+                continue
             try:
                 text = _decode(raw, path, lineno)
                 if not text.strip():
@@ -86,6 +101,8 @@ def _read_jsonl(path: str) -> Iterator[tuple[str, object]]:
                 yield where, e
             except json.JSONDecodeError as e:
                 yield where, BadRow(where, "<json>", f"malformed JSON: {e.msg} at column {e.colno}", "malformed JSON")
+            except RecursionError:
+                yield where, BadRow(where, "<json>", "nested too deeply", "malformed JSON")
 
 
 def _read_json(path: str) -> Iterator[tuple[str, object]]:
@@ -103,6 +120,8 @@ def _read_json(path: str) -> Iterator[tuple[str, object]]:
         line += text.count("\n", pos, start)
         pos = start
         if text[pos:pos + 1] == "]":
+            if text[pos + 1:].strip():
+                raise BadRow(f"{path}:line {line}", "<json>", "text after the array's closing ]", "malformed JSON")
             return
         where = f"{path}:line {line}"
         try:
@@ -110,6 +129,8 @@ def _read_json(path: str) -> Iterator[tuple[str, object]]:
         except json.JSONDecodeError as e:
             at = f"{path}:line {line + text.count(chr(10), pos, e.pos)}"
             raise BadRow(at, "<json>", f"malformed JSON: {e.msg}", "malformed JSON") from None
+        except RecursionError:
+            raise BadRow(where, "<json>", "nested too deeply", "malformed JSON") from None
         yield where, obj
         line += text.count("\n", pos, end)
         pos = end
@@ -122,10 +143,14 @@ def _read_parquet(path: str) -> Iterator[tuple[str, object]]:
     files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
     for file in files:
         n = 0
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                yield f"{file}:row {n}", row
-                n += 1
+        try:
+            batches = pq.ParquetFile(file).iter_batches(batch_size=1024)
+            for batch in batches:
+                for row in batch.to_pylist():
+                    yield f"{file}:row {n}", row
+                    n += 1
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError: empty, corrupt, truncated
+            raise BadRow(f"{file}:row {n}", "<parquet>", f"not a readable Parquet file ({e})", "bad file") from None
 
 
 def _read_hf(path: str, split: str) -> Iterator[tuple[str, object]]:
@@ -147,7 +172,7 @@ def read_raw(cfg: DataConfig) -> Iterator[tuple[str, object]]:
     if fmt != "hf" and not Path(cfg.path).exists():
         raise BadRow(cfg.path, "data.path", "no such file or folder")
     if fmt == "jsonl":
-        return _read_jsonl(cfg.path)
+        return _read_jsonl(cfg.path, cfg.max_line_bytes)
     if fmt == "json":
         return _read_json(cfg.path)
     if fmt == "parquet":
@@ -167,6 +192,10 @@ def _text(row: dict, key: str, where: str, optional: bool = False) -> str:
         raise BadRow(where, key, f"must be a string, got {type(value).__name__}", "wrong type")
     if not optional and not value.strip():
         raise BadRow(where, key, "empty", "empty field")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800" in the JSON: no UTF-8 for it
+        raise BadRow(where, key, f"not valid Unicode at character {e.start} (a lone surrogate)", "not UTF-8") from None
     return value
 
 
@@ -215,6 +244,15 @@ def to_messages(row: object, where: str) -> list[dict]:
             raise BadRow(where, f"messages[{i}].role", "a system message may only come first", "misplaced system")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow(where, "messages", "no assistant turn to learn from", "no assistant turn")
+    first = 1 if messages[0]["role"] == "system" else 0
+    for i, msg in enumerate(messages[first:], first):  # user, assistant, user, ...: what chat templates accept
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            raise BadRow(where, f"messages[{i}].role", f"'{msg['role']}' where '{expected}' must come: turns "
+                         "alternate user, assistant, starting with user", "roles out of order")
+    if messages[-1]["role"] != "assistant":
+        raise BadRow(where, f"messages[{len(messages) - 1}].role", "a dialogue must end on an assistant turn",
+                     "roles out of order")
     return messages
 
 

@@ -12,6 +12,7 @@ cached by a hash of both: a grid of runs over one base model scores it once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -51,18 +52,17 @@ def contains(prediction: str, row: dict) -> float:
                  is not None)
 
 
+@functools.cache
+def _rouge_scorer():
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(["rougeL"], use_stemmer=True)
+
+
 def rouge_l(prediction: str, row: dict) -> float:
-    """ROUGE-L F1 over lower-cased word tokens."""
-    pred, ref = _norm(prediction).lower().split(), _norm(row["reference"]).lower().split()
-    if not pred or not ref:
-        return float(pred == ref)
-    lcs = [0] * (len(ref) + 1)
-    for p in pred:  # longest common subsequence, one row at a time
-        prev_diag = 0
-        for j, r in enumerate(ref, 1):
-            prev_diag, lcs[j] = lcs[j], prev_diag + 1 if p == r else max(lcs[j], lcs[j - 1])
-    precision, recall = lcs[-1] / len(pred), lcs[-1] / len(ref)
-    return 0.0 if lcs[-1] == 0 else 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1, the standard one (Google's `rouge_score`: lower-cased, punctuation dropped, Porter
+    stemming), so a figure compares with the papers' (MedText's, say)."""
+    return _rouge_scorer().score(row["reference"], prediction)["rougeL"].fmeasure
 
 
 SCORERS: dict[str, Callable[[str, dict], float]] = {"exact": exact, "contains": contains, "rouge_l": rouge_l}
@@ -138,23 +138,44 @@ def suite_rows(suite: EvalSuite) -> list[dict]:
 def client(url: str, key: str | None):
     import openai
 
-    return openai.OpenAI(base_url=url, api_key=key or "unused", max_retries=3, timeout=300)
+    return openai.OpenAI(base_url=url, api_key=key or "unused", max_retries=0, timeout=300)  # retries: `ask`
 
 
-def replies(api, model_id: str, rows: list[dict], max_tokens: int, concurrency: int) -> list[str]:
+# Back-off between tries of a request the endpoint could not answer (5xx, 429, a dropped connection):
+# about two minutes in all, long enough for a Serve replica to restart.
+RETRY_WAITS = (1, 2, 4, 8, 15, 30, 30, 30)
+
+
+def ask(api, model_id: str, row: dict, max_tokens: int, where: str) -> str:
+    """The greedy reply to one row; transient failures retried with `RETRY_WAITS`, a refused request
+    (a prompt over the context length, say) an `EvalError` naming the benchmark and row."""
+    import openai
+
+    for wait in (*RETRY_WAITS, None):
+        try:
+            out = api.chat.completions.create(model=model_id, messages=row["messages"], max_tokens=max_tokens,
+                                              temperature=0.0)
+            return out.choices[0].message.content or ""
+        except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as e:
+            if wait is None:
+                raise EvalError(f"{model_id}: {where}: the endpoint failed {len(RETRY_WAITS) + 1} times: {e}") from e
+            time.sleep(wait)
+        except openai.APIStatusError as e:  # 4xx: retrying would not help
+            raise EvalError(f"{model_id}: {where}: the endpoint refused the request ({e.status_code}: "
+                            f"{getattr(e, 'message', e)})") from e
+    raise AssertionError("unreachable")
+
+
+def replies(api, model_id: str, rows: list[dict], max_tokens: int, concurrency: int, benchmark: str) -> list[str]:
     """Greedy replies to every row's messages, `concurrency` requests in flight."""
-    def ask(row: dict) -> str:
-        out = api.chat.completions.create(model=model_id, messages=row["messages"], max_tokens=max_tokens,
-                                          temperature=0.0)
-        return out.choices[0].message.content or ""
-
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(ask, rows))
+        return list(pool.map(lambda ir: ask(api, model_id, ir[1], max_tokens, f"{benchmark} row {ir[0]}"),
+                             enumerate(rows)))
 
 
 def score_rows(api, model_id: str, rows: list[dict], scorer_names: list[str], cfg: Config,
-               samples_path: Path | None) -> dict[str, float]:
-    preds = replies(api, model_id, rows, cfg.eval.max_tokens, cfg.eval.concurrency)
+               samples_path: Path | None, benchmark: str) -> dict[str, float]:
+    preds = replies(api, model_id, rows, cfg.eval.max_tokens, cfg.eval.concurrency, benchmark)
     scores = {name: [scorer(name)(p, r) for p, r in zip(preds, rows)] for name in scorer_names}
     if samples_path:
         samples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,12 +204,14 @@ def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: s
         model="local-chat-completions" if chat else "local-completions", model_args=model_args,
         tasks=group.tasks, num_fewshot=group.num_fewshot, limit=group.limit, apply_chat_template=chat,
         task_manager=TaskManager(include_path=group.include_path), log_samples=False, bootstrap_iters=0)
-    metrics = {}
-    for task, values in out["results"].items():
-        for name, value in values.items():
-            if isinstance(value, int | float) and "_stderr" not in name and name != "alias":
-                metrics[f"{task}/{name.split(',')[0]}"] = float(value)
-    return metrics
+    return lm_eval_metrics(out["results"])
+
+
+def lm_eval_metrics(results: dict) -> dict[str, float]:
+    """`task/metric,filter` -> value from lm-eval's results: each metric under its full name, so GSM8K's
+    `exact_match,strict-match` and `exact_match,flexible-extract` stay two figures."""
+    return {f"{task}/{name}": float(value) for task, values in results.items() for name, value in values.items()
+            if isinstance(value, int | float) and not isinstance(value, bool) and "_stderr" not in name}
 
 
 # --- one model, all benchmarks ------------------------------------------------------------------
@@ -198,7 +221,7 @@ def general_scores(api, url: str, model_id: str, cfg: Config, key: str | None, s
     out: dict[str, dict[str, float]] = {}
     for suite in expand_suites(cfg.eval.suites):
         out[suite.name] = score_rows(api, model_id, suite_rows(suite), suite.scorers, cfg,
-                                     samples / f"{suite.name}.jsonl" if samples else None)
+                                     samples / f"{suite.name}.jsonl" if samples else None, suite.name)
     for group in cfg.eval.lm_eval:
         for name, value in run_lm_eval(group, url, model_id, cfg, key).items():
             task, metric = name.split("/", 1)
@@ -222,20 +245,27 @@ def base_cache_dir(cfg: Config) -> Path:
 
 
 def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: str | None = None,
-                    samples: Path | None = None) -> dict:
+                    samples: Path | None = None, stage_hash: str = "") -> dict:
     """Scores of each model id: in-domain (held-out task split) and general benchmarks; with
     `samples`, every reply goes to `samples/<model id>/<benchmark>.jsonl`.
 
+    Each model's scores are saved as soon as it is done (`eval/models/<id>.json`, with `stage_hash`):
+    a run stopped by a failure keeps them, and its re-run under the same hash scores only the rest.
     The base model (`serve.base_model_id`) takes its general scores from the cache when it can."""
     api = client(url, key)
     rows = indomain_rows(rd, cfg.eval.indomain_limit)
     cache = base_cache_dir(cfg) / f"{base_cache_key(cfg)}.json" if "://" not in cfg.run_dir else None
     results = {}
     for model_id in models:
+        saved = ("eval", "models", f"{model_id}.json")
+        if rd.exists(*saved) and (done := rd.read_json(*saved)).get("stage_hash") == stage_hash:
+            results[model_id] = done["scores"]
+            print(f"[eval] {model_id}: scored earlier in this evaluation, kept")
+            continue
         started = time.time()
         replies = samples / model_id if samples else None
         indomain = score_rows(api, model_id, rows, cfg.eval.indomain_scorers, cfg,
-                              replies / "in-domain.jsonl" if replies else None)
+                              replies / "in-domain.jsonl" if replies else None, INDOMAIN)
         if model_id == cfg.serve.base_model_id and cache and cache.exists():
             general = json.loads(cache.read_text())
             print(f"[eval] {model_id}: general scores from the cache {cache}")
@@ -245,5 +275,7 @@ def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: s
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(json.dumps(general, indent=2))
         results[model_id] = {INDOMAIN: indomain, **general}
+        rd.fs.create_dir(rd.local("eval", "models"), recursive=True)
+        rd.write_json({"stage_hash": stage_hash, "scores": results[model_id]}, *saved)
         print(f"[eval] {model_id} scored in {time.time() - started:.0f} s")
     return results

@@ -92,7 +92,13 @@ def write_canonical(cfg: DataConfig, rd: RunDir, folder: str, with_heldout: bool
 def task_stage(cfg: Config, rd: RunDir, force: bool) -> None:
     if rd.begin("task", cfg.section_hash("data"), force, outputs=("task",),
                 inputs=fingerprints(cfg, "data.path")):
-        rd.finish("task", write_canonical(cfg.data, rd, "task", with_heldout=True))
+        counts = write_canonical(cfg.data, rd, "task", with_heldout=True)
+        if counts["heldout_rows"] == 0:  # the in-domain evaluation scores the held-out split
+            rd.fail("task", counts, "no held-out rows")
+            raise task_data.BadRow(cfg.data.path, "data.heldout_fraction", (
+                f"data.heldout_fraction={cfg.data.heldout_fraction} leaves none of the {counts['train_rows']} rows "
+                "held out, and the in-domain evaluation needs some; raise it (e.g. 0.1) or add rows"))
+        rd.finish("task", counts)
     if cfg.train.method == "external-mix" and rd.begin(
             "external", cfg.section_hash("mix.external"), force, outputs=("external",),
             inputs=fingerprints(cfg, "mix.external.path")):
@@ -124,8 +130,8 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
         message = (f"only {kept} of {wanted} wanted self-dialogues survived the filters "
                    f"({generated} generated; dropped: {drops}). Raise selftalk.oversample or the token limits, "
                    "or loosen filters")
-        if kept < cfg.filters.min_survival * wanted:
-            rd.finish("selftalk", {**counts, "shortfall": wanted - kept})
+        if kept < cfg.filters.min_survival * wanted:  # failed: the next run redoes it, it does not pass the gate
+            rd.fail("selftalk", {**counts, "shortfall": wanted - kept}, "too few survivors")
             raise TooFewSurvivors(message + f" (below filters.min_survival={cfg.filters.min_survival})")
         print(f"[selftalk] WARNING: {message}")
         counts["shortfall"] = wanted - kept
@@ -146,34 +152,44 @@ def selftalk_stats(rd: RunDir) -> dict:
                          "top_first_words": {d["values"]: d["counts"] for d in firsts[:10]}}}
 
 
+def mix_hash(cfg: Config, rd: RunDir) -> str:
+    """The mix's settings and the runs of the stages it reads (the task's, and the self-talk's or the
+    external data's): after any of them is redone, the mix is stale."""
+    reads = {"sa-sft": ("task", "selftalk"), "external-mix": ("task", "external")}.get(cfg.train.method, ("task",))
+    return rd.chained(cfg.section_hash("mix", "train.method"), *reads)
+
+
 def mix_stage(cfg: Config, rd: RunDir, force: bool) -> None:
-    if not rd.begin("mix", cfg.section_hash("mix", "train.method", "data", "selftalk", "filters"), force,
-                    outputs=("mixed",)):
-        return
-    rd.finish("mix", write_mix(cfg, rd))
+    if rd.begin("mix", mix_hash(cfg, rd), force, outputs=("mixed",)):
+        rd.finish("mix", write_mix(cfg, rd))
 
 
 STAGES = ("task", "selftalk", "mix")
 
 
 def build_assets(cfg: Config) -> None:
-    """The lab a demo config points at, built on first use (`bootstrap`); cached afterwards."""
-    if cfg.bootstrap:
-        from sasft_ray.lab import build_lab
-
-        build_lab(Path(cfg.model.path).parent, preset="full" if cfg.bootstrap == "lab" else "small")
+    """The lab a demo config points at, built on first use (`bootstrap`); cached afterwards. The task
+    file is checked first when it exists already: bad input is named before a long build."""
+    if not cfg.bootstrap:
+        return
+    if Path(cfg.data.path).is_file():
+        for _ in task_data.iter_rows(cfg.data, task_data.LoadReport()):
+            pass
+    from sasft_ray.lab import build_lab, lab_folder
+    build_lab(lab_folder(cfg), preset="full" if cfg.bootstrap == "lab" else "small")
 
 
 def generate(cfg: Config, redo: str | None = None) -> RunDir:
     """Run the data stages; `redo` names the first stage to redo even if done ("all": every one)."""
     first = 0 if redo == "all" else STAGES.index(redo) if redo else len(STAGES)
     force = {name: i >= first for i, name in enumerate(STAGES)}
-    build_assets(cfg)
-    cfg = absolute_paths(cfg)
     rd = RunDir(cfg.run_dir)
-    rd.save_config(cfg)
-    task_stage(cfg, rd, force["task"])
-    if cfg.train.method == "sa-sft":
-        selftalk_stage(cfg, rd, force["selftalk"])
-    mix_stage(cfg, rd, force["mix"])
+    with rd.locked():
+        build_assets(cfg)
+        cfg = absolute_paths(cfg)
+        task_stage(cfg, rd, force["task"])
+        if cfg.train.method == "sa-sft":
+            selftalk_stage(cfg, rd, force["selftalk"])
+        mix_stage(cfg, rd, force["mix"])
+        rd.save_config(cfg)  # after the checks: a refused run does not relabel the old results
     return rd

@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -89,6 +90,10 @@ def expand(spec: GridSpec, only: list[str] = ()) -> list[Cell]:
         cells.append(Cell(name, overrides, load_config(spec.base, overrides)))
     if not cells:
         raise ConfigError(f"no cell of the grid has all of {', '.join(only)}; see `sasft grid GRID --dry-run`")
+    names = [c.name for c in cells]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # e.g. a/task.jsonl and b/task.jsonl: one run dir would hold two cells' results
+        raise ConfigError(f"grid cells share a run dir: {', '.join(twice)}; give the axis values distinct last parts")
     return cells
 
 
@@ -108,6 +113,11 @@ def run_grid(spec: GridSpec, address: str | None = None, only: list[str] = ()) -
         if done:
             print(f"[grid] {i}/{len(cells)} {cell.name}: done earlier")
             continue
+        holder = RunDir(cell.config.run_dir, create=False).lock_holder()
+        if holder is not None:  # running now (here or as a job): not started twice
+            print(f"[grid] {i}/{len(cells)} {cell.name}: in use by pid {holder.get('pid')} on "
+                  f"{holder.get('host')}, not started again")
+            continue
         if address:
             submit(address, spec.base, cell)
         else:
@@ -119,7 +129,8 @@ def run_grid(spec: GridSpec, address: str | None = None, only: list[str] = ()) -
 def job_request(base: str, cell: Cell) -> dict:
     """What `submit` sends for a cell: `jobs/run.py` with the cell's overrides, run in this working dir.
     Secrets travel from the submitter's environment to the job's, never through a file."""
-    entrypoint = " ".join(["python jobs/run.py --config", base, *[f"--set '{o}'" for o in cell.overrides]])
+    entrypoint = shlex.join(["python", "jobs/run.py", "--config", base,
+                             *[arg for o in cell.overrides for arg in ("--set", o)]])
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     return {"entrypoint": entrypoint, "runtime_env": {"working_dir": ".", "env_vars": env}}
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sasft_ray.config import ConfigError
 from sasft_ray.tiny import new_model, save_model, train_tokenizer
 
 # Bumped whenever a change to the world or its pretraining changes what a build makes: a lab built
@@ -369,15 +370,35 @@ def load_evals(lab: str | Path) -> dict[str, list[dict]]:
 
 # --- the whole lab ----------------------------------------------------------------------------------
 
+def lab_folder(cfg) -> Path:
+    """Where a config's `bootstrap` builds the lab: the folder of model.path (`<lab>/model`), and only
+    if the task data (and external data) the config reads lie inside it too."""
+    model = Path(cfg.model.path).absolute()
+    lab = model.parent
+    paths = {"model.path": cfg.model.path, "data.path": cfg.data.path,
+             **({"mix.external.path": cfg.mix.external.path} if cfg.mix.external else {})}
+    for key, path in paths.items():
+        inside = Path(path).absolute().is_relative_to(lab) and (key != "model.path" or model.name == "model")
+        if not inside:
+            raise ConfigError(f"bootstrap {cfg.bootstrap}: {key} {path} is not where the lab puts it (the lab is "
+                              f"built in model.path's folder {lab}, its model in model/, its data inside it). "
+                              "To use your own model or data, drop the lab: --set bootstrap=null")
+    return lab
+
+
 def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0) -> dict:
     """Build the lab at `out` (or reuse it, if built with the same preset, seed and world version);
-    returns lab.json."""
+    returns lab.json. A folder that is neither empty nor a lab is refused: a rebuild replaces only
+    a lab."""
     import torch
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     out = Path(out)
     done = out / "lab.json"
+    if out.exists() and not done.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not a lab (no lab.json) and not empty: the lab is not built there, nothing "
+                          "in it was touched. Point model.path at <an empty or new folder>/model")
     if done.exists():
         info = json.loads(done.read_text())
         if (info.get("preset"), info.get("seed"), info.get("version")) == (preset, seed, WORLD_VERSION):

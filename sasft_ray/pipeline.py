@@ -29,8 +29,17 @@ def method_runs(cfg: Config) -> dict[str, Config]:
 
 
 def served_models(cfg: Config) -> dict[str, str]:
-    models = {model_id: RunDir(c.run_dir).path("model") for model_id, c in method_runs(cfg).items()}
-    return {**models, cfg.serve.base_model_id: cfg.model.path}
+    """Model id -> the folder to serve; refused unless every fine-tune finished training under this config."""
+    from sasft_ray.serve import ServeError
+    from sasft_ray.train import trained
+
+    runs = method_runs(cfg)
+    untrained = [f"{model_id} ({c.run_dir})" for model_id, c in runs.items() if not trained(c)]
+    if untrained:
+        raise ServeError(f"not trained under this config: {', '.join(untrained)}; run `sasft run` (or "
+                         "`sasft generate` and `sasft train`) first")
+    return {**{model_id: RunDir(c.run_dir).path("model") for model_id, c in runs.items()},
+            cfg.serve.base_model_id: cfg.model.path}
 
 
 def train_all(cfg: Config) -> None:
@@ -44,9 +53,12 @@ def train_all(cfg: Config) -> None:
 
 
 def eval_hash(cfg: Config) -> str:
-    """What a run's results depend on: the evaluation, and everything that trained its models."""
-    return cfg.section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model", "data",
-                            "selftalk", "filters", "mix", "train")
+    """What a run's results depend on: the evaluation, everything that trained its models, and the
+    trainings themselves (a model retrained since makes the results stale)."""
+    settings = cfg.section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model", "data",
+                                "selftalk", "filters", "mix", "train")
+    trainings = [RunDir(c.run_dir, create=False).stage_info("train").get("id") for c in method_runs(cfg).values()]
+    return RunDir(cfg.run_dir, create=False).chained(f"{settings}:{','.join(map(str, trainings))}", "task")
 
 
 def eval_inputs(cfg: Config) -> dict[str, str | None]:
@@ -62,13 +74,17 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
 
     rd = RunDir(cfg.run_dir)
     runs = method_runs(cfg)
-    if not rd.begin("eval", eval_hash(cfg), force, outputs=("eval", "report.md", "report.png"),
-                    inputs=eval_inputs(cfg)):
+    stage_hash = eval_hash(cfg)
+    # eval/models/ is kept: each model's saved scores carry the hash, and only this hash's are reused
+    if not rd.begin("eval", stage_hash, force, inputs=eval_inputs(cfg),
+                    outputs=("eval/samples", "eval/results.json", "report.md", "report.png")
+                    + (("eval/models",) if force else ())):
         return rd.read_json("eval", "results.json")
+    served_models(cfg)  # refuses models whose training is not done under this config
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the replies and report at the end
         out = scratch if rd.remote else rd.local()
         scores = evaluate_models(cfg, rd, url, [*runs, cfg.serve.base_model_id], key,
-                                 samples=Path(out, "eval", "samples"))
+                                 samples=Path(out, "eval", "samples"), stage_hash=stage_hash)
         results = {
             "run_dir": cfg.run_dir, "base_model": cfg.model.path, "task": cfg.data.path,
             "base_model_id": cfg.serve.base_model_id, "models": scores,
@@ -92,14 +108,16 @@ def serve_and_eval(cfg: Config, url: str | None = None, force: bool = False) -> 
     from sasft_ray import serve
     from sasft_ray.generate import connect
 
-    if url or (not force and RunDir(cfg.run_dir).stage_info("eval").get("status") == "done"):
-        return eval_stage(cfg, url or "", serve.api_key(cfg), force)
-    connect(cfg)
-    url = serve.start(cfg, served_models(cfg))
-    try:
-        return eval_stage(cfg, url, serve.api_key(cfg), force)
-    finally:
-        serve.stop()
+    rd = RunDir(cfg.run_dir)
+    with rd.locked():
+        if url or (not force and rd.stage_info("eval").get("status") == "done"):
+            return eval_stage(cfg, url or "", serve.api_key(cfg), force)
+        connect(cfg)
+        url = serve.start(cfg, served_models(cfg))
+        try:
+            return eval_stage(cfg, url, serve.api_key(cfg), force)
+        finally:
+            serve.stop()
 
 
 def run(cfg: Config) -> dict:
@@ -108,10 +126,11 @@ def run(cfg: Config) -> dict:
     from sasft_ray.report import run_report
 
     started = time.time()
-    build_assets(cfg)
-    cfg = absolute_paths(cfg)
-    train_all(cfg)
-    results = serve_and_eval(cfg)
+    with RunDir(cfg.run_dir).locked():
+        build_assets(cfg)
+        cfg = absolute_paths(cfg)
+        train_all(cfg)
+        results = serve_and_eval(cfg)
     print(run_report(results))
     print(f"[run] finished in {time.time() - started:.0f} s; report: {RunDir(cfg.run_dir).path('report.md')}")
     return results

@@ -2,18 +2,29 @@
 
 A stage is `done` in the manifest only after all of its output is written. On a
 re-run a done stage with the same config hash is skipped; one that was left
-half-finished is wiped and redone, never appended to; a done stage whose config
+half-finished (or failed) is wiped and redone, never appended to; a done stage whose config
 changed is refused unless redone on purpose (`--redo`), so no finished work is lost by accident.
 So is one whose local inputs (the base model's files, the task file) changed at the same path: a
-rebuilt or replaced model is not passed off as the one the stage used.
+rebuilt or replaced model is not passed off as the one the stage used. Each run of a stage gets a
+fresh id, and a stage's hash takes in the ids of the stages it reads (`chained`): a stage redone
+upstream makes everything after it stale, never silently reused.
+
+A command holds the run dir for its whole length (`locked`: a lock file created exclusively), so two
+commands never write one manifest at once; and a folder that is not a run dir (not empty, no
+manifest) is refused, never written into or cleaned.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import socket
+import sys
 import time
+import uuid
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -30,6 +41,14 @@ SAMPLE_BYTES = 1 << 16
 
 class StageChanged(RuntimeError):
     pass
+
+
+class RunDirError(RuntimeError):
+    """A run dir that cannot be used: not a run dir, or in use by another command."""
+
+
+LOCK = "sasft.lock"
+_held: dict[str, int] = {}  # run dirs this process holds, with how many `locked` blocks deep
 
 
 def fingerprint(path: str) -> str | None:
@@ -71,9 +90,14 @@ class RunDir:
     """A local folder or a `s3://` / `gs://` URI, reached through pyarrow filesystems."""
 
     def __init__(self, root: str, create: bool = True):
+        if "://" not in root:
+            where = Path(root or ".").expanduser().absolute()
+            if not root.strip() or where in (Path("/"), Path.home().absolute(), Path.cwd()):
+                raise RunDirError(f"run_dir {root!r} is {where}: a run dir must be a folder of its own "
+                                  "(e.g. runs/my-run)")
         self.root = root.rstrip("/")
         self.fs, self.base = pafs.FileSystem.from_uri(self.root) if "://" in root else (
-            pafs.LocalFileSystem(), str(Path(root).absolute()))
+            pafs.LocalFileSystem(), str(Path(root).expanduser().absolute()))
         if create:
             self.fs.create_dir(self.base, recursive=True)
 
@@ -126,10 +150,87 @@ class RunDir:
                         destination_filesystem=self.fs)
 
     def write_json(self, data: dict, *parts: str) -> None:
-        """Write to a temporary name then move: a crash never leaves half a manifest."""
-        tmp = (*parts[:-1], parts[-1] + ".tmp")
+        """Write to a temporary name of its own then move: a crash never leaves half a manifest."""
+        tmp = (*parts[:-1], f"{parts[-1]}.{uuid.uuid4().hex[:8]}.tmp")
         self.write_text(json.dumps(data, indent=2, sort_keys=False), *tmp)
         self.fs.move(self.local(*tmp), self.local(*parts))
+
+    # --- the lock ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self):
+        """Hold the run dir for the length of a command; nested holds in one process are one hold.
+        Refuses a folder that is not a run dir (files in it, no manifest) and one another command holds."""
+        key = self.path()
+        if _held.get(key):
+            _held[key] += 1
+            try:
+                yield self
+            finally:
+                _held[key] -= 1
+            return
+        self._refuse_foreign()
+        self._take_lock()
+        _held[key] = 1
+        try:
+            if not self.exists("manifest.json"):
+                self.write_json({"stages": {}}, "manifest.json")
+            yield self
+        finally:
+            del _held[key]
+            self.remove(LOCK)
+
+    def _refuse_foreign(self) -> None:
+        found = self.fs.get_file_info(pafs.FileSelector(self.local(), allow_not_found=True))
+        entries = [Path(i.path).name for i in found]
+        foreign = sorted(e for e in entries if e != LOCK)
+        if foreign and "manifest.json" not in foreign:
+            raise RunDirError(f"{self.root} is not a run dir: it holds {', '.join(foreign[:5])}"
+                              f"{' ...' if len(foreign) > 5 else ''} and no manifest.json. Nothing was written "
+                              "there; give run_dir an empty or new folder")
+
+    def lock_holder(self) -> dict | None:
+        """Who holds the run dir (host, pid, command, since), or None."""
+        if not self.exists(LOCK):
+            return None
+        try:
+            return json.loads(self.read_text(LOCK) or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def _take_lock(self) -> None:
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)[:200],
+              "since": time.time(), "token": uuid.uuid4().hex}
+        for _ in range(2):
+            if self._create_exclusive(json.dumps(me)):
+                return
+            holder = self.lock_holder() or {}
+            if holder.get("host") == me["host"] and holder.get("pid") and not _alive(holder["pid"]):
+                print(f"[run dir] {self.root}: taking over the lock of process {holder['pid']}, which is gone")
+                self.remove(LOCK)
+                continue
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+            raise RunDirError(f"{self.root} is in use by another command (pid {holder.get('pid')} on "
+                              f"{holder.get('host')} since {since}: {holder.get('command', '?')}). Wait for it to "
+                              f"end; if it is gone for good, delete {self.path(LOCK)}")
+        raise RunDirError(f"{self.root}: could not take the lock {self.path(LOCK)}")
+
+    def _create_exclusive(self, text: str) -> bool:
+        """Create the lock file only if it does not exist. Locally an exclusive create; an object store
+        has no such call in pyarrow: write, then read back our own token (a narrow race remains)."""
+        if not self.remote:
+            try:
+                fd = os.open(self.local(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return True
+        if self.exists(LOCK):
+            return False
+        self.write_text(text, LOCK)
+        time.sleep(0.5)
+        return (self.lock_holder() or {}).get("token") == json.loads(text)["token"]
 
     # --- manifest ---------------------------------------------------------------------------------
 
@@ -140,6 +241,11 @@ class RunDir:
 
     def stage_info(self, name: str) -> dict:
         return self.manifest()["stages"].get(name, {})
+
+    def chained(self, config_hash: str, *upstream: str) -> str:
+        """A stage's hash: its own settings' hash and the id of each stage it reads, as that ran last."""
+        ids = [self.stage_info(name).get("id") for name in upstream]
+        return hashlib.sha256(json.dumps([config_hash, *ids]).encode()).hexdigest()[:16]
 
     def _update_stage(self, name: str, info: dict) -> None:
         manifest = self.manifest()
@@ -171,7 +277,8 @@ class RunDir:
             return None
         redo = f"use --redo {name} to redo it and the stages after it, or another run_dir"
         if prior.get("config_hash") != config_hash:
-            raise StageChanged(f"stage '{name}' in {self.root} was made with another config; {redo}")
+            raise StageChanged(f"stage '{name}' in {self.root} was made with another config or from stages "
+                               f"redone since; {redo}")
         then = prior.get("inputs") or {}
         for key, now in (inputs or {}).items():
             if now and then.get(key) and now != then[key]:  # unknown on either side: not checked
@@ -185,12 +292,19 @@ class RunDir:
         `inputs`: `fingerprints` of the local files the stage reads, recorded and checked on reuse."""
         if not force and self.done(name, config_hash, inputs):
             return False
+        # marked running first: a crash while the old outputs are deleted leaves a stage to redo, not "done"
+        self._update_stage(name, {"status": "running", "config_hash": config_hash, "inputs": inputs or {},
+                                  "started": time.time(), "id": uuid.uuid4().hex[:12]})
         for out in outputs:  # half-finished or forced: start clean, never append
             self.remove(out)
-        self._update_stage(name, {"status": "running", "config_hash": config_hash, "inputs": inputs or {},
-                                  "started": time.time()})
         print(f"[{name}] running")
         return True
+
+    def fail(self, name: str, counts: dict, error: str) -> None:
+        """Record a stage that ended without its result (a gate refused it): the next run redoes it."""
+        record = self.stage_info(name)
+        record.update(counts, status="failed", error=error)
+        self._update_stage(name, record)
 
     def finish(self, name: str, counts: dict) -> dict:
         record = self.stage_info(name)
@@ -199,3 +313,13 @@ class RunDir:
         summary = ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, dict | list))
         print(f"[{name}] done in {record['seconds']} s: {summary}")
         return record
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

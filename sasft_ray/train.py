@@ -104,6 +104,7 @@ def packed(ds, max_length: int):
 
 EVENTS, FAILED_ONCE = "train-events.jsonl", "train-failed-once"
 RAY_TRAIN = "train"  # Ray Train's run folder in run_dir: its checkpoints and snapshot
+PARTIAL = "model.partial"  # the export as it is written, before it becomes model/
 
 
 def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it silently
@@ -163,14 +164,17 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
         batch_size=t.micro_batch_size, collate_fn=collate), total_steps=total_steps, step=step, log=log,
         checkpoint=save, after_step=after_step if fail_at else None)
 
+    # written aside and moved into place whole: a crash never leaves a model/ that looks finished
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the folder once it is whole
-        out = scratch if rd.remote else rd.local("model")
+        out = scratch if rd.remote else rd.local(PARTIAL)
         export(engine, cfg, out, rank)
         if rank == 0:
             Path(out, "train_result.json").write_text(json.dumps(
                 {"heldout_loss": end["heldout_loss"], "trainable_params": n_trainable, "total_params": n_total}))
             if rd.remote:
                 rd.upload(out, "model")
+            else:
+                os.replace(out, rd.local("model"))
 
 
 def progress_line(record: dict, total_steps: int) -> str:
@@ -259,18 +263,44 @@ def scaling_config(cfg: Config):
                          accelerator_type=cfg.resources.accelerator_type if gpu else None)
 
 
+def train_outputs(rd: RunDir, config_hash: str, force: bool) -> tuple[str, ...]:
+    """What a training run deletes as it begins. Ray Train resumes from its own snapshot in run_dir/train/
+    (even in a new fit()): only a run of this very config that did not finish may resume there (and
+    keep its events); any other starts from a clean folder."""
+    prior = rd.stage_info("train")
+    resuming = not force and prior.get("status") in ("running", "failed") and prior.get("config_hash") == config_hash
+    return ("model", PARTIAL, FAILED_ONCE) + (() if resuming else (EVENTS, RAY_TRAIN))
+
+
+def train_hash(cfg: Config, rd: RunDir) -> str:
+    """What a trained model depends on: the training settings, the base model, and the mix it read."""
+    return rd.chained(cfg.section_hash("train", "model", "mix"), "mix")
+
+
+def trained(cfg: Config) -> bool:
+    """Whether the run's model is the finished training of this very config (an error if of another)."""
+    cfg = absolute_paths(cfg)
+    rd = RunDir(cfg.run_dir, create=False)
+    return rd.finished("train", train_hash(cfg, rd), fingerprints(cfg, "model.path"))
+
+
 def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
+    """Train unless done under this config; returns the stage record (None if skipped)."""
+    with rd.locked():
+        return _train(absolute_paths(cfg), rd, force)
+
+
+def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from sasft_ray.generate import connect
 
-    cfg = absolute_paths(cfg)
     if not Path(cfg.model.path).exists() and cfg.model.path.startswith((".", "/")):
         raise TrainSetupError(f"model.path {cfg.model.path} does not exist")
     if rd.stage_info("mix").get("status") != "done":
         raise TrainSetupError(f"{rd.root} has no finished mix; run `sasft generate` first")
-    config_hash, inputs = cfg.section_hash("train", "model", "mix"), fingerprints(cfg, "model.path")
+    config_hash, inputs = train_hash(cfg, rd), fingerprints(cfg, "model.path")
     if not force and rd.done("train", config_hash, inputs):
         return None
     connect(cfg)
@@ -286,12 +316,7 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
         sequences = train_ds.count()
     total_steps = check_before_work(cfg, rows, with_targets, sequences, num_layers(cfg))
     heldout_ds = tokenized(cfg, rd.path("task", "heldout.parquet"), strip_bos)
-    # Ray Train resumes from its own snapshot in run_dir/train/ (even in a new fit()): only a run of this
-    # very config that did not finish may resume there; any other starts from a clean folder
-    prior = rd.stage_info("train")
-    resuming = not force and prior.get("status") == "running" and prior.get("config_hash") == config_hash
-    rd.begin("train", config_hash, force=True, inputs=inputs,
-             outputs=("model", FAILED_ONCE) + (() if resuming else (EVENTS, RAY_TRAIN)))
+    rd.begin("train", config_hash, force=True, inputs=inputs, outputs=train_outputs(rd, config_hash, force))
 
     t = cfg.train
     ds_config = loop.deepspeed_config(cfg)
@@ -326,4 +351,6 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
               "drift_total": drift.get("total"), **({"drift_unavailable": drift["unavailable"]}
                                                     if "unavailable" in drift else {}),
               "checkpoint": checkpoint}
-    return rd.finish("train", counts)
+    record = rd.finish("train", counts)
+    rd.save_config(cfg)
+    return record

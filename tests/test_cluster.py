@@ -151,3 +151,32 @@ def test_rayservice_is_a_valid_ray_serve_llm_app_over_the_jobs_export():
         kw = c.engine_kwargs
         assert (kw["max_model_len"], kw["max_num_seqs"], kw["tensor_parallel_size"]) == (
             eng.max_model_len, eng.max_num_seqs, eng.tensor_parallel_size)
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_nodes_authenticate_and_keep_the_dashboard_private(name):
+    """Ray's token authentication on every node, the token and HF_TOKEN from the cloud's secret store (none
+    written in the file), the dashboard bound to the head's loopback (reached through `ray dashboard`)."""
+    config = _load(name)
+    cloud = name.removesuffix(".yaml")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(config[key])
+        assert "RAY_AUTH_MODE=token" in start, key
+        for secret in ("sasft-ray-token", "sasft-hf-token"):
+            assert f"python -m sasft_ray.secret_store --cloud {cloud} {secret}" in start, key
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    assert "0.0.0.0" not in (CLUSTER / name).read_text()
+    assert "hf_" not in (CLUSTER / name).read_text()  # no token pasted in
+
+
+def test_the_secret_store_reader_gets_a_secret_from_aws_stand_in_for_aws(bucket, capsys):
+    """What the cluster's start commands run, against a moto stand-in for AWS Secrets Manager."""
+    import boto3
+
+    from sasft_ray.secret_store import main
+
+    boto3.client("secretsmanager").create_secret(Name="sasft-ray-token", SecretString="s3cr3t-token")
+    assert main(["--cloud", "aws", "sasft-ray-token"]) == 0
+    assert capsys.readouterr().out == "s3cr3t-token\n"
+    assert main(["--cloud", "aws", "absent"]) == 1
+    assert "secret 'absent' from the aws secret store: ResourceNotFoundException" in capsys.readouterr().err

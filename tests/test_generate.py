@@ -125,4 +125,5 @@ def test_too_few_survivors_is_a_clear_error(tiny_llama, local_ray, tmp_path):
                       filters={"max_dialogue_chars": 3})
     with pytest.raises(TooFewSurvivors, match=r"only 0 of 4 .*too long"):
         generate(cfg)
-    assert RunDir(cfg.run_dir).stage_info("selftalk")["drops"] == {"too long": 5}
+    record = RunDir(cfg.run_dir).stage_info("selftalk")
+    assert record["drops"] == {"too long": 5} and record["status"] == "failed"  # redone next time, not passed

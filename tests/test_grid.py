@@ -1,5 +1,7 @@
 """Grid expansion: every combination becomes a validated config with its own run_dir."""
 
+import shlex
+
 import pytest
 import yaml
 
@@ -147,4 +149,4 @@ def test_a_submitted_cell_runs_its_overrides_with_the_hub_token_from_the_environ
     job = job_request("demo", cell)
     assert job["runtime_env"] == {"working_dir": ".", "env_vars": {"HF_TOKEN": "hf_from_the_environment"}}
     assert job["entrypoint"].startswith("python jobs/run.py --config demo")
-    assert "--set 'train.seed=0'" in job["entrypoint"]
+    assert shlex.split(job["entrypoint"])[4:6] == ["--set", "train.seed=0"]

@@ -18,6 +18,20 @@ def test_scorers():
     assert rouge_l("banana", row) == 0.0
     # LCS "the answer is" (3 words): precision 3/4, recall 3/5
     assert rouge_l("so the answer is", row) == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    # the standard ROUGE-L: punctuation dropped and words stemmed (a hand-written one read 0.667 here)
+    assert rouge_l("The patient has a fever.", {"reference": "the patient has fever"}) == pytest.approx(8 / 9)
+    assert rouge_l("The patients had fevers", {"reference": "the patient had fever"}) == 1.0
+
+
+def test_lm_eval_metrics_keep_every_filter_apart():
+    """GSM8K reports one metric under two filters; cut at the comma they would overwrite each other."""
+    from sasft_ray.evaluate import lm_eval_metrics
+
+    results = {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.40, "exact_match_stderr,strict-match": 0.02,
+                         "exact_match,flexible-extract": 0.75, "exact_match_stderr,flexible-extract": 0.03},
+               "mmlu": {"acc,none": 0.5, "acc_stderr,none": 0.01}}
+    assert lm_eval_metrics(results) == {"gsm8k/exact_match,strict-match": 0.40,
+                                        "gsm8k/exact_match,flexible-extract": 0.75, "mmlu/acc,none": 0.5}
     assert scorer("sasft_ray.evaluate:exact") is exact
     with pytest.raises(EvalError, match="unknown scorer"):
         scorer("bleu")

@@ -144,9 +144,9 @@ def test_lm_eval_offline_scores_change_with_the_model(endpoint, cfg):
     trained = run_lm_eval(cfg.eval.lm_eval[0], url, "finetuned", cfg, "test-key-123")
     untrained = run_lm_eval(cfg.eval.lm_eval[0], url, "base", cfg, "test-key-123")
     # the trained model knows its house style; the untrained one prefers the shorter reply
-    assert trained["tiny_mc/acc"] >= 0.8 and untrained["tiny_mc/acc"] <= 0.3
+    assert trained["tiny_mc/acc,none"] >= 0.8 and untrained["tiny_mc/acc,none"] <= 0.3
     generated = run_lm_eval(cfg.eval.lm_eval[1], url, "finetuned", cfg, "test-key-123")
-    assert 0.0 <= generated["tiny_gen/exact_match"] <= 1.0
+    assert 0.0 <= generated["tiny_gen/exact_match,none"] <= 1.0
 
 
 def test_evaluate_models_scores_caches_and_reports(endpoint, cfg, workdir):
