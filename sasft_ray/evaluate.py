@@ -250,7 +250,8 @@ def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: s
     `samples`, every reply goes to `samples/<model id>/<benchmark>.jsonl`.
 
     Each model's scores are saved as soon as it is done (`eval/models/<id>.json`, with `stage_hash`):
-    a run stopped by a failure keeps them, and its re-run under the same hash scores only the rest.
+    a run stopped by a failure keeps them, and its re-run under the same (non-empty) hash scores only
+    the rest.
     The base model (`serve.base_model_id`) takes its general scores from the cache when it can."""
     api = client(url, key)
     rows = indomain_rows(rd, cfg.eval.indomain_limit)
@@ -258,7 +259,7 @@ def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: s
     results = {}
     for model_id in models:
         saved = ("eval", "models", f"{model_id}.json")
-        if rd.exists(*saved) and (done := rd.read_json(*saved)).get("stage_hash") == stage_hash:
+        if stage_hash and rd.exists(*saved) and (done := rd.read_json(*saved)).get("stage_hash") == stage_hash:
             results[model_id] = done["scores"]
             print(f"[eval] {model_id}: scored earlier in this evaluation, kept")
             continue

@@ -180,3 +180,12 @@ def test_the_secret_store_reader_gets_a_secret_from_aws_stand_in_for_aws(bucket,
     assert capsys.readouterr().out == "s3cr3t-token\n"
     assert main(["--cloud", "aws", "absent"]) == 1
     assert "secret 'absent' from the aws secret store: ResourceNotFoundException" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, spec", [("kuberay/rayjob.yaml", "rayClusterSpec"),
+                                        ("kuberay/rayservice.yaml", "rayClusterConfig")])
+def test_kuberay_clusters_use_token_auth_and_secrets(name, spec):
+    manifest = _load(name)
+    assert manifest["spec"][spec]["authOptions"] == {"mode": "token"}
+    text = (CLUSTER / name).read_text()
+    assert "hf_" not in text.replace("hf_token", "").replace("hf-token", "")  # HF_TOKEN only from the Secret

@@ -181,12 +181,15 @@ def test_a_run_dir_in_s3_gets_its_results_replies_and_report(endpoint, cfg, buck
     from sasft_ray.generate import task_stage
     from sasft_ray.pipeline import eval_stage
     from sasft_ray.rundir import RunDir
+    from sasft_ray.train import train_hash
 
     url, _ = endpoint
     suites_only = cfg.eval.model_copy(update={"lm_eval": []})
     remote = cfg.model_copy(update={"run_dir": f"{bucket}/eval-run", "eval": suites_only})
     rd = RunDir(remote.run_dir)
     task_stage(remote, rd, force=False)
+    rd.begin("train", train_hash(remote, rd), force=True)  # the served fine-tune stands for this run's training
+    rd.finish("train", {"steps": 0})
     results = eval_stage(remote, url, "test-key-123")
     assert rd.read_json("eval", "results.json") == results and set(results["models"]) == {"finetuned", "base"}
     assert rd.stage_info("eval")["report"] == f"{bucket}/eval-run/report.md"
