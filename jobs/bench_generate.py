@@ -1,9 +1,12 @@
 """Benchmark: the Ray Data self-talk pipeline against bare vLLM on the same work, in one run.
 
 Both sides write the same number of self-dialogues from the same model with the same
-sampling: template-only user turn, then the assistant reply, for `--turns` exchanges.
-  bare vLLM:  one in-process `LLM.generate` per turn and role, over all dialogues at once
-  pipeline:   `sasft_ray.selftalk.selftalk_dataset` (vLLM actors in Ray Data), consumed to the end
+sampling and engine settings: template-only user turn, then the assistant reply, for `--turns`
+exchanges, on one engine each (`selftalk.engine.concurrency` 1).
+  bare vLLM:  one in-process `LLM.generate` per turn and role, over all dialogues at once, as a
+              user would script it
+  pipeline:   `sasft_ray.selftalk.selftalk_dataset` (one `DialogueWriter` actor in Ray Data writing
+              batches of whole dialogues), consumed to the end
 Steady-state tokens/s of the pipeline is measured over the middle 60% of finished dialogues (each
 row carries its finishing time), so that actor start-up is left out; start-up is reported apart as
 the wall time the steady rate does not explain.
@@ -29,13 +32,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 def bare_vllm(cfg, fmt, n: int) -> dict:
     from vllm import LLM, SamplingParams
 
-    from sasft_ray.selftalk import load_tokenizer, render_prompt, sampling_for
+    from sasft_ray.selftalk import engine_kwargs, load_tokenizer, render_prompt, sampling_for
 
     tokenizer = load_tokenizer(cfg.model.path)
     with PeakMemory() as mem:
         start = time.perf_counter()
-        llm = LLM(cfg.model.path, enforce_eager=True, dtype=cfg.model.dtype, seed=cfg.selftalk.seed,
-                  max_model_len=cfg.selftalk.engine.max_model_len, max_num_seqs=cfg.selftalk.engine.max_num_seqs)
+        llm = LLM(cfg.model.path, **engine_kwargs(cfg, cfg.selftalk.engine, seed=cfg.selftalk.seed,
+                                                  enable_prefix_caching=True))
         startup = time.perf_counter() - start
         histories: list[list[dict]] = [[] for _ in range(n)]
         tokens, start = 0, time.perf_counter()
@@ -81,7 +84,7 @@ def main() -> None:
     parser.add_argument("--dialogues", type=int, default=1024)
     parser.add_argument("--turns", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
 
     import ray
@@ -107,9 +110,10 @@ def main() -> None:
 
     print(f"\nself-talk generation, {args.dialogues} dialogues x {args.turns} turn(s), "
           f"max {args.max_tokens} tokens per message, on {os.cpu_count()} CPU cores")
-    print(f"{'':24}{'tokens/s':>10}{'start-up s':>12}{'peak GiB':>10}")
-    for name, r in (("bare vLLM LLM.generate", bare), ("Ray Data pipeline", ours)):
-        print(f"{name:24}{r['tokens_per_s']:10.0f}{r['startup_s']:12.1f}{r['peak_gib']:10.2f}")
+    print(f"{'':24}{'tokens/s':>10}{'start-up s':>12}{'peak GiB':>10}{'engines':>9}")
+    for name, r, engines in (("bare vLLM LLM.generate", bare, 1),
+                             ("Ray Data pipeline", ours, cfg.selftalk.engine.concurrency)):
+        print(f"{name:24}{r['tokens_per_s']:10.0f}{r['startup_s']:12.1f}{r['peak_gib']:10.2f}{engines:9d}")
     print(f"ratio pipeline / bare (steady state tokens/s): {ours['tokens_per_s'] / bare['tokens_per_s']:.2f}")
 
 

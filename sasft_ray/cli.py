@@ -117,7 +117,7 @@ def cmd_plan(args) -> None:
     cfg = load_config(args.config, args.overrides)
     arch, source = load_arch(cfg.model.path, args.arch)
     cluster = Cluster(args.gpu_mem_gib, args.gpus_per_node, args.cpu_mem_gib, args.gpu_mem_util,
-                      args.train_tokens_per_s, args.gen_tokens_per_s)
+                      args.train_tokens_per_s, args.gen_tokens_per_s, args.nodes)
     text, fits = report(cfg, arch, source, cluster, args.task_rows or count_task_rows(cfg))
     print(text)
     if not fits:
@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--cpu-mem-gib", type=float, default=1800.0, help="CPU RAM per node, for offload")
     p.add_argument("--gpu-mem-util", type=float, default=0.9, help="vLLM gpu_memory_utilization")
+    p.add_argument("--nodes", type=int, help="GPU nodes the cluster can have at once (its max_workers): a stage "
+                   "needing more is refused")
     p.add_argument("--arch", metavar="K=V,...", help="model shape when model.path is neither local nor known, "
                    "e.g. hidden=4096,layers=32,heads=32,kv_heads=8,intermediate=14336,vocab=128256")
     p.add_argument("--task-rows", type=int, help="task rows, when data.path is not a local .jsonl")

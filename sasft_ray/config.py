@@ -53,10 +53,11 @@ class DataConfig(Section):
 
 
 class EngineConfig(Section):
-    """vLLM engines that write the self-talk; one replica per `concurrency`."""
+    """vLLM engines: `concurrency` engines write the self-talk (each every turn and role), or serve a model."""
 
     concurrency: int = Field(1, ge=1)
-    batch_size: int = Field(64, ge=1, description="rows per Ray Data batch sent to an engine")
+    batch_size: int = Field(256, ge=1, description="self-talk: dialogues an engine writes at once (above max_num_seqs "
+                            "the engine stays full while a batch's last dialogues finish); serving: unused")
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int = Field(2048, ge=64)
     max_num_seqs: int = Field(128, ge=1)
@@ -77,6 +78,11 @@ class SelfTalkConfig(Section):
     system_prompt: str | None = None
     oversample: float = Field(1.25, ge=1.0, description="generate this many times num_dialogues")
     seed: int = 0
+    continue_on_error: bool = Field(
+        False, description="a dialogue the engine rejects is kept with drop_reason 'engine error' instead of "
+        "failing the stage")
+    max_engine_restarts: int = Field(
+        3, ge=0, description="times an engine that died is restarted (and its batch retried) before the stage fails")
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @model_validator(mode="after")

@@ -37,7 +37,8 @@ def row_drop_reason(row: dict, cfg: FilterConfig, markers: tuple[str, ...]) -> s
 
 
 def mark_row(row: dict, *, cfg: FilterConfig, markers: tuple[str, ...]) -> dict:
-    return {**row, "drop_reason": row_drop_reason(row, cfg, markers)}
+    """The row with its drop reason: one the writer gave it (over max_model_len, engine error), or the filters'."""
+    return {**row, "drop_reason": row.get("drop_reason") or row_drop_reason(row, cfg, markers)}
 
 
 def normalise(messages) -> str:

@@ -23,7 +23,7 @@ from sasft_ray.config import Config, DataConfig, absolute_paths
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
 from sasft_ray.mix import write_mix
 from sasft_ray.rundir import RunDir, fingerprints
-from sasft_ray.selftalk import LIGHT_CPUS, load_tokenizer, selftalk_dataset, turn_format
+from sasft_ray.selftalk import LIGHT_CPUS, check_fits, load_tokenizer, selftalk_dataset, turn_format
 
 
 class TooFewSurvivors(RuntimeError):
@@ -42,11 +42,11 @@ def connect(cfg: Config) -> None:
         ray.init(address=address)
         return
     # Locally, CPU "slots" are logical: give every engine its bundle even on 2 cores, so that
-    # all 2 x turns self-talk engine pools run side by side and stream, and all served models fit
+    # the self-talk engines and the light maps beside them stream, and all served models fit
     # (a Serve LLM replica holds one CPU besides its engine's bundle).
     talk, served = cfg.selftalk.engine, cfg.serve.engine
     served_replicas = (2 + len(cfg.compare)) * served.concurrency
-    wanted = 2 + math.ceil(max(2 * cfg.selftalk.turns * talk.concurrency * talk.cpus_per_engine,
+    wanted = 2 + math.ceil(max(talk.concurrency * talk.cpus_per_engine,
                                served_replicas * (1 + served.cpus_per_engine),
                                cfg.train.num_workers * cfg.train.cpus_per_worker))
     ray.init(num_cpus=cfg.resources.num_cpus or max(os.cpu_count() or 1, wanted),
@@ -109,9 +109,10 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
     if not rd.begin("selftalk", cfg.section_hash("model", "selftalk", "filters"), force, outputs=("selftalk",),
                     inputs=fingerprints(cfg, "model.path")):
         return
-    connect(cfg)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     fmt = turn_format(tokenizer)
+    check_fits(cfg, tokenizer, fmt)
+    connect(cfg)
     wanted = cfg.selftalk.num_dialogues
     generated = math.ceil(wanted * cfg.selftalk.oversample)
     ds = selftalk_dataset(cfg, generated, fmt)

@@ -147,6 +147,7 @@ class Cluster:
     gpu_mem_util: float = 0.9  # vLLM's gpu_memory_utilization default
     train_tokens_per_s: float | None = None  # per GPU; None: GPU_BF16_TFLOPS x TRAIN_MFU / 6P
     gen_tokens_per_s: float | None = None  # per engine; None: the HBM bandwidth model
+    nodes: int | None = None  # GPU nodes the cluster can have at once; None: as many as it takes
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -373,9 +374,10 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
            f"{arch.kv_heads} KV heads, intermediate {arch.intermediate}, vocab {arch.vocab}",
            f"cluster  {cl.gpus_per_node} x {cl.gpu_mem_gib:g} GiB GPUs and {cl.cpu_mem_gib:g} GiB CPU RAM per node", ""]
 
-    # generation: one engine pool per turn and role (see sasft_ray.selftalk), `concurrency` engines each
-    engines = 2 * st.turns * eng.concurrency
-    out.append(f"generate  vLLM engines for user + assistant x {st.turns} turns x concurrency {eng.concurrency}")
+    # generation: `concurrency` engines, each writing whole dialogues, every turn and role (sasft_ray.selftalk)
+    engines = eng.concurrency
+    out.append(f"generate  {engines} vLLM engine(s) (selftalk.engine.concurrency), each writing whole dialogues "
+               f"of {st.turns} turn(s)")
     run = _engine_lines(out, "selftalk.engine", eng, engines, arch, cl, wb)
     gen_fits = engine_memory(arch, eng.tensor_parallel_size, eng.max_model_len, cl, wb).fits
     if run:
@@ -383,10 +385,10 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
         seq = min(eng.max_model_len, st.turns * (st.max_user_tokens + st.max_assistant_tokens))
         batch, rate = decode_rate(run, seq, eng.max_num_seqs)
         rate = cl.gen_tokens_per_s or rate
-        slowest = generated * max(st.max_user_tokens, st.max_assistant_tokens)  # the busiest pool, at most
-        out.append(f"  time at TP {run.tp}: {generated:,} dialogues, the busiest pool decodes <= {slowest:,} tokens "
+        decoded = generated * st.turns * (st.max_user_tokens + st.max_assistant_tokens)  # at most
+        out.append(f"  time at TP {run.tp}: {generated:,} dialogues, <= {decoded:,} tokens decoded "
                    f"at ~{rate:,.0f} tokens/s per engine ({batch} sequences at once) -> "
-                   f"{_hours(slowest / (rate * eng.concurrency))} (decode only)")
+                   f"{_hours(decoded / (rate * eng.concurrency))} (decode only)")
 
     # training
     tp_ = train_plan(cfg, arch, cl)
@@ -429,6 +431,12 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
                                cl, wb).fits
     peak = max(engines * (run.tp if run else eng.tensor_parallel_size), gpus,
                served * (serve.tp if serve else cfg.serve.engine.tensor_parallel_size))
-    out.append(f"\nstages run one after another: at most {peak:g} GPUs at once, "
-               f"{math.ceil(peak / cl.gpus_per_node)} node(s) of {cl.gpus_per_node}")
-    return "\n".join(out), gen_fits and tp_.fits and serve_fits
+    nodes = math.ceil(peak / cl.gpus_per_node)
+    out.append(f"\nstages run one after another: at most {peak:g} GPUs at once, {nodes} node(s) of {cl.gpus_per_node}")
+    stage_gpus = {"generate": engines * eng.tensor_parallel_size, "train": gpus,
+                  "serve": served * cfg.serve.engine.tensor_parallel_size}
+    too_big = {k: v for k, v in stage_gpus.items() if cl.nodes is not None and v > cl.nodes * cl.gpus_per_node}
+    for stage, need in too_big.items():  # engines or workers that cannot all start stall the stage
+        out.append(f"DOES NOT FIT the cluster: {stage} needs {need:g} GPUs at once, {cl.nodes} node(s) x "
+                   f"{cl.gpus_per_node} have {cl.nodes * cl.gpus_per_node}")
+    return "\n".join(out), gen_fits and tp_.fits and serve_fits and not too_big

@@ -3,14 +3,25 @@
 Template-only prompting (as in Magpie): the engine sees only the model's own
 chat-template prefix that opens a user turn, so the user message it samples is
 drawn from what the model thinks users say; then it answers that message as the
-assistant. Each turn is two `ray.data.llm` processors chained in one Ray Data
-pipeline, so every stage streams and scales on its own: the same code runs
-CPU engines here and tensor-parallel GPU engines on a cluster.
+assistant. One pool of `selftalk.engine.concurrency` engines (`DialogueWriter`
+actors in a Ray Data map, each one vLLM engine of `tensor_parallel_size` GPUs or
+a CPU bundle) writes whole dialogues: every turn and role of a batch on the same
+engine, so a later turn reuses the earlier turns' KV (prefix caching) and no
+engine idles while another role's pool is busy. The same code runs CPU engines
+here and tensor-parallel GPU engines on a cluster.
+
+The same config, seed and engine count give the same dialogues: each batch of
+dialogues is fixed by its index; on GPU every request has its own seed from
+(`selftalk.seed`, dialogue id, turn, role); on CPU, where vLLM's sampler takes no
+per-request seed, the engine's generator is reseeded from (`selftalk.seed`,
+batch, turn, role) before each call, so what a batch gets does not depend on
+which engine ran it or when.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -73,6 +84,24 @@ def turn_format(tokenizer) -> TurnFormat:
     )
 
 
+def check_fits(cfg: Config, tokenizer, fmt: TurnFormat) -> None:
+    """Refuse, before any engine starts, a dialogue that cannot fit the engine: the chat template's own
+    tokens plus `turns` x (max_user_tokens + max_assistant_tokens) over `engine.max_model_len`."""
+    from sasft_ray.config import ConfigError
+
+    st = cfg.selftalk
+    system = [{"role": "system", "content": st.system_prompt}] if st.system_prompt else []
+    filler = [{"role": role, "content": "x"} for _ in range(st.turns) for role in ("user", "assistant")]
+    rendered = len(tokenizer(render(tokenizer, system + filler, fmt.strip_bos)).input_ids)
+    template = rendered - len(filler) * len(tokenizer("x", add_special_tokens=False).input_ids)
+    messages = st.turns * (st.max_user_tokens + st.max_assistant_tokens)
+    if template + messages > st.engine.max_model_len:
+        raise ConfigError(f"self-talk dialogues need up to {template + messages} tokens (the chat template's "
+                          f"{template} + selftalk.turns {st.turns} x (max_user_tokens {st.max_user_tokens} + "
+                          f"max_assistant_tokens {st.max_assistant_tokens})), over selftalk.engine.max_model_len "
+                          f"{st.engine.max_model_len}; raise it or lower the token limits")
+
+
 def render(tokenizer, messages: list[dict], strip_bos: str = "", generation_prompt: bool = False) -> str:
     """The chat template's text, less a leading BOS that the tokenizer will add again."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -87,43 +116,105 @@ def render_prompt(tokenizer, fmt: TurnFormat, history: list[dict], role: str) ->
     return text.split(SENTINEL, 1)[0]
 
 
-# --- Ray Data stages: top-level functions, so they pickle by reference ------------------------
+# --- the engine actor: whole dialogues, turn after turn ---------------------------------------
 
-def _prepare(row: dict, *, model: str, trust_remote_code: bool, fmt: TurnFormat, role: str,
-             sampling: dict) -> dict:
-    tokenizer = load_tokenizer(model, trust_remote_code)
-    history = list(row["messages"])
-    stop = fmt.stop_user if role == "user" else fmt.stop_assistant
-    return {
-        **row,
-        "messages": history,
-        "prompt": render_prompt(tokenizer, fmt, history, role),
-        # No per-request seed: vLLM's CPU sampler crashes on seeded requests ("CPU Generator does not
-        # use offset"); the engine is seeded once instead.
-        "sampling_params": {**sampling, "stop_token_ids": list(stop), "skip_special_tokens": False},
-    }
+TOO_LONG, ENGINE_ERROR = "over max_model_len", "engine error"  # drop reasons set while writing
 
 
-def _collect(row: dict, *, fmt: TurnFormat, role: str, max_tokens: int) -> dict:
-    tokens = list(row["generated_tokens"])
-    stop = fmt.stop_user if role == "user" else fmt.stop_assistant
-    truncated = len(tokens) >= max_tokens and (not tokens or tokens[-1] not in stop)
-    text = row["generated_text"].strip()  # the stop token is in `tokens`, never in the text
-    return {
-        "id": row["id"],
+def derived_seed(*parts: int) -> int:
+    """A 31-bit seed from integers (selftalk.seed, batch or dialogue id, turn, role), the same in every process."""
+    digest = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+class DialogueWriter:
+    """One vLLM engine; each call writes one batch of dialogues whole (`__call__` takes batch indices)."""
+
+    def __init__(self, cfg_json: str, fmt: TurnFormat, num_rows: int):
+        from vllm import LLM
+
+        self.cfg = Config.model_validate_json(cfg_json)
+        self.fmt, self.num_rows = fmt, num_rows
+        eng, gpu = self.cfg.selftalk.engine, self.cfg.resources.use_gpu
+        extra = {"distributed_executor_backend": "mp"} if gpu and eng.tensor_parallel_size > 1 else {}
+        self.llm = LLM(model=self.cfg.model.path, **engine_kwargs(
+            self.cfg, eng, seed=self.cfg.selftalk.seed, enable_prefix_caching=True, **extra))
+        self.tokenizer = load_tokenizer(self.cfg.model.path, self.cfg.model.trust_remote_code)
+
+    def __call__(self, batch: dict) -> dict:
+        st = self.cfg.selftalk
+        rows = []
+        for index in (int(i) for i in batch["id"]):
+            ids = range(index * st.engine.batch_size, min((index + 1) * st.engine.batch_size, self.num_rows))
+            rows += self.write(index, list(ids))
+        return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
+
+    def write(self, index: int, ids: list[int]) -> list[dict]:
+        """Dialogues `ids` (batch `index`): user turn, reply, user turn, ... for `selftalk.turns` exchanges.
+        Continuous batching across turns: a dialogue's next message is queued the moment its last one
+        ends, so the engine stays full while other dialogues of the batch are still on an earlier turn."""
+        import torch
+
+        st, gpu = self.cfg.selftalk, self.cfg.resources.use_gpu
+        system = [{"role": "system", "content": st.system_prompt}] if st.system_prompt else []
+        rows = [{"id": i, "messages": list(system), "num_tokens": 0, "truncated": False, "first_words": "",
+                 "drop_reason": "", "finished_at": 0.0} for i in ids]
+        if not gpu:  # vLLM's CPU sampler takes no per-request seed: its generator is seeded for this batch
+            torch.manual_seed(derived_seed(st.seed, index))
+        waiting: dict[str, tuple[dict, int, str]] = {}
+        for row in rows:
+            self.submit(row, 0, "user", waiting)
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                row, turn, role = waiting.pop(out.request_id)
+                self.record(row, role, out.outputs[0])
+                turn, role = (turn, "assistant") if role == "user" else (turn + 1, "user")
+                if turn < st.turns:
+                    self.submit(row, turn, role, waiting)
+        now = time.time()  # when the batch was done: throughput over time, stalls
+        return [{**row, "finished_at": now} for row in rows]
+
+    def submit(self, row: dict, turn: int, role: str, waiting: dict) -> None:
+        """Queue the row's next message; a prompt with no room for it is never sent (the row is kept, marked)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        st, fmt = self.cfg.selftalk, self.fmt
+        sampling = sampling_for(self.cfg, role)
+        # tokenized here as vLLM would (BOS added back): its length is known before it is sent
+        prompt = self.tokenizer(render_prompt(self.tokenizer, fmt, row["messages"], role)).input_ids
+        if len(prompt) + sampling["max_tokens"] > st.engine.max_model_len:
+            row["drop_reason"] = TOO_LONG
+            return
+        stop = fmt.stop_user if role == "user" else fmt.stop_assistant
+        # GPU: a seed per request. CPU: vLLM's sampler crashes on seeded requests ("CPU Generator does not
+        # use offset"); the batch's generator seed stands in (`write`).
+        seed = derived_seed(st.seed, row["id"], turn, role == "assistant") if self.cfg.resources.use_gpu else None
+        params = SamplingParams(**sampling, stop_token_ids=list(stop), skip_special_tokens=False, seed=seed,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        request_id = f"{row['id']}:{turn}:{role}"
+        try:
+            self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+        except Exception:
+            if not st.continue_on_error:
+                raise
+            row["drop_reason"] = ENGINE_ERROR  # the engine refused this one; the others go on
+            return
+        waiting[request_id] = (row, turn, role)
+
+    def record(self, row: dict, role: str, out) -> None:
+        tokens = list(out.token_ids)
+        stop = self.fmt.stop_user if role == "user" else self.fmt.stop_assistant
+        text = out.text.strip()  # the stop token is in `tokens`, never in the text
+        row["messages"].append({"role": role, "content": text})
+        row["num_tokens"] += len(tokens)
+        max_tokens = sampling_for(self.cfg, role)["max_tokens"]
+        row["truncated"] |= len(tokens) >= max_tokens and (not tokens or tokens[-1] not in stop)
         # the opening words of the first user turn: a cheap measure of how varied the topics are
-        "first_words": row["first_words"] or " ".join(text.lower().split()[:2]),
-        "messages": list(row["messages"]) + [{"role": role, "content": text}],
-        "num_tokens": int(row["num_tokens"]) + len(tokens),
-        "truncated": bool(row["truncated"]) or truncated,
-        "finished_at": time.time(),  # when this message was done: throughput over time, stalls
-    }
-
-
-def _seed_row(row: dict, *, system_prompt: str | None) -> dict:
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return {"id": int(row["id"]), "messages": messages, "num_tokens": 0, "truncated": False, "first_words": "",
-            "finished_at": 0.0}
+        row["first_words"] = row["first_words"] or " ".join(text.lower().split()[:2])
 
 
 def engine_kwargs(cfg: Config, eng: EngineConfig, **extra) -> dict:
@@ -149,18 +240,6 @@ def engine_env(cfg: Config, eng: EngineConfig) -> dict:
     return env
 
 
-def engine_processor_config(cfg: Config):
-    """One vLLM engine pool; GPUs on a cluster, a CPU bundle per engine here."""
-    from ray.data.llm import vLLMEngineProcessorConfig
-
-    eng = cfg.selftalk.engine
-    return vLLMEngineProcessorConfig(
-        model_source=cfg.model.path, engine_kwargs=engine_kwargs(cfg, eng, seed=cfg.selftalk.seed),
-        concurrency=eng.concurrency, batch_size=eng.batch_size, chat_template_stage=False, tokenize_stage=False,
-        detokenize_stage=False, runtime_env={"env_vars": engine_env(cfg, eng)}, **engine_placement(cfg, eng),
-    )
-
-
 def sampling_for(cfg: Config, role: str) -> dict:
     st = cfg.selftalk
     if role == "user":
@@ -171,25 +250,17 @@ def sampling_for(cfg: Config, role: str) -> dict:
 
 
 def selftalk_dataset(cfg: Config, num_rows: int, fmt: TurnFormat):
-    """A lazy Ray Dataset of `num_rows` generated dialogues (unfiltered)."""
+    """A lazy Ray Dataset of `num_rows` generated dialogues (unfiltered): one row per batch index in,
+    `engine.batch_size` dialogues out, on `engine.concurrency` engines."""
     import ray
-    from ray.data.llm import build_processor
 
-    light = {"num_cpus": LIGHT_CPUS}
-    blocks = max(1, math.ceil(num_rows / cfg.selftalk.engine.batch_size))
-    ds = ray.data.range(num_rows, override_num_blocks=blocks)
-    ds = ds.map(functools.partial(_seed_row, system_prompt=cfg.selftalk.system_prompt), **light)
-    engine = engine_processor_config(cfg)
-    for _turn in range(cfg.selftalk.turns):
-        for role in ("user", "assistant"):
-            sampling = sampling_for(cfg, role)
-            processor = build_processor(
-                engine,
-                preprocess=functools.partial(
-                    _prepare, model=cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, fmt=fmt,
-                    role=role, sampling=sampling),
-                postprocess=functools.partial(_collect, fmt=fmt, role=role, max_tokens=sampling["max_tokens"]),
-                preprocess_map_kwargs=light, postprocess_map_kwargs=light,
-            )
-            ds = processor(ds)
-    return ds
+    eng = cfg.selftalk.engine
+    batches = math.ceil(num_rows / eng.batch_size)
+    resources = ({"num_gpus": eng.tensor_parallel_size, "accelerator_type": cfg.resources.accelerator_type}
+                 if cfg.resources.use_gpu else {"num_cpus": eng.cpus_per_engine})
+    return ray.data.range(batches, override_num_blocks=batches).map_batches(
+        DialogueWriter, fn_constructor_args=(cfg.model_dump_json(), fmt, num_rows), batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=eng.concurrency),
+        # a batch whose engine dies is retried on a restarted one, a bounded number of times
+        max_restarts=cfg.selftalk.max_engine_restarts, max_task_retries=cfg.selftalk.max_engine_restarts,
+        runtime_env={"env_vars": engine_env(cfg, eng)}, **{k: v for k, v in resources.items() if v is not None})

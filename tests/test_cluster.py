@@ -121,7 +121,7 @@ def test_rayjob_runs_the_pipeline_from_files_in_the_repo():
         assert requirement in requires("sasft-ray"), f"{requirement} is not pinned like pyproject.toml"
 
     # The cluster holds what the config asks for: the training workers, and all self-talk engines at once.
-    engines = 2 * cfg.selftalk.turns * cfg.selftalk.engine.concurrency * cfg.selftalk.engine.tensor_parallel_size
+    engines = cfg.selftalk.engine.concurrency * cfg.selftalk.engine.tensor_parallel_size
     assert _job_gpus(doc) >= max(cfg.train.num_workers * cfg.train.gpus_per_worker, engines)
 
 

@@ -37,7 +37,7 @@ def kill_engine_actor_mid_batch(run: Future) -> str:
 
     while not run.done():
         for task in list_tasks(filters=[("state", "=", "RUNNING")], limit=1000):
-            if task.name.endswith("(vLLMEngineStageUDF)).submit"):
+            if task.name.endswith("(DialogueWriter)).submit"):
                 (actor,) = list_actors(filters=[("actor_id", "=", task.actor_id)], detail=True)
                 os.kill(actor.pid, signal.SIGKILL)
                 return actor.actor_id
@@ -68,6 +68,26 @@ def test_a_killed_engine_actor_loses_and_repeats_no_dialogue(generated):
     assert actor.num_restarts >= 1 or actor.state == "DEAD"
     ids = pads.dataset(rd.local("selftalk")).to_table(columns=["id"])["id"].to_pylist()
     assert sorted(ids) == list(range(rd.stage_info("selftalk")["rows_in"]))
+
+
+def test_one_engine_writes_every_turn_and_role(generated):
+    """selftalk.engine.concurrency engines in all (1 here), not one pool per turn and role (4 for 2 turns)."""
+    from ray.util.state import list_actors
+
+    writers = {a.actor_id for a in list_actors(limit=1000) if "DialogueWriter" in a.class_name}
+    assert len(writers) == generated[0].selftalk.engine.concurrency == 1
+
+
+def test_the_same_config_and_seed_write_the_same_dialogues(generated, tmp_path):
+    """Run again, in another run dir and with no engine killed: row for row the same self-talk, though the
+    first run lost an engine mid-batch and redid that batch on a restarted one."""
+    cfg, rd, _ = generated
+    again = generate(cfg.model_copy(update={"run_dir": str(tmp_path / "again")}))
+    columns = ["id", "messages", "num_tokens", "truncated", "drop_reason"]
+    first, second = (pads.dataset(r.local("selftalk")).to_table(columns=columns).sort_by("id").to_pylist()
+                     for r in (rd, again))
+    assert first == second
+    assert len({str(r["messages"]) for r in first}) > len(first) / 2  # sampled, not one dialogue copied
 
 
 def test_selftalk_writes_well_formed_multi_turn_dialogues(generated):
@@ -127,3 +147,51 @@ def test_too_few_survivors_is_a_clear_error(tiny_llama, local_ray, tmp_path):
         generate(cfg)
     record = RunDir(cfg.run_dir).stage_info("selftalk")
     assert record["drops"] == {"too long": 5} and record["status"] == "failed"  # redone next time, not passed
+
+
+WRITER = """
+import json, sys
+from sasft_ray.config import validate_config
+from sasft_ray.selftalk import DialogueWriter, load_tokenizer, render_prompt, turn_format
+if __name__ == "__main__":
+    raw = json.loads(sys.argv[1])
+    tokenizer = load_tokenizer(raw["model"]["path"])
+    fmt = turn_format(tokenizer)
+    system = [{"role": "system", "content": raw["selftalk"]["system_prompt"]}]
+    # room for the user turn exactly: the reply's prompt (the user turn closed, the reply opened) cannot fit
+    opening = len(tokenizer(render_prompt(tokenizer, fmt, system, "user")).input_ids)
+    raw["selftalk"]["engine"]["max_model_len"] = opening + raw["selftalk"]["max_user_tokens"]
+    cfg = validate_config(raw)
+    writer = DialogueWriter(cfg.model_dump_json(), fmt, 4)
+    print("ROWS=" + json.dumps(writer.write(0, [0, 1, 2, 3])))
+"""
+
+
+def test_a_dialogue_that_outgrows_the_engine_ends_and_is_kept(tiny_llama, tmp_path):
+    """A real engine whose context holds the user turn but not the reply: each dialogue stops where the
+    next message would not fit, is kept with its reason, and nothing fails. A config whose template and
+    messages cannot fit at all is refused before any engine starts."""
+    import subprocess
+    import sys
+
+    from sasft_ray.config import ConfigError
+
+    selftalk = {"turns": 1, "max_user_tokens": 24, "max_assistant_tokens": 24, "system_prompt": "Be brief. " * 20,
+                "engine": {"max_model_len": 0, "kv_cache_gib": 1}}
+    raw = {"run_dir": str(tmp_path / "run"), "model": {"path": tiny_llama, "dtype": "float32"},
+           "data": {"path": str(tmp_path / "task.jsonl")}, "selftalk": selftalk}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([sys.executable, "-c", WRITER, json.dumps(raw)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert "ROWS=" in proc.stdout, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.split("ROWS=", 1)[1])
+    assert [r["id"] for r in rows] == [0, 1, 2, 3]
+    assert {r["drop_reason"] for r in rows} == {"over max_model_len"}
+    assert all([m["role"] for m in r["messages"]] == ["system", "user"] for r in rows)
+
+    write_demo_task(tmp_path / "task.jsonl", n=20)
+    tight = make_config(tmp_path / "tight", tiny_llama, data_path=tmp_path / "task.jsonl", selftalk={
+        "turns": 2, "max_user_tokens": 24, "max_assistant_tokens": 24, "engine": {"max_model_len": 100}})
+    with pytest.raises(ConfigError, match=r"self-talk dialogues need up to \d+ tokens \(the chat template's \d+ "
+                                          r"\+ selftalk.turns 2 x \(max_user_tokens 24 \+ max_assistant_tokens 24"):
+        generate(tight)

@@ -303,3 +303,19 @@ def test_the_70b_training_workers_ask_for_what_the_plan_counts():
     assert "train  16 workers x 1 GPU: 16 GPUs, 2 node(s)" in text
     assert scaling_config(load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-70b.yaml"),
                                       ["resources.use_gpu=false"])).accelerator_type is None
+
+
+def test_the_planner_counts_one_engine_pool_and_refuses_a_cluster_too_small_for_it():
+    """Self-talk holds `selftalk.engine.concurrency` engines (each every turn and role), not one pool per turn
+    and role; with --nodes, a stage whose engines or workers cannot all start at once is refused."""
+    path = str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-70b.yaml")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", path, "--task-rows", "20000", "--nodes", "2"]) == 0
+    assert "generate  4 vLLM engine(s)" in out.getvalue() and "4 engines x TP 4 = 16 GPUs, 2 node(s)" in out.getvalue()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        main(["plan", path, "--task-rows", "20000", "--nodes", "1"])
+    assert exit_.value.code == 1
+    assert "DOES NOT FIT the cluster: generate needs 16 GPUs at once, 1 node(s) x 8 have 8" in out.getvalue()
+    assert "DOES NOT FIT the cluster: train needs 16 GPUs at once" in out.getvalue()
