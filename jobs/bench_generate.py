@@ -7,6 +7,8 @@ exchanges, on one engine each (`selftalk.engine.concurrency` 1).
               user would script it
   pipeline:   `sasft_ray.selftalk.selftalk_dataset` (one `DialogueWriter` actor in Ray Data writing
               batches of whole dialogues), consumed to the end
+  alone:      the same `DialogueWriter` driven in this process with no Ray, batch after batch: what
+              Ray itself costs
 Steady-state tokens/s of the pipeline is measured over the middle 60% of finished dialogues (each
 row carries its finishing time), so that actor start-up is left out; start-up is reported apart as
 the wall time the steady rate does not explain.
@@ -53,6 +55,24 @@ def bare_vllm(cfg, fmt, n: int) -> dict:
                     tokens += len(out.outputs[0].token_ids)
         seconds = time.perf_counter() - start
     del llm
+    return {"startup_s": startup, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "peak_gib": mem.total / 2**30}
+
+
+def writer_alone(cfg, fmt, n: int) -> dict:
+    """The pipeline's engine actor (`DialogueWriter`) driven in this process, batch after batch, no Ray:
+    what the pipeline would reach if Ray cost nothing."""
+    from sasft_ray.selftalk import DialogueWriter
+
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        writer = DialogueWriter(cfg.model_dump_json(), fmt, n)
+        startup, start = time.perf_counter() - start, time.perf_counter()
+        size = cfg.selftalk.engine.batch_size
+        rows = [r for b in range(-(-n // size)) for r in writer.write(b, list(range(b * size, min(n, (b + 1) * size))))]
+        seconds = time.perf_counter() - start
+    tokens = sum(r["num_tokens"] for r in rows)
+    del writer
     return {"startup_s": startup, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "peak_gib": mem.total / 2**30}
 
@@ -104,6 +124,7 @@ def main() -> None:
     })
     fmt = turn_format(load_tokenizer(model))
     bare = bare_vllm(cfg, fmt, args.dialogues)
+    alone = writer_alone(cfg, fmt, args.dialogues)
     connect(cfg)
     ours = pipeline(cfg, fmt, args.dialogues)
     ray.shutdown()
@@ -111,10 +132,11 @@ def main() -> None:
     print(f"\nself-talk generation, {args.dialogues} dialogues x {args.turns} turn(s), "
           f"max {args.max_tokens} tokens per message, on {os.cpu_count()} CPU cores")
     print(f"{'':24}{'tokens/s':>10}{'start-up s':>12}{'peak GiB':>10}{'engines':>9}")
-    for name, r, engines in (("bare vLLM LLM.generate", bare, 1),
+    for name, r, engines in (("bare vLLM LLM.generate", bare, 1), ("DialogueWriter, no Ray", alone, 1),
                              ("Ray Data pipeline", ours, cfg.selftalk.engine.concurrency)):
         print(f"{name:24}{r['tokens_per_s']:10.0f}{r['startup_s']:12.1f}{r['peak_gib']:10.2f}{engines:9d}")
     print(f"ratio pipeline / bare (steady state tokens/s): {ours['tokens_per_s'] / bare['tokens_per_s']:.2f}")
+    print(f"ratio writer without Ray / bare: {alone['tokens_per_s'] / bare['tokens_per_s']:.2f}")
 
 
 if __name__ == "__main__":
