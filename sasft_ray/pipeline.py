@@ -28,8 +28,8 @@ def method_runs(cfg: Config) -> dict[str, Config]:
     return runs
 
 
-def served_models(cfg: Config) -> dict[str, str]:
-    """Model id -> the folder to serve; refused unless every fine-tune finished training under this config."""
+def require_trained(cfg: Config) -> dict[str, Config]:
+    """`method_runs`, refused unless every fine-tune finished training under this config."""
     from sasft_ray.serve import ServeError
     from sasft_ray.train import trained
 
@@ -38,7 +38,12 @@ def served_models(cfg: Config) -> dict[str, str]:
     if untrained:
         raise ServeError(f"not trained under this config: {', '.join(untrained)}; run `sasft run` (or "
                          "`sasft generate` and `sasft train`) first")
-    return {**{model_id: RunDir(c.run_dir).path("model") for model_id, c in runs.items()},
+    return runs
+
+
+def served_models(cfg: Config) -> dict[str, str]:
+    """Model id -> the folder to serve: each trained fine-tune, and the base model."""
+    return {**{model_id: RunDir(c.run_dir).path("model") for model_id, c in require_trained(cfg).items()},
             cfg.serve.base_model_id: cfg.model.path}
 
 
@@ -73,14 +78,13 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
     from sasft_ray.report import write_run_report
 
     rd = RunDir(cfg.run_dir)
-    runs = method_runs(cfg)
     stage_hash = eval_hash(cfg)
     # eval/models/ is kept: each model's saved scores carry the hash, and only this hash's are reused
     if not rd.begin("eval", stage_hash, force, inputs=eval_inputs(cfg),
                     outputs=("eval/samples", "eval/results.json", "report.md", "report.png")
                     + (("eval/models",) if force else ())):
         return rd.read_json("eval", "results.json")
-    served_models(cfg)  # refuses models whose training is not done under this config
+    runs = require_trained(cfg)  # an endpoint given by URL is checked too
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the replies and report at the end
         out = scratch if rd.remote else rd.local()
         scores = evaluate_models(cfg, rd, url, [*runs, cfg.serve.base_model_id], key,

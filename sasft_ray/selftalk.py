@@ -14,7 +14,7 @@ The same config, seed and engine count give the same dialogues: each batch of
 dialogues is fixed by its index; on GPU every request has its own seed from
 (`selftalk.seed`, dialogue id, turn, role); on CPU, where vLLM's sampler takes no
 per-request seed, the engine's generator is reseeded from (`selftalk.seed`,
-batch, turn, role) before each call, so what a batch gets does not depend on
+batch) before the batch is written, so what a batch gets does not depend on
 which engine ran it or when.
 """
 
@@ -211,8 +211,8 @@ class DialogueWriter:
         text = out.text.strip()  # the stop token is in `tokens`, never in the text
         row["messages"].append({"role": role, "content": text})
         row["num_tokens"] += len(tokens)
-        max_tokens = sampling_for(self.cfg, role)["max_tokens"]
-        row["truncated"] |= len(tokens) >= max_tokens and (not tokens or tokens[-1] not in stop)
+        row["truncated"] |= len(tokens) >= sampling_for(self.cfg, role)["max_tokens"] and (
+            not tokens or tokens[-1] not in stop)
         # the opening words of the first user turn: a cheap measure of how varied the topics are
         row["first_words"] = row["first_words"] or " ".join(text.lower().split()[:2])
 

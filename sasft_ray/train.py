@@ -268,7 +268,7 @@ def train_outputs(rd: RunDir, config_hash: str, force: bool) -> tuple[str, ...]:
     (even in a new fit()): only a run of this very config that did not finish may resume there (and
     keep its events); any other starts from a clean folder."""
     prior = rd.stage_info("train")
-    resuming = not force and prior.get("status") in ("running", "failed") and prior.get("config_hash") == config_hash
+    resuming = not force and prior.get("status") == "running" and prior.get("config_hash") == config_hash
     return ("model", PARTIAL, FAILED_ONCE) + (() if resuming else (EVENTS, RAY_TRAIN))
 
 
