@@ -189,3 +189,226 @@ def test_kuberay_clusters_use_token_auth_and_secrets(name, spec):
     assert manifest["spec"][spec]["authOptions"] == {"mode": "token"}
     text = (CLUSTER / name).read_text()
     assert "hf_" not in text.replace("hf_token", "").replace("hf-token", "")  # HF_TOKEN only from the Secret
+
+
+# --- Identity, placement and the network of multi-node NCCL on each cloud --------------------------------
+
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+EFA_NICS = {"p5.48xlarge": 32}  # EFA interfaces (one per network card) of the training instance types
+
+
+def _training_type(config: dict) -> tuple[str, dict]:
+    """The node type of 8-GPU training nodes (exactly one)."""
+    (pair,) = [(k, v) for k, v in config["available_node_types"].items() if v["resources"].get("GPU") == 8]
+    return pair
+
+
+def _docker_run_options(config: dict, node_type: str) -> list[str]:
+    """The `docker run` options a worker of this type starts with: Ray's node-specific docker config over the
+    global one, then run_options + worker_run_options (ray.autoscaler: _get_node_specific_docker_config and
+    DockerCommandRunner.run_init)."""
+    docker = {**config["docker"], **config["available_node_types"][node_type].get("docker", {})}
+    return docker.get("run_options", []) + docker.get("worker_run_options", [])
+
+
+def _docker_env(options: list[str]) -> dict[str, str]:
+    words = shlex.split(" ".join(options))
+    pairs = [words[i + 1] for i, w in enumerate(words) if w in ("--env", "-e")]
+    pairs += [w.split("=", 1)[1] for w in words if w.startswith("--env=")]
+    return dict(p.split("=", 1) for p in pairs)
+
+
+def _nccl_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(("FI_", "NCCL_"))}
+
+
+def test_gcp_every_node_type_has_a_service_account_with_the_cloud_platform_scope():
+    """Ray's GCP launcher attaches an account to the head only: a worker without one cannot write the gs://
+    run_dir or read its secrets. The head keeps Ray's autoscaler account, the workers share their own."""
+    # Ray's default account id, read from its source (importing it needs Google's client libraries).
+    source = (Path(ray.autoscaler.__file__).parent / "_private" / "gcp" / "config.py").read_text()
+    assert {'RAY = "ray-autoscaler"', 'VERSION = "v1"', 'DEFAULT_SERVICE_ACCOUNT_ID = RAY + "-sa-" + VERSION'} <= {
+        line.strip() for line in source.splitlines()}
+    ray_account = "ray-autoscaler-sa-v1"
+    config = _load("gcp.yaml")
+    project = config["provider"]["project_id"]
+    emails = {}
+    for name, node_type in config["available_node_types"].items():
+        (account,) = node_type["node_config"]["serviceAccounts"]
+        assert account["scopes"] == [CLOUD_PLATFORM], name
+        assert re.fullmatch(rf"[a-z][a-z0-9-]{{4,28}}[a-z0-9]@{re.escape(project)}\.iam\.gserviceaccount\.com",
+                            account["email"]), (name, account["email"])
+        emails[name] = account["email"]
+    head = emails.pop(config["head_node_type"])
+    assert head.split("@")[0] == ray_account  # the account `ray up` grants compute rights
+    assert len(set(emails.values())) == 1 and head not in emails.values()  # workers: one account, not the head's
+
+
+def test_aws_every_node_type_has_an_instance_profile():
+    """The head's profile carries the autoscaler's rights (so Ray makes no ray-head-v1 role of its own); every
+    worker type carries the bucket's and the secrets' profile, which is not the head's."""
+    from ray.autoscaler._private.aws.config import _configure_iam_role
+    from ray.autoscaler._private.util import prepare_config
+
+    config = _load("aws.yaml")
+    arn = re.compile(r"arn:aws:iam::(ACCOUNT|\d{12}):instance-profile/[\w+=,.@-]+")
+    profiles = {}
+    for name, node_type in config["available_node_types"].items():
+        profiles[name] = node_type["node_config"]["IamInstanceProfile"]["Arn"]
+        assert arn.fullmatch(profiles[name]), (name, profiles[name])
+    head = profiles.pop(config["head_node_type"])
+    assert len(set(profiles.values())) == 1 and head not in profiles.values()
+    # What `ray up` does with a head profile in the file: keeps it, creates and attaches nothing (no AWS call).
+    bootstrapped = _configure_iam_role(prepare_config(config) | {"head_node": {}})
+    assert bootstrapped["head_node"] == {}
+
+
+def test_aws_lists_exactly_one_availability_zone():
+    """p5 capacity is zonal and a cluster placement group cannot span zones."""
+    provider = _load("aws.yaml")["provider"]
+    zones = [z.strip() for z in provider["availability_zone"].split(",")]
+    assert len(zones) == 1 and re.fullmatch(rf"{re.escape(provider['region'])}[a-z]", zones[0]), zones
+
+
+def test_aws_training_nodes_sit_in_a_cluster_placement_group_on_every_efa_interface():
+    from ray.autoscaler._private.aws.config import _configure_node_type_from_network_interface
+
+    config = _load("aws.yaml")
+    name, node_type = _training_type(config)
+    node = node_type["node_config"]
+    group = node["Placement"]["GroupName"]
+    assert f"create-placement-group --group-name {group} --strategy cluster" in (CLUSTER / "aws.yaml").read_text()
+
+    interfaces = node["NetworkInterfaces"]
+    assert len(interfaces) == EFA_NICS[node["InstanceType"]]
+    assert sorted(i["NetworkCardIndex"] for i in interfaces) == list(range(len(interfaces)))  # one per card
+    primary, *others = sorted(interfaces, key=lambda i: i["NetworkCardIndex"])
+    assert (primary["DeviceIndex"], primary["InterfaceType"]) == (0, "efa")  # EFA with ENA: the node's IP
+    assert all((i["DeviceIndex"], i["InterfaceType"]) == (1, "efa-only") for i in others)
+    # The subnet and security groups go in each interface, never beside them; Ray copies them up.
+    assert all(i["SubnetId"].startswith("subnet-") and i["Groups"] for i in interfaces)
+    assert not {"SubnetId", "SubnetIds", "SecurityGroupIds"} & node.keys()
+    lifted = _configure_node_type_from_network_interface(node_type)["node_config"]
+    assert set(lifted["SubnetIds"]) == {primary["SubnetId"]}
+    # Every node type in the interfaces' security group: Ray's own group would admit only itself, and the
+    # EFA nodes could not reach the head.
+    for other, t in config["available_node_types"].items():
+        if other != name:
+            assert set(t["node_config"]["SecurityGroupIds"]) == set(lifted["SecurityGroupIds"]), other
+
+
+def test_aws_only_the_efa_nodes_start_their_container_with_the_efa_devices():
+    """What reaches `docker run` (Ray's own command builder): the EFA devices, memory pinning and a large
+    /dev/shm on the training nodes; no /dev/infiniband elsewhere (docker fails on a host without it)."""
+    from ray.autoscaler._private.docker import docker_start_cmds
+
+    config = _load("aws.yaml")
+    training, _ = _training_type(config)
+    for name in config["available_node_types"]:
+        if name == config["head_node_type"]:
+            continue
+        options = _docker_run_options(config, name)
+        command = docker_start_cmds("ubuntu", config["docker"]["image"], {}, "ray_container", options,
+                                    config["cluster_name"], "/home/ray", "docker")
+        words = shlex.split(command)
+        flags = {f"{w} {words[i + 1]}" for i, w in enumerate(words[:-1])} | set(words)
+        if name != training:
+            assert "/dev/infiniband" not in command, name
+            continue
+        assert "--device /dev/infiniband" in flags
+        assert "--cap-add IPC_LOCK" in flags
+        assert "--ulimit memlock=-1:-1" in flags or "--ulimit memlock=-1" in flags
+        shm = [w for w in words if w.startswith("--shm-size=")]
+        assert len(shm) == 1 and re.fullmatch(r"--shm-size=(\d+)g", shm[0]) and int(shm[0][11:-1]) >= 64
+        assert "--net=host" in words  # Ray's default: EFA and NCCL's bootstrap see the host's interfaces
+
+
+def _kuberay_training_container(doc: dict) -> dict:
+    (group,) = [g for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+                if int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == 8]
+    return group
+
+
+def test_the_nccl_efa_environment_reaches_the_containers():
+    """The same libfabric / NCCL variables in the p5 containers of the launcher and in the KubeRay training
+    pods, with the values that select EFA."""
+    config = _load("aws.yaml")
+    training, _ = _training_type(config)
+    aws = _nccl_env(_docker_env(_docker_run_options(config, training)))
+    assert aws["FI_PROVIDER"] == "efa"
+    assert aws["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    excluded = aws["NCCL_SOCKET_IFNAME"]
+    assert excluded.startswith("^") and {"lo", "docker"} <= set(excluded[1:].split(","))
+    for name in config["available_node_types"]:  # nodes without EFA get none of it
+        if name != training:
+            assert "FI_PROVIDER" not in _docker_env(_docker_run_options(config, name)), name
+
+    pod = _kuberay_training_container(_load("kuberay/rayjob.yaml"))["template"]["spec"]["containers"][0]
+    kuberay = _nccl_env({e["name"]: e["value"] for e in pod["env"] if "value" in e})
+    assert kuberay == aws
+
+
+def test_gcp_training_nodes_have_a_compact_placement_policy():
+    config = _load("gcp.yaml")
+    provider = config["provider"]
+    _, node_type = _training_type(config)
+    node = node_type["node_config"]
+    (policy,) = node["resourcePolicies"]
+    link = re.fullmatch(rf"(https://www\.googleapis\.com/compute/v1/)?projects/{re.escape(provider['project_id'])}"
+                        rf"/regions/(?P<region>[a-z0-9-]+)/resourcePolicies/(?P<name>[a-z][a-z0-9-]*)", policy)
+    assert link and link["region"] == provider["region"], policy
+    assert provider["availability_zone"].startswith(f"{provider['region']}-")
+    text = (CLUSTER / "gcp.yaml").read_text()
+    command = rf"group-placement {link['name']} \\\s*#?\s*--collocation=collocated --region={provider['region']}"
+    assert re.search(command, text), "the one-time command that creates the compact policy"
+    # The API's Scheduling object (a mapping): GPU VMs, and compact placement, want no live migration.
+    for name, t in config["available_node_types"].items():
+        if t["resources"].get("GPU"):
+            assert t["node_config"]["scheduling"] == {"onHostMaintenance": "TERMINATE"}, name
+
+
+def test_kuberay_training_workers_request_efa_and_may_pin_memory():
+    group = _kuberay_training_container(_load("kuberay/rayjob.yaml"))
+    spec = group["template"]["spec"]
+    container = spec["containers"][0]
+    resources = container["resources"]
+    # An extended resource: requests must equal limits; 32 is every EFA of a p5.48xlarge.
+    assert resources["requests"]["vpc.amazonaws.com/efa"] == resources["limits"]["vpc.amazonaws.com/efa"]
+    assert int(resources["limits"]["vpc.amazonaws.com/efa"]) == EFA_NICS["p5.48xlarge"]
+    assert "IPC_LOCK" in container["securityContext"]["capabilities"]["add"]
+    shm = {v["name"]: v for v in spec["volumes"]}[
+        {m["mountPath"]: m["name"] for m in container["volumeMounts"]}["/dev/shm"]]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    # The 1-GPU serving replicas need no NCCL between nodes: they do not tie themselves to EFA nodes.
+    for g in _load("kuberay/rayservice.yaml")["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        assert "vpc.amazonaws.com/efa" not in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_ray_bootstraps_the_aws_network_layout(bucket):
+    """Ray's own AWS bootstrap steps for subnets and security groups, against a moto stand-in for EC2: the
+    EFA interfaces' subnet in the one zone, every node type in the file's security group, none created."""
+    import boto3
+    from ray.autoscaler._private.aws import config as aws_config
+    from ray.autoscaler._private.aws.utils import client_cache, resource_cache
+    from ray.autoscaler._private.util import prepare_config
+
+    provider = _load("aws.yaml")["provider"]
+    ec2 = boto3.client("ec2", region_name=provider["region"])
+    vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.7.1.0/24",
+                               AvailabilityZone=provider["availability_zone"])["Subnet"]["SubnetId"]
+    ec2.modify_subnet_attribute(SubnetId=subnet, MapPublicIpOnLaunch={"Value": True})  # Ray requires it
+    group = ec2.create_security_group(GroupName="sasft-ray", Description="sasft", VpcId=vpc)["GroupId"]
+    text = (CLUSTER / "aws.yaml").read_text().replace("subnet-YOUR-SUBNET", subnet).replace("sg-YOUR-GROUP", group)
+
+    resource_cache.cache_clear(), client_cache.cache_clear()  # Ray's boto3 caches, on the moto endpoint
+    try:
+        config = aws_config._configure_from_network_interfaces(prepare_config(yaml.safe_load(text)))
+        config = aws_config._configure_security_group(aws_config._configure_subnet(config))
+    finally:
+        resource_cache.cache_clear(), client_cache.cache_clear()
+    for name, node_type in config["available_node_types"].items():
+        assert set(node_type["node_config"]["SubnetIds"]) == {subnet}, name
+        assert set(node_type["node_config"]["SecurityGroupIds"]) == {group}, name
+    created = ec2.describe_security_groups(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["SecurityGroups"]
+    assert {g["GroupId"] for g in created if g["GroupName"] != "default"} == {group}
