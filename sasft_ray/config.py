@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -64,6 +64,22 @@ class EngineConfig(Section):
     cpus_per_engine: float = Field(1.0, gt=0, description="CPU bundle per engine when no GPU is used")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache per engine on CPU")
     enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
+    accelerator_type: str | None = Field(
+        None, description="GPU type of each engine (Ray's accelerator_type, e.g. L40S for serving nodes); "
+        "None: resources.accelerator_type")
+    vllm: dict[str, Any] = Field(
+        default_factory=dict, description="further vLLM arguments, e.g. {gpu_memory_utilization: 0.85, "
+        "max_num_batched_tokens: 8192}, checked against vLLM's EngineArgs (serving: and FrontendArgs, e.g. "
+        "tool_call_parser) when the config loads")
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_args_exist(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value:
+            from sasft_ray.engines import check_vllm_args
+
+            check_vllm_args(value)
+        return value
 
 
 class SelfTalkConfig(Section):
@@ -224,7 +240,9 @@ class EvalConfig(Section):
     suites: list[EvalSuite] = Field(default_factory=list)
     lm_eval: list[LmEvalGroup] = Field(default_factory=list)
     max_tokens: int = Field(128, ge=1)
-    concurrency: int = Field(16, ge=1, description="requests in flight per model")
+    concurrency: int | None = Field(
+        None, ge=1, description="requests in flight per model; None: serve.engine's max_num_seqs x concurrency, "
+        "what its engines run at once")
     base_cache: str | None = Field(
         None, description="folder caching the base model's scores across runs (default: next to run_dir)")
 
@@ -233,8 +251,8 @@ class ResourcesConfig(Section):
     address: str | None = Field(None, description="Ray address; None starts an embedded local Ray")
     use_gpu: bool = False
     accelerator_type: str | None = Field(
-        None, description="GPU type the training workers need (Ray's accelerator_type, e.g. H100), so they do not "
-        "land on a cluster's smaller serving GPUs")
+        None, description="GPU type the training workers and (unless their engine says otherwise) the engines "
+        "need (Ray's accelerator_type, e.g. H100), so they do not land on a cluster's smaller serving GPUs")
     num_cpus: int | None = Field(
         None, ge=1, description="logical CPUs of the embedded local Ray (more than cores lets stages overlap)"
     )
@@ -275,6 +293,12 @@ class Config(Section):
                                  "needs its own id (compare lists methods, each served under its name)")
             seen[model_id] = key
         return self
+
+    @property
+    def eval_concurrency(self) -> int:
+        """Requests in flight per model while scoring: enough to keep every engine of the model full."""
+        eng = self.serve.engine
+        return self.eval.concurrency or eng.max_num_seqs * eng.concurrency
 
     def section_hash(self, *keys: str) -> str:
         """Stable hash of some sections or dotted keys: a finished stage is reused only if what it

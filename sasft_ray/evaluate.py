@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 
 from sasft_ray.config import Config, EvalSuite, LmEvalGroup
 from sasft_ray.rundir import RunDir, fingerprint
+from sasft_ray.selftalk import load_tokenizer
 
 INDOMAIN = "in-domain"
 
@@ -175,7 +177,7 @@ def replies(api, model_id: str, rows: list[dict], max_tokens: int, concurrency: 
 
 def score_rows(api, model_id: str, rows: list[dict], scorer_names: list[str], cfg: Config,
                samples_path: Path | None, benchmark: str) -> dict[str, float]:
-    preds = replies(api, model_id, rows, cfg.eval.max_tokens, cfg.eval.concurrency, benchmark)
+    preds = replies(api, model_id, rows, cfg.eval.max_tokens, cfg.eval_concurrency, benchmark)
     scores = {name: [scorer(name)(p, r) for p, r in zip(preds, rows)] for name in scorer_names}
     if samples_path:
         samples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,26 +187,55 @@ def score_rows(api, model_id: str, rows: list[dict], scorer_names: list[str], cf
     return {name: sum(s) / len(s) for name, s in scores.items()}
 
 
-def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: str | None) -> dict[str, float]:
-    """One lm-eval group against the endpoint; returns `task/metric` -> value."""
+_LM_EVAL = threading.Lock()  # lm-eval sets global seeds and task state: one `simple_evaluate` at a time
+
+
+def lm_eval_model_args(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: str | None) -> dict:
+    """`local-completions` / `local-chat-completions` arguments. Log-likelihood requests go as token ids,
+    tokenized here with BOS exactly when the model's tokenizer adds one (as the model was trained): sent as
+    text, the server would add a BOS lm-eval did not count and every continuation would be off by one
+    token. Chat requests go as messages; the server's chat template places the BOS."""
+    chat = group.mode == "chat"
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+    # chat: one conversation a request; completions: `batch` prompts a request, fewer hops per sequence
+    batch = 1 if chat else min(8, cfg.eval_concurrency)
+    args = {
+        "model": model_id, "base_url": f"{url}/{'chat/completions' if chat else 'completions'}",
+        # lm-eval counts context tokens itself: the local tokenizer keeps it off any hub.
+        "tokenizer": cfg.model.path, "tokenizer_backend": "huggingface", "tokenized_requests": not chat,
+        "add_bos_token": adds_bos and not chat, "max_length": cfg.serve.engine.max_model_len,
+        "batch_size": batch, "num_concurrent": max(1, cfg.eval_concurrency // batch), "max_retries": 3,
+        "max_gen_toks": cfg.eval.max_tokens, "trust_remote_code": cfg.model.trust_remote_code,
+    }
+    if key:
+        args["header"] = {"Authorization": f"Bearer {key}"}
+    return args
+
+
+def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: str | None,
+                out: Path | None = None) -> dict[str, float]:
+    """One lm-eval group against the endpoint; returns `task/metric,filter` -> value. With `out`, lm-eval's
+    own results (with stderr, task configs, versions) go to `out/<tasks>.json` and its samples beside it."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     chat = group.mode == "chat"
-    model_args = {
-        "model": model_id, "base_url": f"{url}/{'chat/completions' if chat else 'completions'}",
-        # lm-eval counts context tokens itself: the local tokenizer keeps it off any hub.
-        "tokenizer": cfg.model.path, "tokenizer_backend": "huggingface", "tokenized_requests": False,
-        "num_concurrent": cfg.eval.concurrency, "max_retries": 3, "max_gen_toks": cfg.eval.max_tokens,
-        "trust_remote_code": cfg.model.trust_remote_code,
-    }
-    if key:
-        model_args["header"] = {"Authorization": f"Bearer {key}"}
-    out = lm_eval.simple_evaluate(
-        model="local-chat-completions" if chat else "local-completions", model_args=model_args,
-        tasks=group.tasks, num_fewshot=group.num_fewshot, limit=group.limit, apply_chat_template=chat,
-        task_manager=TaskManager(include_path=group.include_path), log_samples=False, bootstrap_iters=0)
-    return lm_eval_metrics(out["results"])
+    with _LM_EVAL:
+        result = lm_eval.simple_evaluate(
+            model="local-chat-completions" if chat else "local-completions",
+            model_args=lm_eval_model_args(group, url, model_id, cfg, key), tasks=group.tasks,
+            num_fewshot=group.num_fewshot, limit=group.limit, apply_chat_template=chat,
+            task_manager=TaskManager(include_path=group.include_path), log_samples=out is not None,
+            bootstrap_iters=1000)  # means get their analytic stderr; bootstrap only for the rest (BLEU...)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        name = "+".join(group.tasks)
+        for task, samples in (result.pop("samples", None) or {}).items():
+            with (out / f"{name}.samples.{task}.jsonl").open("w") as f:
+                f.writelines(json.dumps(s, default=str) + "\n" for s in samples)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+    return lm_eval_metrics(result["results"])
 
 
 def lm_eval_metrics(results: dict) -> dict[str, float]:
@@ -217,13 +248,15 @@ def lm_eval_metrics(results: dict) -> dict[str, float]:
 # --- one model, all benchmarks ------------------------------------------------------------------
 
 def general_scores(api, url: str, model_id: str, cfg: Config, key: str | None, samples: Path | None) -> dict:
-    """benchmark -> metric -> value over every suite and lm-eval group."""
+    """benchmark -> metric -> value over every suite and lm-eval group; with `samples` (`<out>/eval/samples/
+    <model id>`), lm-eval's own files go to `<out>/eval/lm_eval/<model id>/`."""
     out: dict[str, dict[str, float]] = {}
     for suite in expand_suites(cfg.eval.suites):
         out[suite.name] = score_rows(api, model_id, suite_rows(suite), suite.scorers, cfg,
                                      samples / f"{suite.name}.jsonl" if samples else None, suite.name)
     for group in cfg.eval.lm_eval:
-        for name, value in run_lm_eval(group, url, model_id, cfg, key).items():
+        lm_out = samples.parent.parent / "lm_eval" / model_id if samples else None
+        for name, value in run_lm_eval(group, url, model_id, cfg, key, lm_out).items():
             task, metric = name.split("/", 1)
             out.setdefault(task, {})[metric] = value
     return out
@@ -240,8 +273,17 @@ def base_cache_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def base_cache_dir(cfg: Config) -> Path:
-    return Path(cfg.eval.base_cache or Path(cfg.run_dir).parent / "base-eval-cache")
+def base_cache(cfg: Config) -> tuple[str, str]:
+    """Where the base model's general scores are cached: `eval.base_cache`, else `base-eval-cache` beside
+    the run dir, local or in the bucket alike (a grid on s3:// scores its base model once too)."""
+    if cfg.eval.base_cache:
+        root = cfg.eval.base_cache
+    elif "://" in cfg.run_dir:
+        scheme, rest = cfg.run_dir.rstrip("/").split("://", 1)
+        root = f"{scheme}://{rest.rsplit('/', 1)[0]}/base-eval-cache"
+    else:
+        root = str(Path(cfg.run_dir).absolute().parent / "base-eval-cache")
+    return root, f"{base_cache_key(cfg)}.json"
 
 
 def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: str | None = None,
@@ -249,34 +291,41 @@ def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: s
     """Scores of each model id: in-domain (held-out task split) and general benchmarks; with
     `samples`, every reply goes to `samples/<model id>/<benchmark>.jsonl`.
 
+    The models are scored at once, each with `eval_concurrency` requests in flight (its engines'
+    `max_num_seqs` x replicas), so no engine idles while another model is scored.
     Each model's scores are saved as soon as it is done (`eval/models/<id>.json`, with `stage_hash`):
     a run stopped by a failure keeps them, and its re-run under the same (non-empty) hash scores only
-    the rest.
-    The base model (`serve.base_model_id`) takes its general scores from the cache when it can."""
+    the rest. The base model (`serve.base_model_id`) takes its general scores from the cache when it can."""
     api = client(url, key)
     rows = indomain_rows(rd, cfg.eval.indomain_limit)
-    cache = base_cache_dir(cfg) / f"{base_cache_key(cfg)}.json" if "://" not in cfg.run_dir else None
-    results = {}
-    for model_id in models:
+    rd.fs.create_dir(rd.local("eval", "models"), recursive=True)
+
+    def one(model_id: str) -> dict:
         saved = ("eval", "models", f"{model_id}.json")
         if stage_hash and rd.exists(*saved) and (done := rd.read_json(*saved)).get("stage_hash") == stage_hash:
-            results[model_id] = done["scores"]
             print(f"[eval] {model_id}: scored earlier in this evaluation, kept")
-            continue
+            return done["scores"]
         started = time.time()
         replies = samples / model_id if samples else None
         indomain = score_rows(api, model_id, rows, cfg.eval.indomain_scorers, cfg,
                               replies / "in-domain.jsonl" if replies else None, INDOMAIN)
-        if model_id == cfg.serve.base_model_id and cache and cache.exists():
-            general = json.loads(cache.read_text())
-            print(f"[eval] {model_id}: general scores from the cache {cache}")
+        cache, name = None, ""
+        if model_id == cfg.serve.base_model_id:
+            root, name = base_cache(cfg)
+            cache = RunDir(root)
+        if cache and cache.exists(name):
+            general = cache.read_json(name)
+            print(f"[eval] {model_id}: general scores from the cache {cache.path(name)}")
         else:
             general = general_scores(api, url, model_id, cfg, key, replies)
-            if model_id == cfg.serve.base_model_id and cache:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                cache.write_text(json.dumps(general, indent=2))
-        results[model_id] = {INDOMAIN: indomain, **general}
-        rd.fs.create_dir(rd.local("eval", "models"), recursive=True)
-        rd.write_json({"stage_hash": stage_hash, "scores": results[model_id]}, *saved)
+            if cache:
+                cache.write_json(general, name)
+        scores = {INDOMAIN: indomain, **general}
+        rd.write_json({"stage_hash": stage_hash, "scores": scores}, *saved)
         print(f"[eval] {model_id} scored in {time.time() - started:.0f} s")
-    return results
+        return scores
+
+    with ThreadPoolExecutor(len(models)) as pool:
+        # every model's futures first: one model's failure does not cancel what the others finish and save
+        futures = {model_id: pool.submit(one, model_id) for model_id in models}
+        return {model_id: future.result() for model_id, future in futures.items()}

@@ -17,16 +17,21 @@ from sasft_ray import lora
 from sasft_ray.config import Config
 from sasft_ray.selftalk import load_tokenizer
 
+ADAPTER_DIR = "adapter"  # <run_dir>/model/adapter/: a LoRA fine-tune's PEFT adapter, beside its merged weights
+
 
 def export(engine, cfg: Config, out: str, rank: int) -> None:
     """Full weights on rank 0 as an HF folder (safetensors, config, tokenizer, chat template);
-    LoRA adapters are merged into the base weights, so the folder needs no PEFT to load."""
+    LoRA adapters are merged into the base weights, so the folder needs no PEFT to load, and written
+    as they are too (`out/adapter/`: PEFT's adapter_config.json and adapter_model.safetensors), so many
+    fine-tunes of one base model can be served as adapters on one engine."""
     state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 \
         else engine.module.state_dict()
     if rank != 0:
         return
     model = engine.module
     if cfg.train.lora:
+        model.save_pretrained(str(Path(out, ADAPTER_DIR)), state_dict=state, safe_serialization=True)
         state = lora.merge_lora(state, cfg.train.lora.alpha / cfg.train.lora.r)
         model = model.get_base_model()
     model.save_pretrained(out, state_dict=state, safe_serialization=True)

@@ -81,7 +81,7 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
     stage_hash = eval_hash(cfg)
     # eval/models/ is kept: each model's saved scores carry the hash, and only this hash's are reused
     if not rd.begin("eval", stage_hash, force, inputs=eval_inputs(cfg),
-                    outputs=("eval/samples", "eval/results.json", "report.md", "report.png")
+                    outputs=("eval/samples", "eval/lm_eval", "eval/results.json", "report.md", "report.png")
                     + (("eval/models",) if force else ())):
         return rd.read_json("eval", "results.json")
     runs = require_trained(cfg)  # an endpoint given by URL is checked too

@@ -26,7 +26,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from sasft_ray.config import Config, EngineConfig
+from sasft_ray.config import Config
+from sasft_ray.engines import engine_env, engine_kwargs, engine_resources
 
 SENTINEL = "\ue000SASFT\ue000"  # private-use text that no tokenizer merges with its neighbours
 LIGHT_CPUS = 0.25  # CPU share of the light row maps, so the engines keep the cores
@@ -217,29 +218,6 @@ class DialogueWriter:
         row["first_words"] = row["first_words"] or " ".join(text.lower().split()[:2])
 
 
-def engine_kwargs(cfg: Config, eng: EngineConfig, **extra) -> dict:
-    """vLLM engine arguments shared by the self-talk engines and the served models."""
-    gpu = cfg.resources.use_gpu
-    return dict(max_model_len=eng.max_model_len, max_num_seqs=eng.max_num_seqs,
-                tensor_parallel_size=eng.tensor_parallel_size, trust_remote_code=cfg.model.trust_remote_code,
-                dtype=cfg.model.dtype, enforce_eager=(not gpu) if eng.enforce_eager is None else eng.enforce_eager,
-                **extra)
-
-
-def engine_placement(cfg: Config, eng: EngineConfig) -> dict:
-    """On CPU an engine must be told its CPU bundle, or Ray's LLM stack asks for a GPU."""
-    return {} if cfg.resources.use_gpu else {"placement_group_config": {"bundles": [{"CPU": eng.cpus_per_engine}]}}
-
-
-def engine_env(cfg: Config, eng: EngineConfig) -> dict:
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
-    if not cfg.resources.use_gpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(eng.kv_cache_gib)))
-        # Engines share the cores: idle OpenMP threads must sleep, not spin.
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
-    return env
-
-
 def sampling_for(cfg: Config, role: str) -> dict:
     st = cfg.selftalk
     if role == "user":
@@ -256,11 +234,9 @@ def selftalk_dataset(cfg: Config, num_rows: int, fmt: TurnFormat):
 
     eng = cfg.selftalk.engine
     batches = math.ceil(num_rows / eng.batch_size)
-    resources = ({"num_gpus": eng.tensor_parallel_size, "accelerator_type": cfg.resources.accelerator_type}
-                 if cfg.resources.use_gpu else {"num_cpus": eng.cpus_per_engine})
     return ray.data.range(batches, override_num_blocks=batches).map_batches(
         DialogueWriter, fn_constructor_args=(cfg.model_dump_json(), fmt, num_rows), batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=eng.concurrency),
         # a batch whose engine dies is retried on a restarted one, a bounded number of times
         max_restarts=cfg.selftalk.max_engine_restarts, max_task_retries=cfg.selftalk.max_engine_restarts,
-        runtime_env={"env_vars": engine_env(cfg, eng)}, **{k: v for k, v in resources.items() if v is not None})
+        runtime_env={"env_vars": engine_env(cfg, eng)}, **engine_resources(cfg, eng))

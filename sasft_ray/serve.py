@@ -16,7 +16,7 @@ import time
 import yaml
 
 from sasft_ray.config import Config
-from sasft_ray.selftalk import engine_env, engine_kwargs, engine_placement
+from sasft_ray.engines import engine_env, engine_kwargs, engine_placement
 
 APP_NAME = "sasft"
 
@@ -31,7 +31,7 @@ def llm_config(cfg: Config, model_id: str, path: str) -> dict:
     source = {"bucket_uri": path} if path.startswith(("s3://", "gs://")) else path
     return {
         "model_loading_config": {"model_id": model_id, "model_source": source},
-        "engine_kwargs": engine_kwargs(cfg, eng),
+        "engine_kwargs": engine_kwargs(cfg, eng, serving=True),
         "deployment_config": {"num_replicas": eng.concurrency},
         "runtime_env": {"env_vars": engine_env(cfg, eng)},
         **engine_placement(cfg, eng),
@@ -142,20 +142,27 @@ def api_key(cfg: Config) -> str | None:
 
 
 def wait_until_ready(url: str, model_ids: list[str], key: str | None, timeout_s: float) -> None:
+    """Until every model answers a one-token completion: the router lists its models from their cards
+    before the engines behind them are up, so `/v1/models` alone says nothing about health."""
     import requests
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            listed = {m["id"] for m in requests.get(f"{url}/models", headers=headers, timeout=10).json()["data"]}
-            if set(model_ids) <= listed:
-                return
-        except (requests.RequestException, KeyError, ValueError):
-            pass
-        if time.time() > deadline:
-            raise ServeError(f"the endpoint {url} did not list {model_ids} within {timeout_s:.0f} s")
-        time.sleep(2)
+    deadline, waiting = time.time() + timeout_s, list(model_ids)
+    while waiting:
+        for model_id in list(waiting):
+            try:
+                r = requests.post(f"{url}/completions", headers=headers, timeout=30,
+                                  json={"model": model_id, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
+            except requests.RequestException:
+                continue
+            if r.status_code == 401:
+                raise ServeError(f"the endpoint {url} refused the API key (401)")
+            if r.ok and r.json().get("choices"):
+                waiting.remove(model_id)
+        if waiting and time.time() > deadline:
+            raise ServeError(f"{', '.join(waiting)} did not answer a request at {url} within {timeout_s:.0f} s")
+        if waiting:
+            time.sleep(2)
 
 
 def stop() -> None:

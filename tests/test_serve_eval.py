@@ -25,6 +25,34 @@ def other_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def local_ray():
+    """Three models, each a replica and an engine bundle of one CPU, and the router: 8 CPUs of Ray's."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bos_llama(tmp_path_factory, tiny_llama):
+    """tiny_llama with a tokenizer that adds BOS, as Llama-3's does: what lm-eval must count right."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("models") / "bos-llama"
+    shutil.copytree(tiny_llama, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", pair=f"{tok.bos_token} $A $B", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    tok.save_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out)("x").input_ids[0] == tok.bos_token_id
+    return str(out)
+
+
+@pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("serve-eval")
 
@@ -90,7 +118,7 @@ def other_llama_in_s3(bucket, other_llama):
 
 
 @pytest.fixture(scope="module")
-def endpoint(cfg, other_llama_in_s3, local_ray):  # the bucket before Ray: Ray's processes need its address
+def endpoint(cfg, other_llama_in_s3, bos_llama, local_ray):  # the bucket before Ray: Ray's processes need its address
     import os
 
     from sasft_ray import serve
@@ -99,7 +127,7 @@ def endpoint(cfg, other_llama_in_s3, local_ray):  # the bucket before Ray: Ray's
 
     os.environ[KEY_ENV] = "test-key-123"
     task_stage(cfg, RunDir(cfg.run_dir), force=False)
-    models = {"finetuned": cfg.model.path, "base": other_llama_in_s3}
+    models = {"finetuned": cfg.model.path, "base": other_llama_in_s3, "bos": bos_llama}
     url = serve.start(cfg, models)
     yield url, models
     serve.stop()
@@ -110,7 +138,7 @@ def test_openai_client_unchanged(endpoint):
 
     url, _ = endpoint
     api = openai.OpenAI(base_url=url, api_key="test-key-123")
-    assert {m.id for m in api.models.list()} == {"finetuned", "base"}
+    assert {m.id for m in api.models.list()} == {"finetuned", "base", "bos"}
 
     chat = api.chat.completions.create(model="finetuned", messages=[{"role": "user", "content": "What is 2 plus 3?"}],
                                        max_tokens=16, temperature=0)
@@ -149,8 +177,39 @@ def test_lm_eval_offline_scores_change_with_the_model(endpoint, cfg):
     assert 0.0 <= generated["tiny_gen/exact_match,none"] <= 1.0
 
 
+def test_lm_eval_log_likelihoods_match_transformers_with_a_bos_adding_tokenizer(endpoint, cfg, bos_llama):
+    """A Llama-3-like tokenizer adds BOS: the endpoint's log-likelihood of each continuation, as lm-eval
+    asks for it, equals transformers' over the same tokens (BOS once, the continuation's tokens only)."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sasft_ray.evaluate import lm_eval_model_args
+
+    url, _ = endpoint
+    bos_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": bos_llama})})
+    args = lm_eval_model_args(cfg.eval.lm_eval[0], url, "bos", bos_cfg, "test-key-123")
+    assert args["add_bos_token"] and args["tokenized_requests"] and args["max_length"] == 512
+    pairs = [("What is 2 plus 3?", " Sure! The answer is 5."), ("Spell lamp backwards.", " pmal"),
+             ("Hello", " world")]
+    lm = LocalCompletionsAPI(**args)
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                           disable_tqdm=True)
+
+    tok, model = AutoTokenizer.from_pretrained(bos_llama), AutoModelForCausalLM.from_pretrained(bos_llama)
+    for (context, continuation), (logprob, _) in zip(pairs, got):
+        whole = tok(context + continuation).input_ids
+        n = len(tok(context).input_ids)
+        assert whole[0] == tok.bos_token_id and whole[1] != tok.bos_token_id  # one BOS
+        with torch.no_grad():
+            logits = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+        expected = sum(logits[i - 1, whole[i]].item() for i in range(n, len(whole)))
+        assert logprob == pytest.approx(expected, abs=1e-3), (context, continuation)
+
+
 def test_evaluate_models_scores_caches_and_reports(endpoint, cfg, workdir):
-    from sasft_ray.evaluate import INDOMAIN, base_cache_dir, base_cache_key, evaluate_models
+    from sasft_ray.evaluate import INDOMAIN, base_cache, evaluate_models
     from sasft_ray.report import run_report
     from sasft_ray.rundir import RunDir
 
@@ -163,9 +222,16 @@ def test_evaluate_models_scores_caches_and_reports(endpoint, cfg, workdir):
     samples = (workdir / "samples" / "finetuned" / "general.jsonl").read_text().splitlines()
     assert len(samples) == 24 and "prediction" in json.loads(samples[0])
 
-    cache = base_cache_dir(cfg) / f"{base_cache_key(cfg)}.json"
-    assert json.loads(cache.read_text()) == {k: v for k, v in scores["base"].items() if k != INDOMAIN}
-    cache.write_text(json.dumps({**json.loads(cache.read_text()), "general": {"exact": 0.5, "contains": 0.5}}))
+    # lm-eval's own results beside ours: stderr, the task's config
+    lm_eval = json.loads((workdir / "lm_eval" / "finetuned" / "tiny_mc.json").read_text())
+    assert lm_eval["results"]["tiny_mc"]["acc,none"] == scores["finetuned"]["tiny_mc"]["acc,none"]
+    assert 0 <= lm_eval["results"]["tiny_mc"]["acc_stderr,none"] < 0.5 and "tiny_mc" in lm_eval["configs"]
+    assert len((workdir / "lm_eval" / "finetuned" / "tiny_mc.samples.tiny_mc.jsonl").read_text().splitlines()) == 20
+
+    root, name = base_cache(cfg)
+    cache = RunDir(root)
+    assert cache.read_json(name) == {k: v for k, v in scores["base"].items() if k != INDOMAIN}
+    cache.write_json({**cache.read_json(name), "general": {"exact": 0.5, "contains": 0.5}}, name)
     again = evaluate_models(cfg, rd, url, ["base"], "test-key-123")
     assert again["base"]["general"] == {"exact": 0.5, "contains": 0.5}  # read from the cache, not re-scored
 

@@ -242,7 +242,7 @@ def test_lora_zero3_packed_checkpointed_trains_adapters_only_and_exports_merged_
 
     # the export: plain HF weights, adapters merged into the adapted matrices, everything else untouched
     exported = load_file(str(Path(lora_rd.local("model", "model.safetensors"))))
-    assert set(exported) == set(base) and not (Path(lora_rd.local("model")) / "adapter_config.json").exists()
+    assert set(exported) == set(base) and not (Path(lora_rd.local("model")) / "adapter_config.json").exists()  # HF
     for key in base:
         adapted = key.endswith("proj.weight")
         assert torch.equal(exported[key], base[key]) != adapted, key
@@ -251,6 +251,18 @@ def test_lora_zero3_packed_checkpointed_trains_adapters_only_and_exports_merged_
                        exported["model.layers.1.mlp.down_proj.weight"])
     drift = json.loads(Path(lora_rd.local("model", "drift.json")).read_text())
     assert drift["total"] > 0 and drift["embeddings"] == 0 and drift["lm_head"] == 0
+
+    # and the adapter itself, as PEFT writes it: the base model with it computes what the merged model does
+    from peft import PeftModel
+
+    adapter = Path(lora_rd.local("model", "adapter"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(adapter))
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    with torch.no_grad():
+        assert torch.allclose(peft(ids).logits, model(ids).logits, atol=1e-4)
+        assert not torch.allclose(AutoModelForCausalLM.from_pretrained(tiny_llama)(ids).logits, model(ids).logits,
+                                  atol=1e-3)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,0 +1,161 @@
+"""The vLLM engines' settings and the GPU objects built from them, without a GPU and without Ray running:
+`engine.vllm` checked against vLLM's own argument classes, the Ray Data / Ray Serve / Ray Train resource
+requests of every GPU config in cluster/configs/ against `sasft plan`'s figures, readiness as health."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from sasft_ray.config import ConfigError, load_config
+from tests.conftest import make_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "cluster" / "configs").glob("*.yaml"))
+
+
+def _engine(tmp_path, **engine):
+    return make_config(tmp_path, selftalk={"engine": engine}).selftalk.engine
+
+
+def test_vllm_arguments_pass_through_checked_against_vllms_own_classes(tmp_path):
+    from sasft_ray.engines import engine_kwargs
+
+    cfg = make_config(tmp_path, selftalk={"engine": {"vllm": {"gpu_memory_utilization": 0.85,
+                                                              "max_num_batched_tokens": 4096}}},
+                      serve={"engine": {"vllm": {"tool_call_parser": "llama3_json", "enable_auto_tool_choice": True,
+                                                 "enable_prefix_caching": False}}})
+    selftalk = engine_kwargs(cfg, cfg.selftalk.engine, enable_prefix_caching=True)
+    assert selftalk["gpu_memory_utilization"] == 0.85 and selftalk["max_num_batched_tokens"] == 4096
+    served = engine_kwargs(cfg, cfg.serve.engine, serving=True)
+    assert served["tool_call_parser"] == "llama3_json" and served["enable_prefix_caching"] is False
+    # the OpenAI server's own arguments reach only the server, never the offline self-talk engine
+    assert "tool_call_parser" not in engine_kwargs(cfg, cfg.serve.engine)
+
+
+@pytest.mark.parametrize("vllm, message", [
+    ({"gpu_memory_utilisation": 0.9}, r"vllm.gpu_memory_utilisation: not an argument .*'gpu_memory_utilization'"),
+    ({"max_num_batched_tokens": "lots"}, r"vllm.max_num_batched_tokens: 'lots' is not what vLLM takes"),
+    ({"kv_cache_dtype": "fp9"}, r"vllm.kv_cache_dtype: 'fp9' is not what vLLM takes"),
+    ({"max_model_len": 8192}, r"vllm.max_model_len: set engine.max_model_len instead"),
+    ({"tensor_parallel_size": 2}, r"set engine.tensor_parallel_size instead"),
+])
+def test_a_wrong_vllm_argument_is_a_config_error_naming_it(tmp_path, vllm, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "model": {"path": "m"}, "data": {"path": "d"},
+                                "serve": {"engine": {"vllm": vllm}}}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+
+
+def test_cpu_engines_get_a_cpu_bundle_and_gpu_engines_one_node_of_their_type(tmp_path):
+    from sasft_ray.engines import engine_placement, engine_resources
+
+    cpu = make_config(tmp_path, selftalk={"engine": {"cpus_per_engine": 2}})
+    assert engine_resources(cpu, cpu.selftalk.engine) == {"num_cpus": 2}
+    assert engine_placement(cpu, cpu.selftalk.engine) == {"placement_group_config": {"bundles": [{"CPU": 2}]}}
+    gpu = make_config(tmp_path, resources={"use_gpu": True, "accelerator_type": "H100"},
+                      selftalk={"engine": {"tensor_parallel_size": 4}},
+                      serve={"engine": {"accelerator_type": "L40S"}})
+    assert engine_resources(gpu, gpu.selftalk.engine) == {"num_gpus": 4, "accelerator_type": "H100"}
+    assert engine_placement(gpu, gpu.serve.engine) == {
+        "placement_group_config": {"bundle_per_worker": {"GPU": 1}, "strategy": "STRICT_PACK"},
+        "accelerator_type": "L40S"}
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(str(p)).resources.use_gpu], ids=lambda p: p.stem)
+def test_the_gpu_objects_of_each_cluster_config_ask_for_what_the_plan_counts(path):
+    """What the GPU path hands Ray and vLLM, built on CPU: the self-talk actors' request, Serve LLM's engine
+    config (bundles, STRICT_PACK, accelerator type), vLLM's EngineArgs, Ray Train's ScalingConfig."""
+    from ray.serve.llm import LLMConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from sasft_ray.engines import accelerator, engine_kwargs, engine_resources
+    from sasft_ray.plan import Cluster, load_arch, report
+    from sasft_ray.serve import llm_config
+    from sasft_ray.train import scaling_config
+
+    cfg = load_config(str(path))
+    text, _ = report(cfg, *load_arch(cfg.model.path), Cluster(), task_rows=20000)
+    st, sv = cfg.selftalk.engine, cfg.serve.engine
+
+    actor = engine_resources(cfg, st)
+    assert actor == {"num_gpus": st.tensor_parallel_size, "accelerator_type": accelerator(cfg, st)}
+    assert f"{st.concurrency} engines x TP {st.tensor_parallel_size} = {st.concurrency * st.tensor_parallel_size} " \
+           "GPUs" in text
+    # the export's bucket URI: vLLM resolves no hub id for it (offline here) at construction
+    args = AsyncEngineArgs(model=f"{cfg.run_dir}/model", **engine_kwargs(cfg, st, seed=0, enable_prefix_caching=True))
+    assert (args.tensor_parallel_size, args.max_model_len, args.enforce_eager) == (
+        st.tensor_parallel_size, st.max_model_len, False)
+
+    served = LLMConfig.model_validate(llm_config(cfg, cfg.serve.model_id, f"{cfg.run_dir}/model")).get_engine_config()
+    kind = accelerator(cfg, sv)
+    assert kind and served.accelerator_type == kind
+    assert served.placement_strategy == "STRICT_PACK"
+    assert served.placement_bundles == [{"GPU": 1.0, f"accelerator_type:{kind}": 0.001}] * sv.tensor_parallel_size
+    assert served.engine_kwargs["tensor_parallel_size"] == sv.tensor_parallel_size
+
+    sc = scaling_config(cfg)
+    assert sc.use_gpu and sc.accelerator_type == cfg.resources.accelerator_type
+    assert f"train  {sc.num_workers} workers x 1 GPU: {sc.num_workers} GPUs" in text
+
+
+# --- readiness: every model answers, not just its card ------------------------------------------
+
+class _Router(BaseHTTPRequestHandler):
+    """A stand-in for Serve's router: it lists both models from the start, but model `late`'s engine
+    answers only from the `up_after`-th completion request on (503 before, as while an engine starts)."""
+
+    up_after = 3
+    asked: dict[str, int] = {}
+
+    def do_GET(self):
+        self._send(200, {"data": [{"id": "early"}, {"id": "late"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        n = _Router.asked[body["model"]] = _Router.asked.get(body["model"], 0) + 1
+        if body["model"] == "late" and n < _Router.up_after:
+            return self._send(503, {"error": {"message": "engine starting"}})
+        self._send(200, {"choices": [{"index": 0, "text": "x", "finish_reason": "length"}]})
+
+    def _send(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_ready_only_when_every_model_answers_a_request_stand_in_router(monkeypatch):
+    from sasft_ray import serve
+
+    monkeypatch.setattr(serve.time, "sleep", lambda s: None)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Router)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        _Router.asked, _Router.up_after = {}, 3
+        serve.wait_until_ready(url, ["early", "late"], None, timeout_s=60)
+        assert _Router.asked == {"early": 1, "late": 3}  # listed from the start, but waited for
+        _Router.asked, _Router.up_after = {}, 10**9
+        with pytest.raises(serve.ServeError, match="late did not answer a request"):
+            serve.wait_until_ready(url, ["early", "late"], None, timeout_s=0)
+    finally:
+        server.shutdown()
+
+
+def test_eval_concurrency_follows_the_served_engines_and_the_base_cache_sits_beside_the_run_dir(tmp_path):
+    from sasft_ray.evaluate import base_cache
+
+    cfg = make_config(tmp_path, serve={"engine": {"max_num_seqs": 48, "concurrency": 2}})
+    assert cfg.eval_concurrency == 96
+    assert make_config(tmp_path, eval={"concurrency": 5}).eval_concurrency == 5
+    assert base_cache(cfg)[0] == str(tmp_path / "base-eval-cache")
+    remote = cfg.model_copy(update={"run_dir": "s3://bucket/grid/cell-1"})
+    assert base_cache(remote)[0] == "s3://bucket/grid/base-eval-cache"
+    assert base_cache(remote)[1] == base_cache(cfg)[1]  # the key: the base model and benchmarks, not where
