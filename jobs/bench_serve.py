@@ -77,7 +77,7 @@ def ray_serve(model: str, port: int, args) -> tuple[dict, float]:
                                                               "cpus_per_engine": 1}}})
     ray.init(num_cpus=4, include_dashboard=False)
     start = time.perf_counter()
-    url = serve.start(cfg, {"bench": model})
+    url = serve.start(cfg, serve.Models({"bench": model}))
     startup = time.perf_counter() - start
     try:
         return load(url, "bench", args.prompts, args.max_tokens, args.concurrency), startup

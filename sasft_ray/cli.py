@@ -56,7 +56,7 @@ def cmd_serve(args) -> None:
     print(f"[serve] the same application as a Serve config (serve deploy, RayService): {args.write_config}")
     connect(cfg)
     url = serve.start(cfg, models)
-    print(f"[serve] OpenAI API at {url} serving {', '.join(models)}; Ctrl-C stops")
+    print(f"[serve] OpenAI API at {url} serving {', '.join(models.api_ids().values())}; Ctrl-C stops")
     try:
         while True:
             time.sleep(3600)

@@ -199,6 +199,10 @@ class ServeConfig(Section):
         False, description="serve on a non-loopback host with no API key (anyone who reaches it can use it)")
     model_id: str = Field("finetuned", description="model id of the fine-tuned model in the API")
     base_model_id: str = Field("base", description="model id of the base model in the API")
+    lora: Literal["adapters", "merged"] = Field(
+        "adapters", description="LoRA fine-tunes (train.lora): adapters, all on the base model's engine (Ray Serve "
+        "LLM's multi-LoRA; needs a run_dir in a bucket, else merged), requested as <base_model_id>:<model id>; "
+        "merged: each its merged weights on an engine of its own")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_num_seqs=32),
                                  description="one vLLM engine per model; `concurrency` = replicas")
 

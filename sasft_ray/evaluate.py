@@ -255,7 +255,7 @@ def general_scores(api, url: str, model_id: str, cfg: Config, key: str | None, s
         out[suite.name] = score_rows(api, model_id, suite_rows(suite), suite.scorers, cfg,
                                      samples / f"{suite.name}.jsonl" if samples else None, suite.name)
     for group in cfg.eval.lm_eval:
-        lm_out = samples.parent.parent / "lm_eval" / model_id if samples else None
+        lm_out = samples.parent.parent / "lm_eval" / samples.name if samples else None
         for name, value in run_lm_eval(group, url, model_id, cfg, key, lm_out).items():
             task, metric = name.split("/", 1)
             out.setdefault(task, {})[metric] = value
@@ -286,10 +286,10 @@ def base_cache(cfg: Config) -> tuple[str, str]:
     return root, f"{base_cache_key(cfg)}.json"
 
 
-def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: str | None = None,
+def evaluate_models(cfg: Config, rd: RunDir, url: str, models: dict[str, str], key: str | None = None,
                     samples: Path | None = None, stage_hash: str = "") -> dict:
-    """Scores of each model id: in-domain (held-out task split) and general benchmarks; with
-    `samples`, every reply goes to `samples/<model id>/<benchmark>.jsonl`.
+    """Scores of each model (model id -> the id requests name it by, `Models.api_ids`): in-domain (held-out
+    task split) and general benchmarks; with `samples`, every reply goes to `samples/<model id>/<benchmark>.jsonl`.
 
     The models are scored at once, each with `eval_concurrency` requests in flight (its engines'
     `max_num_seqs` x replicas), so no engine idles while another model is scored.
@@ -307,7 +307,7 @@ def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: s
             return done["scores"]
         started = time.time()
         replies = samples / model_id if samples else None
-        indomain = score_rows(api, model_id, rows, cfg.eval.indomain_scorers, cfg,
+        indomain = score_rows(api, models[model_id], rows, cfg.eval.indomain_scorers, cfg,
                               replies / "in-domain.jsonl" if replies else None, INDOMAIN)
         cache, name = None, ""
         if model_id == cfg.serve.base_model_id:
@@ -317,7 +317,7 @@ def evaluate_models(cfg: Config, rd: RunDir, url: str, models: list[str], key: s
             general = cache.read_json(name)
             print(f"[eval] {model_id}: general scores from the cache {cache.path(name)}")
         else:
-            general = general_scores(api, url, model_id, cfg, key, replies)
+            general = general_scores(api, url, models[model_id], cfg, key, replies)
             if cache:
                 cache.write_json(general, name)
         scores = {INDOMAIN: indomain, **general}

@@ -13,8 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from sasft_ray.config import Config, absolute_paths, validate_config
 from sasft_ray.rundir import RunDir, fingerprint, fingerprints
+from sasft_ray.serve import Models
 
 
 def method_runs(cfg: Config) -> dict[str, Config]:
@@ -41,10 +44,30 @@ def require_trained(cfg: Config) -> dict[str, Config]:
     return runs
 
 
-def served_models(cfg: Config) -> dict[str, str]:
-    """Model id -> the folder to serve: each trained fine-tune, and the base model."""
-    return {**{model_id: RunDir(c.run_dir).path("model") for model_id, c in require_trained(cfg).items()},
-            cfg.serve.base_model_id: cfg.model.path}
+def lora_as_adapters(cfg: Config) -> bool:
+    """LoRA fine-tunes served as adapters on the base model's engine: Ray Serve LLM loads them from a bucket."""
+    return bool(cfg.train.lora) and cfg.serve.lora == "adapters" and "://" in cfg.run_dir
+
+
+def served_models(cfg: Config, stage: bool = True) -> Models:
+    """What `sasft serve` puts behind the endpoint: the base model, and each trained fine-tune, as its own
+    engine or (LoRA, run_dir in a bucket) as an adapter on the base model's engine. `stage` copies the
+    adapters into `<run_dir>/serve/adapters/<model id>/`, the one folder Ray Serve LLM reads them from."""
+    from sasft_ray.export import ADAPTER_DIR
+
+    runs, base = require_trained(cfg), cfg.serve.base_model_id
+    if not lora_as_adapters(cfg):
+        if cfg.train.lora and cfg.serve.lora == "adapters" and stage:
+            print("[serve] LoRA fine-tunes served merged, an engine each: Ray Serve LLM loads adapters from a "
+                  "bucket, and run_dir is local")
+        return Models({**{model_id: RunDir(c.run_dir).path("model") for model_id, c in runs.items()},
+                       base: cfg.model.path})
+    rd = RunDir(cfg.run_dir)
+    adapters = {model_id: rd.path("serve", "adapters", model_id) for model_id in runs}
+    if stage:
+        for model_id, c in runs.items():
+            pafs.copy_files(RunDir(c.run_dir).path("model", ADAPTER_DIR), adapters[model_id])
+    return Models({base: cfg.model.path}, adapters, base)
 
 
 def train_all(cfg: Config) -> None:
@@ -87,7 +110,7 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
     runs = require_trained(cfg)  # an endpoint given by URL is checked too
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the replies and report at the end
         out = scratch if rd.remote else rd.local()
-        scores = evaluate_models(cfg, rd, url, [*runs, cfg.serve.base_model_id], key,
+        scores = evaluate_models(cfg, rd, url, served_models(cfg, stage=False).api_ids(), key,
                                  samples=Path(out, "eval", "samples"), stage_hash=stage_hash)
         results = {
             "run_dir": cfg.run_dir, "base_model": cfg.model.path, "task": cfg.data.path,

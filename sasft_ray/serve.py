@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import os
 import time
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -19,33 +20,67 @@ from sasft_ray.config import Config
 from sasft_ray.engines import engine_env, engine_kwargs, engine_placement
 
 APP_NAME = "sasft"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the adapter ranks vLLM's engine takes
 
 
 class ServeError(RuntimeError):
     pass
 
 
-def llm_config(cfg: Config, model_id: str, path: str) -> dict:
+@dataclass(frozen=True)
+class Models:
+    """What one endpoint serves. `engines`: model id -> model folder, each a vLLM deployment of its own.
+    `adapters`: model id -> LoRA adapter folder, all in one bucket folder and named by their id, served on
+    the engine of model `base` (Ray Serve LLM's multi-LoRA): a request names one as `<base>:<id>`."""
+
+    engines: dict[str, str]
+    adapters: dict[str, str] = field(default_factory=dict)
+    base: str = ""
+
+    def __post_init__(self):
+        folders = {uri.rsplit("/", 1)[0] for uri in self.adapters.values()}
+        if self.adapters and (self.base not in self.engines or len(folders) > 1 or any(
+                not uri.endswith(f"/{model_id}") for model_id, uri in self.adapters.items())):
+            raise ServeError(f"adapters {self.adapters} must lie in one folder, named by their ids, and be "
+                             f"served on one of {list(self.engines)}")
+
+    def api_ids(self) -> dict[str, str]:
+        """Model id -> the id requests name it by."""
+        return {**{m: m for m in self.engines}, **{a: f"{self.base}:{a}" for a in self.adapters}}
+
+
+def llm_config(cfg: Config, model_id: str, path: str, adapters: dict[str, str] | None = None) -> dict:
+    """One vLLM deployment; with `adapters`, it also serves those LoRA adapters of its model."""
     eng = cfg.serve.engine
     # A model in s3:// or gs:// is a mirror: each replica downloads it to its own node first.
     source = {"bucket_uri": path} if path.startswith(("s3://", "gs://")) else path
+    lora: dict = {}
+    extra: dict = {}
+    if adapters:
+        rank = cfg.train.lora.r if cfg.train.lora else 16
+        lora = {"lora_config": {"dynamic_lora_loading_path": next(iter(adapters.values())).rsplit("/", 1)[0],
+                                "max_num_adapters_per_replica": len(adapters)}}
+        # vLLM takes ranks from a fixed list: the smallest that holds the adapters' (smaller ones are padded)
+        extra = {"enable_lora": True, "max_loras": len(adapters),
+                 "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= rank)}
     return {
         "model_loading_config": {"model_id": model_id, "model_source": source},
-        "engine_kwargs": engine_kwargs(cfg, eng, serving=True),
+        "engine_kwargs": engine_kwargs(cfg, eng, serving=True, **extra),
         "deployment_config": {"num_replicas": eng.concurrency},
         "runtime_env": {"env_vars": engine_env(cfg, eng)},
-        **engine_placement(cfg, eng),
+        **engine_placement(cfg, eng), **lora,
     }
 
 
-def app_args(cfg: Config, models: dict[str, str]) -> dict:
-    args: dict = {"llm_configs": [llm_config(cfg, model_id, path) for model_id, path in models.items()]}
+def app_args(cfg: Config, models: Models) -> dict:
+    args: dict = {"llm_configs": [llm_config(cfg, model_id, path, models.adapters if model_id == models.base else None)
+                                  for model_id, path in models.engines.items()]}
     if cfg.serve.api_key_env:
         args["api_key_env"] = cfg.serve.api_key_env
     return args
 
 
-def serve_config(cfg: Config, models: dict[str, str]) -> dict:
+def serve_config(cfg: Config, models: Models) -> dict:
     """A Serve config file (`serve deploy`, RayService `serveConfigV2`) for the same application."""
     return {
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
@@ -58,7 +93,7 @@ def serve_config(cfg: Config, models: dict[str, str]) -> dict:
     }
 
 
-def write_serve_config(cfg: Config, models: dict[str, str], path: str) -> None:
+def write_serve_config(cfg: Config, models: Models, path: str) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(serve_config(cfg, models), f, sort_keys=False)
 
@@ -107,6 +142,7 @@ def _keyed_openai_app(args: dict, key: str):
     return serve.deployment(ingress, **OpenAiIngress.get_deployment_options(configs)).bind(
         llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
+        lora_paths={c.model_id: c.lora_config.dynamic_lora_loading_path for c in configs if c.lora_config},
     )
 
 
@@ -115,21 +151,23 @@ def base_url(cfg: Config) -> str:
     return f"http://{host}:{cfg.serve.port}/v1"
 
 
-def start(cfg: Config, models: dict[str, str], timeout_s: float = 900) -> str:
+def start(cfg: Config, models: Models, timeout_s: float = 900) -> str:
     """Deploy on the connected Ray cluster and wait until every model answers; returns the API base URL."""
     from ray import serve
 
-    missing = [f"{model_id}: {path}" for model_id, path in models.items()
+    missing = [f"{model_id}: {path}" for model_id, path in models.engines.items()
                if "://" not in path and os.path.isabs(path) and not os.path.exists(path)]
     if missing:
         raise ServeError("no model to serve at " + "; ".join(missing))
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    print(f"[serve] starting {', '.join(models)} on {cfg.serve.host}:{cfg.serve.port}")
+    ids = list(models.api_ids().values())
+    print(f"[serve] starting {', '.join(ids)} on {cfg.serve.host}:{cfg.serve.port}"
+          + (f" ({len(models.adapters)} LoRA adapters on the {models.base} engine)" if models.adapters else ""))
     started = time.time()
     serve.run(build_app(app_args(cfg, models)), name=APP_NAME, route_prefix="/", blocking=False)
     url = base_url(cfg)
     try:
-        wait_until_ready(url, list(models), api_key(cfg), timeout_s)
+        wait_until_ready(url, ids, api_key(cfg), timeout_s)
     except BaseException:
         stop()  # a timed-out or interrupted start leaves no half-started app behind
         raise

@@ -379,11 +379,12 @@ def test_each_models_scores_are_kept_as_it_finishes_stand_in_endpoint(endpoint, 
     rd = generate(cfg)
     _Endpoint.fail = [0]
     with pytest.raises(evaluate.EvalError, match="refused: in-domain row 0: the endpoint refused"):
-        evaluate.evaluate_models(cfg, rd, endpoint, ["first", "refused"], stage_hash="h1")
+        evaluate.evaluate_models(cfg, rd, endpoint, {"first": "first", "refused": "refused"}, stage_hash="h1")
     saved = rd.read_json("eval", "models", "first.json")
     assert saved["stage_hash"] == "h1" and saved["scores"]["in-domain"]["exact"] == 0.0
     assert not rd.exists("eval", "models", "refused.json")
     _Endpoint.fail = [10**6]  # the endpoint down: the re-run of the same evaluation asks nothing of it
-    assert evaluate.evaluate_models(cfg, rd, endpoint, ["first"], stage_hash="h1") == {"first": saved["scores"]}
+    again = evaluate.evaluate_models(cfg, rd, endpoint, {"first": "first"}, stage_hash="h1")
+    assert again == {"first": saved["scores"]}
     with pytest.raises(evaluate.EvalError, match="first: in-domain row"):  # another evaluation: scored afresh
-        evaluate.evaluate_models(cfg, rd, endpoint, ["first"], stage_hash="h2")
+        evaluate.evaluate_models(cfg, rd, endpoint, {"first": "first"}, stage_hash="h2")

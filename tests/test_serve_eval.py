@@ -128,7 +128,7 @@ def endpoint(cfg, other_llama_in_s3, bos_llama, local_ray):  # the bucket before
     os.environ[KEY_ENV] = "test-key-123"
     task_stage(cfg, RunDir(cfg.run_dir), force=False)
     models = {"finetuned": cfg.model.path, "base": other_llama_in_s3, "bos": bos_llama}
-    url = serve.start(cfg, models)
+    url = serve.start(cfg, serve.Models(models))
     yield url, models
     serve.stop()
 
@@ -215,7 +215,8 @@ def test_evaluate_models_scores_caches_and_reports(endpoint, cfg, workdir):
 
     url, _ = endpoint
     rd = RunDir(cfg.run_dir)
-    scores = evaluate_models(cfg, rd, url, ["finetuned", "base"], "test-key-123", samples=workdir / "samples")
+    scores = evaluate_models(cfg, rd, url, {"finetuned": "finetuned", "base": "base"}, "test-key-123",
+                             samples=workdir / "samples")
     assert set(scores["finetuned"]) == {INDOMAIN, "general", "tiny_mc", "tiny_gen"}
     assert scores["finetuned"]["general"]["contains"] >= scores["finetuned"]["general"]["exact"]
     assert scores["finetuned"]["general"]["exact"] > scores["base"]["general"]["exact"]
@@ -232,7 +233,7 @@ def test_evaluate_models_scores_caches_and_reports(endpoint, cfg, workdir):
     cache = RunDir(root)
     assert cache.read_json(name) == {k: v for k, v in scores["base"].items() if k != INDOMAIN}
     cache.write_json({**cache.read_json(name), "general": {"exact": 0.5, "contains": 0.5}}, name)
-    again = evaluate_models(cfg, rd, url, ["base"], "test-key-123")
+    again = evaluate_models(cfg, rd, url, {"base": "base"}, "test-key-123")
     assert again["base"]["general"] == {"exact": 0.5, "contains": 0.5}  # read from the cache, not re-scored
 
     results = {"run_dir": cfg.run_dir, "base_model": "m", "task": "t", "base_model_id": "base", "models": scores,
@@ -272,7 +273,7 @@ def test_serve_config_file_builds_the_same_app(cfg, tmp_path):
 
     from sasft_ray import serve
 
-    models = {"finetuned": "/models/ft", "base": "/models/base"}
+    models = serve.Models({"finetuned": "/models/ft", "base": "/models/base"})
     path = tmp_path / "serve.yaml"
     serve.write_serve_config(cfg, models, str(path))
     doc = yaml.safe_load(path.read_text())
