@@ -7,8 +7,12 @@ requests (greedy, fixed max_tokens) with `--concurrency` in flight, over HTTP, t
   Ray Serve:  `sasft_ray.serve.start` (the OpenAI router + one LLMServer deployment)
 Printed: requests/s, p50 and p99 latency, and the ratio Ray Serve / bare for requests/s.
 A warm-up round on each side comes first, so start-up is left out (and reported apart).
+Two model sizes by default: a 4-layer model whose requests cost the engine little (the hops through
+Serve's proxy, router and replica weigh as much), and a 12-layer one whose requests cost it well over
+100 ms each (what a real model's do): the ratio that matters in practice.
 
-    python jobs/bench_serve.py                   # builds a small local model
+    python jobs/bench_serve.py                   # builds both local models
+    python jobs/bench_serve.py --sizes large     # the larger one only
     python jobs/bench_serve.py --model PATH --requests 512 --concurrency 32
 """
 
@@ -86,9 +90,14 @@ def ray_serve(model: str, port: int, args) -> tuple[dict, float]:
         ray.shutdown()
 
 
+# (layers, hidden, warm-up steps): the large one untrained, so every reply runs to max_tokens
+SIZES = {"small": (4, 256, 150), "large": (12, 768, 0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="HF model folder; default: build a small local one")
+    parser.add_argument("--model", help="HF model folder; default: build the local models of --sizes")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "large"])
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -97,18 +106,24 @@ def main() -> None:
 
     from sasft_ray.tiny import build_tiny_model, warmup_dialogues
 
-    model = args.model or str(build_tiny_model(tempfile.mkdtemp() + "/bench-model", "llama", layers=4,
-                                               hidden=256, warmup_steps=150))
+    models = {"given": args.model} if args.model else {
+        size: str(build_tiny_model(f"{tempfile.mkdtemp()}/bench-{size}", "llama", layers=SIZES[size][0],
+                                   hidden=SIZES[size][1], warmup_steps=SIZES[size][2])) for size in args.sizes}
     args.prompts = [d[0]["content"] for d in warmup_dialogues(args.requests, seed=3)]
-    bare, bare_start = bare_vllm(model, 8210, args)
-    ours, ours_start = ray_serve(model, 8211, args)
+    rows = []
+    for size, model in models.items():
+        bare, bare_start = bare_vllm(model, 8210, args)
+        ours, ours_start = ray_serve(model, 8211, args)
+        rows.append((size, bare, bare_start, ours, ours_start))
 
     print(f"\nchat completions, {args.requests} requests, {args.concurrency} in flight, max {args.max_tokens} tokens,"
           f" on {os.cpu_count()} CPU cores")
-    print(f"{'':26}{'requests/s':>11}{'p50 s':>8}{'p99 s':>8}{'start-up s':>12}")
-    for name, r, s in (("bare vLLM OpenAI server", bare, bare_start), ("Ray Serve LLM", ours, ours_start)):
-        print(f"{name:26}{r['rps']:11.1f}{r['p50']:8.2f}{r['p99']:8.2f}{s:12.1f}")
-    print(f"ratio Ray Serve / bare (requests/s): {ours['rps'] / bare['rps']:.2f}")
+    print(f"{'':34}{'requests/s':>11}{'p50 s':>8}{'p99 s':>8}{'start-up s':>12}")
+    for size, bare, bare_start, ours, ours_start in rows:
+        for name, r, s in ((f"{size}: bare vLLM OpenAI server", bare, bare_start),
+                           (f"{size}: Ray Serve LLM", ours, ours_start)):
+            print(f"{name:34}{r['rps']:11.1f}{r['p50']:8.2f}{r['p99']:8.2f}{s:12.1f}")
+        print(f"{size}: ratio Ray Serve / bare (requests/s): {ours['rps'] / bare['rps']:.2f}")
 
 
 if __name__ == "__main__":

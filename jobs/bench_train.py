@@ -16,6 +16,7 @@ and ours it is measured between the first and the last checkpoint record (checkp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -91,6 +92,7 @@ def peer_worker(cfg_json: str, events: str) -> None:
 
     from sasft_ray import loop
     from sasft_ray.config import Config
+    from sasft_ray.mix import MONITOR
     from sasft_ray.rundir import RunDir
     from sasft_ray.selftalk import load_tokenizer
 
@@ -99,7 +101,10 @@ def peer_worker(cfg_json: str, events: str) -> None:
     loop.init_process_group(gpu=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     rd = RunDir(cfg.run_dir)
-    rows, heldout = encoded_rows(cfg, rd.local("mixed")), encoded_rows(cfg, rd.local("task", "heldout.parquet"))
+    rows = encoded_rows(cfg, rd.local("mixed"))
+    # the held-out sets the Ray Train side measures: the task's, and the forgetting monitor's if generated
+    sets = {"heldout_loss": rd.local("task", "heldout.parquet"), "selftalk_heldout_loss": rd.local(MONITOR)}
+    heldout = {key: encoded_rows(cfg, path) for key, path in sets.items() if Path(path).exists()}
     pad_id = load_tokenizer(cfg.model.path).pad_token_id
     engine, *_ = loop.build_engine(cfg, loop.deepspeed_config(cfg), t.max_steps, rank)
     scratch = tempfile.mkdtemp(prefix="bench-ckpt-")
@@ -111,8 +116,9 @@ def peer_worker(cfg_json: str, events: str) -> None:
 
     loop.run(engine, cfg, lambda step: loop.device_batches(rows, t.micro_batch_size, pad_id, engine.device, rank=rank,
                                                           world=world, seed=t.seed + step),
-             lambda: loop.device_batches(heldout, t.micro_batch_size, pad_id, engine.device, rank=rank, world=world,
-                                         drop_last=False), total_steps=t.max_steps, log=log,
+             {key: functools.partial(loop.device_batches, held, t.micro_batch_size, pad_id, engine.device, rank=rank,
+                                     world=world, drop_last=False) for key, held in heldout.items()},
+             total_steps=t.max_steps, log=log,
              checkpoint=lambda step, record: engine.save_checkpoint(scratch, tag="ds", client_state={"step": step}))
 
 

@@ -79,7 +79,7 @@ def check_correctness(tmp: Path, gpu: bool, steps: int) -> dict:
 
     records: list[dict] = []  # the library's own loop, fed as Ray Data feeds a worker: batches on the device
     end = loop.run(engine, cfg, lambda step: loop.device_batches(train_rows, 16, pad, device, seed=step),
-                   heldout_batches, total_steps=steps, log=records.append)
+                   {"heldout_loss": heldout_batches}, total_steps=steps, log=records.append)
     engine_heldout = end["heldout_loss"]
 
     out = tmp / "export"
@@ -150,7 +150,7 @@ def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int
     after_init = torch.cuda.memory_allocated() if gpu else 0
     rows = packed_rows(micro_batch * steps, seq, arch.vocab)
     records: list[dict] = []
-    loop.run(engine, cfg, lambda step: loop.device_batches(rows, micro_batch, 0, engine.device), lambda: iter(()),
+    loop.run(engine, cfg, lambda step: loop.device_batches(rows, micro_batch, 0, engine.device), {},
              total_steps=steps, log=records.append)
     timed = records[1:]
     rate = sum(r["tokens"] for r in timed) / sum(r["tokens"] / r["tokens_per_s_per_gpu"] for r in timed)

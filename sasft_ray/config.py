@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -93,6 +94,11 @@ class SelfTalkConfig(Section):
     max_assistant_tokens: int = Field(512, ge=1)
     system_prompt: str | None = None
     oversample: float = Field(1.25, ge=1.0, description="generate this many times num_dialogues")
+    heldout_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="the forgetting monitor: this share of num_dialogues more is kept "
+        "apart, never mixed in, and its loss measured at every checkpoint beside the task's held-out loss (the "
+        "model's own text becoming unlikely is forgetting); every method generates it, so SFT gets the curve "
+        "too; 0: no monitor")
     seed: int = 0
     continue_on_error: bool = Field(
         False, description="a dialogue the engine rejects is kept with drop_reason 'engine error' instead of "
@@ -121,6 +127,13 @@ class FilterConfig(Section):
     )
 
 
+class MixSource(DataConfig):
+    """One more dataset in the mix (replay data, a second task), at `weight` rows per task row."""
+
+    weight: float = Field(gt=0, description="rows mixed in per task row, as mix.self_ratio (λ) counts them")
+    heldout_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="unused: a source has no held-out split")
+
+
 class MixConfig(Section):
     self_ratio: float = Field(1.0, ge=0.0, description="self (or external) rows per task row")
     seed: int = 0
@@ -128,6 +141,9 @@ class MixConfig(Section):
         None, ge=1, description="at most this many distinct rows mixed in, each repeated in turn to reach "
         "self_ratio (diversity at a fixed λ); None: no row twice")
     external: DataConfig | None = Field(None, description="general data for method external-mix")
+    sources: list[MixSource] = Field(
+        default_factory=list, description="further datasets mixed in by every method, each at its weight (rows per "
+        "task row), through the same exact-count, windowed mixer: SA-SFT with replay, or several tasks at once")
 
 
 class LoraConfig(Section):
@@ -183,6 +199,11 @@ class TrainConfig(Section):
     keep_checkpoints_after_export: bool = Field(
         False, description="keep run_dir/train/ (checkpoints with optimizer state: ~16 bytes a parameter) once "
         "the export is written")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment tracking of every record (rank 0) and of the evaluation's "
+        "scores: TensorBoard event files, MLflow (MLFLOW_TRACKING_URI, else SQLite in the run dir), W&B "
+        "(its own settings; WANDB_MODE=offline works offline); sasft_ray/tracking.py")
+    run_name: str | None = Field(None, description="the tracked run's name; None: <run_dir name>-<method>")
     max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
     seed: int = 0
     fail_once_at_step: int | None = Field(
@@ -235,6 +256,11 @@ class LmEvalGroup(Section):
         "completions", description="completions: log-likelihood tasks; chat: generation tasks")
     num_fewshot: int | None = Field(None, ge=0)
     limit: int | None = Field(None, ge=1)
+    apply_chat_template: bool | None = Field(
+        None, description="render prompts with the model's chat template; None: in chat mode only")
+    system_instruction: str | None = Field(None, description="a system message before every prompt")
+    gen_kwargs: dict[str, str | float | int | bool] | None = Field(
+        None, description="generation settings over the tasks' own, e.g. {temperature: 0, max_gen_toks: 512}")
 
 
 class EvalConfig(Section):
@@ -299,6 +325,13 @@ class Config(Section):
         return self
 
     @property
+    def selftalk_wanted(self) -> tuple[int, int]:
+        """Self-dialogues wanted after filtering: (to mix in, held out as the forgetting monitor)."""
+        st = self.selftalk
+        return (st.num_dialogues if self.train.method == "sa-sft" else 0,
+                math.ceil(st.num_dialogues * st.heldout_fraction))
+
+    @property
     def eval_concurrency(self) -> int:
         """Requests in flight per model while scoring: enough to keep every engine of the model full."""
         eng = self.serve.engine
@@ -319,8 +352,23 @@ class Config(Section):
         return value
 
     def _dump(self, key: str) -> Any:
-        value = self.value(key)
-        return value.model_dump(mode="json", exclude_none=True) if isinstance(value, BaseModel) else value
+        def dump(value: Any) -> Any:
+            if isinstance(value, list):
+                return [dump(v) for v in value]
+            return value.model_dump(mode="json", exclude_none=True) if isinstance(value, BaseModel) else value
+
+        return dump(self.value(key))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested mappings as one mapping of dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -332,9 +380,10 @@ def absolute_paths(cfg: Config) -> Config:
     update = {"run_dir": cfg.run_dir if "://" in cfg.run_dir else str(Path(cfg.run_dir).absolute()),
               "model": cfg.model.model_copy(update={"path": fix(cfg.model.path)}),
               "data": cfg.data.model_copy(update={"path": fix(cfg.data.path)})}
+    mix = {"sources": [src.model_copy(update={"path": fix(src.path)}) for src in cfg.mix.sources]}
     if cfg.mix.external:
-        update["mix"] = cfg.mix.model_copy(
-            update={"external": cfg.mix.external.model_copy(update={"path": fix(cfg.mix.external.path)})})
+        mix["external"] = cfg.mix.external.model_copy(update={"path": fix(cfg.mix.external.path)})
+    update["mix"] = cfg.mix.model_copy(update=mix)
     return cfg.model_copy(update=update)
 
 

@@ -225,7 +225,9 @@ def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: s
         result = lm_eval.simple_evaluate(
             model="local-chat-completions" if chat else "local-completions",
             model_args=lm_eval_model_args(group, url, model_id, cfg, key), tasks=group.tasks,
-            num_fewshot=group.num_fewshot, limit=group.limit, apply_chat_template=chat,
+            num_fewshot=group.num_fewshot, limit=group.limit, gen_kwargs=group.gen_kwargs,
+            apply_chat_template=chat if group.apply_chat_template is None else group.apply_chat_template,
+            system_instruction=group.system_instruction,
             task_manager=TaskManager(include_path=group.include_path), log_samples=out is not None,
             bootstrap_iters=1000)  # means get their analytic stderr; bootstrap only for the rest (BLEU...)
     if out:

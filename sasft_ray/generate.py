@@ -1,8 +1,10 @@
 """`sasft generate`: task data -> self-talk -> filters -> mix, into the run directory.
 
 Stages and what they write under `run_dir`:
-  task      task/train.parquet, task/heldout.parquet (and external/ for external-mix)
-  selftalk  selftalk/*.parquet: every generated dialogue with its `drop_reason`
+  task      task/train.parquet, task/heldout.parquet (and external/ for external-mix, sources/<i>/ for
+            mix.sources)
+  selftalk  selftalk/*.parquet: every generated dialogue with its `drop_reason`; selftalk_heldout.parquet:
+            the survivors held out as the forgetting monitor (every method: SFT generates only these)
   mix       mixed/*.parquet: task rows and self (or external) rows at ratio λ
 """
 
@@ -21,8 +23,8 @@ import pyarrow.parquet as pq
 from sasft_ray import data as task_data
 from sasft_ray.config import Config, DataConfig, absolute_paths
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
-from sasft_ray.mix import write_mix
-from sasft_ray.rundir import RunDir, fingerprints
+from sasft_ray.mix import MONITOR, mix_key, write_mix
+from sasft_ray.rundir import RunDir, fingerprint, fingerprints
 from sasft_ray.selftalk import LIGHT_CPUS, check_fits, load_tokenizer, selftalk_dataset, turn_format
 
 
@@ -99,6 +101,12 @@ def task_stage(cfg: Config, rd: RunDir, force: bool) -> None:
                 f"data.heldout_fraction={cfg.data.heldout_fraction} leaves none of the {counts['train_rows']} rows "
                 "held out, and the in-domain evaluation needs some; raise it (e.g. 0.1) or add rows"))
         rd.finish("task", counts)
+    if cfg.mix.sources and rd.begin("sources", cfg.section_hash("mix.sources"), force, outputs=("sources",),
+                                    inputs={f"mix.sources.{i}": fingerprint(src.path)
+                                            for i, src in enumerate(cfg.mix.sources)}):
+        rd.finish("sources", {"train_rows": [
+            write_canonical(src, rd, f"sources/{i}", with_heldout=False)["train_rows"]
+            for i, src in enumerate(cfg.mix.sources)]})
     if cfg.train.method == "external-mix" and rd.begin(
             "external", cfg.section_hash("mix.external"), force, outputs=("external",),
             inputs=fingerprints(cfg, "mix.external.path")):
@@ -106,14 +114,17 @@ def task_stage(cfg: Config, rd: RunDir, force: bool) -> None:
 
 
 def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
-    if not rd.begin("selftalk", cfg.section_hash("model", "selftalk", "filters"), force, outputs=("selftalk",),
-                    inputs=fingerprints(cfg, "model.path")):
+    """Generate, filter and write the self-dialogues; then set the forgetting monitor's slice apart
+    (`selftalk_heldout.parquet`: `selftalk_wanted[1]` survivors picked by a seeded hash, never mixed in)."""
+    mixed, monitor = cfg.selftalk_wanted
+    if not rd.begin("selftalk", f"{cfg.section_hash('model', 'selftalk', 'filters')}:{mixed}:{monitor}", force,
+                    outputs=("selftalk", MONITOR), inputs=fingerprints(cfg, "model.path")):
         return
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     fmt = turn_format(tokenizer)
     check_fits(cfg, tokenizer, fmt)
     connect(cfg)
-    wanted = cfg.selftalk.num_dialogues
+    wanted = mixed + monitor
     generated = math.ceil(wanted * cfg.selftalk.oversample)
     ds = selftalk_dataset(cfg, generated, fmt)
     ds = ds.map(functools.partial(mark_row, cfg=cfg.filters, markers=fmt.markers), num_cpus=LIGHT_CPUS)
@@ -126,17 +137,29 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
     stats = selftalk_stats(rd)
     drops = stats.pop("drops")
     kept = drops.pop(KEPT, 0)
-    counts = {"rows_in": generated, "rows_out": min(kept, wanted), "survived": kept, "drops": drops, **stats}
+    held = write_monitor(cfg, rd, monitor)
+    counts = {"rows_in": generated, "rows_out": min(kept - held, mixed), "survived": kept, "heldout": held,
+              "drops": drops, **stats}
     if kept < wanted:
-        message = (f"only {kept} of {wanted} wanted self-dialogues survived the filters "
-                   f"({generated} generated; dropped: {drops}). Raise selftalk.oversample or the token limits, "
-                   "or loosen filters")
+        message = (f"only {kept} of {wanted} wanted self-dialogues ({mixed} to mix in, {monitor} held out) survived "
+                   f"the filters ({generated} generated; dropped: {drops}). Raise selftalk.oversample or the token "
+                   "limits, or loosen filters")
         if kept < cfg.filters.min_survival * wanted:  # failed: the next run redoes it, it does not pass the gate
             rd.fail("selftalk", {**counts, "shortfall": wanted - kept}, "too few survivors")
             raise TooFewSurvivors(message + f" (below filters.min_survival={cfg.filters.min_survival})")
         print(f"[selftalk] WARNING: {message}")
         counts["shortfall"] = wanted - kept
     rd.finish("selftalk", counts)
+
+
+def write_monitor(cfg: Config, rd: RunDir, count: int) -> int:
+    """The `count` survivors with the smallest seeded keys, written to `MONITOR`; returns how many."""
+    table = pads.dataset(rd.local("selftalk"), filesystem=rd.fs, format="parquet").to_table(
+        columns=["id", "messages"], filter=pc.field("drop_reason") == KEPT)
+    ids = sorted(table["id"].to_pylist(), key=lambda i: mix_key(cfg.selftalk.seed, "monitor", i))[:count]
+    pq.write_table(table.filter(pc.is_in(table["id"], pa.array(ids, pa.int64()))), rd.local(MONITOR),
+                   filesystem=rd.fs)
+    return len(ids)
 
 
 def selftalk_stats(rd: RunDir) -> dict:
@@ -157,7 +180,7 @@ def mix_hash(cfg: Config, rd: RunDir) -> str:
     """The mix's settings and the runs of the stages it reads (the task's, and the self-talk's or the
     external data's): after any of them is redone, the mix is stale."""
     reads = {"sa-sft": ("task", "selftalk"), "external-mix": ("task", "external")}.get(cfg.train.method, ("task",))
-    return rd.chained(cfg.section_hash("mix", "train.method"), *reads)
+    return rd.chained(cfg.section_hash("mix", "train.method"), *reads, *(("sources",) if cfg.mix.sources else ()))
 
 
 def mix_stage(cfg: Config, rd: RunDir, force: bool) -> None:
@@ -189,7 +212,7 @@ def generate(cfg: Config, redo: str | None = None) -> RunDir:
         build_assets(cfg)
         cfg = absolute_paths(cfg)
         task_stage(cfg, rd, force["task"])
-        if cfg.train.method == "sa-sft":
+        if sum(cfg.selftalk_wanted):  # SA-SFT's self-talk, or the forgetting monitor's slice of it
             selftalk_stage(cfg, rd, force["selftalk"])
         mix_stage(cfg, rd, force["mix"])
         rd.save_config(cfg)  # after the checks: a refused run does not relabel the old results

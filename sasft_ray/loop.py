@@ -162,18 +162,20 @@ def init_process_group(gpu: bool) -> None:
 
 # --- the loop ------------------------------------------------------------------------------------
 
-def run(engine, cfg: Config, batches: Callable[[int], Iterable[dict]], heldout: Callable[[], Iterable[dict]], *,
+def run(engine, cfg: Config, batches: Callable[[int], Iterable[dict]],
+        heldout: dict[str, Callable[[], Iterable[dict]]], *,
         total_steps: int, step: int = 0, log: Callable[[dict], None] | None = None,
         checkpoint: Callable[[int, dict], None] | None = None,
         after_step: Callable[[int], None] | None = None) -> dict:
     """Train from optimizer step `step` to `total_steps`.
 
     `batches(step)`: one pass over this rank's training micro-batches, started at `step` (its shuffle
-    seed); `heldout()`: this rank's held-out micro-batches. Every `train.log_every` steps and at every
-    checkpoint the ranks' loss, tokens and time are reduced into one record (loss, grad norm, lr,
-    tokens/s per GPU, ETA; the held-out loss at checkpoints) passed to `log` on rank 0; at every
-    `train.checkpoint_every` steps and the last, every rank calls `checkpoint(step, record)`.
-    Returns the last step and its held-out loss."""
+    seed); `heldout`: record key -> this rank's micro-batches of a held-out set (`heldout_loss`: the
+    task's; `selftalk_heldout_loss`: the forgetting monitor's self-dialogues). Every `train.log_every`
+    steps and at every checkpoint the ranks' loss, tokens and time are reduced into one record (loss,
+    grad norm, lr, tokens/s per GPU, ETA; each held-out loss at checkpoints) passed to `log` on rank 0;
+    at every `train.checkpoint_every` steps and the last, every rank calls `checkpoint(step, record)`.
+    Returns the last step and its held-out losses."""
     import torch
     import torch.distributed as dist
 
@@ -184,7 +186,15 @@ def run(engine, cfg: Config, batches: Callable[[int], Iterable[dict]], heldout: 
     one = torch.ones((), dtype=torch.float64, device=device)
     since = started = time.perf_counter()
     start_step = step
-    heldout_value, heldout_step, micro = None, None, 0
+    measured: dict[str, float | None] = {}
+    measured_step, micro = None, 0
+    # train mode from the first step: `from_pretrained` hands the model over in eval mode, where transformers
+    # skips gradient checkpointing (and dropout); only the first held-out pass used to switch it
+    engine.train()
+
+    def measure() -> dict[str, float | None]:
+        return {key: heldout_loss(engine, held()) for key, held in heldout.items()}
+
     while step < total_steps:
         stepped = False
         for batch in batches(step):
@@ -212,8 +222,8 @@ def run(engine, cfg: Config, batches: Callable[[int], Iterable[dict]], heldout: 
                           "optimizer_steps": engine.global_steps}
                 window.zero_()
                 if saving:
-                    heldout_value, heldout_step = heldout_loss(engine, heldout()), step
-                    record["heldout_loss"] = heldout_value
+                    measured, measured_step = measure(), step
+                    record.update(measured)
                 if rank == 0 and log:
                     log(record)
                 if saving and checkpoint:
@@ -224,9 +234,9 @@ def run(engine, cfg: Config, batches: Callable[[int], Iterable[dict]], heldout: 
         if not stepped:
             raise RuntimeError(f"rank {rank}: a pass over its training batches made no optimizer step "
                                f"(fewer than grad_accum={t.grad_accum} micro-batches of {t.micro_batch_size})")
-    if heldout_step != step:  # restarted after the last checkpoint: nothing trained since, measure it again
-        heldout_value = heldout_loss(engine, heldout())
-    return {"step": step, "heldout_loss": heldout_value}
+    if measured_step != step:  # restarted after the last checkpoint: nothing trained since, measure it again
+        measured = measure()
+    return {"step": step, **measured}
 
 
 def _grad_norm(engine) -> float | None:

@@ -5,13 +5,15 @@ by what survived), those whose key hashed from (seed, source, id) is smallest: a
 seeded sample, the same on every run. With `mix.max_distinct` it contributes as
 many rows from fewer distinct ones: the sample is repeated, reshuffled each pass.
 
-In what order: both sources stream in windows, each window shuffled with a seeded
-generator, and the two streams are merged by fractional position (row i of n sits
-at (i + ½) / n), so every stretch of the output holds the two sources in the ratio
-λ, not only the whole. Only a window of rows is ever in memory.
+In what order: every source streams in windows, each window shuffled with a seeded
+generator, and the streams are merged by fractional position (row i of n sits at
+(i + ½) / n), so every stretch of the output holds the sources in their ratio (λ),
+not only the whole. Only a window of rows is ever in memory. `mix.sources` adds
+further datasets by the same rule, at their weights, for every method.
 
 Methods differ only in what is mixed in: `sa-sft` self-talk, `external-mix` the
-external dataset, `sft` and `freeze` nothing.
+external dataset, `sft` and `freeze` nothing. The self-dialogues held out as the forgetting monitor
+(`selftalk_heldout.parquet`) are never mixed in.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +34,9 @@ from sasft_ray.config import Config
 from sasft_ray.data import MESSAGE_TYPE
 from sasft_ray.rundir import RunDir
 
+MONITOR = "selftalk_heldout.parquet"  # the forgetting monitor's self-dialogues (written by the self-talk stage)
 MIXED_IN = {"sa-sft": "self", "external-mix": "external", "sft": None, "freeze": None}
+# source: task, self, external, or source<i> (the i-th of mix.sources)
 MIXED_SCHEMA = pa.schema([("messages", MESSAGE_TYPE), ("source", pa.string()), ("id", pa.int64())])
 WINDOW = 4096
 
@@ -44,10 +49,14 @@ def mix_key(seed: int, source: str, row_id: int) -> int:
 class Source:
     """One input of the mix: a Parquet dataset, the id column that names its rows, a filter."""
 
-    def __init__(self, rd: RunDir, name: str, folder: str, id_column: str, only_kept: bool = False):
+    def __init__(self, rd: RunDir, name: str, folder: str, id_column: str, only_kept: bool = False,
+                 excluded: Sequence[int] = ()):
         self.name, self.id_column = name, id_column
         self.dataset = pads.dataset(rd.local(folder), filesystem=rd.fs, format="parquet")
         self.filter = pc.field("drop_reason") == "" if only_kept else None
+        if excluded:
+            out = ~pc.field(id_column).isin(pa.array(list(excluded), pa.int64()))
+            self.filter = out if self.filter is None else self.filter & out
 
     def ids(self) -> np.ndarray:
         table = self.dataset.to_table(columns=[self.id_column], filter=self.filter)
@@ -81,16 +90,17 @@ class Source:
         yield from (window[i] for i in rng.permutation(len(window)))
 
 
-def interleave(a: Iterator[dict], n_a: int, b: Iterator[dict], n_b: int) -> Iterator[dict]:
-    """Merge by fractional position: row i of n goes to (i + ½) / n."""
-    i = j = 0
-    while i < n_a or j < n_b:
-        if j >= n_b or (i < n_a and (i + 0.5) * n_b <= (j + 0.5) * n_a):
-            yield next(a)
-            i += 1
-        else:
-            yield next(b)
-            j += 1
+def interleave(*streams: tuple[Iterator[dict], int]) -> Iterator[dict]:
+    """Merge (rows, count) streams by fractional position: row i of n goes to (i + ½) / n (ties: the
+    earlier stream first)."""
+    heap = [(Fraction(1, 2 * n), k, 0) for k, (_, n) in enumerate(streams) if n]  # exact: ties stay ties
+    heapq.heapify(heap)
+    while heap:
+        _, k, i = heapq.heappop(heap)
+        yield next(streams[k][0])
+        n = streams[k][1]
+        if i + 1 < n:
+            heapq.heappush(heap, (Fraction(2 * i + 3, 2 * n), k, i + 1))
 
 
 def write_mix(cfg: Config, rd: RunDir) -> dict:
@@ -101,11 +111,14 @@ def write_mix(cfg: Config, rd: RunDir) -> dict:
     counts = {"task_rows": task_rows, "self_ratio": cfg.mix.self_ratio, "method": cfg.train.method}
     other_name = MIXED_IN[cfg.train.method]
     got = 0
-    rows: Iterator[dict] = task.rows(seed, task_rows)
+    streams: list[tuple[Iterator[dict], int]] = [(task.rows(seed, task_rows), task_rows)]
     if other_name is not None:
         wanted = round(cfg.mix.self_ratio * task_rows)
         if other_name == "self":
-            other = Source(rd, "self", "selftalk", "id", only_kept=True)
+            # the forgetting monitor's dialogues are never trained on
+            monitor = pq.read_table(rd.local(MONITOR), columns=["id"], filesystem=rd.fs)["id"].to_pylist() \
+                if rd.exists(MONITOR) else []
+            other = Source(rd, "self", "selftalk", "id", only_kept=True, excluded=monitor)
             wanted = min(wanted, cfg.selftalk.num_dialogues)
         else:
             other = Source(rd, "external", "external/train.parquet", "source_row")
@@ -114,9 +127,17 @@ def write_mix(cfg: Config, rd: RunDir) -> dict:
         if got < wanted:
             print(f"[mix] WARNING: wanted {wanted} {other_name} rows for self_ratio={cfg.mix.self_ratio}, "
                   f"only {got} available: the achieved ratio is {got / task_rows:.3f}")
-        rows = interleave(rows, task_rows, other.rows(seed, got), got)
+        streams.append((other.rows(seed, got), got))
         counts.update(mixed_in_source=other_name, achieved_ratio=round(got / task_rows, 4),
                       mixed_in_distinct=distinct)
+    if cfg.mix.sources:  # each further source at its weight, repeated in turn if it has fewer rows
+        wanted = [round(src.weight * task_rows) for src in cfg.mix.sources]
+        for i, n in enumerate(wanted):
+            source = Source(rd, f"source{i}", f"sources/{i}/train.parquet", "source_row")
+            source.sample(seed, n)
+            streams.append((source.rows(seed, n), n))
+        counts["source_rows"] = wanted
+    rows = interleave(*streams)
 
     rd.fs.create_dir(rd.local("mixed"), recursive=True)
     with pq.ParquetWriter(rd.local("mixed", "part-0.parquet"), MIXED_SCHEMA, filesystem=rd.fs) as writer:
@@ -127,5 +148,5 @@ def write_mix(cfg: Config, rd: RunDir) -> dict:
                 writer.write_table(pa.Table.from_pylist(chunk, schema=MIXED_SCHEMA))
                 chunk = []
         writer.write_table(pa.Table.from_pylist(chunk, schema=MIXED_SCHEMA))
-    counts.update(rows_out=task_rows + got, mixed_in_rows=got)
+    counts.update(rows_out=sum(n for _, n in streams), mixed_in_rows=got)
     return counts

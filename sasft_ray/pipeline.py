@@ -99,6 +99,7 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
     """Score every served model; writes eval/results.json and the report. Skipped when done."""
     from sasft_ray.evaluate import evaluate_models
     from sasft_ray.report import write_run_report
+    from sasft_ray.tracking import log_scores
 
     rd = RunDir(cfg.run_dir)
     stage_hash = eval_hash(cfg)
@@ -116,14 +117,29 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
             "run_dir": cfg.run_dir, "base_model": cfg.model.path, "task": cfg.data.path,
             "base_model_id": cfg.serve.base_model_id, "models": scores,
             "finetuned": {model_id: {"method": c.train.method, "seed": c.train.seed, "run_dir": c.run_dir,
-                                     "drift": _drift(RunDir(c.run_dir))} for model_id, c in runs.items()},
+                                     "drift": _drift(RunDir(c.run_dir)), "curve": curve(RunDir(c.run_dir))}
+                          for model_id, c in runs.items()},
         }
+        for model_id, c in runs.items():  # each fine-tune's scores to its training's tracked run
+            log_scores(c, scores[model_id])
         write_run_report(results, out)
         if rd.remote:
             rd.upload(scratch)
     rd.write_json(results, "eval", "results.json")
     rd.finish("eval", {"models": len(scores), "report": rd.path("report.md")})
     return results
+
+
+def curve(rd: RunDir) -> list[dict]:
+    """The forgetting curve of a run: at each checkpoint (the last record of a step kept, after a restart)
+    the task's and the monitor's held-out losses."""
+    from sasft_ray.train import EVENTS, train_events
+
+    if not rd.exists(EVENTS):
+        return []
+    by_step = {e["step"]: {key: e.get(key) for key in ("step", "heldout_loss", "selftalk_heldout_loss")}
+               for e in train_events(rd) if e["event"] == "checkpoint"}
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def _drift(rd: RunDir) -> dict | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from sasft_ray.config import flatten
 from sasft_ray.evaluate import INDOMAIN, EvalError
 from sasft_ray.rundir import RunDir
 
@@ -74,6 +75,12 @@ def run_report(results: dict) -> str:
         if "forgetting" in e:
             lines.append(f"- forgetting (mean drop over general benchmarks): {_fmt(e['forgetting'], True)}; "
                          f"general accuracy kept: {_fmt(e['retention'])}")
+        if (curve := [c for c in e.get("curve") or [] if c.get("selftalk_heldout_loss") is not None]):
+            first, last = curve[0], curve[-1]
+            lines.append(f"- forgetting monitor (loss on held-out self-dialogues, never trained on): "
+                         f"{first['selftalk_heldout_loss']:.3f} at step {first['step']} -> "
+                         f"{last['selftalk_heldout_loss']:.3f} at step {last['step']}; task held-out loss "
+                         f"{_fmt(first['heldout_loss'])} -> {_fmt(last['heldout_loss'])}")
         if e.get("drift"):
             lines.append(f"- weight drift ‖θ−θ₀‖/‖θ₀‖: total {_fmt(e['drift']['total'])}" if "total" in e["drift"]
                          else f"- weight drift: not measured ({e['drift'].get('unavailable')})")
@@ -83,7 +90,8 @@ def run_report(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-    """Bars per benchmark: the base model and each fine-tuned model."""
+    """Bars per benchmark: the base model and each fine-tuned model; beside them, when training measured
+    it, the forgetting curve: task and self-talk held-out losses over steps, one colour per model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,8 +101,12 @@ def plot(results: dict, path: str) -> None:
     benchmarks = list(es[0]["scores"]) if es else []
     series = [("base", [es[0]["base"][b] for b in benchmarks])] + [
         (f"{e['model_id']} ({e['method']})", [e["scores"][b] for b in benchmarks]) for e in es]
+    curves = [e for e in es if any(c.get("selftalk_heldout_loss") is not None for c in e.get("curve") or [])]
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(benchmarks)), 3.5))
+    bars_width, panels = max(6, 1.2 * len(benchmarks)), 2 if curves else 1
+    fig, axes = plt.subplots(1, panels, figsize=(bars_width + 5 * (panels - 1), 3.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [bars_width, 5][:panels]})
+    ax = axes[0][0]
     for i, (label, values) in enumerate(series):
         ax.bar([x + i * width for x in range(len(benchmarks))], values, width, label=label)
     ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(benchmarks))], benchmarks,
@@ -102,6 +114,19 @@ def plot(results: dict, path: str) -> None:
     ax.set_ylabel("score")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
+    if curves:
+        ax = axes[0][1]
+        for i, e in enumerate(curves):
+            steps = [c["step"] for c in e["curve"]]
+            colour = f"C{i + 1}"  # the model's colour among the bars (C0 is the base model)
+            ax.plot(steps, [c["heldout_loss"] for c in e["curve"]], color=colour, marker=".",
+                    label=f"{e['model_id']}: task")
+            ax.plot(steps, [c.get("selftalk_heldout_loss") for c in e["curve"]], color=colour, marker=".",
+                    linestyle="--", label=f"{e['model_id']}: self-talk")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out loss")
+        ax.set_title("forgetting monitor", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -133,21 +158,11 @@ NOT_A_VARIANT = {"run_dir", "model.path", "data.path", "train.method", "compare"
 
 def variants(configs: list[dict]) -> list[str]:
     """Per run, the settings in which the runs differ: a study's λ, say ("mix.self_ratio=0.5")."""
-    flat = [_flatten(c) for c in configs]
+    flat = [flatten(c) for c in configs]
     keys = sorted({k for f in flat for k in f})
     varying = [k for k in keys if k not in NOT_A_VARIANT and not k.endswith(".seed")
                and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
     return [", ".join(f"{k}={f.get(k)}" for k in varying) for f in flat]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def mean_spread(values: list[float]) -> str:

@@ -26,8 +26,10 @@ import numpy as np
 from sasft_ray import loop, packing
 from sasft_ray.config import Config, absolute_paths
 from sasft_ray.export import export
+from sasft_ray.mix import MONITOR
 from sasft_ray.rundir import RunDir, fingerprints
 from sasft_ray.selftalk import load_tokenizer, render, turn_format
+from sasft_ray.tracking import Tracker, check_backends, forwarded_env, train_metrics
 
 IGNORE = packing.IGNORE
 
@@ -104,6 +106,8 @@ def packed(ds, max_length: int):
 
 EVENTS, FAILED_ONCE = "train-events.jsonl", "train-failed-once"
 RAY_TRAIN = "train"  # Ray Train's run folder in run_dir: its checkpoints and snapshot
+# record key -> Ray Train dataset of a held-out set: the task's, and the forgetting monitor's self-dialogues
+HELDOUT = {"heldout_loss": "heldout", "selftalk_heldout_loss": "selftalk_heldout"}
 PARTIAL = "model.partial"  # the export as it is written, before it becomes model/
 
 
@@ -130,10 +134,12 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
             step = client["step"]
         if rank == 0:
             print(f"[train] resumed from step {step}")
+    tracker = None
     if rank == 0:
         log_event(rd, event="resumed" if checkpoint else "started", step=step, nodes=nodes)
+        tracker = Tracker(cfg, rd, config=cfg.model_dump(mode="json")) if t.report_to else None
 
-    shard, heldout_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("heldout")
+    shard = ray.train.get_dataset_shard("train")
     collate = functools.partial(loop.collate, pad_id=config["pad_id"])
 
     def batches(step: int):  # Ray Data moves each collated batch to this worker's device
@@ -144,6 +150,8 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
         saving = "heldout_loss" in record
         log_event(rd, event="checkpoint" if saving else "log", **record)
         print(progress_line(record, total_steps))
+        if tracker:
+            tracker.log(train_metrics(record), record["step"])
 
     def save(step: int, record: dict) -> None:
         # every rank writes its ZeRO shard; Ray Train uploads them in the background and merges them
@@ -160,9 +168,11 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
             time.sleep(5)  # let the controller collect the last report (it polls every 2 s)
             os._exit(1)  # a real process death: Ray Train must restart from the checkpoint
 
-    end = loop.run(engine, cfg, batches, lambda: heldout_shard.iter_torch_batches(
-        batch_size=t.micro_batch_size, collate_fn=collate), total_steps=total_steps, step=step, log=log,
-        checkpoint=save, after_step=after_step if fail_at else None)
+    heldout = {key: functools.partial(ray.train.get_dataset_shard(name).iter_torch_batches,
+                                      batch_size=t.micro_batch_size, collate_fn=collate)
+               for key, name in HELDOUT.items() if name in config["heldout_sets"]}
+    end = loop.run(engine, cfg, batches, heldout, total_steps=total_steps, step=step, log=log, checkpoint=save,
+                   after_step=after_step if fail_at else None)
 
     # written aside and moved into place whole: a crash never leaves a model/ that looks finished
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the folder once it is whole
@@ -170,11 +180,13 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
         export(engine, cfg, out, rank)
         if rank == 0:
             Path(out, "train_result.json").write_text(json.dumps(
-                {"heldout_loss": end["heldout_loss"], "trainable_params": n_trainable, "total_params": n_total}))
+                {**{key: end[key] for key in heldout}, "trainable_params": n_trainable, "total_params": n_total}))
             if rd.remote:
                 rd.upload(out, "model")
             else:
                 os.replace(out, rd.local("model"))
+    if tracker:
+        tracker.close()
 
 
 def progress_line(record: dict, total_steps: int) -> str:
@@ -185,7 +197,9 @@ def progress_line(record: dict, total_steps: int) -> str:
             + f", lr {record['lr']:.2e}, {record['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, "
             f"ETA {record['eta_s'] / 60:.1f} min"
             + ("" if "heldout_loss" not in record else
-               f", held-out loss {heldout:.4f}" if heldout is not None else ", held-out loss - (no rows)"))
+               f", held-out loss {heldout:.4f}" if heldout is not None else ", held-out loss - (no rows)")
+            + (f", self-talk held-out loss {record['selftalk_heldout_loss']:.4f}"
+               if record.get("selftalk_heldout_loss") is not None else ""))
 
 
 def log_event(rd: RunDir, **event) -> None:
@@ -198,9 +212,9 @@ def train_events(rd: RunDir) -> list[dict]:
     return [json.loads(line) for line in rd.read_text(EVENTS).splitlines()]
 
 
-def heldout_by_step(events: list[dict]) -> dict[str, float | None]:
+def heldout_by_step(events: list[dict], key: str = "heldout_loss") -> dict[str, float | None]:
     """Held-out loss at each checkpoint step, from the events log (a step redone after a restart: the last)."""
-    return {str(e["step"]): e["heldout_loss"] for e in events if e["event"] == "checkpoint"}
+    return {str(e["step"]): e.get(key) for e in events if e["event"] == "checkpoint"}
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -273,8 +287,10 @@ def train_outputs(rd: RunDir, config_hash: str, force: bool) -> tuple[str, ...]:
 
 
 def train_hash(cfg: Config, rd: RunDir) -> str:
-    """What a trained model depends on: the training settings, the base model, and the mix it read."""
-    return rd.chained(cfg.section_hash("train", "model", "mix"), "mix")
+    """What a trained model depends on: the training settings, the base model, the mix it read (and the
+    self-talk stage, whose held-out slice it measures)."""
+    monitor = ("selftalk",) if cfg.selftalk_wanted[1] else ()  # the forgetting monitor's slice is read too
+    return rd.chained(cfg.section_hash("train", "model", "mix"), "mix", *monitor)
 
 
 def trained(cfg: Config) -> bool:
@@ -303,6 +319,10 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     config_hash, inputs = train_hash(cfg, rd), fingerprints(cfg, "model.path")
     if not force and rd.done("train", config_hash, inputs):
         return None
+    try:
+        check_backends(cfg)
+    except ValueError as e:
+        raise TrainSetupError(str(e)) from None
     connect(cfg)
     check_resources(cfg)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
@@ -315,13 +335,16 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
         train_ds = packed(train_ds, cfg.train.max_length)
         sequences = train_ds.count()
     total_steps = check_before_work(cfg, rows, with_targets, sequences, num_layers(cfg))
-    heldout_ds = tokenized(cfg, rd.path("task", "heldout.parquet"), strip_bos)
+    heldout_sets = {"heldout": tokenized(cfg, rd.path("task", "heldout.parquet"), strip_bos)}
+    if rd.stage_info("selftalk").get("heldout") and rd.exists(MONITOR):
+        heldout_sets["selftalk_heldout"] = tokenized(cfg, rd.path(MONITOR), strip_bos)
     rd.begin("train", config_hash, force=True, inputs=inputs, outputs=train_outputs(rd, config_hash, force))
 
     t = cfg.train
     ds_config = loop.deepspeed_config(cfg)
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                   str(Path.home() / ".cache" / "torch_extensions"))}
+                                                   str(Path.home() / ".cache" / "torch_extensions")),
+           **forwarded_env()}  # the tracking tools' settings (not their keys)
     if cfg.resources.use_gpu:  # measured on one H200 (jobs/check_gpu.py): the allocator then holds 1.5-3 GiB
         # over the peak allocated instead of 8-12 GiB (1 row a step), within `sasft plan`'s overhead
         env["PYTORCH_CUDA_ALLOC_CONF"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -329,14 +352,14 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "ds_config": ds_config, "total_steps": total_steps,
                            "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                           else tokenizer.eos_token_id},
+                           else tokenizer.eos_token_id, "heldout_sets": list(heldout_sets)},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=RAY_TRAIN, storage_path=rd.path(),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
             worker_runtime_env={"env_vars": env}),
-        datasets={"train": train_ds, "heldout": heldout_ds},
+        datasets={"train": train_ds, **heldout_sets},
     )
     result = trainer.fit()
     out, drift = rd.read_json("model", "train_result.json"), rd.read_json("model", "drift.json")
@@ -347,6 +370,9 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     counts = {"rows_in": rows, "sequences": sequences or rows, "steps": total_steps,
               "final_loss": result.metrics.get("loss"), "heldout_loss": out["heldout_loss"],
               "heldout_by_step": heldout_by_step(train_events(rd)),
+              **({"selftalk_heldout_loss": out["selftalk_heldout_loss"],
+                  "selftalk_heldout_by_step": heldout_by_step(train_events(rd), "selftalk_heldout_loss")}
+                 if "selftalk_heldout_loss" in out else {}),
               "trainable_params": out["trainable_params"], "total_params": out["total_params"],
               "drift_total": drift.get("total"), **({"drift_unavailable": drift["unavailable"]}
                                                     if "unavailable" in drift else {}),

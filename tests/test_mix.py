@@ -97,5 +97,48 @@ def test_each_method_mixes_in_its_own_data(tmp_path, method, source):
 
 
 def test_interleave_spreads_evenly():
-    out = "".join(interleave(iter("a" * 6), 6, iter("b" * 3), 3))
+    out = "".join(interleave((iter("a" * 6), 6), (iter("b" * 3), 3)))
     assert out == "abaabaaba"
+
+
+def test_weighted_sources_join_the_mix_at_their_exact_counts_and_in_every_window(tmp_path):
+    """mix.sources beside the task (here with plain SFT, so no self-talk): each source read and checked
+    like the task data, then mixed in at round(weight x task rows) rows, the short one repeated in turn,
+    spread evenly; and a bad row in a source stops the run naming its file."""
+    import json
+
+    from sasft_ray.config import ConfigError, validate_config
+    from sasft_ray.data import BadRow
+    from sasft_ray.generate import generate
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    task = write("task.jsonl", [{"prompt": f"task {i}", "completion": "ok"} for i in range(400)])
+    replay = write("replay.jsonl", [{"prompt": f"replay {i}", "completion": "ok"} for i in range(1000)])
+    second = write("second.jsonl", [{"instruction": f"second {i}", "output": "ok"} for i in range(50)])
+    sources = [{"path": replay, "weight": 0.5}, {"path": second, "weight": 0.25}]
+    cfg = make_config(tmp_path, data_path=task, train={"method": "sft"}, mix={"sources": sources})
+    rd = generate(cfg)
+    rows = pq.read_table(rd.local("mixed", "part-0.parquet")).to_pylist()
+    task_rows = rd.stage_info("task")["train_rows"]
+    kinds = [r["source"] for r in rows]
+    assert kinds.count("source0") == round(0.5 * task_rows) and kinds.count("source1") == round(0.25 * task_rows)
+    assert rd.stage_info("mix")["rows_out"] == len(rows) == task_rows + kinds.count("source0") + kinds.count("source1")
+    assert len({r["id"] for r in rows if r["source"] == "source0"}) == round(0.5 * task_rows)  # no replay row twice
+    assert len({r["id"] for r in rows if r["source"] == "source1"}) == 50  # 90 rows from 50: repeated in turn
+    for start in range(0, len(rows) - 140, 70):  # every stretch holds the sources in their ratio
+        window = kinds[start:start + 140]
+        assert window.count("source0") / window.count("task") == pytest.approx(0.5, abs=0.08)
+    assert rd.stage_info("sources")["train_rows"] == [1000, 50]
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "completion": "ok"}\n{"prompt": 3, "completion": "ok"}\n')
+    bad = make_config(tmp_path / "b", data_path=task, train={"method": "sft"},
+                      mix={"sources": [{"path": str(tmp_path / "bad.jsonl"), "weight": 1}]})
+    with pytest.raises(BadRow, match=r"bad.jsonl.*line 2"):
+        generate(bad)
+    with pytest.raises(ConfigError, match="mix.sources.0.weight"):
+        validate_config({"run_dir": str(tmp_path / "c"), "model": {"path": "m"}, "data": {"path": task},
+                         "mix": {"sources": [{"path": replay, "weight": 0}]}})

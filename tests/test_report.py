@@ -119,3 +119,25 @@ def test_runs_that_differ_in_a_setting_are_told_apart_and_their_seeds_pooled(tmp
     with pytest.raises(EvalError, match="nowhere: no eval/results.json"):
         load_entries([str(tmp_path / "nowhere")])
     assert not (tmp_path / "nowhere").exists()  # reading a report creates no folder
+
+
+def test_the_report_shows_each_runs_forgetting_curve(tmp_path):
+    from matplotlib.image import imread
+
+    from sasft_ray.report import write_run_report
+
+    results = _results("t", 0, {"sft": (0.9, 0.2, 0.4), "sa-sft": (0.9, 0.7, 0.8)}, base=(0.1, 0.8, 0.8))
+    results["finetuned"]["sft"]["curve"] = [{"step": 10, "heldout_loss": 1.2, "selftalk_heldout_loss": 0.9},
+                                            {"step": 20, "heldout_loss": 0.6, "selftalk_heldout_loss": 1.7}]
+    results["finetuned"]["sa-sft"]["curve"] = [{"step": 10, "heldout_loss": 1.3, "selftalk_heldout_loss": 0.8},
+                                               {"step": 20, "heldout_loss": 0.7, "selftalk_heldout_loss": 0.8}]
+    write_run_report(results, str(tmp_path))
+    text = (tmp_path / "report.md").read_text()
+    assert "forgetting monitor (loss on held-out self-dialogues, never trained on): 0.900 at step 10 -> 1.700 at " \
+           "step 20; task held-out loss 1.200 -> 0.600" in text
+    with_curve = imread(str(tmp_path / "report.png")).shape[1]
+    for info in results["finetuned"].values():
+        info.pop("curve")
+    write_run_report(results, str(tmp_path))
+    assert "forgetting monitor" not in (tmp_path / "report.md").read_text()
+    assert with_curve > imread(str(tmp_path / "report.png")).shape[1]  # the curve is a panel of its own

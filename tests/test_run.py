@@ -32,6 +32,10 @@ def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, ca
     assert styled["base"] == 0.0 and styled["finetuned"] > 0.5
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## finetuned (method sa-sft" in report and "forgetting" in report
+    # the forgetting monitor: 4 held-out self-dialogues (5 % of 64), measured at every checkpoint
+    curve = results["finetuned"]["finetuned"]["curve"]
+    assert curve and all(isinstance(c["selftalk_heldout_loss"], float) for c in curve)
+    assert "forgetting monitor (loss on held-out self-dialogues" in report
     assert (tmp_path / "run" / "report.png").stat().st_size > 1000
 
     capsys.readouterr()

@@ -25,18 +25,9 @@ def other_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """Three models, each a replica and an engine bundle of one CPU, and the router: 8 CPUs of Ray's."""
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def bos_llama(tmp_path_factory, tiny_llama):
-    """tiny_llama with a tokenizer that adds BOS, as Llama-3's does: what lm-eval must count right."""
+    """tiny_llama with a tokenizer that adds BOS, as Llama-3's does: what lm-eval must count right. The
+    endpoint serves it as `finetuned` (the same weights; the chat template places its own BOS)."""
     import shutil
 
     from tokenizers.processors import TemplateProcessing
@@ -91,9 +82,13 @@ def files(workdir, tiny_llama):
         "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}]}))
     (tasks / "tiny_gen.yaml").write_text(yaml.safe_dump({
         "task": "tiny_gen", **local, "output_type": "generate_until", "doc_to_text": "{{question}}",
-        "doc_to_target": "{{choices[label]}}",
+        "doc_to_target": "Sure",  # the house style's first word: the first-word filter finds it, whole replies never
         "generation_kwargs": {"until": ["<|eot_id|>"], "max_gen_toks": 16, "do_sample": False},
-        "metric_list": [{"metric": "exact_match"}]}))
+        "metric_list": [{"metric": "exact_match"}],
+        # two filters over the same replies, as GSM8K's strict-match and flexible-extract: two figures
+        "filter_list": [{"name": "whole", "filter": [{"function": "take_first"}]},
+                        {"name": "first-word", "filter": [{"function": "regex", "regex_pattern": r"^\W*(\w+)"},
+                                                          {"function": "take_first"}]}]}))
     return {"task": workdir / "task.jsonl", "suite": suite, "tasks": tasks}
 
 
@@ -127,7 +122,7 @@ def endpoint(cfg, other_llama_in_s3, bos_llama, local_ray):  # the bucket before
 
     os.environ[KEY_ENV] = "test-key-123"
     task_stage(cfg, RunDir(cfg.run_dir), force=False)
-    models = {"finetuned": cfg.model.path, "base": other_llama_in_s3, "bos": bos_llama}
+    models = {"finetuned": bos_llama, "base": other_llama_in_s3}
     url = serve.start(cfg, serve.Models(models))
     yield url, models
     serve.stop()
@@ -138,7 +133,7 @@ def test_openai_client_unchanged(endpoint):
 
     url, _ = endpoint
     api = openai.OpenAI(base_url=url, api_key="test-key-123")
-    assert {m.id for m in api.models.list()} == {"finetuned", "base", "bos"}
+    assert {m.id for m in api.models.list()} == {"finetuned", "base"}
 
     chat = api.chat.completions.create(model="finetuned", messages=[{"role": "user", "content": "What is 2 plus 3?"}],
                                        max_tokens=16, temperature=0)
@@ -174,7 +169,10 @@ def test_lm_eval_offline_scores_change_with_the_model(endpoint, cfg):
     # the trained model knows its house style; the untrained one prefers the shorter reply
     assert trained["tiny_mc/acc,none"] >= 0.8 and untrained["tiny_mc/acc,none"] <= 0.3
     generated = run_lm_eval(cfg.eval.lm_eval[1], url, "finetuned", cfg, "test-key-123")
-    assert 0.0 <= generated["tiny_gen/exact_match,none"] <= 1.0
+    # both filters' figures survive, each under its own name: the reference is the house style's first word,
+    # which the first-word filter extracts from the trained model's replies and no whole reply equals
+    whole, first = generated["tiny_gen/exact_match,whole"], generated["tiny_gen/exact_match,first-word"]
+    assert whole == 0.0 < first
 
 
 def test_lm_eval_log_likelihoods_match_transformers_with_a_bos_adding_tokenizer(endpoint, cfg, bos_llama):
@@ -189,7 +187,7 @@ def test_lm_eval_log_likelihoods_match_transformers_with_a_bos_adding_tokenizer(
 
     url, _ = endpoint
     bos_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": bos_llama})})
-    args = lm_eval_model_args(cfg.eval.lm_eval[0], url, "bos", bos_cfg, "test-key-123")
+    args = lm_eval_model_args(cfg.eval.lm_eval[0], url, "finetuned", bos_cfg, "test-key-123")
     assert args["add_bos_token"] and args["tokenized_requests"] and args["max_length"] == 512
     pairs = [("What is 2 plus 3?", " Sure! The answer is 5."), ("Spell lamp backwards.", " pmal"),
              ("Hello", " world")]

@@ -10,18 +10,10 @@ import requests
 from tests.conftest import free_port, make_config
 from tests.test_faults import _finish_training
 
+# three engines (the base with both adapters, two merged twins), each a replica and a CPU
+# bundle, and the router
+RAY_CPUS = 8
 PROMPTS = ["What is 2 plus 3?", "Spell lamp backwards.", "Write tiger in capitals.", "Add 7 and 9."]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """Three engines (the base with both adapters, two merged twins), each a replica and a CPU bundle, and
-    the router: 8 CPUs of Ray's."""
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +102,7 @@ def test_the_pipeline_serves_lora_runs_in_a_bucket_as_adapters_of_one_engine(tin
     sections = dict(train={"method": "sft", "lora": {"r": 8}, "freeze_layers": 1}, compare=["freeze"])
     cfg = make_config(tmp_path, tiny_llama, data_path=tmp_path / "task.jsonl", run_dir=f"{bucket}/lora-run",
                       **sections)
-    for (model_id, run), (adapter, merged) in zip(method_runs(cfg).items(), fine_tunes.values()):
+    for run, (adapter, merged) in zip(method_runs(cfg).values(), fine_tunes.values()):
         rd = generate(run)
         rd.upload(str(merged), "model")
         rd.upload(str(adapter), "model", "adapter")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -123,10 +124,16 @@ def task_run(tiny_llama, local_ray, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(task_run):
+    """30 steps, a worker killed at step 15, every record tracked (W&B offline: the driver's WANDB_MODE
+    reaches the workers)."""
     cfg, rd = task_run
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "max_steps": 30, "fail_once_at_step": 15, "log_every": 5, "keep_checkpoints_after_export": True})})
-    return cfg, rd, train(cfg, rd)
+        "max_steps": 30, "fail_once_at_step": 15, "log_every": 5, "keep_checkpoints_after_export": True,
+        "report_to": ["tensorboard", "mlflow", "wandb"]})})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_SILENT", "true")
+        yield cfg, rd, train(cfg, rd)
 
 
 def test_zero3_training_survives_a_killed_worker_and_the_loss_falls(trained):
@@ -155,6 +162,86 @@ def test_heldout_loss_is_measured_at_every_checkpoint(trained):
     assert record["heldout_by_step"] == {str(e["step"]): e["heldout_loss"] for e in checkpoints}
     assert list(record["heldout_by_step"]) == ["10", "20", "30"]
     assert record["heldout_loss"] == checkpoints[-1]["heldout_loss"] < checkpoints[0]["heldout_loss"]
+
+
+def test_the_forgetting_monitor_sees_sft_make_the_models_own_text_unlikely(tiny_llama, local_ray, tmp_path):
+    """Plain SFT on a task in a foreign style: its held-out self-dialogues (generated for the monitor only,
+    never trained on) are measured at every checkpoint, and end less likely than under the base model,
+    while the task's held-out loss falls: forgetting, seen with no benchmark."""
+    from transformers import AutoModelForCausalLM
+
+    write_demo_task(tmp_path / "task.jsonl", n=120)
+    cfg = make_config(tmp_path, tiny_llama, train={**TRAIN, "method": "sft", "max_steps": 30},
+                      selftalk={"num_dialogues": 40, "heldout_fraction": 0.25, "max_user_tokens": 32,
+                                "max_assistant_tokens": 32, "engine": {"max_model_len": 256, "batch_size": 16}})
+    rd = generate(cfg)
+    assert rd.stage_info("selftalk")["heldout"] == 10
+    assert rd.stage_info("mix")["rows_out"] == rd.stage_info("task")["train_rows"]  # SFT: nothing mixed in
+    record = train(cfg, rd)
+    checkpoints = [e for e in train_events(rd) if e["event"] == "checkpoint"]
+    assert [e["step"] for e in checkpoints] == [10, 20, 30]
+    assert record["selftalk_heldout_by_step"] == {str(e["step"]): e["selftalk_heldout_loss"] for e in checkpoints}
+    assert checkpoints[-1]["heldout_loss"] < checkpoints[0]["heldout_loss"]  # it learns the task...
+
+    tok, base = load_tokenizer(tiny_llama), AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    total = count = 0
+    for messages in pq.read_table(rd.local("selftalk_heldout.parquet"))["messages"].to_pylist():
+        enc = encode(tok, messages, max_length=TRAIN["max_length"])
+        labels = torch.tensor([enc["labels"]])
+        n = int((labels[:, 1:] != IGNORE).sum())
+        with torch.no_grad():
+            total += base(input_ids=torch.tensor([enc["input_ids"]]), labels=labels).loss.item() * n
+        count += n
+    assert record["selftalk_heldout_loss"] > 1.2 * total / count  # ...and its own text became less likely
+
+
+def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """tag -> step -> value from TensorBoard event files (TFRecords: length, crc, an Event, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        while data:
+            (length,) = struct.unpack("<Q", data[:8])
+            event = Event.FromString(data[12:12 + length])
+            data = data[12 + length + 4:]
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[event.step] = value.simple_value
+    return out
+
+
+def test_training_is_tracked_in_tensorboard_mlflow_and_wandb_as_in_its_events(trained):
+    """Every record of train-events.jsonl in TensorBoard and MLflow with the same values, across the
+    worker's restart (one MLflow run, found again by its id); W&B offline, the same run resumed; the
+    evaluation's scores land in that run at the last step."""
+    from mlflow.tracking import MlflowClient
+
+    from sasft_ray.tracking import log_scores, mlflow_local_uri, run_id
+
+    cfg, rd, _ = trained
+    records = {e["step"]: e for e in train_events(rd) if e["event"] in ("log", "checkpoint")}
+    scalars = _tensorboard_scalars(Path(rd.local("tracking", "tensorboard")))
+    assert scalars["train/loss"] == pytest.approx({step: e["loss"] for step, e in records.items()})
+    assert scalars["train/heldout_loss"] == pytest.approx(
+        {step: e["heldout_loss"] for step, e in records.items() if "heldout_loss" in e})
+
+    client = MlflowClient(mlflow_local_uri(rd))
+    (run,) = client.search_runs([client.get_experiment_by_name("sasft-ray").experiment_id])
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/grad_norm")}
+    assert history == pytest.approx({step: e["grad_norm"] for step, e in records.items()})
+    assert run.data.params["train.lr"] == "0.005" and run.data.tags["sasft_run_id"] == run_id(rd)
+    wandb_runs = list(Path(rd.local("tracking", "wandb")).glob(f"offline-run-*-{run_id(rd)}*"))
+    assert len(wandb_runs) == 2  # started, then resumed by the restarted worker group
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        log_scores(cfg, {"in-domain": {"exact": 0.25}})
+    assert _tensorboard_scalars(Path(rd.local("tracking", "tensorboard")))["eval/in-domain/exact"] == {30: 0.25}
+    scores = client.get_metric_history(run.info.run_id, "eval/in-domain/exact")
+    assert [(m.step, m.value) for m in scores] == [(30, 0.25)]
 
 
 def test_export_equals_deepspeed_zero_to_fp32(trained):
@@ -318,7 +405,7 @@ def _train_alone(cfg, rows: list[dict]) -> dict:
     pad_id = load_tokenizer(cfg.model.path).pad_token_id
     engine, *_ = loop.build_engine(cfg, loop.deepspeed_config(cfg), 4, rank=0)
     records: list[dict] = []
-    loop.run(engine, cfg, lambda step: loop.device_batches(rows, 4, pad_id, engine.device), lambda: iter(()),
+    loop.run(engine, cfg, lambda step: loop.device_batches(rows, 4, pad_id, engine.device), {},
              total_steps=4, log=records.append)
     saved: dict[int, int] = {}
 
