@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from sasft_ray.config import Config, EvalSuite, LmEvalGroup
 from sasft_ray.rundir import RunDir, fingerprint
-from sasft_ray.selftalk import load_tokenizer
+from sasft_ray.selftalk import adds_bos, load_tokenizer
 
 INDOMAIN = "in-domain"
 
@@ -196,15 +196,14 @@ def lm_eval_model_args(group: LmEvalGroup, url: str, model_id: str, cfg: Config,
     text, the server would add a BOS lm-eval did not count and every continuation would be off by one
     token. Chat requests go as messages; the server's chat template places the BOS."""
     chat = group.mode == "chat"
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    adds_bos = tokenizer.bos_token_id is not None and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+    bos = adds_bos(load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
     # chat: one conversation a request; completions: `batch` prompts a request, fewer hops per sequence
     batch = 1 if chat else min(8, cfg.eval_concurrency)
     args = {
         "model": model_id, "base_url": f"{url}/{'chat/completions' if chat else 'completions'}",
         # lm-eval counts context tokens itself: the local tokenizer keeps it off any hub.
         "tokenizer": cfg.model.path, "tokenizer_backend": "huggingface", "tokenized_requests": not chat,
-        "add_bos_token": adds_bos and not chat, "max_length": cfg.serve.engine.max_model_len,
+        "add_bos_token": bos and not chat, "max_length": cfg.serve.engine.max_model_len,
         "batch_size": batch, "num_concurrent": max(1, cfg.eval_concurrency // batch), "max_retries": 3,
         "max_gen_toks": cfg.eval.max_tokens, "trust_remote_code": cfg.model.trust_remote_code,
     }
@@ -311,7 +310,7 @@ def evaluate_models(cfg: Config, rd: RunDir, url: str, models: dict[str, str], k
         replies = samples / model_id if samples else None
         indomain = score_rows(api, models[model_id], rows, cfg.eval.indomain_scorers, cfg,
                               replies / "in-domain.jsonl" if replies else None, INDOMAIN)
-        cache, name = None, ""
+        cache, name = None, ""  # only the base model's general scores are cached
         if model_id == cfg.serve.base_model_id:
             root, name = base_cache(cfg)
             cache = RunDir(root)

@@ -131,15 +131,12 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
 
 
 def curve(rd: RunDir) -> list[dict]:
-    """The forgetting curve of a run: at each checkpoint (the last record of a step kept, after a restart)
-    the task's and the monitor's held-out losses."""
-    from sasft_ray.train import EVENTS, train_events
-
-    if not rd.exists(EVENTS):
-        return []
-    by_step = {e["step"]: {key: e.get(key) for key in ("step", "heldout_loss", "selftalk_heldout_loss")}
-               for e in train_events(rd) if e["event"] == "checkpoint"}
-    return [by_step[step] for step in sorted(by_step)]
+    """The forgetting curve of a run, from its train record: at each checkpoint the task's and the
+    monitor's held-out losses."""
+    info = rd.stage_info("train")
+    task, monitor = info.get("heldout_by_step") or {}, info.get("selftalk_heldout_by_step") or {}
+    return [{"step": int(step), "heldout_loss": loss, "selftalk_heldout_loss": monitor.get(step)}
+            for step, loss in task.items()]
 
 
 def _drift(rd: RunDir) -> dict | None:

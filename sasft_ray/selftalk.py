@@ -61,6 +61,11 @@ def _first_token(tokenizer, text: str) -> list[int]:
     return ids[:1] if ids and ids[0] in tokenizer.all_special_ids + list(tokenizer.added_tokens_decoder) else []
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS before every text it encodes (Llama-3's does)."""
+    return bool(tokenizer.bos_token) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+
+
 def turn_format(tokenizer) -> TurnFormat:
     if not tokenizer.chat_template:
         raise ValueError("the model's tokenizer has no chat template; self-talk needs one to open a user turn")
@@ -76,12 +81,11 @@ def turn_format(tokenizer) -> TurnFormat:
     specials = {t for t in tokenizer.all_special_tokens + [str(t) for t in tokenizer.added_tokens_decoder.values()]
                 if len(t) > 1}
     bos = tokenizer.bos_token or ""
-    adds_bos = bool(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
     return TurnFormat(
         stop_user=tuple(dict.fromkeys(_first_token(tokenizer, user_end) + eos_ids)),
         stop_assistant=tuple(dict.fromkeys(_first_token(tokenizer, assistant_end) + eos_ids)),
         markers=tuple(sorted(segments | specials)),
-        strip_bos=bos if adds_bos else "",
+        strip_bos=bos if adds_bos(tokenizer) else "",
     )
 
 

@@ -30,11 +30,9 @@ TRACKING = "tracking"
 # the tools' settings that the driver's environment passes to the training workers (no secrets among them)
 FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY",
              "WANDB_DIR", "WANDB_BASE_URL")
+MODULES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}  # backend -> what it imports
 # record fields that are not metrics
 NOT_LOGGED = {"time", "event", "step", "nodes", "optimizer_steps"}
-
-
-MODULES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
 
 
 def check_backends(cfg: Config) -> None:
