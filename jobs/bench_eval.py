@@ -31,9 +31,10 @@ def main() -> None:
     import ray
 
     from sasft_ray import serve
+    from sasft_ray.cluster import connect
     from sasft_ray.config import absolute_paths, load_config
     from sasft_ray.evaluate import evaluate_models
-    from sasft_ray.generate import connect, task_stage
+    from sasft_ray.generate import task_stage
     from sasft_ray.rundir import RunDir
 
     cfg = absolute_paths(load_config(args.config, args.overrides))

@@ -110,8 +110,8 @@ def main() -> None:
 
     import ray
 
+    from sasft_ray.cluster import connect
     from sasft_ray.config import validate_config
-    from sasft_ray.generate import connect
     from sasft_ray.selftalk import load_tokenizer, turn_format
     from sasft_ray.tiny import build_tiny_model
 

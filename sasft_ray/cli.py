@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+from sasft_ray.cluster import VERBOSE, quiet, verbose
 from sasft_ray.config import ConfigError, absolute_paths, load_config, shipped_configs
 from sasft_ray.data import BadRow
 from sasft_ray.evaluate import EvalError
@@ -21,6 +23,12 @@ USER_ERRORS = (ConfigError, BadRow, StageChanged, TooFewSurvivors, TrainSetupErr
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help=f"a YAML file, or a shipped config: {', '.join(shipped_configs())}")
     _set_arg(p, "override one config value (repeatable); the value is parsed as YAML")
+    _verbose_arg(p)
+
+
+def _verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help=f"also print Ray's, vLLM's and torch's own logs and warnings (or {VERBOSE}=1)")
 
 
 def _set_arg(p: argparse.ArgumentParser, help: str) -> None:
@@ -47,7 +55,7 @@ def cmd_train(args) -> None:
 
 def cmd_serve(args) -> None:
     from sasft_ray import serve
-    from sasft_ray.generate import connect
+    from sasft_ray.cluster import connect
     from sasft_ray.pipeline import served_models
 
     cfg = absolute_paths(load_config(args.config, args.overrides))
@@ -184,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE",
                    help="run only the cells with this axis setting, as the cell names spell it (repeatable)")
     _set_arg(p, "override one config value in every cell (repeatable), after the grid's own `set`")
+    _verbose_arg(p)
     p.add_argument("--run-root", help="put the cells' run dirs here instead of the grid's run_root")
     p.set_defaults(fn=cmd_grid)
 
@@ -225,11 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_lab_build)
 
     args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE] = "1"  # for the Ray job and the processes it starts too
+    quiet()
     try:
         args.fn(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        if not verbose():
+            print("sasft: the cause is below; Ray's, vLLM's and the workers' own logs are in "
+                  "/tmp/ray/session_latest/logs of each node, or printed with --verbose", file=sys.stderr)
+        raise
     return 0
 
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import functools
 import math
-import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sasft_ray import data as task_data
+from sasft_ray.cluster import bar, connect, progress
 from sasft_ray.config import Config, DataConfig, absolute_paths
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
 from sasft_ray.mix import MONITOR, mix_key, write_mix
@@ -30,29 +32,6 @@ from sasft_ray.selftalk import LIGHT_CPUS, check_fits, load_tokenizer, selftalk_
 
 class TooFewSurvivors(RuntimeError):
     pass
-
-
-def connect(cfg: Config) -> None:
-    """Join the cluster at resources.address, or start an embedded local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Inside `ray job submit` RAY_ADDRESS names the cluster the job runs on.
-    address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    # Locally, CPU "slots" are logical: give every engine its bundle even on 2 cores, so that
-    # the self-talk engines and the light maps beside them stream, and all served models fit
-    # (a Serve LLM replica holds one CPU besides its engine's bundle).
-    talk, served = cfg.selftalk.engine, cfg.serve.engine
-    served_replicas = (2 + len(cfg.compare)) * served.concurrency
-    wanted = 2 + math.ceil(max(talk.concurrency * talk.cpus_per_engine,
-                               served_replicas * (1 + served.cpus_per_engine),
-                               cfg.train.num_workers * cfg.train.cpus_per_worker))
-    ray.init(num_cpus=cfg.resources.num_cpus or max(os.cpu_count() or 1, wanted),
-             include_dashboard=False, log_to_driver=True)
 
 
 def write_canonical(cfg: DataConfig, rd: RunDir, folder: str, with_heldout: bool) -> dict:
@@ -124,15 +103,17 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
     fmt = turn_format(tokenizer)
     check_fits(cfg, tokenizer, fmt)
     connect(cfg)
+    import ray
     wanted = mixed + monitor
     generated = math.ceil(wanted * cfg.selftalk.oversample)
     ds = selftalk_dataset(cfg, generated, fmt)
     ds = ds.map(functools.partial(mark_row, cfg=cfg.filters, markers=fmt.markers), num_cpus=LIGHT_CPUS)
-    if cfg.filters.dedup != "none":
+    if cfg.filters.dedup != "none":  # one actor: it holds every survivor's signature
         ds = ds.map(Deduplicator, fn_constructor_kwargs=dict(mode=cfg.filters.dedup,
                                                              threshold=cfg.filters.minhash_threshold),
-                    concurrency=1, num_cpus=LIGHT_CPUS)
-    ds.write_parquet(rd.path("selftalk"))
+                    compute=ray.data.ActorPoolStrategy(size=1), num_cpus=LIGHT_CPUS)
+    with progress(functools.partial(selftalk_progress, rd, generated, time.time())):
+        ds.write_parquet(rd.path("selftalk"))
 
     stats = selftalk_stats(rd)
     drops = stats.pop("drops")
@@ -150,6 +131,16 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
         print(f"[selftalk] WARNING: {message}")
         counts["shortfall"] = wanted - kept
     rd.finish("selftalk", counts)
+
+
+def selftalk_progress(rd: RunDir, total: int, started: float) -> str:
+    """Dialogues written so far (the Parquet files Ray Data has finished), their rate and the time left."""
+    files = rd.fs.get_file_info(pafs.FileSelector(rd.local("selftalk"), allow_not_found=True))
+    done = sum(pq.ParquetFile(rd.fs.open_input_file(f.path)).metadata.num_rows
+               for f in files if f.path.endswith(".parquet"))
+    seconds = time.time() - started
+    eta = f", ETA {(total - done) / done * seconds / 60:.1f} min" if done else ""
+    return f"[selftalk] {bar(done, total)} {done}/{total} dialogues in {seconds:.0f} s{eta}"
 
 
 def write_monitor(cfg: Config, rd: RunDir, count: int) -> int:

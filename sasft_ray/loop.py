@@ -147,7 +147,6 @@ def init_process_group(gpu: bool) -> None:
     """torch.distributed as Ray Train makes it: NCCL alone on GPU (so a CPU tensor in a collective
     fails here as it would there), gloo on CPU. Under `torchrun` its environment says who is who;
     alone, a one-process group on a free port."""
-    import deepspeed
     import torch
 
     if "RANK" not in os.environ:
@@ -157,6 +156,17 @@ def init_process_group(gpu: bool) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     if gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    init_deepspeed(gpu)
+
+
+def init_deepspeed(gpu: bool) -> None:
+    """DeepSpeed's communication on the process group there is: NCCL on GPUs, gloo on CPU. On CPU,
+    DeepSpeed would first compile its shared-memory all-reduce (about a minute on 2 cores, once per
+    machine), which only its inference tensor parallelism calls: marked unavailable, it is not built."""
+    import deepspeed
+
+    if not gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
 
 

@@ -146,7 +146,7 @@ def _drift(rd: RunDir) -> dict | None:
 def serve_and_eval(cfg: Config, url: str | None = None, force: bool = False) -> dict:
     """Evaluate at `url`, or start the endpoint here, evaluate, and shut it down."""
     from sasft_ray import serve
-    from sasft_ray.generate import connect
+    from sasft_ray.cluster import connect
 
     rd = RunDir(cfg.run_dir)
     with rd.locked():

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sasft_ray import loop, packing
+from sasft_ray.cluster import bar, connect, progress
 from sasft_ray.config import Config, absolute_paths
 from sasft_ray.export import export
 from sasft_ray.mix import MONITOR
@@ -112,15 +113,15 @@ PARTIAL = "model.partial"  # the export as it is written, before it becomes mode
 
 
 def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it silently
-    import deepspeed
     import ray.train
     import torch
+    from ray.data.collate_fn import NumpyBatchCollateFn
     from ray.train import CheckpointUploadMode
 
     cfg = Config.model_validate(config["cfg"])
     t, ds_config, total_steps = cfg.train, config["ds_config"], config["total_steps"]
     rd = RunDir(cfg.run_dir)  # local, a shared mount, or s3:// / gs://: every node reaches it
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.resources.use_gpu else "gloo")  # Ray Train's group
+    loop.init_deepspeed(cfg.resources.use_gpu)  # on Ray Train's process group
     rank = ray.train.get_context().get_world_rank()
     nodes = [None] * t.num_workers  # where each rank runs, logged at every (re)start
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
@@ -140,7 +141,12 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
         tracker = Tracker(cfg, rd, config=cfg.model_dump(mode="json")) if t.report_to else None
 
     shard = ray.train.get_dataset_shard("train")
-    collate = functools.partial(loop.collate, pad_id=config["pad_id"])
+
+    class Collate(NumpyBatchCollateFn):  # Ray Data then moves its tensors to this worker's device
+        def __call__(self, batch: dict) -> dict:
+            return loop.collate(batch, config["pad_id"])
+
+    collate = Collate()
 
     def batches(step: int):  # Ray Data moves each collated batch to this worker's device
         return shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=collate, drop_last=True,
@@ -148,8 +154,7 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
 
     def log(record: dict) -> None:
         saving = "heldout_loss" in record
-        log_event(rd, event="checkpoint" if saving else "log", **record)
-        print(progress_line(record, total_steps))
+        log_event(rd, event="checkpoint" if saving else "log", **record)  # the driver prints it from there
         if tracker:
             tracker.log(train_metrics(record), record["step"])
 
@@ -192,7 +197,7 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
 def progress_line(record: dict, total_steps: int) -> str:
     heldout = record.get("heldout_loss")
     norm = record.get("grad_norm")
-    return (f"[train] step {record['step']}/{total_steps}: loss {record['loss']:.4f}"
+    return (f"[train] {bar(record['step'], total_steps)} step {record['step']}/{total_steps}: loss {record['loss']:.4f}"
             + (f", grad norm {norm:.3f}" if norm is not None else "")
             + f", lr {record['lr']:.2e}, {record['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, "
             f"ETA {record['eta_s'] / 60:.1f} min"
@@ -210,6 +215,16 @@ def log_event(rd: RunDir, **event) -> None:
 
 def train_events(rd: RunDir) -> list[dict]:
     return [json.loads(line) for line in rd.read_text(EVENTS).splitlines()]
+
+
+def latest_progress(rd: RunDir, total_steps: int) -> str | None:
+    """The driver's progress line: the last record the workers logged, or their last (re)start."""
+    if not rd.exists(EVENTS):
+        return None
+    last = train_events(rd)[-1]
+    if last["event"] in ("log", "checkpoint"):
+        return progress_line(last, total_steps)
+    return f"[train] {last['event']} at step {last['step']} on {len(set(last.get('nodes') or [None]))} node(s)"
 
 
 def heldout_by_step(events: list[dict], key: str = "heldout_loss") -> dict[str, float | None]:
@@ -307,10 +322,10 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
 
 
 def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
+    from ray.data.expressions import col
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from sasft_ray.generate import connect
 
     if not Path(cfg.model.path).exists() and cfg.model.path.startswith((".", "/")):
         raise TrainSetupError(f"model.path {cfg.model.path} does not exist")
@@ -329,7 +344,7 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     strip_bos = turn_format(tokenizer).strip_bos
     train_ds = tokenized(cfg, rd.path("mixed"), strip_bos)
     rows = train_ds.count()
-    with_targets = train_ds.filter(lambda r: r["targets"] > 0).count()
+    with_targets = train_ds.filter(expr=col("targets") > 0).count()
     sequences = None
     if cfg.train.packing:
         train_ds = packed(train_ds, cfg.train.max_length)
@@ -361,7 +376,8 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
             worker_runtime_env={"env_vars": env}),
         datasets={"train": train_ds, **heldout_sets},
     )
-    result = trainer.fit()
+    with progress(functools.partial(latest_progress, rd, total_steps)):
+        result = trainer.fit()
     out, drift = rd.read_json("model", "train_result.json"), rd.read_json("model", "drift.json")
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if not t.keep_checkpoints_after_export:  # the export is written: drop the optimizer state (~12 bytes a param)

@@ -1,0 +1,107 @@
+"""The Ray session every stage runs in: joining it, what of its output reaches the user, progress lines.
+
+By default `sasft` prints its own lines only: each stage's start and result, and every ~30 s a
+progress line of the long stages (rows or steps done, tokens/s, ETA), read from what the stage
+writes in the run dir, so it works the same for a local run, a `ray job submit` and a remote run
+dir. Ray's, Ray Data's, vLLM's and torch's own logs and warnings are left in Ray's log files
+(`/tmp/ray/session_latest/logs` on each node) unless `--verbose` or SASFT_VERBOSE=1. A failure still
+shows its cause: a worker's exception reaches the driver as it is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from sasft_ray.config import Config
+
+VERBOSE = "SASFT_VERBOSE"
+PROGRESS_EVERY_S = 30.0
+# Their INFO logs and the warnings they raise are noise to a user unless asked for.
+LIBRARIES = ("ray", "vllm", "torch", "transformers", "deepspeed", "lm_eval", "datasets", "huggingface_hub",
+             "urllib3", "filelock", "mlflow", "alembic")
+# Ray's libraries set levels of their own, below the "ray" logger's
+LOGGERS = (*LIBRARIES, "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.llm", "lm-eval")
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE, "").lower() not in ("", "0", "false", "no")
+
+
+def quiet() -> None:
+    """Unless verbose: the libraries' loggers at WARNING, their warnings off, no
+    progress bars of theirs (tqdm, Ray Data). Called once by the CLI, before Ray starts."""
+    if verbose():
+        return
+    for name in LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=rf"({'|'.join(LIBRARIES)})(\.|$)")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and the hub's bars; read by tqdm at each bar
+
+
+def connect(cfg: Config) -> None:
+    """Join the cluster at resources.address (or RAY_ADDRESS, set inside `ray job submit`), or start an
+    embedded local Ray. Workers' output reaches this driver only when verbose."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    logs = {"log_to_driver": verbose()}
+    address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **logs)
+    else:
+        # Locally, CPU "slots" are logical: give every engine its bundle even on 2 cores, so that
+        # the self-talk engines and the light maps beside them stream, and all served models fit
+        # (a Serve LLM replica holds one CPU besides its engine's bundle).
+        talk, served = cfg.selftalk.engine, cfg.serve.engine
+        served_replicas = (2 + len(cfg.compare)) * served.concurrency
+        wanted = 2 + math.ceil(max(talk.concurrency * talk.cpus_per_engine,
+                                   served_replicas * (1 + served.cpus_per_engine),
+                                   cfg.train.num_workers * cfg.train.cpus_per_worker))
+        ray.init(num_cpus=cfg.resources.num_cpus or max(os.cpu_count() or 1, wanted), include_dashboard=False,
+                 **logs)
+    if not verbose():
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = ctx.print_on_execution_start = False
+
+
+def bar(done: float, total: float, width: int = 20) -> str:
+    filled = round(width * min(1.0, done / total)) if total else 0
+    return "#" * filled + "." * (width - filled)
+
+
+@contextmanager
+def progress(line: Callable[[], str | None], every: float = PROGRESS_EVERY_S) -> Iterator[None]:
+    """While the block runs, print `line()` every `every` seconds when it says something new: a new line
+    each time in a log, one line rewritten in place in a terminal. A failing `line` is skipped (the
+    progress of a stage is never why it fails)."""
+    stop, shown, tty = threading.Event(), [None], sys.stdout.isatty()
+
+    def tick() -> None:
+        while not stop.wait(every):
+            try:
+                text = line()
+            except Exception:
+                continue
+            if text and text != shown[0]:
+                shown[0] = text
+                print(f"\r\033[K{text}" if tty else text, end="" if tty else "\n", flush=True)
+
+    thread = threading.Thread(target=tick, daemon=True, name="sasft-progress")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        if tty and shown[0]:
+            print(flush=True)
