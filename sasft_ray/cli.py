@@ -20,8 +20,9 @@ from sasft_ray.train import TrainSetupError
 USER_ERRORS = (ConfigError, BadRow, StageChanged, TooFewSurvivors, TrainSetupError, EvalError, ServeError)
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help=f"a YAML file, or a shipped config: {', '.join(shipped_configs())}")
+def _config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("config", nargs="?" if optional else None,
+                   help=f"a YAML file, or a shipped config: {', '.join(shipped_configs())}")
     _set_arg(p, "override one config value (repeatable); the value is parsed as YAML")
     _verbose_arg(p)
 
@@ -115,6 +116,13 @@ def cmd_grid(args) -> None:
 def cmd_config(args) -> None:
     import yaml
 
+    if args.reference:
+        from sasft_ray.config import reference
+
+        print(reference(), end="")
+        return
+    if not args.config:
+        raise ConfigError("name a config (a YAML file or a shipped config), or ask for --reference")
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
 
@@ -148,7 +156,8 @@ def cmd_lab_build(args) -> None:
     print(accuracy_table(info))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The `sasft` command line: one sub-command per stage."""
     parser = argparse.ArgumentParser(prog="sasft", description="SA-SFT fine-tuning on Ray: self-talk, mix, "
                                      "train, serve, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,8 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-root", help="put the cells' run dirs here instead of the grid's run_root")
     p.set_defaults(fn=cmd_grid)
 
-    p = sub.add_parser("config", help="print the resolved config (after overrides), or the error")
-    _config_args(p)
+    p = sub.add_parser("config", help="print the resolved config (after overrides), or the error; or, with "
+                       "--reference, every key of the schema as Markdown (docs/config.md)")
+    _config_args(p, optional=True)
+    p.add_argument("--reference", action="store_true",
+                   help="print the config reference (every key, its type, default and meaning) as Markdown; "
+                   "no config needed")
     p.set_defaults(fn=cmd_config)
 
     p = sub.add_parser("plan", help="GPU memory, GPUs, nodes and hours per stage, before a cluster is spent "
@@ -232,8 +245,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="full: the lab for experiments (minutes); small: a quick one for tests")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_lab_build)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if getattr(args, "verbose", False):
         os.environ[VERBOSE] = "1"  # for the Ray job and the processes it starts too
     quiet()

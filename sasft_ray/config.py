@@ -35,33 +35,41 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     path: str = Field(description="HF model folder or hub id of the base model")
-    trust_remote_code: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped with the model (transformers' and vLLM's trust_remote_code)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights' dtype in the vLLM engines (self-talk, serving) and the planner; auto: the "
+        "checkpoint's own; training's precision is train.bf16")
 
 
 class DataConfig(Section):
     path: str = Field(description="JSONL, JSON, Parquet file or folder, HF dataset folder or hub id")
-    format: Literal["auto", "jsonl", "json", "parquet", "hf"] = "auto"
+    format: Literal["auto", "jsonl", "json", "parquet", "hf"] = Field(
+        "auto", description="auto: from the file's suffix (.jsonl/.ndjson, .json, .parquet); a folder of .parquet "
+        "files, else an HF dataset folder; org/name: a hub dataset")
     split: str = Field("train", description="split to read from an HF dataset")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="canonical field -> column in the file, e.g. {prompt: question, completion: answer}",
     )
-    on_bad_row: Literal["error", "skip"] = "error"
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="error: the first bad row stops the run, naming file, line and field; skip: bad "
+        "rows are counted per reason and left out")
     max_line_bytes: int = Field(16 * 2**20, ge=1, description="longest JSONL line read (a longer one is a bad row)")
-    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    max_rows: int | None = Field(None, ge=1)
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of rows held out for the in-domain "
+                                    "evaluation and held-out loss, split by a hash of each row's content")
+    max_rows: int | None = Field(None, ge=1, description="read at most this many good rows; None: all")
 
 
 class EngineConfig(Section):
     """vLLM engines: `concurrency` engines write the self-talk (each every turn and role), or serve a model."""
 
-    concurrency: int = Field(1, ge=1)
+    concurrency: int = Field(1, ge=1, description="self-talk: engines in the pool; serving: replicas per model")
     batch_size: int = Field(256, ge=1, description="self-talk: dialogues an engine writes at once (above max_num_seqs "
                             "the engine stays full while a batch's last dialogues finish); serving: unused")
-    tensor_parallel_size: int = Field(1, ge=1)
-    max_model_len: int = Field(2048, ge=64)
-    max_num_seqs: int = Field(128, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM tensor parallelism)")
+    max_model_len: int = Field(2048, ge=64, description="tokens of prompt and reply an engine holds per sequence")
+    max_num_seqs: int = Field(128, ge=1, description="sequences an engine runs at once (vLLM max_num_seqs)")
     cpus_per_engine: float = Field(1.0, gt=0, description="CPU bundle per engine when no GPU is used")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache per engine on CPU")
     enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
@@ -86,26 +94,29 @@ class EngineConfig(Section):
 class SelfTalkConfig(Section):
     num_dialogues: int = Field(1000, ge=1, description="self-dialogues wanted after filtering")
     turns: int = Field(1, ge=1, description="user/assistant exchanges per dialogue")
-    temperature: float = Field(0.7, ge=0.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    temperature: float = Field(0.7, ge=0.0, description="sampling temperature of the replies (and of the user "
+                               "turns unless user_temperature is set); 0.7 with top_p 0.9 is the paper's sampling")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus sampling of the replies (and of the user turns "
+                         "unless user_top_p is set)")
     user_temperature: float | None = Field(None, ge=0.0, description="None: same as temperature")
     user_top_p: float | None = Field(None, gt=0.0, le=1.0, description="None: same as top_p")
-    max_user_tokens: int = Field(128, ge=1)
-    max_assistant_tokens: int = Field(512, ge=1)
-    system_prompt: str | None = None
+    max_user_tokens: int = Field(128, ge=1, description="token limit of a generated user message")
+    max_assistant_tokens: int = Field(512, ge=1, description="token limit of a generated reply")
+    system_prompt: str | None = Field(None, description="a system message before every self-dialogue; None: none")
     oversample: float = Field(1.25, ge=1.0, description="generate this many times num_dialogues")
     heldout_fraction: float = Field(
         0.05, ge=0.0, lt=1.0, description="the forgetting monitor: this share of num_dialogues more is kept "
         "apart, never mixed in, and its loss measured at every checkpoint beside the task's held-out loss (the "
         "model's own text becoming unlikely is forgetting); every method generates it, so SFT gets the curve "
         "too; 0: no monitor")
-    seed: int = 0
+    seed: int = Field(0, description="sampling seed: the same config and seed give the same dialogues")
     continue_on_error: bool = Field(
         False, description="a dialogue the engine rejects is kept with drop_reason 'engine error' instead of "
         "failing the stage")
     max_engine_restarts: int = Field(
         3, ge=0, description="times an engine that died is restarted (and its batch retried) before the stage fails")
-    engine: EngineConfig = Field(default_factory=EngineConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="the pool of vLLM engines that writes "
+                                 "the self-dialogues")
 
     @model_validator(mode="after")
     def _dialogue_fits_the_engine(self) -> SelfTalkConfig:
@@ -119,8 +130,10 @@ class SelfTalkConfig(Section):
 
 class FilterConfig(Section):
     min_turn_chars: int = Field(1, ge=1, description="shortest user or assistant message kept")
-    max_dialogue_chars: int = Field(16000, ge=1)
-    dedup: Literal["none", "exact", "minhash"] = "minhash"
+    max_dialogue_chars: int = Field(16000, ge=1, description="longest self-dialogue kept, in characters")
+    dedup: Literal["none", "exact", "minhash"] = Field(
+        "minhash", description="drop exact duplicates (exact), also near duplicates by MinHash LSH over word "
+        "3-grams (minhash), or none")
     minhash_threshold: float = Field(0.9, gt=0.0, le=1.0, description="estimated Jaccard of word 3-grams")
     min_survival: float = Field(
         0.5, ge=0.0, le=1.0, description="fail if fewer than this fraction of num_dialogues survive"
@@ -136,7 +149,7 @@ class MixSource(DataConfig):
 
 class MixConfig(Section):
     self_ratio: float = Field(1.0, ge=0.0, description="self (or external) rows per task row")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the sample and the shuffle: the mix is identical for one seed")
     max_distinct: int | None = Field(
         None, ge=1, description="at most this many distinct rows mixed in, each repeated in turn to reach "
         "self_ratio (diversity at a fixed λ); None: no row twice")
@@ -151,7 +164,7 @@ class LoraConfig(Section):
 
     r: int = Field(16, ge=1, description="adapter rank")
     alpha: float = Field(32.0, gt=0, description="scaling numerator: the update is alpha / r * B @ A")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", min_length=1,
         description="module names to adapt, e.g. [q_proj, k_proj, v_proj, o_proj]; all-linear: every linear "
@@ -162,26 +175,31 @@ class TrainConfig(Section):
     """DeepSpeed ZeRO fine-tuning (full, or LoRA with `lora`); identical across methods except what is mixed
     and frozen."""
 
-    method: Method = "sa-sft"
-    num_workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
+    method: Method = Field("sa-sft", description="sft: task rows only; sa-sft: + self-dialogues at mix.self_ratio; "
+                           "freeze: sft with the embeddings and the lowest freeze_layers blocks frozen; "
+                           "external-mix: + mix.external")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one GPU each on a GPU cluster)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves")
     gpus_per_worker: float = Field(1.0, ge=0, description="used when resources.use_gpu")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="workers on as few nodes as possible (PACK) or across nodes (SPREAD)")
-    zero_stage: int = Field(3, ge=0, le=3)
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    zero_stage: int = Field(3, ge=0, le=3, description="DeepSpeed ZeRO stage: 1 shards the optimizer state, 2 also "
+                            "the gradients, 3 also the weights")
+    offload_optimizer: bool = Field(False, description="keep the optimizer state in CPU RAM (DeepSpeed offload)")
+    offload_params: bool = Field(False, description="keep the weights in CPU RAM (ZeRO-3 parameter offload)")
     bf16: bool | None = Field(None, description="None: bf16 on GPU, fp32 on CPU")
-    micro_batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    epochs: int = Field(1, ge=1)
+    micro_batch_size: int = Field(4, ge=1, description="rows per worker per forward pass; the global batch is "
+                                  "micro_batch_size x grad_accum x num_workers")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of the optimizer steps spent warming up")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning rate after the warmup")
+    epochs: int = Field(1, ge=1, description="passes over the mixed data (unless max_steps)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     max_length: int = Field(2048, ge=16, description="tokens; longer dialogues are cut at the right")
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
     freeze_layers: int = Field(
         0, ge=0, description="method freeze: embeddings and the lowest k blocks (with lora: no adapters there)")
     lora: LoraConfig | None = Field(None, description="None: full fine-tuning; a section ({} for defaults): LoRA")
@@ -195,7 +213,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1, description="optimizer steps between progress records (loss, grad norm, lr, "
                            "tokens/s per GPU, ETA) in the log and train-events.jsonl")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints (and held-out losses)")
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="most recent checkpoints kept while training")
     keep_checkpoints_after_export: bool = Field(
         False, description="keep run_dir/train/ (checkpoints with optimizer state: ~16 bytes a parameter) once "
         "the export is written")
@@ -205,7 +223,7 @@ class TrainConfig(Section):
         "(its own settings; WANDB_MODE=offline works offline); sasft_ray/tracking.py")
     run_name: str | None = Field(None, description="the tracked run's name; None: <run_dir name>-<method>")
     max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the data order and of the initialisation of adapters")
     fail_once_at_step: int | None = Field(
         None, ge=1, description="testing: the last worker exits once at this step, to exercise recovery")
 
@@ -214,7 +232,7 @@ class ServeConfig(Section):
     """Ray Serve LLM: the fine-tuned model, and the base model beside it, behind one OpenAI API."""
 
     host: str = Field("127.0.0.1", description="0.0.0.0 exposes the endpoint to the network (then set api_key_env)")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the endpoint")
     api_key_env: str | None = Field(None, description="environment variable holding the API key (none: no key)")
     allow_unauthenticated: bool = Field(
         False, description="serve on a non-loopback host with no API key (anyone who reaches it can use it)")
@@ -239,12 +257,12 @@ class ServeConfig(Section):
 class EvalSuite(Section):
     """A general benchmark as a JSONL of prompts with references, scored by built-in or named scorers."""
 
-    name: str
+    name: str = Field(description="the benchmark's name in the report (a folder's benchmarks take their files' names)")
     path: str = Field(description="JSONL rows: messages (the prompt), reference, optional answer; "
                       "a folder: one benchmark per .jsonl file in it, named by the file")
     scorers: list[str] = Field(default_factory=lambda: ["exact"],
                                description="exact | contains | rouge_l | module:function(prediction, row)")
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="score at most this many rows of each benchmark; None: all")
 
 
 class LmEvalGroup(Section):
@@ -254,8 +272,8 @@ class LmEvalGroup(Section):
     include_path: str | None = Field(None, description="folder of local task YAMLs (offline)")
     mode: Literal["completions", "chat"] = Field(
         "completions", description="completions: log-likelihood tasks; chat: generation tasks")
-    num_fewshot: int | None = Field(None, ge=0)
-    limit: int | None = Field(None, ge=1)
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per prompt; None: the tasks' own")
+    limit: int | None = Field(None, ge=1, description="at most this many examples per task; None: all")
     apply_chat_template: bool | None = Field(
         None, description="render prompts with the model's chat template; None: in chat mode only")
     system_instruction: str | None = Field(None, description="a system message before every prompt")
@@ -266,10 +284,12 @@ class LmEvalGroup(Section):
 class EvalConfig(Section):
     indomain_scorers: list[str] = Field(default_factory=lambda: ["exact", "rouge_l"],
                                         description="scorers of the task's held-out split")
-    indomain_limit: int | None = Field(None, ge=1)
-    suites: list[EvalSuite] = Field(default_factory=list)
-    lm_eval: list[LmEvalGroup] = Field(default_factory=list)
-    max_tokens: int = Field(128, ge=1)
+    indomain_limit: int | None = Field(None, ge=1, description="score at most this many held-out task rows; "
+                                       "None: all")
+    suites: list[EvalSuite] = Field(default_factory=list, description="general benchmarks as JSONL files")
+    lm_eval: list[LmEvalGroup] = Field(default_factory=list, description="groups of lm-evaluation-harness tasks")
+    max_tokens: int = Field(
+        128, ge=1, description="token limit of a reply (in-domain, suites; lm-eval's default max_gen_toks)")
     concurrency: int | None = Field(
         None, ge=1, description="requests in flight per model; None: serve.engine's max_num_seqs x concurrency, "
         "what its engines run at once")
@@ -279,7 +299,8 @@ class EvalConfig(Section):
 
 class ResourcesConfig(Section):
     address: str | None = Field(None, description="Ray address; None starts an embedded local Ray")
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="GPUs for the engines and the training workers (vLLM's GPU build, "
+                          "NCCL); false: CPU")
     accelerator_type: str | None = Field(
         None, description="GPU type the training workers and (unless their engine says otherwise) the engines "
         "need (Ray's accelerator_type, e.g. H100), so they do not land on a cluster's smaller serving GPUs")
@@ -289,21 +310,29 @@ class ResourcesConfig(Section):
 
 
 class Config(Section):
-    run_dir: str
+    run_dir: str = Field(description="where every stage writes: a local folder, or an s3:// / gs:// prefix every "
+                         "node can reach")
     compare: list[Method] = Field(
         default_factory=list, description="`sasft run` also trains these methods, in run_dir/compare/<method>, "
         "and serves and reports them side by side")
     bootstrap: Literal["lab", "lab-small"] | None = Field(
         None, description="build the forgetting lab (full or small preset) in model.path's parent folder if missing")
-    model: ModelConfig
-    data: DataConfig
-    selftalk: SelfTalkConfig = Field(default_factory=SelfTalkConfig)
-    filters: FilterConfig = Field(default_factory=FilterConfig)
-    mix: MixConfig = Field(default_factory=MixConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    model: ModelConfig = Field(description="the base model to fine-tune")
+    data: DataConfig = Field(description="the narrow task's data")
+    selftalk: SelfTalkConfig = Field(default_factory=SelfTalkConfig, description="the self-dialogues the base "
+                                     "model writes with vLLM before fine-tuning")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="which self-dialogues are kept; each "
+                                  "row carries its drop_reason")
+    mix: MixConfig = Field(default_factory=MixConfig, description="what the training data holds beside the task "
+                           "rows")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the fine-tuning: DeepSpeed ZeRO on Ray "
+                               "Train, then the export to an HF folder")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="the OpenAI endpoint (Ray Serve LLM) the "
+                               "evaluation queries")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="what every served model is scored on, over "
+                             "HTTP")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="where it runs: the Ray "
+                                       "cluster and its hardware")
 
     @model_validator(mode="after")
     def _method_has_its_data(self) -> Config:
@@ -473,3 +502,107 @@ def _nearest_key(loc: tuple) -> str | None:
         prefix.append(str(part))
     match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
     return ".".join(prefix + match) if match else None
+
+
+def reference() -> str:
+    """The config reference in Markdown, read from the schema itself (`sasft config --reference`, which
+    writes docs/config.md): one heading per section, then each key as a dotted path with its type, its
+    default (the section's own: `serve.engine`'s differ from `selftalk.engine`'s) and its description."""
+    import inspect
+    import types
+    import typing
+
+    import annotated_types
+    from pydantic_core import PydanticUndefined
+
+    def section_of(annotation: Any) -> tuple[type[Section] | None, bool]:
+        """The section class a field holds, and whether it holds a list of them."""
+        def is_section(tp: Any) -> bool:
+            return isinstance(tp, type) and issubclass(tp, Section)
+
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is list and args and is_section(args[0]):
+            return args[0], True
+        if origin in (typing.Union, types.UnionType):
+            return next((a for a in args if is_section(a)), None), False
+        return (annotation, False) if is_section(annotation) else (None, False)
+
+    def type_name(annotation: Any) -> str:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if annotation is type(None):
+            return "null"
+        if annotation is Any:
+            return "any"
+        if origin is Literal:
+            return " | ".join(str(a) for a in args)
+        if origin in (typing.Union, types.UnionType):
+            return " | ".join(type_name(a) for a in args)
+        if origin in (list, dict):
+            return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            return "section"
+        return getattr(annotation, "__name__", str(annotation))
+
+    def bounds(field: Any) -> list[str]:
+        signs = {annotated_types.Ge: ("≥", "ge"), annotated_types.Gt: (">", "gt"),
+                 annotated_types.Le: ("≤", "le"), annotated_types.Lt: ("<", "lt"),
+                 annotated_types.MinLen: ("length ≥", "min_length")}
+        return [f"{signs[type(m)][0]} {getattr(m, signs[type(m)][1])}" for m in field.metadata if type(m) in signs]
+
+    def as_yaml(value: Any) -> str:
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json")
+        if value == "":
+            return '""'
+        return yaml.safe_dump(value, default_flow_style=True, allow_unicode=True).strip().removesuffix("\n...")
+
+    def cell(text: str) -> str:
+        """Text that stays itself in a Markdown table: no column breaks, HTML tags or emphasis (outside code)."""
+        parts = text.replace("|", "\\|").split("`")
+        return "`".join(p if i % 2 else p.replace("<", "&lt;").replace("*", "\\*") for i, p in enumerate(parts))
+
+    def paragraph(text: str | None) -> str:
+        """A docstring or description as sentences, one paragraph per blank-line-separated block."""
+        blocks = [" ".join(block.split()) for block in inspect.cleandoc(text or "").split("\n\n")]
+        return "\n\n".join(b[0].upper() + b[1:] + ("" if b[-1] in ".:;!?" else ".") for b in blocks if b)
+
+    out: list[str] = []
+
+    def walk(model: type[Section], key: str, instance: BaseModel | None, title: str, intro: list[str],
+             level: int) -> None:
+        rows, subsections = [], []
+        for name, field in model.model_fields.items():
+            dotted = f"{key}.{name}" if key else name
+            section, many = section_of(field.annotation)
+            if field.is_required():
+                default: Any = PydanticUndefined
+            elif instance is not None:
+                default = getattr(instance, name)
+            else:
+                default = field.get_default(call_default_factory=True)
+            if section is not None:
+                sub_key = f"{dotted}[]" if many else dotted
+                sub_instance = default if isinstance(default, BaseModel) else None
+                subsections.append((section, sub_key, sub_instance, field.description))
+            kind = "list of sections" if many else type_name(field.annotation)
+            shown = ("required" if default is PydanticUndefined
+                     else "see below" if isinstance(default, BaseModel) else f"`{cell(as_yaml(default))}`")
+            rows.append(f"| `{dotted}` | {cell(', '.join([kind, *bounds(field)]))} | {shown} | "
+                        f"{cell(' '.join((field.description or '').split()))} |")
+        out.extend(["", f"{'#' * level} {title}", ""])
+        text = "\n\n".join(p for p in map(paragraph, intro) if p)
+        if text:
+            out.extend([text, ""])
+        out.extend(["| key | type | default | description |", "| --- | --- | --- | --- |", *rows])
+        for section, sub_key, sub_instance, description in subsections:
+            own_doc = section.__dict__.get("__doc__")
+            note = "A list; each item has the keys below." if sub_key.endswith("[]") else ""
+            walk(section, sub_key, sub_instance, f"`{sub_key}`", [own_doc, description, note],
+                 level + 1 if key else level)
+
+    walk(Config, "", None, "Top level", [], 2)
+    head = ["Generated from the schema in `sasft_ray/config.py` by `sasft config --reference > docs/config.md`: "
+            "edit the schema, not this file.", "", "# Config reference", "", paragraph(__doc__), "",
+            "Keys are dotted paths, as `--set` takes them (`--set selftalk.engine.max_num_seqs=64`); `[]` marks "
+            "a list of sections, each item with the keys shown. Defaults are YAML; required keys have none."]
+    return "\n".join(head + out) + "\n"

@@ -207,7 +207,7 @@ def lenient_correct(reply: str, row: dict) -> bool:
 # --- data files -------------------------------------------------------------------------------------
 
 PRESETS = {
-    # Sizes, and the pretraining budget tuned to the targets on 2 CPU cores (see README).
+    # Sizes, and the pretraining budget tuned to the targets on 2 CPU cores (see docs/lab.md).
     "full": dict(eval_size=50, task_rows=1200, external_rows=2000, steps=1600, batch_size=64, lr=5e-3,
                  layers=4, hidden=128, intermediate=256, vocab_size=1024),
     "small": dict(eval_size=12, task_rows=200, external_rows=200, steps=250, batch_size=64, lr=5e-3,
