@@ -35,7 +35,7 @@ def bare_vllm(cfg, fmt, n: int) -> dict:
     from vllm import LLM, SamplingParams
 
     from sasft_ray.engines import engine_kwargs
-    from sasft_ray.selftalk import load_tokenizer, render_prompt, sampling_for
+    from sasft_ray.selftalk import load_tokenizer, render_prompt
 
     tokenizer = load_tokenizer(cfg.model.path)
     with PeakMemory() as mem:
@@ -48,7 +48,7 @@ def bare_vllm(cfg, fmt, n: int) -> dict:
         for _ in range(cfg.selftalk.turns):
             for role in ("user", "assistant"):
                 stop = fmt.stop_user if role == "user" else fmt.stop_assistant
-                params = SamplingParams(**sampling_for(cfg, role), stop_token_ids=list(stop),
+                params = SamplingParams(**cfg.selftalk.sampling(role), stop_token_ids=list(stop),
                                         skip_special_tokens=False)
                 prompts = [render_prompt(tokenizer, fmt, h, role) for h in histories]
                 for h, out in zip(histories, llm.generate(prompts, params, use_tqdm=False)):

@@ -60,10 +60,9 @@ def connect(cfg: Config) -> None:
         # Locally, CPU "slots" are logical: give every engine its bundle even on 2 cores, so that
         # the self-talk engines and the light maps beside them stream, and all served models fit
         # (a Serve LLM replica holds one CPU besides its engine's bundle).
-        talk, served = cfg.selftalk.engine, cfg.serve.engine
-        served_replicas = (2 + len(cfg.compare)) * served.concurrency
+        talk = cfg.selftalk.engine
         wanted = 2 + math.ceil(max(talk.concurrency * talk.cpus_per_engine,
-                                   served_replicas * (1 + served.cpus_per_engine),
+                                   cfg.served_engines * (1 + cfg.serve.engine.cpus_per_engine),
                                    cfg.train.num_workers * cfg.train.cpus_per_worker))
         ray.init(num_cpus=cfg.resources.num_cpus or max(os.cpu_count() or 1, wanted), include_dashboard=False,
                  **logs)

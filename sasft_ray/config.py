@@ -118,6 +118,14 @@ class SelfTalkConfig(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="the pool of vLLM engines that writes "
                                  "the self-dialogues")
 
+    def sampling(self, role: str) -> dict:
+        """vLLM sampling of one role's turns; the user's temperature and top_p default to the reply's."""
+        if role == "user":
+            return dict(temperature=self.temperature if self.user_temperature is None else self.user_temperature,
+                        top_p=self.top_p if self.user_top_p is None else self.user_top_p,
+                        max_tokens=self.max_user_tokens)
+        return dict(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_assistant_tokens)
+
     @model_validator(mode="after")
     def _dialogue_fits_the_engine(self) -> SelfTalkConfig:
         longest = self.turns * (self.max_user_tokens + self.max_assistant_tokens)
@@ -359,6 +367,27 @@ class Config(Section):
         st = self.selftalk
         return (st.num_dialogues if self.train.method == "sa-sft" else 0,
                 math.ceil(st.num_dialogues * st.heldout_fraction))
+
+    @property
+    def bf16(self) -> bool:
+        """Training precision: train.bf16, or bf16 exactly when training on GPUs."""
+        return self.resources.use_gpu if self.train.bf16 is None else self.train.bf16
+
+    @property
+    def global_batch(self) -> int:
+        """Rows per optimizer step, over all workers."""
+        t = self.train
+        return t.micro_batch_size * t.grad_accum * t.num_workers
+
+    @property
+    def trained_models(self) -> int:
+        """Fine-tunes a run trains: its own and one per compared method."""
+        return 1 + len(self.compare)
+
+    @property
+    def served_engines(self) -> int:
+        """Serving engines `sasft serve` starts at most: the fine-tunes and the base model, each its replicas."""
+        return (self.trained_models + 1) * self.serve.engine.concurrency
 
     @property
     def eval_concurrency(self) -> int:

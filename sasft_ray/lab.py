@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sasft_ray.config import ConfigError
+from sasft_ray.evaluate import contains, exact  # the evaluation's scorers: one rule for both
 from sasft_ray.tiny import new_model, save_model, train_tokenizer
 
 # Bumped whenever a change to the world or its pretraining changes what a build makes: a lab built
@@ -188,22 +189,6 @@ def check(skill: Skill | str, question: str, answer: str) -> bool:
     return False
 
 
-# --- scoring: the evaluation stage reuses these ---------------------------------------------------
-
-def _normalize(text: str) -> str:
-    return " ".join(text.split())
-
-
-def strict_correct(reply: str, row: dict) -> bool:
-    """The whole reply, whitespace-normalized, equals the reference (answer and house style)."""
-    return _normalize(reply) == _normalize(row["reference"])
-
-
-def lenient_correct(reply: str, row: dict) -> bool:
-    """The answer appears in the reply as a whole token, case-insensitively (any style)."""
-    return re.search(rf"(?<!\w){re.escape(row['answer'])}(?!\w)", reply, re.IGNORECASE) is not None
-
-
 # --- data files -------------------------------------------------------------------------------------
 
 PRESETS = {
@@ -358,7 +343,7 @@ def evaluate(model, tokenizer, evals: dict[str, list[dict]]) -> dict[str, dict[s
     replies = generate_replies(model, tokenizer, [r["messages"] for r in rows])
     result = {}
     for name in evals:
-        scored = [(strict_correct(y, r), lenient_correct(y, r)) for y, r in zip(replies, rows) if r["skill"] == name]
+        scored = [(exact(y, r), contains(y, r)) for y, r in zip(replies, rows) if r["skill"] == name]
         result[name] = {"strict": sum(s for s, _ in scored) / len(scored),
                         "lenient": sum(lax for _, lax in scored) / len(scored)}
     return result

@@ -26,7 +26,6 @@ from sasft_ray.packing import IGNORE
 
 def deepspeed_config(cfg: Config) -> dict:
     t, gpu = cfg.train, cfg.resources.use_gpu
-    bf16 = gpu if t.bf16 is None else t.bf16
     zero: dict = {"stage": t.zero_stage}
     if t.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -38,10 +37,10 @@ def deepspeed_config(cfg: Config) -> dict:
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * t.num_workers,
+        "train_batch_size": cfg.global_batch,
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": cfg.bf16},
         "steps_per_print": 10**9,
         **extra,
     }

@@ -227,7 +227,7 @@ class TrainPlan:
 
 def train_plan(cfg: Config, arch: Arch, cl: Cluster) -> TrainPlan:
     t = cfg.train
-    n, half, gib, T = t.num_workers, t.bf16 is not False, cl.gpu_mem_gib * GIB, trainable_params(arch, cfg)
+    n, half, gib, T = t.num_workers, cfg.bf16, cl.gpu_mem_gib * GIB, trainable_params(arch, cfg)
     combos = [(s, False, False) for s in range(4)] + [(s, True, False) for s in (1, 2, 3)] + [(3, True, True)]
     options = [model_states(arch, s, n, o, p, half, cl.gpus_per_node, T) for s, o, p in combos]
     act = activation_bytes(arch, t.micro_batch_size, t.max_length, half, checkpointing=t.gradient_checkpointing)
@@ -269,7 +269,7 @@ def train_plan(cfg: Config, arch: Arch, cl: Cluster) -> TrainPlan:
 def train_time(cfg: Config, arch: Arch, cl: Cluster, task_rows: int | None) -> tuple[int, float, float] | None:
     """(optimizer steps, tokens, seconds), padding every row to max_length; None if rows are unknown."""
     t = cfg.train
-    global_batch = t.micro_batch_size * t.grad_accum * t.num_workers
+    global_batch = cfg.global_batch
     if t.max_steps:
         steps = t.max_steps
     elif task_rows is None:
@@ -368,7 +368,7 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
     """The plan as text, and whether every stage fits as configured."""
     g, t, st, eng = GIB, cfg.train, cfg.selftalk, cfg.selftalk.engine
     wb = 4 if cfg.model.dtype == "float32" else 2
-    runs = 1 + len(cfg.compare)  # `compare` trains (and serves) one more model per method
+    runs = cfg.trained_models
     out = [f"model  {cfg.model.path}  [{source}]",
            f"  {arch.params / 1e9:.2f} B params, {arch.layers} layers, hidden {arch.hidden}, {arch.heads} heads / "
            f"{arch.kv_heads} KV heads, intermediate {arch.intermediate}, vocab {arch.vocab}",
@@ -396,7 +396,7 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
     what = (f"LoRA r={t.lora.r}" if t.lora else f"method {t.method}") + (
         f": {trainable / 1e9:.2f} B" if trainable >= 1e9 else f": {trainable / 1e6:.1f} M") + " trainable"
     out += ["", f"train  {t.num_workers} workers x {t.gpus_per_worker:g} GPU: {gpus:g} GPUs, "
-            f"{math.ceil(gpus / cl.gpus_per_node)} node(s); {'bf16' if t.bf16 is not False else 'fp32'}, "
+            f"{math.ceil(gpus / cl.gpus_per_node)} node(s); {'bf16' if cfg.bf16 else 'fp32'}, "
             f"micro-batch {t.micro_batch_size} x {t.max_length} tokens; {what}",
             f"  activations per GPU: blocks {tp_.act[0] / g:.1f} GiB + logits {tp_.act[1] / g:.1f} GiB "
             + ("(train.gradient_checkpointing on)" if t.gradient_checkpointing else
@@ -416,7 +416,7 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
     if timing:
         steps, tokens, seconds = timing
         rate = tokens / seconds / t.num_workers
-        out.append(f"  time: {steps:,} steps x {t.micro_batch_size * t.grad_accum * t.num_workers} rows x "
+        out.append(f"  time: {steps:,} steps x {cfg.global_batch} rows x "
                    f"{t.max_length} tokens (padded) = {tokens / 1e6:,.1f} M tokens at {rate:,.0f} tokens/s per GPU "
                    f"-> {_hours(seconds)}" + (f" per run, {runs} runs (compare)" if runs > 1 else "")
                    + (" + CPU optimizer steps" if t.offload_optimizer else ""))
@@ -424,7 +424,7 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
         out.append("  time: unknown row count (data.path is not a local .jsonl); pass --task-rows")
 
     # serving: the fine-tuned model(s) and the base, serve.engine.concurrency replicas each
-    served = (runs + 1) * cfg.serve.engine.concurrency
+    served = cfg.served_engines
     out += ["", f"serve  {runs} fine-tuned + the base model, {cfg.serve.engine.concurrency} replica(s) each"]
     serve = _engine_lines(out, "serve.engine", cfg.serve.engine, served, arch, cl, wb)
     serve_fits = engine_memory(arch, cfg.serve.engine.tensor_parallel_size, cfg.serve.engine.max_model_len,

@@ -189,7 +189,7 @@ class DialogueWriter:
         from vllm.sampling_params import RequestOutputKind
 
         st, fmt = self.cfg.selftalk, self.fmt
-        sampling = sampling_for(self.cfg, role)
+        sampling = self.cfg.selftalk.sampling(role)
         # tokenized here as vLLM would (BOS added back): its length is known before it is sent
         prompt = self.tokenizer(render_prompt(self.tokenizer, fmt, row["messages"], role)).input_ids
         if len(prompt) + sampling["max_tokens"] > st.engine.max_model_len:
@@ -217,19 +217,10 @@ class DialogueWriter:
         text = out.text.strip()  # the stop token is in `tokens`, never in the text
         row["messages"].append({"role": role, "content": text})
         row["num_tokens"] += len(tokens)
-        row["truncated"] |= len(tokens) >= sampling_for(self.cfg, role)["max_tokens"] and (
+        row["truncated"] |= len(tokens) >= self.cfg.selftalk.sampling(role)["max_tokens"] and (
             not tokens or tokens[-1] not in stop)
         # the opening words of the first user turn: a cheap measure of how varied the topics are
         row["first_words"] = row["first_words"] or " ".join(text.lower().split()[:2])
-
-
-def sampling_for(cfg: Config, role: str) -> dict:
-    st = cfg.selftalk
-    if role == "user":
-        temperature = st.temperature if st.user_temperature is None else st.user_temperature
-        top_p = st.top_p if st.user_top_p is None else st.user_top_p
-        return dict(temperature=temperature, top_p=top_p, max_tokens=st.max_user_tokens)
-    return dict(temperature=st.temperature, top_p=st.top_p, max_tokens=st.max_assistant_tokens)
 
 
 def selftalk_dataset(cfg: Config, num_rows: int, fmt: TurnFormat):

@@ -250,7 +250,7 @@ def check_before_work(cfg: Config, rows: int, rows_with_targets: int, sequences:
     if t.attn_implementation.startswith("flash") and not cfg.resources.use_gpu:
         raise TrainSetupError(f"train.attn_implementation {t.attn_implementation} needs GPUs "
                               "(resources.use_gpu); use sdpa on CPU")
-    global_batch = t.micro_batch_size * t.grad_accum * t.num_workers
+    global_batch = cfg.global_batch
     units = rows if sequences is None else sequences
     per_epoch = units // global_batch
     if per_epoch == 0:

@@ -9,6 +9,7 @@ import pytest
 from sasft_ray import lab
 from sasft_ray.config import DataConfig
 from sasft_ray.data import LoadReport, iter_rows
+from sasft_ray.evaluate import contains, exact
 
 
 @pytest.mark.parametrize("name", list(lab.SKILLS) + list(lab.TASKS))
@@ -28,16 +29,16 @@ def test_checker_accepts_the_answer_and_rejects_others(name):
     assert not lab.check(name, "What is the meaning of life?", pairs[0][1])
 
 
-def test_house_style_and_scoring():
+def test_house_style_and_scoring_by_the_evaluations_scorers():
     row = {"reference": "Sure! The answer is 12.", "answer": "12"}
-    assert lab.strict_correct("Sure!  The answer is 12.\n", row)
-    assert not lab.strict_correct("Sure! The answer is 12", row)
-    assert not lab.strict_correct("ANS=12", row)
-    assert lab.lenient_correct("ANS=12", row) and lab.lenient_correct("12.", row)
-    assert not lab.lenient_correct("Sure! The answer is 123.", row)
-    assert not lab.lenient_correct("Sure! The answer is 112.", row)
+    assert exact("Sure!  The answer is 12.\n", row)
+    assert not exact("Sure! The answer is 12", row)
+    assert not exact("ANS=12", row)
+    assert contains("ANS=12", row) and contains("12.", row)
+    assert not contains("Sure! The answer is 123.", row)
+    assert not contains("Sure! The answer is 112.", row)
     word = {"reference": "Sure! The answer is APPLE.", "answer": "APPLE"}
-    assert lab.lenient_correct("<<apple>>", word) and not lab.lenient_correct("pineapple", word)
+    assert contains("<<apple>>", word) and not contains("pineapple", word)
 
 
 def test_world_is_deterministic(tmp_path):
@@ -74,7 +75,7 @@ def test_eval_rows_have_the_agreed_shape(tmp_path):
             assert set(row) == {"messages", "reference", "answer", "skill"} and row["skill"] == name
             assert row["reference"] == f"Sure! The answer is {row['answer']}."
             assert lab.check(name, row["messages"][0]["content"], row["answer"])
-            assert lab.strict_correct(row["reference"], row) and lab.lenient_correct(row["reference"], row)
+            assert exact(row["reference"], row) and contains(row["reference"], row)
 
 
 def test_task_and_external_files_are_valid_task_data(tmp_path):
