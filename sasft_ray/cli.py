@@ -12,12 +12,13 @@ from sasft_ray.config import ConfigError, absolute_paths, load_config, shipped_c
 from sasft_ray.data import BadRow
 from sasft_ray.evaluate import EvalError
 from sasft_ray.generate import STAGES, TooFewSurvivors
+from sasft_ray.push import PushError
 from sasft_ray.rundir import StageChanged
 from sasft_ray.serve import ServeError
 from sasft_ray.train import TrainSetupError
 
 # Mistakes in the config or the data: a message, not a traceback.
-USER_ERRORS = (ConfigError, BadRow, StageChanged, TooFewSurvivors, TrainSetupError, EvalError, ServeError)
+USER_ERRORS = (ConfigError, BadRow, StageChanged, TooFewSurvivors, TrainSetupError, EvalError, ServeError, PushError)
 
 
 def _config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -127,6 +128,14 @@ def cmd_config(args) -> None:
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
 
 
+def cmd_init(args) -> None:
+    from sasft_ray.init import write_starter
+
+    path = write_starter(args.name, args.model, args.data, force=args.force)
+    print(f"wrote {path}: check it with `sasft config {path}` and `sasft plan {path}`, run it with "
+          f"`sasft run {path}`")
+
+
 def cmd_plan(args) -> None:
     from sasft_ray.plan import Cluster, count_task_rows, load_arch, report
 
@@ -138,6 +147,12 @@ def cmd_plan(args) -> None:
     print(text)
     if not fits:
         raise SystemExit(1)  # so a script can stop before it asks for a cluster
+
+
+def cmd_push(args) -> None:
+    from sasft_ray.push import push
+
+    push(args.run_dir, args.repo_id, private=args.private, revision=args.revision)
 
 
 def cmd_tiny_model(args) -> None:
@@ -213,6 +228,15 @@ def parser() -> argparse.ArgumentParser:
                    "no config needed")
     p.set_defaults(fn=cmd_config)
 
+    p = sub.add_parser("init", help="write a commented config to start from (NAME.yaml), for an example model "
+                       "or any other")
+    p.add_argument("name", metavar="NAME", help="NAME.yaml is written (NAME if it ends in .yaml); run_dir runs/NAME")
+    p.add_argument("--model", metavar="ID", help="base model: a hub id or local folder (default: the first example "
+                   "model); an example model brings its example's settings")
+    p.add_argument("--data", metavar="PATH", help="task data (default: data/task.jsonl)")
+    p.add_argument("--force", action="store_true", help="overwrite NAME.yaml if it exists")
+    p.set_defaults(fn=cmd_init)
+
     p = sub.add_parser("plan", help="GPU memory, GPUs, nodes and hours per stage, before a cluster is spent "
                        "(exit 1 if something does not fit)")
     _config_args(p)
@@ -228,6 +252,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-tokens-per-s", type=float, help="per GPU (default: from H100 peak FLOP/s and MFU)")
     p.add_argument("--gen-tokens-per-s", type=float, help="per vLLM engine (default: from HBM bandwidth)")
     p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("push", help="upload a run's exported model (<run_dir>/model/: weights, tokenizer, model card, "
+                       "adapter/) to the Hugging Face Hub; the token from HF_TOKEN")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("repo_id", metavar="REPO_ID", help="the hub repo, e.g. my-org/my-fine-tune (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing public one is refused)")
+    p.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing; default: main)")
+    p.set_defaults(fn=cmd_push)
 
     p = sub.add_parser("tiny-model", help="build a tiny local chat model (for tests and demos)")
     p.add_argument("out")

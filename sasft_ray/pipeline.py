@@ -97,6 +97,7 @@ def eval_inputs(cfg: Config) -> dict[str, str | None]:
 
 def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> dict:
     """Score every served model; writes eval/results.json and the report. Skipped when done."""
+    from sasft_ray.card import write_model_card
     from sasft_ray.evaluate import evaluate_models
     from sasft_ray.report import write_run_report
     from sasft_ray.tracking import log_scores
@@ -126,6 +127,8 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
         if rd.remote:
             rd.upload(scratch)
     rd.write_json(results, "eval", "results.json")
+    for c in runs.values():  # each fine-tune's model card, now with its scores
+        write_model_card(c, RunDir(c.run_dir), results)
     rd.finish("eval", {"models": len(scores), "report": rd.path("report.md")})
     return results
 

@@ -11,15 +11,20 @@ Training, DeepSpeed ZeRO with Adam (as `sasft_ray.train` runs it)
   allowance of DeepSpeed's own estimator). offload_optimizer moves optimizer state + fp32 grads
   (16P) to CPU RAM; offload_params also the 16-bit params (ZeRO-3 only). fp32 training (bf16
   false): params 4P, grads 4P, moments 8P, no master copy.
-Activations per GPU, per token of the micro-batch and per Llama/Qwen block, as HF transformers saves
+Activations per GPU, per token of the micro-batch and per Llama/Qwen/Mistral block, as HF transformers saves
   them for backward (measured with torch's saved-tensor hooks in tests/test_plan.py), 16-bit, SDPA
-  attention (no s x s scores kept), no recomputation: 20h + 4·kv + 8·I + 4·heads + 8 bytes. Each
-  RMSNorm keeps an fp32 copy of its input, its fp32 rsqrt and two 16-bit tensors (8h + 4); attention
-  keeps Q, K, V and its output (4h + 4kv) and an fp32 log-sum-exp per head; the MLP keeps gate, up,
-  silu(gate), silu·up (8I) (Korthikanti et al. 2022's count, redone for this block). With
-  `train.gradient_checkpointing` a block keeps only its input (2h) and one block is recomputed at
-  a time. Logits at the loss: tokens·vocab·(4 + 4 + 2): the fp32 log-softmax kept for backward,
-  its gradient, the 16-bit gradient of the logits.
+  attention (no s x s scores kept), no recomputation: 16h + 4q + 4·kv + 8·I + 4·heads + 8 bytes, q =
+  heads·head_dim (= h unless head_dim says otherwise). Each RMSNorm keeps an fp32 copy of its input,
+  its fp32 rsqrt and two 16-bit tensors (8h + 4); attention keeps Q, K, V and its output (4q + 4kv)
+  and an fp32 log-sum-exp per head; the MLP keeps gate, up, act(gate), act·up (8I) (Korthikanti et
+  al. 2022's count, redone for this block). Gemma-2's four norms a block compute in fp32 (the two
+  before attention and MLP 10h + 4, the two after them 8h + 4): 36h + 16 instead of 16h + 8. Eager
+  attention (`train.attn_implementation: eager`) also keeps each row's s x s scores: per token
+  heads·s·6 bytes (the fp32 softmax, its 16-bit copy), 8 with Gemma-2's tanh soft-capping, and K, V
+  repeated to every head (4(q − kv)), no log-sum-exp. With `train.gradient_checkpointing` a block
+  keeps only its input (2h) and one block is recomputed at a time. Logits at the loss:
+  tokens·vocab·(4 + 4 + 2): the fp32 log-softmax kept for backward, its gradient, the 16-bit gradient
+  of the logits (+ 2: Gemma-2's soft-capped logits keep their tanh).
 vLLM, per engine: weights 2P/TP per GPU; KV cache 2·layers·kv_heads·head_dim·2 bytes per token,
   in gpu_mem·gpu_memory_utilization − weights − VLLM_WORKSPACE_GIB.
 Time: training tokens/s per GPU = peak FLOP/s·MFU / 6P; decoding is memory bound: each step reads
@@ -50,7 +55,12 @@ DECODE_BW_EFFICIENCY = 0.6  # share of HBM bandwidth a vLLM decode step reaches
 CUDA_OVERHEAD_GIB = 3.0
 VLLM_WORKSPACE_GIB = 2.0  # per engine GPU: vLLM's activation peak and CUDA graphs, outside the KV cache
 ZERO3_SUB_GROUP = 10**9  # DeepSpeed's default sub_group_size
-LLAMA_LIKE = ("llama", "qwen2", "mistral")  # block layout the formulas assume
+# Block layouts the formulas count: Llama's (Qwen2 adds q, k, v biases; Mistral is Llama's), and Gemma-2's
+# (four norms a block, tanh soft-capping of attention scores and logits, head_dim apart from hidden / heads,
+# GeGLU, whose tensors count as SwiGLU's). Other model types are counted as Llama's, with a note.
+LLAMA_LIKE = ("llama", "qwen2", "mistral", "gemma2")
+# config.json defaults of transformers' config classes, for keys a hub config.json may leave out
+TIED_BY_DEFAULT = ("gemma2",)
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,9 @@ class Arch:
     head_dim: int = 0  # 0: hidden // heads
     tied: bool = False  # lm_head shares the embedding
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
+    sandwich_norms: bool = False  # Gemma-2: four RMSNorms a block (after attention and the MLP too), in fp32
+    attn_softcap: bool = False  # Gemma-2: tanh soft-capping of attention scores (only eager attention applies it)
+    logit_softcap: bool = False  # Gemma-2: tanh soft-capping of the logits
 
     @property
     def hd(self) -> int:
@@ -78,7 +91,10 @@ class Arch:
     @property
     def block_params(self) -> int:
         bias = sum(self.linears()[k][1] for k in ("q_proj", "k_proj", "v_proj")) * self.qkv_bias
-        return sum(a * b for a, b in self.linears().values()) + bias + 2 * self.hidden  # + 2 RMSNorms
+        # RMSNorm weights; Gemma-2's two more a block are 0.003% of its parameters (their activations are not
+        # negligible: `activation_bytes` counts them)
+        norms = (4 if self.sandwich_norms else 2) * self.hidden
+        return sum(a * b for a, b in self.linears().values()) + bias + norms
 
     @property
     def params(self) -> int:
@@ -93,13 +109,31 @@ class Arch:
 
 # Hub ids the planner knows without a download (shapes from their config.json).
 _L3_8B, _L3_70B = Arch(4096, 32, 32, 8, 14336, 128256), Arch(8192, 80, 64, 8, 28672, 128256)
+_MISTRAL_7B_V03 = Arch(4096, 32, 32, 8, 14336, 32768)  # v0.3: the vocabulary grew from 32000 to 32768
+_GEMMA2_9B = Arch(3584, 42, 16, 8, 14336, 256000, head_dim=256, tied=True, sandwich_norms=True, attn_softcap=True,
+                  logit_softcap=True)  # 16 heads x 256 = 4096 wide attention over a 3584 residual stream
 KNOWN = {
     "meta-llama/Meta-Llama-3-8B-Instruct": _L3_8B, "meta-llama/Llama-3.1-8B-Instruct": _L3_8B,
     "meta-llama/Meta-Llama-3-70B-Instruct": _L3_70B, "meta-llama/Llama-3.1-70B-Instruct": _L3_70B,
     "meta-llama/Llama-2-7b-chat-hf": Arch(4096, 32, 32, 32, 11008, 32000),
     "Qwen/Qwen2.5-7B-Instruct": Arch(3584, 28, 28, 4, 18944, 152064, qkv_bias=True),
     "Qwen/Qwen2.5-0.5B-Instruct": Arch(896, 24, 14, 2, 4864, 151936, tied=True, qkv_bias=True),
+    "mistralai/Mistral-7B-Instruct-v0.3": _MISTRAL_7B_V03, "mistralai/Mistral-7B-v0.3": _MISTRAL_7B_V03,
+    "google/gemma-2-9b-it": _GEMMA2_9B, "google/gemma-2-9b": _GEMMA2_9B,
 }
+
+
+def arch_from_config(c: dict) -> tuple[Arch, str]:
+    """The shape in an HF config.json (as a dict), and a note when its model type is not one the formulas count."""
+    kind = c.get("model_type", "?")
+    note = "" if kind in LLAMA_LIKE else f" (model_type {kind}: formulas assume a Llama-like block)"
+    arch = Arch(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"], c["vocab_size"],
+                c.get("head_dim") or 0, bool(c.get("tie_word_embeddings", kind in TIED_BY_DEFAULT)),
+                bool(c.get("attention_bias", kind == "qwen2")), sandwich_norms=kind == "gemma2",
+                attn_softcap=bool(c.get("attn_logit_softcapping")),
+                logit_softcap=bool(c.get("final_logit_softcapping")))
+    return arch, note
 
 
 def load_arch(model_path: str, spec: str | None = None) -> tuple[Arch, str]:
@@ -110,16 +144,11 @@ def load_arch(model_path: str, spec: str | None = None) -> tuple[Arch, str]:
             return Arch(**kw), "--arch"
         except (ValueError, TypeError) as e:
             raise ConfigError(f"--arch '{spec}': {e} (e.g. hidden=4096,layers=32,heads=32,kv_heads=8,"
-                              "intermediate=14336,vocab=128256)") from None
+                              "intermediate=14336,vocab=128256; head_dim=256 where it is not hidden / heads)") from None
     config = Path(model_path) / "config.json"
     if config.is_file():
-        c = json.loads(config.read_text())
-        kind = c.get("model_type", "?")
-        note = "" if kind in LLAMA_LIKE else f" (model_type {kind}: formulas assume a Llama-like block)"
-        return Arch(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
-                    c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"],
-                    c["vocab_size"], c.get("head_dim") or 0, bool(c.get("tie_word_embeddings", False)),
-                    bool(c.get("attention_bias", kind == "qwen2"))), f"{config}{note}"
+        arch, note = arch_from_config(json.loads(config.read_text()))
+        return arch, f"{config}{note}"
     if model_path in KNOWN:
         return KNOWN[model_path], "built-in table"
     raise ConfigError(f"model.path '{model_path}' is neither a local model folder nor a known hub id "
@@ -201,13 +230,19 @@ def model_states(arch: Arch, stage: int, n: int, offload_optimizer=False, offloa
                     4 * arch.largest_layer if stage == 3 else 0.0, max(cpu * local / n, load), refused)
 
 
-def activation_bytes(arch: Arch, micro_batch: int, seq: int, half=True, checkpointing=False) -> tuple[float, float]:
-    """(blocks, logits) activation bytes per GPU for one micro-batch of `seq` tokens per row."""
+def activation_bytes(arch: Arch, micro_batch: int, seq: int, half=True, checkpointing=False,
+                     attn: str = "sdpa") -> tuple[float, float]:
+    """(blocks, logits) activation bytes per GPU for one micro-batch of `seq` tokens per row; `attn` is
+    `train.attn_implementation` (only eager keeps the s x s scores)."""
     tokens, b = micro_batch * seq, 2 if half else 4
-    kv = arch.kv_heads * arch.hd
-    block = (20 * arch.hidden + 4 * kv + 8 * arch.intermediate + 4 * arch.heads + 8) * b / 2
+    q, kv = arch.heads * arch.hd, arch.kv_heads * arch.hd
+    norms = 36 * arch.hidden + 16 if arch.sandwich_norms else 16 * arch.hidden + 8
+    block = norms + 4 * q + 4 * kv + 8 * arch.intermediate + 4 * arch.heads
+    if attn == "eager":  # the scores, K and V repeated to every query head; no log-sum-exp
+        block += arch.heads * seq * (8 if arch.attn_softcap else 6) + 4 * (q - kv) - 4 * arch.heads
+    block *= b / 2
     per_token = arch.layers * b * arch.hidden + block if checkpointing else arch.layers * block
-    return tokens * per_token, tokens * arch.vocab * (b + 8)
+    return tokens * per_token, tokens * arch.vocab * (b + 8 + (b if arch.logit_softcap else 0))
 
 
 def gpu_total(mem: TrainMem, act: tuple[float, float]) -> float:
@@ -230,8 +265,9 @@ def train_plan(cfg: Config, arch: Arch, cl: Cluster) -> TrainPlan:
     n, half, gib, T = t.num_workers, cfg.bf16, cl.gpu_mem_gib * GIB, trainable_params(arch, cfg)
     combos = [(s, False, False) for s in range(4)] + [(s, True, False) for s in (1, 2, 3)] + [(3, True, True)]
     options = [model_states(arch, s, n, o, p, half, cl.gpus_per_node, T) for s, o, p in combos]
-    act = activation_bytes(arch, t.micro_batch_size, t.max_length, half, checkpointing=t.gradient_checkpointing)
-    act_ckpt = activation_bytes(arch, t.micro_batch_size, t.max_length, half, checkpointing=True)
+    act = activation_bytes(arch, t.micro_batch_size, t.max_length, half, t.gradient_checkpointing,
+                           t.attn_implementation)
+    act_ckpt = activation_bytes(arch, t.micro_batch_size, t.max_length, half, True, t.attn_implementation)
     chosen = model_states(arch, t.zero_stage, n, t.offload_optimizer, t.offload_params, half, cl.gpus_per_node, T)
     cpu_cap = cl.cpu_mem_gib * GIB
 
@@ -371,7 +407,8 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
     runs = cfg.trained_models
     out = [f"model  {cfg.model.path}  [{source}]",
            f"  {arch.params / 1e9:.2f} B params, {arch.layers} layers, hidden {arch.hidden}, {arch.heads} heads / "
-           f"{arch.kv_heads} KV heads, intermediate {arch.intermediate}, vocab {arch.vocab}",
+           f"{arch.kv_heads} KV heads" + (f" of {arch.hd}" if arch.hd != arch.hidden // arch.heads else "")
+           + f", intermediate {arch.intermediate}, vocab {arch.vocab}",
            f"cluster  {cl.gpus_per_node} x {cl.gpu_mem_gib:g} GiB GPUs and {cl.cpu_mem_gib:g} GiB CPU RAM per node", ""]
 
     # generation: `concurrency` engines, each writing whole dialogues, every turn and role (sasft_ray.selftalk)
@@ -412,6 +449,9 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
     out.append(f"  {'fits' if tp_.fits else 'DOES NOT FIT'}: {tp_.chosen.name} needs {tp_.need / g:.1f} GiB per GPU, "
                f"has {cl.gpu_mem_gib:g} (activations {sum(tp_.act) / g:.1f} GiB of it)")
     out += [f"  {line}" for line in tp_.advice]
+    if arch.attn_softcap and t.attn_implementation == "sdpa":  # transformers passes the cap on; SDPA drops it
+        out.append("  NOTE: sdpa drops the model's attention soft-capping (Gemma-2): set train.attn_implementation "
+                   "eager (or flash_attention_2 on GPU) to train the attention the model has")
     timing = train_time(cfg, arch, cl, task_rows)
     if timing:
         steps, tokens, seconds = timing

@@ -9,7 +9,8 @@ uploads them in the background and merges them in one folder), `ray.train.report
 record every `train.log_every` steps in `<run_dir>/train-events.jsonl`. At the end rank 0
 gathers the full weights (adapters merged in), writes `<run_dir>/model/` and the per-layer
 weight drift `<run_dir>/model/drift.json` (`sasft_ray.export`); the checkpoints, which hold
-the optimizer state, are then deleted unless `train.keep_checkpoints_after_export`.
+the optimizer state, are then deleted unless `train.keep_checkpoints_after_export`, and the
+driver writes the model card `<run_dir>/model/README.md` (`sasft_ray.card`, scores added by the eval).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sasft_ray import loop, packing
+from sasft_ray.card import write_model_card
 from sasft_ray.cluster import bar, connect, progress
 from sasft_ray.config import Config, absolute_paths
 from sasft_ray.export import export
@@ -395,4 +397,5 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
               "checkpoint": checkpoint}
     record = rd.finish("train", counts)
     rd.save_config(cfg)
+    write_model_card(cfg, rd)  # without scores: the evaluation rewrites it with them
     return record

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,6 @@ from sasft_ray.cli import main
 from sasft_ray.plan import (
     GIB,
     KNOWN,
-    Arch,
     Cluster,
     activation_bytes,
     engine_memory,
@@ -34,27 +34,29 @@ L3_8B, L3_70B, QWEN_7B = (KNOWN["meta-llama/Meta-Llama-3-8B-Instruct"], KNOWN["m
 ZERO3_NO_OFFLOAD_TOLERANCE = 0.12
 
 
-def _tiny(kind: str, layers: int, tied: bool = False):
+def _tiny(kind: str, layers: int, tied: bool = False, attn: str = "sdpa"):
+    """A tiny llama, qwen2 or gemma2 (head_dim 128 over hidden 256 / 4 heads, soft-capped, its own tying)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
 
-    cls = LlamaConfig if kind == "llama" else Qwen2Config
-    cfg = cls(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, tie_word_embeddings=tied,
-              attn_implementation="sdpa")
+    kw = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, attn_implementation=attn)
+    cfg = Gemma2Config(head_dim=128, **kw) if kind == "gemma2" else \
+        (LlamaConfig if kind == "llama" else Qwen2Config)(tie_word_embeddings=tied, **kw)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("kind, tied", [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("kind, tied", [("llama", False), ("qwen2", True), ("gemma2", True)])
 def test_shape_from_config_json_counts_parameters_like_deepspeed(tmp_path, kind, tied):
     from deepspeed.runtime.zero.stage3 import model_to_params
 
     model = _tiny(kind, layers=2, tied=tied)
     model.config.save_pretrained(tmp_path)
     arch, source = load_arch(str(tmp_path))
-    assert source.endswith("config.json")
+    assert source.endswith("config.json")  # no "formulas assume" note: the model type is counted
     assert (arch.params, arch.largest_layer) == model_to_params(model)
+    assert arch.tied == tied and arch.hd == (128 if kind == "gemma2" else 64)
 
 
 @pytest.mark.parametrize("train", [
@@ -82,7 +84,9 @@ def test_trainable_parameters_match_the_training_code(tmp_path, train):
 
 @pytest.mark.parametrize("hub_id, billions", [
     ("meta-llama/Meta-Llama-3-8B-Instruct", 8.03), ("meta-llama/Meta-Llama-3-70B-Instruct", 70.55),
-    ("Qwen/Qwen2.5-7B-Instruct", 7.62), ("Qwen/Qwen2.5-0.5B-Instruct", 0.49), ("meta-llama/Llama-2-7b-chat-hf", 6.74)])
+    ("Qwen/Qwen2.5-7B-Instruct", 7.62), ("Qwen/Qwen2.5-0.5B-Instruct", 0.49), ("meta-llama/Llama-2-7b-chat-hf", 6.74),
+    ("meta-llama/Llama-3.1-8B-Instruct", 8.03), ("mistralai/Mistral-7B-Instruct-v0.3", 7.25),
+    ("google/gemma-2-9b-it", 9.24)])
 def test_known_models_have_their_published_sizes(hub_id, billions):
     assert load_arch(hub_id)[0].params / 1e9 == pytest.approx(billions, abs=0.01)
 
@@ -173,25 +177,28 @@ def _saved_activation_bytes(model, batch: int, seq: int) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind, attn", [("llama", "sdpa"), ("qwen2", "sdpa"), ("llama", "eager"), ("gemma2", "sdpa"),
+                                        ("gemma2", "eager")])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_block_activations_match_what_transformers_saves(kind, checkpointing):
-    """Per block and token, the formula against the tensors HF transformers really keeps (bf16, SDPA);
-    two depths, so that embeddings, final norm and loss cancel out."""
+def test_block_activations_match_what_transformers_saves(kind, attn, checkpointing):
+    """Per block and token, the formula against the tensors HF transformers really keeps (bf16; SDPA, or eager
+    attention with its s x s scores, soft-capped for Gemma-2); two depths, so that embeddings, final norm and
+    loss cancel out."""
+    from sasft_ray.plan import arch_from_config
+
     batch, seq = 2, 64
     measured = []
     for layers in (1, 3):
-        model = _tiny(kind, layers)
+        model = _tiny(kind, layers, attn=attn)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         measured.append(_saved_activation_bytes(model, batch, seq))
-    c = model.config
-    arch = Arch(c.hidden_size, 1, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size)
+    arch = replace(arch_from_config(model.config.to_dict())[0], layers=1)
     per_block = (measured[1] - measured[0]) / 2
     if checkpointing:  # only the block's input stays; the recomputed block is transient
         assert per_block == batch * seq * arch.hidden * 2
     else:
-        assert activation_bytes(arch, batch, seq)[0] == pytest.approx(per_block, rel=0.01)
+        assert activation_bytes(arch, batch, seq, attn=attn)[0] == pytest.approx(per_block, rel=0.01)
 
 
 def test_vllm_engine_kv_cache_and_tensor_parallel():
@@ -255,13 +262,49 @@ def test_cli_prints_the_plan_and_exits_1_when_it_does_not_fit(tmp_path):
     assert "fits: ZeRO-3 needs" in out.getvalue() and "pass --task-rows" in out.getvalue()
 
 
-@pytest.mark.parametrize("name", ["llama3-8b", "llama3-70b"])
+CLUSTER_CONFIGS = Path(__file__).parents[1] / "cluster" / "configs"
+# Published parameter counts (the hub's model cards and safetensors totals), in billions
+PUBLISHED = {"meta-llama/Meta-Llama-3-8B-Instruct": 8.03, "meta-llama/Llama-3.1-8B-Instruct": 8.03,
+             "meta-llama/Meta-Llama-3-70B-Instruct": 70.55, "Qwen/Qwen2.5-7B-Instruct": 7.62,
+             "mistralai/Mistral-7B-Instruct-v0.3": 7.25, "google/gemma-2-9b-it": 9.24}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CLUSTER_CONFIGS.glob("*.yaml")))
 def test_report_of_the_shipped_cluster_configs_fits(name):
+    """Every config in cluster/configs loads, is planned from the built-in table at its model's published size
+    (within 2%), and fits its nodes of 8 x 80 GB, as `sasft plan CONFIG --task-rows 20000` prints it."""
     from sasft_ray.config import load_config
 
-    cfg = load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / f"{name}.yaml"))
-    text, fits = report(cfg, *load_arch(cfg.model.path), Cluster(), task_rows=20000)
+    cfg = load_config(str(CLUSTER_CONFIGS / f"{name}.yaml"))
+    arch, source = load_arch(cfg.model.path)
+    assert source == "built-in table"
+    assert arch.params / 1e9 == pytest.approx(PUBLISHED[cfg.model.path], rel=0.02)
+    text, fits = report(cfg, arch, source, Cluster(), task_rows=20000)
     assert fits, text
+    assert "NOTE" not in text, text
+
+
+def test_gemma2_is_counted_as_gemma2():
+    """Gemma-2's shapes: head_dim 256 apart from hidden / heads, four norms, tied embeddings; eager attention's
+    scores are what its config's gradient checkpointing is for, and SDPA's dropped soft-capping is named."""
+    from sasft_ray.config import load_config
+
+    gemma = KNOWN["google/gemma-2-9b-it"]
+    assert gemma.hd == 256 and gemma.linears()["q_proj"] == (3584, 4096) and gemma.tied
+    assert gemma.params == 9_241_705_984 and KNOWN["mistralai/Mistral-7B-Instruct-v0.3"].params == 7_248_023_552
+    path = str(CLUSTER_CONFIGS / "gemma2-9b.yaml")
+    cfg = load_config(path)
+    assert cfg.selftalk.system_prompt is None and cfg.train.attn_implementation == "eager"
+    eager, sdpa = (sum(activation_bytes(gemma, 2, 2048, attn=a)) for a in ("eager", "sdpa"))
+    assert eager > 80 * GIB > sdpa  # the s x s scores: eager training needs gradient checkpointing
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["plan", path, "--task-rows", "20000", "--set", "train.gradient_checkpointing=false"])
+    assert "fits with train.gradient_checkpointing: true" in out.getvalue()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", path, "--task-rows", "20000", "--set", "train.attn_implementation=sdpa"]) == 0
+    assert "sdpa drops the model's attention soft-capping" in out.getvalue()
 
 
 def test_70b_fits_two_nodes_with_the_gradient_checkpointing_switch_only():

@@ -1,0 +1,148 @@
+"""The model card: `<run_dir>/model/README.md`, in the Hugging Face format, from what the run dir records.
+
+`model_card` reads only what exists: the config, the manifest's finished stage records (task rows,
+self-dialogues, mix, training), `model/train_result.json`, `model/adapter/`, and, once the evaluation has run,
+the report's headline numbers from its results (`eval/results.json`: the in-domain score of the fine-tune
+against the base model's, the share of the general score kept). Training writes the card without scores;
+the evaluation rewrites it with them. `sasft push` uploads it with the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from sasft_ray.config import Config
+from sasft_ray.rundir import RunDir
+
+CARD = "README.md"
+METHODS = {
+    "sa-sft": "SA-SFT (self-augmented SFT): the task data mixed with self-dialogues the base model wrote itself, "
+              "so that it keeps what it knew",
+    "sft": "supervised fine-tuning on the task data alone",
+    "freeze": "supervised fine-tuning on the task data with the embeddings and lowest blocks frozen",
+    "external-mix": "supervised fine-tuning on the task data mixed with external general data",
+}
+MIXES = {"sa-sft": "self-dialogues", "external-mix": "external rows"}  # what mix.self_ratio (λ) counts
+
+
+def _hub_id(path: str) -> bool:
+    """A hub id (owner/name), not a local folder or a URI: what the card's `base_model` may name."""
+    return "://" not in path and not Path(path).exists() and not path.startswith((".", "/", "~")) and \
+        path.count("/") == 1
+
+
+def _same_dir(a: str, b: str) -> bool:
+    def norm(p: str) -> str:
+        return p.rstrip("/") if "://" in p else str(Path(p).expanduser().absolute())
+
+    return norm(a) == norm(b)
+
+
+def headline(cfg: Config, results: dict) -> dict | None:
+    """This run's report entry (`sasft_ray.report.entries`) in an evaluation's results, or None."""
+    from sasft_ray.report import entries
+
+    found = [e for e in entries(results) if e.get("run_dir") and _same_dir(e["run_dir"], cfg.run_dir)]
+    return found[0] if found else None
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _count(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else str(n)
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
+    """The card's text. `results`: an evaluation's results.json (the run's own, or for a compared method its
+    main run's), whose entry for this run dir gives the scores; None: no scores (as training writes it: an
+    evaluation already in the run dir would be of the model trained before)."""
+    stages = rd.manifest().get("stages", {})
+    done = {name: info for name, info in stages.items() if info.get("status") == "done"}
+    task, selftalk, mix, train = (done.get(k, {}) for k in ("task", "selftalk", "mix", "train"))
+    result = rd.read_json("model", "train_result.json") if rd.exists("model", "train_result.json") else {}
+    entry = headline(cfg, results) if results else None
+    t, method, base = cfg.train, cfg.train.method, cfg.model.path
+    lora = rd.exists("model", "adapter")
+
+    meta = {**({"base_model": base} if _hub_id(base) else {}), "library_name": "transformers",
+            "pipeline_tag": "text-generation", "tags": ["sasft", "self-augmented-sft", method, *(["lora"] if t.lora
+                                                                                              else [])]}
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {Path(cfg.run_dir.rstrip('/')).name}: {base} fine-tuned with {method}", "",
+             f"A fine-tune of `{base}` by sasft-ray with {METHODS[method]}"
+             + (f"; λ = {cfg.mix.self_ratio:g} (mix.self_ratio: {MIXES[method]} per task row)." if method in MIXES
+                else "."), ""]
+
+    rows = [("base model", f"`{base}`"), ("method", method + (f", λ = {cfg.mix.self_ratio:g}" + (
+        f" (achieved {mix['achieved_ratio']:g})" if mix.get("achieved_ratio") not in (None, cfg.mix.self_ratio)
+        else "") if method in MIXES else ""))]
+    data = f"`{cfg.data.path}`"
+    if task:
+        data += f": {_count(task.get('train_rows'))} training rows, {_count(task.get('heldout_rows'))} held out"
+    rows.append(("task data", data))
+    if method == "sa-sft" and (selftalk or mix):
+        mixed = mix.get("mixed_in_rows", selftalk.get("rows_out"))
+        rows.append(("self-dialogues", f"{_count(mixed)} mixed in" + (
+            f" ({_count(selftalk['rows_in'])} generated, {_count(selftalk['survived'])} kept by the filters)"
+            if "rows_in" in selftalk and "survived" in selftalk else "")))
+    if method == "external-mix" and mix.get("mixed_in_rows") is not None:
+        rows.append(("external rows", f"{_count(mix['mixed_in_rows'])} of `{cfg.mix.external.path}`"))
+    if method == "freeze":
+        rows.append(("frozen", f"embeddings and the lowest {t.freeze_layers} blocks"))
+    if train.get("steps") is not None:
+        rows.append(("steps", _count(train["steps"])))
+    rows += [("learning rate", f"{t.lr:g} ({t.schedule}, warmup {t.warmup_ratio:g})"),
+             ("epochs", f"{t.max_steps} steps (train.max_steps)" if t.max_steps else str(t.epochs)),
+             ("batch", f"{t.micro_batch_size * t.grad_accum * t.num_workers} rows a step ({t.micro_batch_size} x "
+                       f"{t.grad_accum} accumulated x {t.num_workers} workers), up to {t.max_length} tokens each")]
+    trainable = train.get("trainable_params", result.get("trainable_params"))
+    total = train.get("total_params", result.get("total_params"))
+    size = f": {_params(trainable)} of {_params(total)} parameters trained" if trainable and total else ""
+    rows.append(("fine-tuning", (f"LoRA r={t.lora.r}, alpha {t.lora.alpha:g}, merged into the weights" if t.lora
+                                 else "full") + size))
+    heldout = train.get("heldout_loss", result.get("heldout_loss"))
+    if heldout is not None:
+        rows.append(("held-out task loss", _fmt(heldout)))
+    monitor = train.get("selftalk_heldout_loss", result.get("selftalk_heldout_loss"))
+    if monitor is not None:
+        rows.append(("held-out self-dialogue loss", f"{_fmt(monitor)} (the forgetting monitor: the base model's own "
+                                                    "dialogues, never trained on)"))
+    lines += ["## Training", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+    if lora:
+        lines += ["The weights here have the LoRA adapter merged in (no PEFT needed to load them); the adapter "
+                  "itself is in `adapter/`.", ""]
+
+    if entry:
+        from sasft_ray.evaluate import INDOMAIN
+        from sasft_ray.report import GENERAL, is_general
+
+        metric = next(iter(results["models"][entry["model_id"]][INDOMAIN]), "score")
+        lines += ["## Evaluation", "", "| benchmark | base | fine-tuned |", "|---|---|---|",
+                  f"| in-domain ({metric}, the task's held-out split) | {_fmt(entry['base'][INDOMAIN])} | "
+                  f"{_fmt(entry['scores'][INDOMAIN])} |"]
+        lines += [f"| {b} | {_fmt(entry['base'][b])} | {_fmt(s)} |" for b, s in entry["scores"].items()
+                  if b != INDOMAIN and not is_general(b)]
+        if GENERAL in entry["scores"]:
+            lines.append(f"| {GENERAL} | {_fmt(entry['base'][GENERAL])} | {_fmt(entry['scores'][GENERAL])} |")
+        lines += ["", f"- in-domain gain over the base model: {entry['indomain_gain']:+.3f}"]
+        if entry.get("retention") is not None:
+            lines.append(f"- general score kept: {entry['retention']:.1%} of the base model's "
+                         f"(forgetting {entry['forgetting']:+.3f})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> bool:
+    """(Re)write `<run_dir>/model/README.md`; False when the run has no exported model yet."""
+    if not rd.exists("model"):
+        return False
+    rd.write_text(model_card(cfg, rd, results), "model", CARD)
+    return True
