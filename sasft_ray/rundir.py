@@ -53,13 +53,15 @@ _held: dict[str, int] = {}  # run dirs this process holds, with how many `locked
 
 def fingerprint(path: str) -> str | None:
     """A cheap identity of a local file's or folder's content: each file's name, size, and first and
-    last 64 KiB (retrained weights differ in both), so an 8B model costs milliseconds. None for a hub
-    id, a URI, or a path not on this machine: those are not checked."""
+    last 64 KiB (retrained weights differ in both), so an 8B model costs milliseconds. A folder's
+    hidden files and README.md (a model card, rewritten by each evaluation) are not content. None for
+    a hub id, a URI, or a path not on this machine: those are not checked."""
     root = Path(path)
     if "://" in path or not root.exists():
         return None
     files = [root] if root.is_file() else sorted(
-        f for f in root.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts))
+        f for f in root.rglob("*") if f.is_file() and f.name != "README.md"
+        and not any(p.startswith(".") for p in f.relative_to(root).parts))
     digest = hashlib.sha256()
     for file in files:
         size = file.stat().st_size

@@ -163,6 +163,7 @@ def test_fingerprint_reads_content_not_place_and_skips_hub_ids(tmp_path):
     before = fingerprint(str(model))
     (model / ".cache").mkdir()
     (model / ".cache" / "lock").write_text("x")  # hub download state, not the model
+    (model / "README.md").write_text("scores: 0.9")  # the model card, rewritten by every evaluation
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in ("config.json", "model.safetensors"):
