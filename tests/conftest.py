@@ -12,6 +12,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+# The inner loop's tier, `pytest -m "not slow"` (config, data, mix, filters, report, planner, grid: under a
+# minute), leaves out every test that starts Ray, vLLM, DeepSpeed or Serve, or builds a model or the lab.
+SLOW_FIXTURES = {"local_ray", "no_ray_left", "bucket", "tiny_llama", "tiny_qwen2", "small_lab"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     from sasft_ray.tiny import build_tiny_model

@@ -125,6 +125,7 @@ def test_rayjob_runs_the_pipeline_from_files_in_the_repo():
     assert _job_gpus(doc) >= max(cfg.train.num_workers * cfg.train.gpus_per_worker, engines)
 
 
+@pytest.mark.slow
 def test_rayservice_is_a_valid_ray_serve_llm_app_over_the_jobs_export():
     from ray.serve.config import AutoscalingConfig
     from ray.serve.llm import LLMServingArgs

@@ -76,6 +76,7 @@ def lm_eval_names() -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_the_paper_grid_expands_to_its_setting():
     cells = expand(load_grid(str(ROOT / "cluster" / "grids" / "paper.yaml")))
     assert len(cells) == 2 * 5 * 3 and len({c.config.run_dir for c in cells}) == 30

@@ -366,6 +366,7 @@ def test_config_errors_stop_before_any_worker(task_run, tmp_path, change, messag
         train(bad, rd, force=True)
 
 
+@pytest.mark.slow
 def test_the_gpu_check_passes_on_cpu(tmp_path):
     """`jobs/check_gpu.py` (one GPU node: the library's loop fed as Ray Data feeds it, bf16 ZeRO-3 over
     NCCL, export, packing, the planner's figures) runs the same code on CPU in fp32 over gloo, so it
