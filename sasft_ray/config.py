@@ -28,6 +28,11 @@ Method = Literal["sft", "sa-sft", "freeze", "external-mix"]
 METHODS: tuple[str, ...] = get_args(Method)
 
 
+# A setting added after runs were made, marked so: left out of stage hashes while at its default (which keeps
+# today's behaviour), so finished stages stay finished; set to anything else, it is hashed
+HASH_NEUTRAL = {"hash_neutral": True}
+
+
 class Section(BaseModel):
     # no inf or nan in any float: they pass a `ge=0` and overflow much later
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -221,7 +226,19 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1, description="optimizer steps between progress records (loss, grad norm, lr, "
                            "tokens/s per GPU, ETA) in the log and train-events.jsonl")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints (and held-out losses)")
-    keep_checkpoints: int = Field(2, ge=1, description="most recent checkpoints kept while training")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Ray Train keeps the latest this many checkpoints (the restart points); with "
+        "select best_task or balanced the checkpoints that are, or may become, the choice are kept besides, in "
+        "run_dir/train-kept/")
+    select: Literal["last", "best_task", "balanced"] = Field(
+        "last", json_schema_extra=HASH_NEUTRAL, description="the checkpoint exported to model/, chosen at the end "
+        "by the held-out losses measured at every checkpoint: last (the model as training ends); best_task "
+        "(the lowest task held-out loss; needs data.heldout_fraction > 0); balanced (among the checkpoints whose "
+        "task held-out loss is within select_tolerance of the best, the lowest self-talk held-out loss, the "
+        "forgetting monitor's; needs selftalk.heldout_fraction > 0 too); ties: the later step")
+    select_tolerance: float = Field(
+        0.02, ge=0, json_schema_extra=HASH_NEUTRAL, description="select balanced: a checkpoint is within the "
+        "tolerance if its task held-out loss is at most (1 + select_tolerance) x the best one's (0.02: 2 % above)")
     keep_checkpoints_after_export: bool = Field(
         False, description="keep run_dir/train/ (checkpoints with optimizer state: ~16 bytes a parameter) once "
         "the export is written")
@@ -232,8 +249,6 @@ class TrainConfig(Section):
     run_name: str | None = Field(None, description="the tracked run's name; None: <run_dir name>-<method>")
     max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
     seed: int = Field(0, description="seed of the data order and of the initialisation of adapters")
-    fail_once_at_step: int | None = Field(
-        None, ge=1, description="testing: the last worker exits once at this step, to exercise recovery")
 
 
 class ServeConfig(Section):
@@ -361,6 +376,18 @@ class Config(Section):
             seen[model_id] = key
         return self
 
+    @model_validator(mode="after")
+    def _selection_has_its_losses(self) -> Config:
+        """train.select chooses by held-out losses: the splits that give them must exist."""
+        select = self.train.select
+        if select != "last" and self.data.heldout_fraction == 0:
+            raise ValueError(f"train.select {select} chooses by the task held-out loss: it needs "
+                             "data.heldout_fraction > 0 (a task held-out split)")
+        if select == "balanced" and self.selftalk.heldout_fraction == 0:
+            raise ValueError("train.select balanced chooses by the self-talk held-out loss too: it needs "
+                             "selftalk.heldout_fraction > 0 (the forgetting monitor)")
+        return self
+
     @property
     def selftalk_wanted(self) -> tuple[int, int]:
         """Self-dialogues wanted after filtering: (to mix in, held out as the forgetting monitor)."""
@@ -398,7 +425,8 @@ class Config(Section):
     def section_hash(self, *keys: str) -> str:
         """Stable hash of some sections or dotted keys: a finished stage is reused only if what it
         depends on did not change. Unset (None) settings are left out, so a setting added in a later
-        version, unset, does not make finished stages look changed."""
+        version, unset, does not make finished stages look changed; so are settings marked HASH_NEUTRAL
+        while at their default."""
         data = {key: self._dump(key) for key in keys}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -413,9 +441,25 @@ class Config(Section):
         def dump(value: Any) -> Any:
             if isinstance(value, list):
                 return [dump(v) for v in value]
-            return value.model_dump(mode="json", exclude_none=True) if isinstance(value, BaseModel) else value
+            return _hashed(value) if isinstance(value, BaseModel) else value
 
         return dump(self.value(key))
+
+
+def _hashed(model: BaseModel) -> dict:
+    """A section as its hash sees it: no None settings, no HASH_NEUTRAL ones at their default."""
+    out = model.model_dump(mode="json", exclude_none=True)
+    for name, field in type(model).model_fields.items():
+        if name not in out:
+            continue
+        value = getattr(model, name)
+        if (field.json_schema_extra or {}).get("hash_neutral") and value == field.default:
+            del out[name]
+        elif isinstance(value, BaseModel):
+            out[name] = _hashed(value)
+        elif isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
+            out[name] = [_hashed(v) if isinstance(v, BaseModel) else d for v, d in zip(value, out[name])]
+    return out
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -118,7 +118,8 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
             "run_dir": cfg.run_dir, "base_model": cfg.model.path, "task": cfg.data.path,
             "base_model_id": cfg.serve.base_model_id, "models": scores,
             "finetuned": {model_id: {"method": c.train.method, "seed": c.train.seed, "run_dir": c.run_dir,
-                                     "drift": _drift(RunDir(c.run_dir)), "curve": curve(RunDir(c.run_dir))}
+                                     "drift": _drift(RunDir(c.run_dir)), "curve": curve(RunDir(c.run_dir)),
+                                     **_selected(RunDir(c.run_dir))}
                           for model_id, c in runs.items()},
         }
         for model_id, c in runs.items():  # each fine-tune's scores to its training's tracked run
@@ -140,6 +141,12 @@ def curve(rd: RunDir) -> list[dict]:
     task, monitor = info.get("heldout_by_step") or {}, info.get("selftalk_heldout_by_step") or {}
     return [{"step": int(step), "heldout_loss": loss, "selftalk_heldout_loss": monitor.get(step)}
             for step, loss in task.items()]
+
+
+def _selected(rd: RunDir) -> dict:
+    """The checkpoint a run exported and why (`train.select`), as its train record names it."""
+    selected = rd.stage_info("train").get("selected")
+    return {"selected": selected} if selected else {}
 
 
 def _drift(rd: RunDir) -> dict | None:

@@ -81,6 +81,10 @@ def run_report(results: dict) -> str:
                          f"{first['selftalk_heldout_loss']:.3f} at step {first['step']} -> "
                          f"{last['selftalk_heldout_loss']:.3f} at step {last['step']}; task held-out loss "
                          f"{_fmt(first['heldout_loss'])} -> {_fmt(last['heldout_loss'])}")
+        if (chosen := e.get("selected")):
+            lines.append(f"- exported checkpoint: step {chosen['step']} (train.select {chosen['rule']}: "
+                         f"{chosen['why']}; task held-out loss {_fmt(chosen['task_loss'])}, self-talk held-out "
+                         f"loss {_fmt(chosen['selftalk_loss'])})")
         if e.get("drift"):
             lines.append(f"- weight drift ‖θ−θ₀‖/‖θ₀‖: total {_fmt(e['drift']['total'])}" if "total" in e["drift"]
                          else f"- weight drift: not measured ({e['drift'].get('unavailable')})")
@@ -91,7 +95,8 @@ def run_report(results: dict) -> str:
 
 def plot(results: dict, path: str) -> None:
     """Bars per benchmark: the base model and each fine-tuned model; beside them, when training measured
-    it, the forgetting curve: task and self-talk held-out losses over steps, one colour per model."""
+    it, the forgetting curve: task and self-talk held-out losses over steps, one colour per model, a star
+    at the checkpoint exported when train.select chose one other than the last."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,6 +128,9 @@ def plot(results: dict, path: str) -> None:
                     label=f"{e['model_id']}: task")
             ax.plot(steps, [c.get("selftalk_heldout_loss") for c in e["curve"]], color=colour, marker=".",
                     linestyle="--", label=f"{e['model_id']}: self-talk")
+            if (chosen := e.get("selected")) and chosen["rule"] != "last" and chosen["task_loss"] is not None:
+                ax.plot([chosen["step"]], [chosen["task_loss"]], color=colour, marker="*", markersize=12,
+                        linestyle="none", label=f"{e['model_id']}: exported ({chosen['rule']})")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("held-out loss")
         ax.set_title("forgetting monitor", fontsize=9)

@@ -8,9 +8,13 @@ without Ray): its dataset shards, checkpoints (every rank writes its ZeRO shard;
 uploads them in the background and merges them in one folder), `ray.train.report`, and a
 record every `train.log_every` steps in `<run_dir>/train-events.jsonl`. At the end rank 0
 gathers the full weights (adapters merged in), writes `<run_dir>/model/` and the per-layer
-weight drift `<run_dir>/model/drift.json` (`sasft_ray.export`); the checkpoints, which hold
-the optimizer state, are then deleted unless `train.keep_checkpoints_after_export`, and the
-driver writes the model card `<run_dir>/model/README.md` (`sasft_ray.card`, scores added by the eval).
+weight drift `<run_dir>/model/drift.json` (`sasft_ray.export`), of the checkpoint
+`train.select` chooses by the held-out losses (`sasft_ray.selection`; the last by default): every
+rank loads that checkpoint first if it is not the last. Ray Train keeps the latest
+`train.keep_checkpoints`; the checkpoints that are, or may become, the choice are copied aside
+into `<run_dir>/train-kept/` before Ray Train could delete them. The checkpoints, which hold the
+optimizer state, are then deleted unless `train.keep_checkpoints_after_export`, and the driver
+writes the model card `<run_dir>/model/README.md` (`sasft_ray.card`, scores added by the eval).
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 
-from sasft_ray import loop, packing
+from sasft_ray import loop, packing, selection
 from sasft_ray.card import write_model_card
 from sasft_ray.cluster import bar, connect, progress
 from sasft_ray.config import Config, absolute_paths
@@ -108,10 +114,13 @@ def packed(ds, max_length: int):
 # --- the worker: thin glue between Ray Train and `sasft_ray.loop` ---------------------------------
 
 EVENTS, FAILED_ONCE = "train-events.jsonl", "train-failed-once"
+FAIL_ONCE_AT_STEP = "SASFT_FAIL_ONCE_AT_STEP"  # the tests' fault: the last worker exits once at this step
 RAY_TRAIN = "train"  # Ray Train's run folder in run_dir: its checkpoints and snapshot
 # record key -> Ray Train dataset of a held-out set: the task's, and the forgetting monitor's self-dialogues
 HELDOUT = {"heldout_loss": "heldout", "selftalk_heldout_loss": "selftalk_heldout"}
 PARTIAL = "model.partial"  # the export as it is written, before it becomes model/
+KEPT = "train-kept"  # train.select: copies of the checkpoints that are, or may become, the one exported
+KEPT_MARK = "kept.json"  # written last into a kept copy: a copy without it is incomplete
 
 
 def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it silently
@@ -164,10 +173,12 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
         # every rank writes its ZeRO shard; Ray Train uploads them in the background and merges them
         folder = tempfile.mkdtemp(prefix="sasft-ckpt-")
         engine.save_checkpoint(folder, tag="ds", client_state={"step": step})
+        if rank == 0 and t.select != "last":  # before this report: Ray Train deletes old ones on registering it
+            keep_for_selection(rd, t.select, t.select_tolerance, step)
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
-    fail_at = t.fail_once_at_step if rank == t.num_workers - 1 else None
+    fail_at = int(os.environ.get(FAIL_ONCE_AT_STEP, 0)) if rank == t.num_workers - 1 else None
 
     def after_step(step: int) -> None:
         if step == fail_at and not rd.exists(FAILED_ONCE):
@@ -181,13 +192,28 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
     end = loop.run(engine, cfg, batches, heldout, total_steps=total_steps, step=step, log=log, checkpoint=save,
                    after_step=after_step if fail_at else None)
 
+    # the checkpoint to export, by the record of every checkpoint (rank 0's reading of it, for all ranks)
+    chosen = [selection.selection(t.select, t.select_tolerance, selection.losses_by_step(
+        train_events(rd), up_to=end["step"])) if rank == 0 else None]
+    torch.distributed.broadcast_object_list(chosen, src=0, device=engine.device)
+    chosen = chosen[0]
+    if chosen["step"] != end["step"]:
+        if rank == 0:
+            print(f"[train] exporting step {chosen['step']}, not {end['step']} (train.select {t.select}: "
+                  f"{chosen['why']})")
+        with ray.train.Checkpoint(rd.path(KEPT, f"step-{chosen['step']}")).as_directory() as folder:
+            engine.load_checkpoint(folder, tag="ds", load_optimizer_states=False, load_lr_scheduler_states=False)
+        # the exported model's own held-out losses: those recorded at its step, measured again
+        end = {"step": chosen["step"], **{key: loop.heldout_loss(engine, held()) for key, held in heldout.items()}}
+
     # written aside and moved into place whole: a crash never leaves a model/ that looks finished
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the folder once it is whole
         out = scratch if rd.remote else rd.local(PARTIAL)
         export(engine, cfg, out, rank)
         if rank == 0:
             Path(out, "train_result.json").write_text(json.dumps(
-                {**{key: end[key] for key in heldout}, "trainable_params": n_trainable, "total_params": n_total}))
+                {**{key: end[key] for key in heldout}, "selected": chosen, "trainable_params": n_trainable,
+                 "total_params": n_total}))
             if rd.remote:
                 rd.upload(out, "model")
             else:
@@ -232,6 +258,63 @@ def latest_progress(rd: RunDir, total_steps: int) -> str | None:
 def heldout_by_step(events: list[dict], key: str = "heldout_loss") -> dict[str, float | None]:
     """Held-out loss at each checkpoint step, from the events log (a step redone after a restart: the last)."""
     return {str(e["step"]): e.get(key) for e in events if e["event"] == "checkpoint"}
+
+
+def keep_for_selection(rd: RunDir, select: str, tolerance: float, step: int) -> None:
+    """Rank 0, before reporting the checkpoint of `step` (its record logged): copy into run_dir/train-kept/
+    every older checkpoint that is, or may become, the one `select` exports (Ray Train keeps only the
+    latest `keep_checkpoints`, and deletes older ones as it registers a new one), and delete the copies
+    that no longer may. The checkpoint of `step` itself is Ray Train's latest, kept until the next report."""
+    import ray.train
+    from ray.train import CheckpointConsistencyMode
+
+    wanted = selection.keep(select, tolerance, selection.losses_by_step(train_events(rd), up_to=step))
+    held = kept_steps(rd)
+    for s in held - wanted:
+        rd.remove(KEPT, f"step-{s}")
+    missing = sorted(wanted - held - {step})
+    if not missing:
+        return
+    # Ray Train's own record of its checkpoints (waits for the uploads in flight to be registered)
+    reported = {int(r.metrics["step"]): r.checkpoint for r in ray.train.get_all_reported_checkpoints(
+        consistency_mode=CheckpointConsistencyMode.COMMITTED)}
+    for s in missing:
+        if s not in reported:
+            raise RuntimeError(f"train.select: the checkpoint of step {s} is no longer in Ray Train's storage")
+        copy_checkpoint(reported[s], rd, KEPT, f"step-{s}")
+        rd.write_text(json.dumps({"step": s}), KEPT, f"step-{s}", KEPT_MARK)
+        print(f"[train] train.select {select}: step {s}'s checkpoint kept in {rd.path(KEPT, f'step-{s}')}")
+
+
+def kept_steps(rd: RunDir) -> set[int]:
+    """The steps whose copies in run_dir/train-kept/ are complete (an incomplete one, a crash's, is deleted)."""
+    found = rd.fs.get_file_info(pafs.FileSelector(rd.local(KEPT), allow_not_found=True))
+    steps = set()
+    for info in found:
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("step-"):
+            if rd.exists(KEPT, info.base_name, KEPT_MARK):
+                steps.add(int(info.base_name.removeprefix("step-")))
+            else:
+                rd.remove(KEPT, info.base_name)
+    return steps
+
+
+def copy_checkpoint(checkpoint, rd: RunDir, *parts: str) -> None:
+    """Ray Train's checkpoint folder to `parts` of the run dir: hard links on one local filesystem (no
+    bytes written; Ray Train deleting its folder later leaves them), else a copy."""
+    target = rd.local(*parts)
+    if not rd.remote and isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        shutil.copytree(checkpoint.path, target, copy_function=_link_or_copy)
+    else:
+        pafs.copy_files(checkpoint.path, target, source_filesystem=checkpoint.filesystem,
+                        destination_filesystem=rd.fs)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -300,7 +383,7 @@ def train_outputs(rd: RunDir, config_hash: str, force: bool) -> tuple[str, ...]:
     keep its events); any other starts from a clean folder."""
     prior = rd.stage_info("train")
     resuming = not force and prior.get("status") == "running" and prior.get("config_hash") == config_hash
-    return ("model", PARTIAL, FAILED_ONCE) + (() if resuming else (EVENTS, RAY_TRAIN))
+    return ("model", PARTIAL, FAILED_ONCE) + (() if resuming else (EVENTS, RAY_TRAIN, KEPT))
 
 
 def train_hash(cfg: Config, rd: RunDir) -> str:
@@ -361,7 +444,8 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     ds_config = loop.deepspeed_config(cfg)
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    str(Path.home() / ".cache" / "torch_extensions")),
-           **forwarded_env()}  # the tracking tools' settings (not their keys)
+           **forwarded_env(),  # the tracking tools' settings (not their keys)
+           **{k: v for k, v in os.environ.items() if k == FAIL_ONCE_AT_STEP}}
     if cfg.resources.use_gpu:  # measured on one H200 (jobs/check_gpu.py): the allocator then holds 1.5-3 GiB
         # over the peak allocated instead of 8-12 GiB (1 row a step), within `sasft plan`'s overhead
         env["PYTORCH_CUDA_ALLOC_CONF"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -381,12 +465,17 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     with progress(functools.partial(latest_progress, rd, total_steps)):
         result = trainer.fit()
     out, drift = rd.read_json("model", "train_result.json"), rd.read_json("model", "drift.json")
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    selected = out["selected"]
+    checkpoint = result.checkpoint.path if result.checkpoint else None  # the last one
+    if selected["step"] != total_steps:
+        checkpoint = rd.path(KEPT, f"step-{selected['step']}")
     if not t.keep_checkpoints_after_export:  # the export is written: drop the optimizer state (~12 bytes a param)
         rd.remove(RAY_TRAIN)
+        rd.remove(KEPT)
         checkpoint = None
+    print(f"[train] exported step {selected['step']} (train.select {selected['rule']}: {selected['why']})")
     counts = {"rows_in": rows, "sequences": sequences or rows, "steps": total_steps,
-              "final_loss": result.metrics.get("loss"), "heldout_loss": out["heldout_loss"],
+              "final_loss": result.metrics.get("loss"), "selected": selected, "heldout_loss": out["heldout_loss"],
               "heldout_by_step": heldout_by_step(train_events(rd)),
               **({"selftalk_heldout_loss": out["selftalk_heldout_loss"],
                   "selftalk_heldout_by_step": heldout_by_step(train_events(rd), "selftalk_heldout_loss")}
@@ -394,7 +483,7 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
               "trainable_params": out["trainable_params"], "total_params": out["total_params"],
               "drift_total": drift.get("total"), **({"drift_unavailable": drift["unavailable"]}
                                                     if "unavailable" in drift else {}),
-              "checkpoint": checkpoint}
+              "checkpoint": checkpoint}  # the exported one's (kept: train.keep_checkpoints_after_export)
     record = rd.finish("train", counts)
     rd.save_config(cfg)
     write_model_card(cfg, rd)  # without scores: the evaluation rewrites it with them

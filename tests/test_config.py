@@ -1,3 +1,6 @@
+import hashlib
+import json
+
 import pytest
 import yaml
 
@@ -102,3 +105,34 @@ def test_local_paths_become_absolute_hub_ids_do_not(tmp_path, monkeypatch):
     fixed = absolute_paths(cfg)
     assert fixed.run_dir == str(tmp_path / "runs/x") and fixed.model.path == str(tmp_path / "models/m")
     assert fixed.data.path == "org/dataset"  # not here: a hub id
+
+
+def test_select_needs_the_held_out_losses_it_chooses_by():
+    base = {"run_dir": "r", "model": {"path": "m"}, "data": {"path": "x"}}
+    assert validate_config(base).train.select == "last"
+    assert validate_config({**base, "train": {"select": "best_task"}}).train.select_tolerance == 0.02
+    with pytest.raises(ConfigError, match=r"train.select best_task .* needs data.heldout_fraction > 0"):
+        validate_config({**base, "data": {"path": "x", "heldout_fraction": 0}, "train": {"select": "best_task"}})
+    with pytest.raises(ConfigError, match=r"train.select balanced .* needs selftalk.heldout_fraction > 0"):
+        validate_config({**base, "selftalk": {"heldout_fraction": 0}, "train": {"select": "balanced"}})
+    with pytest.raises(ConfigError, match=r"train.select balanced .* needs data.heldout_fraction > 0"):
+        validate_config({**base, "data": {"path": "x", "heldout_fraction": 0}, "train": {"select": "balanced"}})
+    with pytest.raises(ConfigError, match="train.select_tolerance"):
+        validate_config({**base, "train": {"select": "balanced", "select_tolerance": -0.1}})
+    with pytest.raises(ConfigError, match="train.select"):
+        validate_config({**base, "train": {"select": "best"}})
+
+
+def test_select_enters_the_train_hash_only_off_its_default():
+    """A run trained before train.select existed stays finished (its default is that run's behaviour);
+    another rule, or another tolerance, is another training."""
+    now = load_config("demo")
+    before = json.dumps({"train": {k: v for k, v in now.train.model_dump(mode="json", exclude_none=True).items()
+                                   if k not in ("select", "select_tolerance")}}, sort_keys=True)
+    assert now.section_hash("train") == hashlib.sha256(before.encode()).hexdigest()[:16]
+    best = load_config("demo", ["train.select=best_task"])
+    balanced = load_config("demo", ["train.select=balanced"])
+    wider = load_config("demo", ["train.select=balanced", "train.select_tolerance=0.05"])
+    assert len({now.section_hash("train"), best.section_hash("train"), balanced.section_hash("train"),
+                wider.section_hash("train")}) == 4
+    assert load_config("demo", ["train.select=last"]).section_hash("train") == now.section_hash("train")

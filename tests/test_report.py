@@ -131,10 +131,16 @@ def test_the_report_shows_each_runs_forgetting_curve(tmp_path):
                                             {"step": 20, "heldout_loss": 0.6, "selftalk_heldout_loss": 1.7}]
     results["finetuned"]["sa-sft"]["curve"] = [{"step": 10, "heldout_loss": 1.3, "selftalk_heldout_loss": 0.8},
                                                {"step": 20, "heldout_loss": 0.7, "selftalk_heldout_loss": 0.8}]
+    results["finetuned"]["sa-sft"]["selected"] = {"rule": "balanced", "step": 10, "task_loss": 1.3,
+                                                  "selftalk_loss": 0.8, "why": "the lowest self-talk held-out loss"}
     write_run_report(results, str(tmp_path))
     text = (tmp_path / "report.md").read_text()
     assert "forgetting monitor (loss on held-out self-dialogues, never trained on): 0.900 at step 10 -> 1.700 at " \
            "step 20; task held-out loss 1.200 -> 0.600" in text
+    sa_sft = text.split("## sa-sft")[1]  # the chosen checkpoint, in its run's section
+    assert "- exported checkpoint: step 10 (train.select balanced: the lowest self-talk held-out loss; task " \
+           "held-out loss 1.300, self-talk held-out loss 0.800)" in sa_sft
+    assert "exported checkpoint" not in text.split("## sa-sft")[0]
     with_curve = imread(str(tmp_path / "report.png")).shape[1]
     for info in results["finetuned"].values():
         info.pop("curve")

@@ -18,7 +18,7 @@ from sasft_ray.lora import apply_lora, merge_lora, parameter_counts
 from sasft_ray.packing import pack
 from sasft_ray.selftalk import load_tokenizer
 from sasft_ray.tiny import demo_task_rows, warmup_dialogues, write_demo_task
-from sasft_ray.train import IGNORE, TrainSetupError, encode, train, train_events
+from sasft_ray.train import FAIL_ONCE_AT_STEP, IGNORE, TrainSetupError, encode, train, train_events
 from tests.conftest import make_config
 
 TRAIN = {"num_workers": 2, "micro_batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, "schedule": "constant",
@@ -128,9 +128,10 @@ def trained(task_run):
     reaches the workers)."""
     cfg, rd = task_run
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "max_steps": 30, "fail_once_at_step": 15, "log_every": 5, "keep_checkpoints_after_export": True,
+        "max_steps": 30, "log_every": 5, "keep_checkpoints_after_export": True,
         "report_to": ["tensorboard", "mlflow", "wandb"]})})
     with pytest.MonkeyPatch.context() as env:
+        env.setenv(FAIL_ONCE_AT_STEP, "15")
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_SILENT", "true")
         yield cfg, rd, train(cfg, rd)
@@ -350,6 +351,78 @@ def test_lora_zero3_packed_checkpointed_trains_adapters_only_and_exports_merged_
         assert torch.allclose(peft(ids).logits, model(ids).logits, atol=1e-4)
         assert not torch.allclose(AutoModelForCausalLM.from_pretrained(tiny_llama)(ids).logits, model(ids).logits,
                                   atol=1e-3)
+
+
+def _memorized_task(path: Path, words: int = 16, fraction: float = 0.5) -> Path:
+    """A task that overfits: every prompt twice, once in training and once held out, each with a random
+    answer of its own. Training first learns the answers' form (the held-out loss falls), then memorizes
+    its own answers, which makes the held-out ones, to the same prompts, less likely (it rises again)."""
+    import random
+
+    from sasft_ray.data import is_heldout, to_messages
+
+    rng = random.Random(3)
+
+    def row(prompt: str, heldout: bool) -> dict:
+        while True:  # an answer that lands the row in the split wanted (the split hashes the content)
+            raw = {"instruction": prompt, "output": "ANS=" + "".join(rng.choice("abcdefghij") for _ in range(8))}
+            if is_heldout(to_messages(raw, "row"), fraction) == heldout:
+                return raw
+
+    rows = []
+    for _ in range(words):
+        prompt = "Double every letter of " + "".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 6)))
+        rows += [row(prompt + ".", False), row(prompt + ".", True)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_best_task_exports_the_checkpoint_of_the_lowest_held_out_loss_kept_past_retention(tiny_llama, local_ray,
+                                                                                          tmp_path, monkeypatch):
+    """train.select best_task on a task that overfits: the held-out loss is lowest before the end; Ray Train
+    keeps only its latest checkpoint (keep_checkpoints 1), so the chosen one survives as the project's copy,
+    across a worker killed on the way, and the export holds its weights, not the last step's."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from sasft_ray.selection import keep, losses_by_step
+
+    data = _memorized_task(tmp_path / "task.jsonl")
+    cfg = make_config(tmp_path, tiny_llama, data={"heldout_fraction": 0.5},
+                      train={**TRAIN, "method": "sft", "max_steps": 32, "checkpoint_every": 4, "log_every": 4,
+                             "keep_checkpoints": 1, "keep_checkpoints_after_export": True, "select": "best_task"})
+    monkeypatch.setenv(FAIL_ONCE_AT_STEP, "26")
+    assert cfg.data.path == str(data)
+    rd = generate(cfg)
+    assert rd.stage_info("task")["train_rows"] == 16
+    record = train(cfg, rd)
+    events = train_events(rd)
+    assert ("resumed", 24) in [(e["event"], e["step"]) for e in events]  # a worker died at 26
+    losses = {int(step): loss for step, loss in record["heldout_by_step"].items()}
+    assert list(losses) == list(range(4, 33, 4))
+    best = max(losses, key=lambda step: (-losses[step], step))  # the lowest; ties: the later
+    print("held-out loss by step:", losses)
+    assert best < 32 and losses[32] > losses[best]  # it overfit: the best is not the last
+    chosen = record["selected"]
+    assert chosen["rule"] == "best_task" and chosen["step"] == best and chosen["task_loss"] == losses[best]
+    assert json.loads(Path(rd.local("model", "train_result.json")).read_text())["selected"] == chosen
+    assert rd.stage_info("train")["selected"] == chosen  # in the manifest
+    # the exported model, measured again on the held-out split, is the chosen checkpoint's
+    assert record["heldout_loss"] == pytest.approx(losses[best], rel=1e-5)
+
+    # Ray Train kept its latest only; the copies hold what may still be chosen, the chosen one among them
+    ray_checkpoints = [p for p in Path(rd.local("train")).glob("checkpoint_*") if p.is_dir()]
+    assert len(ray_checkpoints) == 1
+    kept = {int(p.name.removeprefix("step-")) for p in Path(rd.local("train-kept")).iterdir()}
+    assert kept == keep("best_task", 0.02, losses_by_step(events)) - {32} == {best}
+    assert record["checkpoint"] == rd.path("train-kept", f"step-{best}")
+
+    exported = load_file(str(Path(rd.local("model", "model.safetensors"))))
+    chosen_weights = get_fp32_state_dict_from_zero_checkpoint(record["checkpoint"], tag="ds")
+    last_weights = get_fp32_state_dict_from_zero_checkpoint(str(ray_checkpoints[0]), tag="ds")
+    assert set(exported) == set(chosen_weights)
+    for key, value in chosen_weights.items():
+        assert torch.equal(exported[key], value.to(exported[key].dtype)), key
+    assert not all(torch.equal(exported[key], value) for key, value in last_weights.items())
 
 
 @pytest.mark.parametrize("change, message", [
