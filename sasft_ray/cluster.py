@@ -25,7 +25,7 @@ VERBOSE = "SASFT_VERBOSE"
 PROGRESS_EVERY_S = 30.0
 # Their INFO logs and the warnings they raise are noise to a user unless asked for.
 LIBRARIES = ("ray", "vllm", "torch", "transformers", "deepspeed", "lm_eval", "datasets", "huggingface_hub",
-             "urllib3", "filelock", "mlflow", "alembic")
+             "urllib3", "httpx", "httpcore", "openai", "filelock", "mlflow", "alembic")
 # Ray's libraries set levels of their own, below the "ray" logger's
 LOGGERS = (*LIBRARIES, "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.llm", "lm-eval")
 
@@ -35,14 +35,22 @@ def verbose() -> bool:
 
 
 def quiet() -> None:
-    """Unless verbose: the libraries' loggers at WARNING, their warnings off, no
-    progress bars of theirs (tqdm, Ray Data). Called once by the CLI, before Ray starts."""
+    """Unless verbose: the libraries' loggers quiet, their warnings off, no progress bars of theirs
+    (tqdm, Ray Data). Called once by the CLI, before Ray starts."""
+    if verbose():
+        return
+    quiet_loggers()
+    warnings.filterwarnings("ignore", module=rf"({'|'.join(LIBRARIES)})(\.|$)")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and the hub's bars; read by tqdm at each bar
+
+
+def quiet_loggers() -> None:
+    """The libraries' loggers at WARNING (vLLM's at ERROR: its warnings are about its build); again after
+    Ray Data's import and Serve's start, which set theirs to INFO."""
     if verbose():
         return
     for name in LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module=rf"({'|'.join(LIBRARIES)})(\.|$)")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and the hub's bars; read by tqdm at each bar
+        logging.getLogger(name).setLevel(logging.ERROR if name == "vllm" else logging.WARNING)
 
 
 def connect(cfg: Config) -> None:
@@ -52,7 +60,8 @@ def connect(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    logs = {"log_to_driver": verbose()}
+    logs = {"log_to_driver": True} if verbose() else {
+        "log_to_driver": False, "logging_config": ray.LoggingConfig(log_level="WARNING")}
     address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **logs)
@@ -71,6 +80,7 @@ def connect(cfg: Config) -> None:
 
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = ctx.print_on_execution_start = False
+        quiet_loggers()
 
 
 def bar(done: float, total: float, width: int = 20) -> str:

@@ -115,6 +115,10 @@ class SelfTalkConfig(Section):
         "model's own text becoming unlikely is forgetting); every method generates it, so SFT gets the curve "
         "too; 0: no monitor")
     seed: int = Field(0, description="sampling seed: the same config and seed give the same dialogues")
+    monitor_from: str | None = Field(
+        None, description="a run dir whose forgetting-monitor dialogues (selftalk_heldout.parquet) this run "
+        "measures instead of generating its own, when it mixes in no self-talk (`compare` runs: the main run's, "
+        "so every method is measured on the same dialogues)")
     continue_on_error: bool = Field(
         False, description="a dialogue the engine rejects is kept with drop_reason 'engine error' instead of "
         "failing the stage")

@@ -92,6 +92,21 @@ def task_stage(cfg: Config, rd: RunDir, force: bool) -> None:
         rd.finish("external", write_canonical(cfg.mix.external, rd, "external", with_heldout=False))
 
 
+def monitor_stage(cfg: Config, rd: RunDir, force: bool) -> None:
+    """The forgetting monitor's dialogues of another run (`selftalk.monitor_from`), copied: a run that mixes
+    in no self-talk is then measured on the very dialogues that run is, and starts no engine for them."""
+    source = RunDir(cfg.selftalk.monitor_from, create=False)
+    done = source.stage_info("selftalk")
+    if done.get("status") != "done" or not done.get("heldout"):
+        raise TooFewSurvivors(f"selftalk.monitor_from {source.root} has no forgetting-monitor dialogues "
+                              f"({MONITOR} of a finished selftalk stage): run it first, or unset monitor_from")
+    if rd.begin("selftalk", f"{cfg.section_hash('model')}:from:{source.root}:{done['id']}", force,
+                outputs=("selftalk", MONITOR), inputs=fingerprints(cfg, "model.path")):
+        table = pq.read_table(source.local(MONITOR), filesystem=source.fs)
+        pq.write_table(table, rd.local(MONITOR), filesystem=rd.fs)
+        rd.finish("selftalk", {"rows_out": 0, "heldout": table.num_rows, "monitor_from": source.root})
+
+
 def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
     """Generate, filter and write the self-dialogues; then set the forgetting monitor's slice apart
     (`selftalk_heldout.parquet`: `selftalk_wanted[1]` survivors picked by a seeded hash, never mixed in)."""
@@ -203,7 +218,10 @@ def generate(cfg: Config, redo: str | None = None) -> RunDir:
         build_assets(cfg)
         cfg = absolute_paths(cfg)
         task_stage(cfg, rd, force["task"])
-        if sum(cfg.selftalk_wanted):  # SA-SFT's self-talk, or the forgetting monitor's slice of it
+        mixed, monitor = cfg.selftalk_wanted
+        if monitor and not mixed and cfg.selftalk.monitor_from:  # another run's monitor, for this one too
+            monitor_stage(cfg, rd, force["selftalk"])
+        elif mixed or monitor:  # SA-SFT's self-talk, or the forgetting monitor's slice of it
             selftalk_stage(cfg, rd, force["selftalk"])
         mix_stage(cfg, rd, force["mix"])
         rd.save_config(cfg)  # after the checks: a refused run does not relabel the old results

@@ -27,6 +27,7 @@ def method_runs(cfg: Config) -> dict[str, Config]:
         raw = cfg.model_dump(mode="json")
         raw.update(run_dir=f"{cfg.run_dir}/compare/{method}", compare=[])
         raw["train"]["method"] = method
+        raw["selftalk"]["monitor_from"] = cfg.run_dir  # every method measured on the same dialogues
         runs[method] = validate_config(raw, source=f"compare: {method}")
     return runs
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from sasft_ray.cluster import quiet_loggers, verbose
 from sasft_ray.config import Config
 from sasft_ray.engines import engine_env, engine_kwargs, engine_placement
 
@@ -159,7 +160,9 @@ def start(cfg: Config, models: Models, timeout_s: float = 900) -> str:
                if "://" not in path and os.path.isabs(path) and not os.path.exists(path)]
     if missing:
         raise ServeError("no model to serve at " + "; ".join(missing))
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port},
+                logging_config=None if verbose() else {"log_level": "WARNING"})
+    quiet_loggers()
     ids = list(models.api_ids().values())
     print(f"[serve] starting {', '.join(ids)} on {cfg.serve.host}:{cfg.serve.port}"
           + (f" ({len(models.adapters)} LoRA adapters on the {models.base} engine)" if models.adapters else ""))

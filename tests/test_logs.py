@@ -38,7 +38,7 @@ def test_quiet_silences_the_libraries_unless_verbose(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     cluster.quiet()
     assert logging.getLogger("ray.data").getEffectiveLevel() == logging.WARNING
-    assert logging.getLogger("vllm").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("vllm").getEffectiveLevel() == logging.ERROR
     with warnings.catch_warnings(record=True) as caught:
         warnings.warn_explicit("old API", DeprecationWarning, "x.py", 1, module="torch.distributed")
         warnings.warn_explicit("ours", UserWarning, "x.py", 1, module="sasft_ray.train")

@@ -4,7 +4,7 @@ import pytest
 
 from sasft_ray.data import ROW_SCHEMA
 from sasft_ray.mix import interleave, write_mix
-from sasft_ray.rundir import RunDir
+from sasft_ray.rundir import RunDir, StageChanged
 from tests.conftest import make_config
 
 
@@ -142,3 +142,32 @@ def test_weighted_sources_join_the_mix_at_their_exact_counts_and_in_every_window
     with pytest.raises(ConfigError, match="mix.sources.0.weight"):
         validate_config({"run_dir": str(tmp_path / "c"), "model": {"path": "m"}, "data": {"path": task},
                          "mix": {"sources": [{"path": replay, "weight": 0}]}})
+
+
+def test_a_compare_run_measures_the_main_runs_monitor_dialogues_without_an_engine(tmp_path):
+    from sasft_ray.generate import TooFewSurvivors, generate
+    from sasft_ray.mix import MONITOR
+    from sasft_ray.pipeline import method_runs
+
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(f'{{"prompt": "q {i}", "completion": "a {i}"}}\n' for i in range(40)))
+    cfg = make_config(tmp_path, data_path=task, compare=["sft"], selftalk={"heldout_fraction": 0.1})
+    sft = method_runs(cfg)["sft"]
+    assert sft.selftalk.monitor_from == cfg.run_dir and sft.selftalk_wanted == (0, 100)
+    with pytest.raises(TooFewSurvivors, match="no forgetting-monitor dialogues"):
+        generate(sft)  # the main run has not written its monitor yet: nothing is generated in its place
+    main = RunDir(cfg.run_dir)
+    pq.write_table(pa.Table.from_pylist([{"id": i, "messages": dialogue(f"self {i}")} for i in range(7)]),
+                   main.local(MONITOR))
+    main.begin("selftalk", "test")
+    main.finish("selftalk", {"heldout": 7})
+    rd = generate(sft)
+    assert pq.read_table(rd.local(MONITOR)).equals(pq.read_table(main.local(MONITOR)))
+    assert rd.stage_info("selftalk")["heldout"] == 7 and rd.stage_info("mix")["mixed_in_rows"] == 0
+    first = rd.stage_info("selftalk")["id"]
+    assert generate(sft).stage_info("selftalk")["id"] == first  # done: not copied again
+    main.begin("selftalk", "test", force=True)
+    main.finish("selftalk", {"heldout": 7})  # the main run's self-talk redone: the copy is stale
+    with pytest.raises(StageChanged):
+        generate(sft)
+    assert generate(sft, redo="selftalk").stage_info("selftalk")["id"] != first
