@@ -32,12 +32,12 @@ def main() -> None:
 
     from sasft_ray import serve
     from sasft_ray.cluster import connect
-    from sasft_ray.config import absolute_paths, load_config
+    from sasft_ray.config import load_config
     from sasft_ray.evaluate import evaluate_models
     from sasft_ray.generate import task_stage
     from sasft_ray.rundir import RunDir
 
-    cfg = absolute_paths(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
     if not Path(cfg.model.path).is_dir():
         raise SystemExit(f"no model at {cfg.model.path}: run `sasft run demo` once to build the lab")
     scratch = tempfile.mkdtemp(prefix="bench-eval-")

@@ -8,7 +8,7 @@ import sys
 import time
 
 from sasft_ray.cluster import VERBOSE, quiet, verbose
-from sasft_ray.config import ConfigError, absolute_paths, load_config, shipped_configs
+from sasft_ray.config import ConfigError, load_config, shipped_configs
 from sasft_ray.data import BadRow
 from sasft_ray.evaluate import EvalError
 from sasft_ray.generate import STAGES, TooFewSurvivors
@@ -60,7 +60,7 @@ def cmd_serve(args) -> None:
     from sasft_ray.cluster import connect
     from sasft_ray.pipeline import served_models
 
-    cfg = absolute_paths(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
     models = served_models(cfg)
     serve.write_serve_config(cfg, models, args.write_config)
     print(f"[serve] the same application as a Serve config (serve deploy, RayService): {args.write_config}")
@@ -80,7 +80,7 @@ def cmd_eval(args) -> None:
     from sasft_ray.pipeline import serve_and_eval
     from sasft_ray.report import run_report
 
-    cfg = absolute_paths(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
     print(run_report(serve_and_eval(cfg, args.url, force=args.force)))
 
 

@@ -478,10 +478,12 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """The same config with its existing local paths made absolute: Ray workers (Ray Train's above
-    all) do not run in the driver's working directory. Hub ids and URIs are left as they are."""
+    """The same config with its local paths made absolute: Ray workers (Ray Train's above all) do not
+    run in the driver's working directory. A local path is one that exists, or for a `bootstrap` config
+    one the lab is about to write; hub ids and URIs are left as they are."""
     def fix(path: str) -> str:
-        return str(Path(path).absolute()) if "://" not in path and Path(path).exists() else path
+        local = "://" not in path and (Path(path).exists() or cfg.bootstrap is not None)
+        return str(Path(path).absolute()) if local else path
 
     update = {"run_dir": cfg.run_dir if "://" in cfg.run_dir else str(Path(cfg.run_dir).absolute()),
               "model": cfg.model.model_copy(update={"path": fix(cfg.model.path)}),
@@ -511,6 +513,7 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
+    """The config a run uses, ready: validated, overrides applied, local paths absolute."""
     path = resolve_config_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -520,7 +523,7 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
         apply_override(raw, item)
-    return validate_config(raw, source=str(path))
+    return absolute_paths(validate_config(raw, source=str(path)))
 
 
 def validate_config(raw: dict, source: str = "<config>") -> Config:

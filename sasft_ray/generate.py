@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from sasft_ray import data as task_data
 from sasft_ray.cluster import bar, connect, progress
-from sasft_ray.config import Config, DataConfig, absolute_paths
+from sasft_ray.config import Config, DataConfig
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
 from sasft_ray.mix import MONITOR, mix_key, write_mix
 from sasft_ray.rundir import RunDir, fingerprint, fingerprints
@@ -216,7 +216,6 @@ def generate(cfg: Config, redo: str | None = None) -> RunDir:
     rd = RunDir(cfg.run_dir)
     with rd.locked():
         build_assets(cfg)
-        cfg = absolute_paths(cfg)
         task_stage(cfg, rd, force["task"])
         mixed, monitor = cfg.selftalk_wanted
         if monitor and not mixed and cfg.selftalk.monitor_from:  # another run's monitor, for this one too

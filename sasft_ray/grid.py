@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from sasft_ray.config import Config, ConfigError, absolute_paths, load_config
+from sasft_ray.config import Config, ConfigError, load_config
 
 FORWARDED_ENV = ("HF_TOKEN",)  # gated hub models (Llama) need it on the cluster
 
@@ -106,7 +106,7 @@ def run_grid(spec: GridSpec, address: str | None = None, only: list[str] = ()) -
     # Before any cell runs: a cell finished under other settings is refused, not passed off as done.
     try:
         finished = [RunDir(cfg.run_dir, create=False).finished("eval", eval_hash(cfg), eval_inputs(cfg))
-                    for cfg in map(absolute_paths, (c.config for c in cells))]
+                    for cfg in (c.config for c in cells)]
     except StageChanged as e:
         raise StageChanged(f"{e} (for a grid: --run-root)") from None
     for i, (cell, done) in enumerate(zip(cells, finished), 1):

@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 from sasft_ray import loop, packing, selection
 from sasft_ray.card import write_model_card
 from sasft_ray.cluster import bar, connect, progress
-from sasft_ray.config import Config, absolute_paths
+from sasft_ray.config import Config
 from sasft_ray.export import export
 from sasft_ray.mix import MONITOR
 from sasft_ray.rundir import RunDir, fingerprints
@@ -395,7 +395,6 @@ def train_hash(cfg: Config, rd: RunDir) -> str:
 
 def trained(cfg: Config) -> bool:
     """Whether the run's model is the finished training of this very config (an error if of another)."""
-    cfg = absolute_paths(cfg)
     rd = RunDir(cfg.run_dir, create=False)
     return rd.finished("train", train_hash(cfg, rd), fingerprints(cfg, "model.path"))
 
@@ -403,7 +402,7 @@ def trained(cfg: Config) -> bool:
 def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
     """Train unless done under this config; returns the stage record (None if skipped)."""
     with rd.locked():
-        return _train(absolute_paths(cfg), rd, force)
+        return _train(cfg, rd, force)
 
 
 def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
