@@ -114,6 +114,14 @@ def cmd_grid(args) -> None:
         print(compare(load_entries(run_dirs)))
 
 
+def cmd_diagnose(args) -> None:
+    from sasft_ray.diagnose import diagnose, report
+
+    cfg = load_config(args.config, args.overrides)
+    print(report(diagnose(cfg, args.limit)))
+    print(f"[diagnose] written: {cfg.run_dir}/diagnose.json, diagnose.png")
+
+
 def cmd_config(args) -> None:
     import yaml
 
@@ -219,6 +227,12 @@ def parser() -> argparse.ArgumentParser:
     _verbose_arg(p)
     p.add_argument("--run-root", help="put the cells' run dirs here instead of the grid's run_root")
     p.set_defaults(fn=cmd_grid)
+
+    p = sub.add_parser("diagnose", help="before training: the base model's loss on the task's replies against "
+                       "its own self-talk replies (how far the task is from its style), with a verdict")
+    _config_args(p)
+    p.add_argument("--limit", type=int, default=256, help="dialogues scored of each kind (default 256)")
+    p.set_defaults(fn=cmd_diagnose)
 
     p = sub.add_parser("config", help="print the resolved config (after overrides), or the error; or, with "
                        "--reference, every key of the schema as Markdown (docs/config.md)")

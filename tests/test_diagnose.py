@@ -1,0 +1,51 @@
+"""`sasft diagnose`: a task in a foreign style costs the base model more per token than its own text."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sasft_ray import lab
+from sasft_ray.data import ROW_SCHEMA
+from sasft_ray.diagnose import report, score, verdict
+from sasft_ray.rundir import RunDir
+from tests.conftest import make_config
+
+
+def run_dir_with(tmp_path, name, task: list[list[dict]], own: list[list[dict]], model: str):
+    """A run dir as `generate` leaves it: the task split and the self-dialogues (all kept)."""
+    cfg = make_config(tmp_path / name, model, selftalk={"heldout_fraction": 0.05}, train={"max_length": 128})
+    rd = RunDir(cfg.run_dir)
+    for folder, rows in (("task", [{"messages": m, "source_row": i} for i, m in enumerate(task)]),):
+        rd.fs.create_dir(rd.local(folder))
+        pq.write_table(pa.Table.from_pylist(rows, ROW_SCHEMA), rd.local(folder, "train.parquet"))
+    rd.fs.create_dir(rd.local("selftalk"))
+    pq.write_table(pa.Table.from_pylist([{"messages": m, "drop_reason": ""} for m in own]),
+                   rd.local("selftalk", "part-0.parquet"))
+    return cfg, rd
+
+
+def test_a_foreign_style_task_is_farther_than_one_in_the_house_style(small_lab, tmp_path):
+    out, _ = small_lab
+    stream = lab.pretrain_dialogues(seed=7, exclude=set())
+    own = [next(stream) for _ in range(48)]  # the base model's own kind of text
+    foreign = [r["messages"] for r in lab.read_jsonl(out / "tasks" / "parity.jsonl")[:48]]  # replies in ALL CAPS
+    house = [[*r["messages"], {"role": "assistant", "content": r["reference"]}]  # held-out questions, house style
+             for rows in lab.load_evals(out).values() for r in rows][:48]
+
+    cfg, rd = run_dir_with(tmp_path, "foreign", foreign, own, str(out / "model"))
+    far = score(cfg, rd, limit=48)
+    cfg, rd = run_dir_with(tmp_path, "house", house, own, str(out / "model"))
+    near = score(cfg, rd, limit=48)
+
+    assert far["task"]["rows"] == far["selftalk"]["rows"] == 48
+    assert far["distance"] > 1.0 and far["distance"] > 5 * near["distance"] and far["ratio"] > near["ratio"]
+    assert far["verdict"].startswith("far") and not near["verdict"].startswith("far")
+    written = json.loads(rd.read_text("diagnose.json"))
+    assert written["ratio"] == near["ratio"] and sum(written["histogram"]["task"]) == 48
+    assert rd.exists("diagnose.png") and "x," in report(far)
+
+
+def test_verdicts_by_ratio():
+    assert verdict(3.0).startswith("far") and verdict(0.5).startswith("somewhat") and verdict(0.1).startswith("close")
+    assert verdict(-0.2).startswith("close")  # the task more likely than its own replies
