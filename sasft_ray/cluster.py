@@ -25,7 +25,7 @@ VERBOSE = "SASFT_VERBOSE"
 PROGRESS_EVERY_S = 30.0
 # Their INFO logs and the warnings they raise are noise to a user unless asked for.
 LIBRARIES = ("ray", "vllm", "torch", "transformers", "deepspeed", "lm_eval", "datasets", "huggingface_hub",
-             "urllib3", "httpx", "httpx2", "httpcore", "openai", "filelock", "mlflow", "alembic")
+             "urllib3", "httpx", "httpx2", "httpcore", "openai", "absl", "filelock", "mlflow", "alembic")
 # Ray's libraries set levels of their own, below the "ray" logger's
 LOGGERS = (*LIBRARIES, "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.llm", "lm-eval")
 
