@@ -27,7 +27,7 @@ PROGRESS_EVERY_S = 30.0
 LIBRARIES = ("ray", "vllm", "torch", "transformers", "deepspeed", "lm_eval", "datasets", "huggingface_hub",
              "urllib3", "httpx", "httpx2", "httpcore", "openai", "absl", "filelock", "mlflow", "alembic")
 # Ray's libraries set levels of their own, below the "ray" logger's
-LOGGERS = (*LIBRARIES, "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.llm", "lm-eval")
+LOGGERS = (*LIBRARIES, "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.llm", "lm-eval", "DeepSpeed")
 
 
 def verbose() -> bool:
@@ -45,12 +45,12 @@ def quiet() -> None:
 
 
 def quiet_loggers() -> None:
-    """The libraries' loggers at WARNING (vLLM's at ERROR: its warnings are about its build); again after
-    Ray Data's import and Serve's start, which set theirs to INFO."""
+    """The libraries' loggers at WARNING (vLLM's and DeepSpeed's at ERROR: their warnings are about their
+    builds); again after Ray Data's import and Serve's start, which set theirs to INFO."""
     if verbose():
         return
     for name in LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR if name == "vllm" else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR if name in ("vllm", "DeepSpeed") else logging.WARNING)
 
 
 def connect(cfg: Config) -> None:
