@@ -110,6 +110,8 @@ def monitor_stage(cfg: Config, rd: RunDir, force: bool) -> None:
 def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
     """Generate, filter and write the self-dialogues; then set the forgetting monitor's slice apart
     (`selftalk_heldout.parquet`: `selftalk_wanted[1]` survivors picked by a seeded hash, never mixed in)."""
+    import ray
+
     mixed, monitor = cfg.selftalk_wanted
     if not rd.begin("selftalk", f"{cfg.section_hash('model', 'selftalk', 'filters')}:{mixed}:{monitor}", force,
                     outputs=("selftalk", MONITOR), inputs=fingerprints(cfg, "model.path")):
@@ -118,7 +120,6 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
     fmt = turn_format(tokenizer)
     check_fits(cfg, tokenizer, fmt)
     connect(cfg)
-    import ray
     wanted = mixed + monitor
     generated = math.ceil(wanted * cfg.selftalk.oversample)
     ds = selftalk_dataset(cfg, generated, fmt)
