@@ -35,13 +35,13 @@ def verbose() -> bool:
 
 
 def quiet() -> None:
-    """Unless verbose: the libraries' loggers quiet, their warnings off, no progress bars of theirs
-    (tqdm, Ray Data). Called once by the CLI, before Ray starts."""
+    """Unless verbose: the libraries' loggers quiet, their warnings off (Ray Data's progress bars go off in
+    `connect`). Called once by the CLI, before Ray starts."""
     if verbose():
         return
     quiet_loggers()
     warnings.filterwarnings("ignore", module=rf"({'|'.join(LIBRARIES)})(\.|$)")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and the hub's bars; read by tqdm at each bar
+    # tqdm stays on (TQDM_DISABLE would break vLLM's LLM.generate, which divides by a disabled bar's time)
 
 
 def quiet_loggers() -> None:

@@ -35,7 +35,6 @@ def test_quiet_silences_the_libraries_unless_verbose(monkeypatch):
     cluster.quiet()
     assert logging.getLogger("ray.data").getEffectiveLevel() == logging.INFO
     monkeypatch.setenv(cluster.VERBOSE, "0")
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     cluster.quiet()
     assert logging.getLogger("ray.data").getEffectiveLevel() == logging.WARNING
     assert logging.getLogger("vllm").getEffectiveLevel() == logging.ERROR
