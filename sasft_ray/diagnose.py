@@ -106,34 +106,29 @@ def score(cfg: Config, rd: RunDir, limit: int = 256) -> dict:
     distance = result["task"]["mean"] - result["selftalk"]["mean"]
     result.update(distance=distance, ratio=ratio, verdict=verdict(distance), histogram=histogram(task, own))
     rd.write_text(json.dumps(result, indent=2) + "\n", "diagnose.json")
-    plot(task, own, rd)
+    plot(result["histogram"], rd)
     return result
 
 
 def histogram(task: list[float], own: list[float], bins: int = 20) -> dict:
-    top = max(max(task), max(own)) or 1.0
-    edges = [top * i / bins for i in range(bins + 1)]
+    """Both loss distributions over the same bins, from 0 to the largest loss."""
+    import numpy as np
 
-    def counts(values: list[float]) -> list[int]:
-        out = [0] * bins
-        for v in values:
-            out[min(bins - 1, int(v / top * bins))] += 1
-        return out
-
-    return {"edges": edges, "task": counts(task), "selftalk": counts(own)}
+    edges = np.linspace(0.0, max(task + own) or 1.0, bins + 1)
+    return {"edges": edges.tolist(), "task": np.histogram(task, edges)[0].tolist(),
+            "selftalk": np.histogram(own, edges)[0].tolist()}
 
 
-def plot(task: list[float], own: list[float], rd: RunDir) -> None:
+def plot(hist: dict, rd: RunDir) -> None:
+    """The histogram of diagnose.json, drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    top = max(max(task), max(own))
-    bins = [top * i / 30 for i in range(31)]
-    ax.hist(own, bins=bins, alpha=0.6, label="its own self-talk replies")
-    ax.hist(task, bins=bins, alpha=0.6, label="the task's replies")
+    ax.stairs(hist["selftalk"], hist["edges"], fill=True, alpha=0.6, label="its own self-talk replies")
+    ax.stairs(hist["task"], hist["edges"], fill=True, alpha=0.6, label="the task's replies")
     ax.set_xlabel("base model's loss per assistant token (nats)")
     ax.set_ylabel("dialogues")
     ax.legend()
