@@ -25,8 +25,8 @@ from sasft_ray.selftalk import load_tokenizer, turn_format
 from sasft_ray.train import IGNORE, encode
 
 # the distance (nats per assistant token the task costs beyond the model's own replies), and what it says: a
-# rule of thumb from the forgetting lab (its foreign-style tasks: 12-17 nats; house-style replies to questions
-# it never saw: 0.14), not yet calibrated on large models
+# rule of thumb from the forgetting lab (its foreign-style tasks: 12-17 nats; its house-style control task: 0.02;
+# docs/studies.md), not yet calibrated on large models
 VERDICTS = ((1.0, "far from the model's own style: plain SFT is likely to pull it away from what it knew; "
                   "SA-SFT's self-dialogues hold it"),
             (0.25, "somewhat away from the model's own style: some forgetting is likely under plain SFT"),

@@ -61,8 +61,11 @@ def engine_env(cfg, eng) -> dict:
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
     if not cfg.resources.use_gpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(eng.kv_cache_gib)))
-        # Engines share the cores: idle OpenMP threads must sleep, not spin.
+        # Engines share the cores: idle OpenMP threads must sleep, not spin. And vLLM's CPU worker must not
+        # pin itself: it binds to the cores it does not reserve for its scheduler, the same ones for every
+        # engine of a machine, so the demo's three served engines shared one of its two cores.
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return env
 
 

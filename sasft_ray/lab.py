@@ -8,7 +8,9 @@ SA-SFT is meant to prevent. Everything follows from a seed; nothing is downloade
 
 `build_lab(out)` writes:
   model/          the base chat model (HF folder: safetensors, tokenizer, chat template)
-  tasks/*.jsonl   one narrow task per file, chat rows in the foreign style
+  tasks/*.jsonl   one narrow task per file, chat rows in the foreign style, and the control task
+                  (tasks/house.jsonl): general questions answered in the house style, as pretraining
+                  answers them, so `sasft diagnose` has a task that is close to the model's own style
   evals/*.jsonl   held-out questions per general skill, never seen in pretraining
   external.jsonl  general questions answered in another style (the external-mix baseline)
   lab.json        what was built, and the base model's accuracy per skill
@@ -33,8 +35,9 @@ from sasft_ray.tiny import new_model, save_model, train_tokenizer
 
 # Bumped whenever a change to the world or its pretraining changes what a build makes: a lab built
 # by another version is rebuilt, not reused.
-WORLD_VERSION = 3
+WORLD_VERSION = 4  # 4: the control task tasks/house.jsonl
 HOUSE = "Sure! The answer is {}."
+CONTROL = "house"  # the control task: tasks/house.jsonl, in the house style
 EXTERNAL = "Result: {}"
 
 # --- the world: a fixed vocabulary and fact tables ------------------------------------------------
@@ -254,6 +257,8 @@ def write_world(out: str | Path, preset: str = "full", seed: int = 0) -> dict:
                                                       "{}", set())
     files["external.jsonl"] = _distinct_rows(random.Random(f"external-{seed}"), list(SKILLS.values()),
                                              p["external_rows"], EXTERNAL, eval_questions)
+    files[f"tasks/{CONTROL}.jsonl"] = _distinct_rows(random.Random(f"control-{seed}"), list(SKILLS.values()),
+                                                     p["task_rows"], HOUSE, eval_questions)
     for rel, rows in files.items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -284,7 +289,7 @@ def lab_tokenizer(world: Path, seed: int, exclude: set[str], vocab_size: int):
     with one token per digit, so that the digit-string tasks line up with tokens."""
     stream = pretrain_dialogues(seed, exclude)
     corpus = [m["content"] for _ in range(3000) for m in next(stream)]
-    for f in [*sorted(world.glob("tasks/*.jsonl")), world / "external.jsonl"]:
+    for f in [*sorted(world / f"tasks/{name}.jsonl" for name in TASKS), world / "external.jsonl"]:
         corpus += [m["content"] for r in read_jsonl(f) for m in r["messages"]]
     return train_tokenizer("llama", corpus, vocab_size, split_digits=True)
 
@@ -405,6 +410,7 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0)
         accuracy = evaluate(model, tokenizer, evals)
         info = {
             "preset": preset, "seed": seed, "version": WORLD_VERSION, "skills": list(SKILLS), "tasks": list(TASKS),
+            "control": CONTROL,
             "sizes": {**sizes, "params": sum(t.numel() for t in model.parameters()), **p},
             "build_seconds": round(time.time() - start, 1),
             "base_accuracy": accuracy,

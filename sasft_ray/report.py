@@ -11,6 +11,7 @@ score, as the paper's "best in 40 of 50" does.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -180,15 +181,16 @@ def mean_spread(values: list[float]) -> str:
 
 
 def compare(found: list[dict]) -> str:
-    """Markdown: mean ± spread over seeds per (base model, task, method and variant), and winners
-    per scenario."""
+    """Markdown: mean ± spread over seeds per (base model, task, method and variant), with the weight drift
+    and the forgetting monitor's loss at the exported checkpoint; winners per scenario; and how well the
+    monitor ranks the runs."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for e in found:
         method = f"{e['method']} ({e['variant']})" if e.get("variant") else e["method"]
         groups[(e["base_model"], e["task"], method)].append(e)
     benchmarks = list(dict.fromkeys(b for e in found for b in e["scores"]))
-    lines = ["| base model | task | method | seeds | " + " | ".join(benchmarks) + " | drift |",
-             "|---" * (5 + len(benchmarks)) + "|"]
+    lines = ["| base model | task | method | seeds | " + " | ".join(benchmarks) + " | drift | self-talk loss |",
+             "|---" * (6 + len(benchmarks)) + "|"]
     means: dict[tuple, dict[str, float]] = {}
     for (model, task, method), es in sorted(groups.items()):
         cells = []
@@ -198,12 +200,61 @@ def compare(found: list[dict]) -> str:
             if values:
                 means.setdefault((model, task, b), {})[method] = statistics.fmean(values)
         drift = [e["drift"]["total"] for e in es if "total" in (e.get("drift") or {})]
+        monitor = [x for e in es if (x := exported_monitor_loss(e)) is not None]
         lines.append(f"| {Path(model).name} | {Path(task).name} | {method} | {len(es)} | " + " | ".join(cells)
-                     + f" | {mean_spread(drift) if drift else ''} |")
+                     + f" | {mean_spread(drift) if drift else ''} | {mean_spread(monitor) if monitor else ''} |")
     base_cells = {b: statistics.fmean(e["base"][b] for e in found if b in e["base"]) for b in benchmarks}
-    lines.append("| base | | | | " + " | ".join(f"{base_cells[b]:.3f}" for b in benchmarks) + " | |")
-    lines += ["", *winner_lines(means)]
+    lines.append("| base | | | | " + " | ".join(f"{base_cells[b]:.3f}" for b in benchmarks) + " | | |")
+    lines += ["", *winner_lines(means), *monitor_lines(found)]
     return "\n".join(lines)
+
+
+def exported_monitor_loss(entry: dict) -> float | None:
+    """The self-talk held-out loss of the checkpoint a run exported: train.select's choice, else its last."""
+    if (chosen := entry.get("selected")) and chosen.get("selftalk_loss") is not None:
+        return chosen["selftalk_loss"]
+    losses = [c["selftalk_heldout_loss"] for c in entry.get("curve") or []]
+    return next((x for x in reversed(losses) if x is not None), None)
+
+
+def monitor_check(found: list[dict]) -> dict[str, dict]:
+    """Whether the forgetting monitor ranks runs as the general benchmarks do: per task (and over all of
+    them, "all"), Spearman's ρ between the exported checkpoint's self-talk held-out loss and each general
+    mean (strict, and lenient where measured), over methods and seeds, with the number of runs. A monitor
+    that works reads near -1 (the more its loss, the less was kept); a task with under three runs is left
+    out, and ρ is nan where the scores are all equal."""
+    from scipy.stats import spearmanr
+
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for e in found:
+        if (loss := exported_monitor_loss(e)) is not None and GENERAL in e["scores"]:
+            runs[Path(e["task"]).stem].append({"loss": loss, **{b: x for b, x in e["scores"].items() if is_general(b)}})
+    if len(runs) > 1:
+        runs["all"] = [r for task in list(runs) for r in runs[task]]
+    check = {}
+    for task, rs in runs.items():
+        if len(rs) >= 3:
+            metrics = [b for b in rs[0] if b != "loss" and all(b in r for r in rs)]
+            check[task] = {"runs": len(rs), **{b: float(spearmanr([r["loss"] for r in rs], [r[b] for r in rs])
+                                                        .statistic) for b in metrics}}
+    return check
+
+
+def monitor_lines(found: list[dict]) -> list[str]:
+    check = monitor_check(found)
+    if not check:
+        return []
+    metrics = [m for m in next(iter(check.values())) if m != "runs"]
+    return ["", "The forgetting monitor against the benchmarks: Spearman's ρ between each run's self-talk held-out "
+            "loss at its exported checkpoint and its general accuracy (near -1: the monitor ranks the runs as "
+            "the benchmarks do; n/a: the scores are all equal).", "",
+            "| task | runs | " + " | ".join(f"ρ, {m}" for m in metrics) + " |", "|---" * (2 + len(metrics)) + "|",
+            *[f"| {task} | {c['runs']} | " + " | ".join(_rho(c.get(m)) for m in metrics) + " |"
+              for task, c in check.items()]]
+
+
+def _rho(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:+.2f}"
 
 
 def winners(means: dict[tuple, dict[str, float]]) -> Counter:

@@ -54,7 +54,8 @@ def llm_config(cfg: Config, model_id: str, path: str, adapters: dict[str, str] |
     """One vLLM deployment; with `adapters`, it also serves those LoRA adapters of its model."""
     eng = cfg.serve.engine
     # A model in s3:// or gs:// is a mirror: each replica downloads it to its own node first.
-    source = {"bucket_uri": path} if path.startswith(("s3://", "gs://")) else path
+    bucket = path.startswith(("s3://", "gs://"))
+    source = {"bucket_uri": path} if bucket else path
     lora: dict = {}
     extra: dict = {}
     if adapters:
@@ -70,6 +71,10 @@ def llm_config(cfg: Config, model_id: str, path: str, adapters: dict[str, str] |
         "deployment_config": {"num_replicas": eng.concurrency},
         "runtime_env": {"env_vars": engine_env(cfg, eng)},
         **engine_placement(cfg, eng), **lora,
+        # On CPU, a local folder gets no download task per node (sasft_ray/serve_callback.py); GPU clusters
+        # keep Ray's own initialisation, so that their Serve config needs nothing but Ray's LLM image.
+        **({} if bucket or cfg.resources.use_gpu else
+           {"callback_config": {"callback_class": "sasft_ray.serve_callback:LocalModel"}}),
     }
 
 

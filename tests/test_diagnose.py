@@ -30,8 +30,7 @@ def test_a_foreign_style_task_is_farther_than_one_in_the_house_style(small_lab, 
     stream = lab.pretrain_dialogues(seed=7, exclude=set())
     own = [next(stream) for _ in range(48)]  # the base model's own kind of text
     foreign = [r["messages"] for r in lab.read_jsonl(out / "tasks" / "parity.jsonl")[:48]]  # replies in ALL CAPS
-    house = [[*r["messages"], {"role": "assistant", "content": r["reference"]}]  # held-out questions, house style
-             for rows in lab.load_evals(out).values() for r in rows][:48]
+    house = [r["messages"] for r in lab.read_jsonl(out / "tasks" / f"{lab.CONTROL}.jsonl")[:48]]  # the control
 
     cfg, rd = run_dir_with(tmp_path, "foreign", foreign, own, str(out / "model"))
     far = score(cfg, rd, limit=48)

@@ -101,6 +101,26 @@ def test_the_gpu_objects_of_each_cluster_config_ask_for_what_the_plan_counts(pat
     assert f"train  {sc.num_workers} workers x 1 GPU: {sc.num_workers} GPUs" in text
 
 
+def test_a_local_model_on_cpu_starts_without_rays_download_task(tmp_path):
+    import asyncio
+
+    from ray.llm._internal.common.utils.import_utils import load_class
+    from ray.serve.llm import LLMConfig
+
+    from sasft_ray.serve import llm_config
+
+    cfg = make_config(tmp_path)
+    local = LLMConfig.model_validate(llm_config(cfg, "m", str(tmp_path / "model")))
+    callback = load_class(local.callback_config.callback_class)(llm_config=local)
+    assert callback.ctx.run_init_node
+    asyncio.run(callback.on_before_node_init())
+    assert not callback.ctx.run_init_node  # what Ray's engine start reads before it runs the download tasks
+    # a bucket's model is downloaded on every node, and a GPU cluster's Serve config needs only Ray's image
+    assert "callback_config" not in llm_config(cfg, "m", "s3://bucket/model")
+    gpu = make_config(tmp_path, resources={"use_gpu": True})
+    assert "callback_config" not in llm_config(gpu, "m", str(tmp_path / "model"))
+
+
 # --- readiness: every model answers, not just its card ------------------------------------------
 
 class _Router(BaseHTTPRequestHandler):

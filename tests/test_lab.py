@@ -95,6 +95,19 @@ def test_task_and_external_files_are_valid_task_data(tmp_path):
             assert all(m[1]["content"].startswith("Result: ") for _, m in rows)
 
 
+def test_the_control_task_is_general_questions_in_the_house_style(tmp_path):
+    sizes = lab.write_world(tmp_path, "small", seed=0)
+    rel = f"tasks/{lab.CONTROL}.jsonl"
+    rows = lab.read_jsonl(tmp_path / rel)
+    assert len(rows) == sizes[rel] == lab.PRESETS["small"]["task_rows"]
+    held_out = {r["messages"][0]["content"] for rows in lab.load_evals(tmp_path).values() for r in rows}
+    for row in rows:
+        question, reply = (m["content"] for m in row["messages"])
+        answer = reply.removeprefix("Sure! The answer is ").removesuffix(".")
+        assert reply == lab.HOUSE.format(answer) and question not in held_out
+        assert any(lab.check(skill, question, answer) for skill in lab.SKILLS)
+
+
 def test_small_lab_builds_a_model_with_some_skill(small_lab):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -147,3 +147,30 @@ def test_the_report_shows_each_runs_forgetting_curve(tmp_path):
     write_run_report(results, str(tmp_path))
     assert "forgetting monitor" not in (tmp_path / "report.md").read_text()
     assert with_curve > imread(str(tmp_path / "report.png")).shape[1]  # the curve is a panel of its own
+
+
+def test_the_monitor_check_ranks_runs_by_their_exported_checkpoints_self_talk_loss():
+    from sasft_ray.report import monitor_check
+
+    def run(task, general, losses, selected=None):
+        results = _results(task, 0, {"m": (1.0, general, general)}, base=(0.0, 0.8, 0.8))
+        results["finetuned"]["m"]["curve"] = [{"step": 10 * i, "heldout_loss": 1.0, "selftalk_heldout_loss": x}
+                                              for i, x in enumerate(losses, 1)]
+        if selected is not None:
+            results["finetuned"]["m"]["selected"] = {"step": 10, "rule": "balanced", "why": "", "task_loss": 1.0,
+                                                     "selftalk_loss": selected}
+        return entries(results)
+
+    # a: the more monitor loss, the less kept; b: the ranking reversed, by the checkpoint train.select chose
+    found = [*run("x/a.jsonl", 0.7, [0.1, 0.2]), *run("x/a.jsonl", 0.4, [0.1, 0.9]),
+             *run("x/a.jsonl", 0.0, [0.2, 1.5]), *run("x/b.jsonl", 0.7, [0.1, 1.0]),
+             *run("x/b.jsonl", 0.4, [0.1, 0.5]), *run("x/b.jsonl", 0.0, [0.1, 2.0], selected=0.2),
+             *run("x/c.jsonl", 0.5, [0.1, 0.2])]  # one run: no ρ of its own
+    check = monitor_check(found)
+    assert check["a"] == {"runs": 3, GENERAL: pytest.approx(-1.0)}
+    assert check["b"] == {"runs": 3, GENERAL: pytest.approx(1.0)}
+    assert set(check) == {"a", "b", "all"} and check["all"]["runs"] == 7
+    text = compare(found)
+    assert "| task | runs | ρ, general (mean) |" in text
+    assert "| a | 3 | -1.00 |" in text and "| b | 3 | +1.00 |" in text
+    assert monitor_check(run("x/a.jsonl", 0.7, [])) == {}  # no monitor measured: nothing to check
