@@ -233,10 +233,10 @@ def monitor_check(found: list[dict]) -> dict[str, dict]:
         runs["all"] = [r for task in list(runs) for r in runs[task]]
     check = {}
     for task, rs in runs.items():
-        if len(rs) >= 3:
-            metrics = [b for b in rs[0] if b != "loss" and all(b in r for r in rs)]
-            check[task] = {"runs": len(rs), **{b: float(spearmanr([r["loss"] for r in rs], [r[b] for r in rs])
-                                                        .statistic) for b in metrics}}
+        if len(rs) < 3:
+            continue
+        losses, metrics = [r["loss"] for r in rs], [b for b in rs[0] if b != "loss" and all(b in r for r in rs)]
+        check[task] = {"runs": len(rs), **{b: float(spearmanr(losses, [r[b] for r in rs]).statistic) for b in metrics}}
     return check
 
 
