@@ -278,7 +278,7 @@ def token_batches(tokenizer, dialogues: Iterator[list[dict]], batch_size: int, s
     rng = random.Random(f"batches-{seed}")
     while True:
         texts = [tokenizer.apply_chat_template(next(dialogues), tokenize=False) for _ in range(batch_size * bucket)]
-        ids = sorted((tokenizer(t, add_special_tokens=False).input_ids for t in texts), key=len)
+        ids = sorted(tokenizer(texts, add_special_tokens=False).input_ids, key=len)  # one call: ~2x faster
         batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
         rng.shuffle(batches)
         yield from batches

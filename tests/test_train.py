@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from sasft_ray.config import LoraConfig
 from sasft_ray.generate import generate
-from sasft_ray.loop import collate, frozen_prefixes, lr_lambda
+from sasft_ray.loop import collate, frozen_prefixes, lr_lambda, with_persistence_threshold
 from sasft_ray.lora import apply_lora, merge_lora, parameter_counts
 from sasft_ray.packing import pack
 from sasft_ray.selftalk import load_tokenizer
@@ -47,6 +47,15 @@ def test_schedules_and_freeze_selection():
     assert lr_lambda(10, warmup=4, total=10, schedule="cosine") == pytest.approx(0.0)
     assert lr_lambda(7, warmup=4, total=10, schedule="linear") == pytest.approx(0.5)
     assert frozen_prefixes(4, None) == ("embed_tokens.", "layers.0.", "layers.1.")
+
+
+def test_zero3_keeps_whole_only_tensors_of_up_to_ten_hidden_sizes_unless_told():
+    ds = {"train_batch_size": 8, "zero_optimization": {"stage": 3}}
+    assert with_persistence_threshold(ds, 128) == {
+        "train_batch_size": 8, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1280}}
+    assert ds == {"train_batch_size": 8, "zero_optimization": {"stage": 3}}  # not changed in place
+    told = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    assert with_persistence_threshold(told, 128) == told
 
 
 def test_lora_trains_adapters_only_and_merges_like_peft(tiny_llama):
@@ -478,6 +487,8 @@ def _train_alone(cfg, rows: list[dict]) -> dict:
 
     pad_id = load_tokenizer(cfg.model.path).pad_token_id
     engine, *_ = loop.build_engine(cfg, loop.deepspeed_config(cfg), 4, rank=0)
+    # ZeRO-3 (every variant here), run with the persistence threshold the rule gives
+    assert engine._config.zero_config.param_persistence_threshold == 10 * engine.module.config.hidden_size
     records: list[dict] = []
     loop.run(engine, cfg, lambda step: loop.device_batches(rows, 4, pad_id, engine.device), {},
              total_steps=4, log=records.append)
