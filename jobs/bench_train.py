@@ -174,6 +174,7 @@ def main() -> None:
     cfg = validate_config({
         "run_dir": str(tmp / "run"), "model": {"path": str(model), "dtype": "float32"},
         "data": {"path": str(tmp / "task.jsonl")},
+        "selftalk": {"heldout_fraction": 0.0},  # no forgetting monitor: no self-talk engine to start
         "train": {"method": "sft", "num_workers": args.workers, "micro_batch_size": args.micro_batch,
                   "max_steps": args.steps, "checkpoint_every": every, "log_every": every, "lr": 1e-3,
                   "max_length": 128},
