@@ -230,13 +230,30 @@ def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: s
             task_manager=TaskManager(include_path=group.include_path), log_samples=out is not None,
             bootstrap_iters=1000)  # means get their analytic stderr; bootstrap only for the rest (BLEU...)
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        name = "+".join(group.tasks)
-        for task, samples in (result.pop("samples", None) or {}).items():
-            with (out / f"{name}.samples.{task}.jsonl").open("w") as f:
-                f.writelines(json.dumps(s, default=str) + "\n" for s in samples)
-        (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+        save_lm_eval(result, out, "+".join(group.tasks), key)
     return lm_eval_metrics(result["results"])
+
+
+def save_lm_eval(result: dict, out: Path, name: str, key: str | None) -> None:
+    """lm-eval's results as `out/<name>.json` and its samples beside it, with the API key scrubbed: lm-eval
+    keeps its `model_args`, the `Authorization` header included, and a run dir in a bucket is shared."""
+    out.mkdir(parents=True, exist_ok=True)
+    for task, samples in (result.pop("samples", None) or {}).items():
+        lines = "".join(json.dumps(s, default=str) + "\n" for s in samples)
+        (out / f"{name}.samples.{task}.jsonl").write_text(scrub(lines, key))
+    (out / f"{name}.json").write_text(scrub(json.dumps(result, indent=2, default=str), key))
+
+
+REDACTED = "<redacted>"
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """`text` with every occurrence of `secret` replaced, as written (and as JSON escapes it)."""
+    if not secret:
+        return text
+    for form in {secret, json.dumps(secret)[1:-1]}:
+        text = text.replace(form, REDACTED)
+    return text
 
 
 def lm_eval_metrics(results: dict) -> dict[str, float]:

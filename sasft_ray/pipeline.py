@@ -105,17 +105,19 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
 
     rd = RunDir(cfg.run_dir)
     stage_hash = eval_hash(cfg)
+    runs = require_trained(cfg)  # before `begin` wipes the old results: a refused evaluation deletes nothing
     # eval/models/ is kept: each model's saved scores carry the hash, and only this hash's are reused
     if not rd.begin("eval", stage_hash, force, inputs=eval_inputs(cfg),
                     outputs=("eval/samples", "eval/lm_eval", "eval/results.json", "report.md", "report.png")
                     + (("eval/models",) if force else ())):
         return rd.read_json("eval", "results.json")
-    runs = require_trained(cfg)  # an endpoint given by URL is checked too
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the replies and report at the end
         out = scratch if rd.remote else rd.local()
         scores = evaluate_models(cfg, rd, url, served_models(cfg, stage=False).api_ids(), key,
                                  samples=Path(out, "eval", "samples"), stage_hash=stage_hash)
         results = {
+            # which evaluation these are, of which config: `sasft report` checks them against the manifest
+            "eval_id": rd.stage_info("eval")["id"], "stage_hash": stage_hash, "config": cfg.model_dump(mode="json"),
             "run_dir": cfg.run_dir, "base_model": cfg.model.path, "task": cfg.data.path,
             "base_model_id": cfg.serve.base_model_id, "models": scores,
             "finetuned": {model_id: {"method": c.train.method, "seed": c.train.seed, "run_dir": c.run_dir,

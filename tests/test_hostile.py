@@ -1,0 +1,90 @@
+"""The run directory under hostile and careless use: no secret written, no stale score reported as new,
+nothing deleted that the project did not make, no changed input missed, no path outside the run dir.
+No test here needs Ray or an engine: an endpoint is the stand-in of tests/test_faults.py."""
+
+import json
+import shutil
+
+import pytest
+
+from sasft_ray.generate import generate
+from sasft_ray.tiny import write_demo_task
+from tests.conftest import make_config
+from tests.test_faults import _Endpoint, _finish_training, endpoint  # noqa: F401 (a fixture)
+
+KEY = "sk-planted-9f3b2c71"
+
+
+def found_anywhere(folder, text: str) -> list[str]:
+    """The files under `folder` whose bytes hold `text`."""
+    return [str(p) for p in folder.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+# --- 1: no secret on disk ----------------------------------------------------------------------------
+
+def test_lm_evals_saved_results_hold_no_api_key(tmp_path):
+    from sasft_ray.evaluate import save_lm_eval
+
+    header = {"Authorization": f"Bearer {KEY}"}
+    # what lm-eval returns: its model_args (the header included) under config, and each request in samples
+    result = {"results": {"tiny_mc": {"acc,none": 0.5}}, "configs": {"tiny_mc": {}},
+              "config": {"model": "local-completions", "model_args": {"model": "finetuned", "header": header}},
+              "samples": {"tiny_mc": [{"doc_id": 0, "arguments": [["q", " a"]], "note": f"sent with {header}"}]}}
+    save_lm_eval(result, tmp_path / "lm_eval", "tiny_mc", KEY)
+    assert not found_anywhere(tmp_path, KEY)
+    saved = json.loads((tmp_path / "lm_eval" / "tiny_mc.json").read_text())
+    assert saved["results"]["tiny_mc"]["acc,none"] == 0.5  # the scores themselves kept
+    assert saved["config"]["model_args"]["header"] == {"Authorization": "Bearer <redacted>"}
+
+
+# --- 2: a report shows only current results ---------------------------------------------------------
+
+def _evaluated(tmp_path, url, name: str, **train):
+    """A run trained (its record) and evaluated against the stand-in endpoint, as `sasft eval` does it."""
+    from sasft_ray.pipeline import eval_stage
+
+    write_demo_task(tmp_path / "task.jsonl", n=60)
+    cfg = make_config(tmp_path, data_path=tmp_path / "task.jsonl", run_dir=str(tmp_path / name),
+                      train={"method": "sft", **train}, eval={"indomain_scorers": ["exact"]})
+    rd = generate(cfg)
+    _finish_training(cfg, rd)
+    _Endpoint.fail = [0]
+    eval_stage(cfg, url, None)
+    return cfg, rd
+
+
+def test_a_report_shows_only_results_of_the_settings_it_names_each_run_once(tmp_path, endpoint, capsys):  # noqa: F811
+    from sasft_ray.evaluate import EvalError
+    from sasft_ray.report import load_entries
+
+    cfg, rd = _evaluated(tmp_path, endpoint, "a")
+    _evaluated(tmp_path, endpoint, "b", lr=0.5)
+    # a later command with another setting rewrites config.yaml; the scores stay those of lr 1e-5
+    generate(cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 0.5})}))
+    found = load_entries([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert [e["variant"] for e in found] == ["train.lr=1e-05", "train.lr=0.5"]  # not two seeds of lr 0.5
+    # a copy of a run dir is the same evaluation: counted once
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy")
+    capsys.readouterr()
+    found = load_entries([str(tmp_path / "a"), str(tmp_path / "a-copy")])
+    assert len(found) == 1 and "a-copy left out: the same evaluation as" in capsys.readouterr().err
+    # retrained after the evaluation: its scores are of a model that is gone
+    _finish_training(cfg, rd)
+    with pytest.raises(EvalError, match="no current results"):
+        load_entries([str(tmp_path / "a")])
+    assert "models trained since" in capsys.readouterr().err
+
+
+# --- 4: a refused evaluation deletes nothing ---------------------------------------------------------
+
+def test_eval_force_on_an_untrained_run_deletes_nothing(tmp_path, endpoint):  # noqa: F811
+    from sasft_ray.pipeline import eval_stage
+    from sasft_ray.serve import ServeError
+
+    cfg, rd = _evaluated(tmp_path, endpoint, "a")
+    before = {p: p.read_bytes() for p in (tmp_path / "a" / "eval").rglob("*") if p.is_file()}
+    rd.begin("train", "another", force=True)  # training started again, not finished
+    with pytest.raises(ServeError, match="not trained under this config"):
+        eval_stage(cfg, endpoint, None, force=True)
+    assert {p: p.read_bytes() for p in (tmp_path / "a" / "eval").rglob("*") if p.is_file()} == before
+    assert rd.stage_info("eval")["status"] == "done"
