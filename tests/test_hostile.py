@@ -88,3 +88,22 @@ def test_eval_force_on_an_untrained_run_deletes_nothing(tmp_path, endpoint):  # 
         eval_stage(cfg, endpoint, None, force=True)
     assert {p: p.read_bytes() for p in (tmp_path / "a" / "eval").rglob("*") if p.is_file()} == before
     assert rd.stage_info("eval")["status"] == "done"
+
+
+# --- 5: a lab rebuild deletes only the lab's files ---------------------------------------------------
+
+def test_a_lab_rebuild_refuses_files_the_lab_did_not_write(tmp_path, monkeypatch):
+    from sasft_ray import lab
+    from sasft_ray.config import ConfigError
+
+    old = tmp_path / "lab"
+    (old / "tasks").mkdir(parents=True)
+    (old / "tasks" / "double.jsonl").write_text("the lab's\n")
+    (old / "tasks" / "mine.jsonl").write_text("the user's own task\n")
+    (old / "notes.md").write_text("the user's notes\n")
+    (old / "lab.json").write_text(json.dumps({"preset": "small", "seed": 0, "version": lab.WORLD_VERSION - 1,
+                                              "files": ["lab.json", "tasks/double.jsonl"]}))
+    monkeypatch.setattr(lab, "write_world", lambda *a, **k: pytest.fail("the rebuild started"))
+    with pytest.raises(ConfigError, match=r"holds files the lab did not write \(notes.md, tasks/mine.jsonl\)"):
+        lab.build_lab(old, preset="small", seed=1)
+    assert (old / "tasks" / "mine.jsonl").read_text() == "the user's own task\n" and (old / "notes.md").exists()
