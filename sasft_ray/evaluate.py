@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import importlib.util
 import json
 import re
 import threading
@@ -281,14 +282,40 @@ def general_scores(api, url: str, model_id: str, cfg: Config, key: str | None, s
 
 
 def base_cache_key(cfg: Config) -> str:
-    """What the base model's general scores depend on; suite files are hashed by content, a local
-    model by its `fingerprint` (a model rebuilt at the same path is scored afresh)."""
-    files = {s.path: hashlib.sha256(Path(s.path).read_bytes()).hexdigest() for s in expand_suites(cfg.eval.suites)}
+    """What the base model's general scores depend on; every file they read by its `fingerprint` (a model
+    rebuilt at the same path, an edited task YAML or scorer module: scored afresh)."""
     keyed = {"model": cfg.model.model_dump(mode="json"), "weights": fingerprint(cfg.model.path),
              "suites": [s.model_dump(mode="json") for s in cfg.eval.suites],
-             "lm_eval": [g.model_dump(mode="json") for g in cfg.eval.lm_eval], "files": files,
-             "max_tokens": cfg.eval.max_tokens}
+             "lm_eval": [g.model_dump(mode="json") for g in cfg.eval.lm_eval], "files": eval_files(cfg),
+             "max_tokens": cfg.eval.max_tokens, **score_settings(cfg)}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def score_settings(cfg: Config) -> dict:
+    """Settings outside `eval` that change a score: lm-eval's context length is the serving engine's."""
+    return {"max_model_len": cfg.serve.engine.max_model_len} if cfg.eval.lm_eval else {}
+
+
+def eval_files(cfg: Config) -> dict[str, str | None]:
+    """The `fingerprint` of every local file a score reads besides the run dir and the model: the suites,
+    lm-eval's task folders, the modules of `module:function` scorers."""
+    files = {f"eval.suites.{s.name}": fingerprint(s.path) for s in cfg.eval.suites}
+    files |= {f"eval.lm_eval.{i}.include_path": fingerprint(g.include_path)
+              for i, g in enumerate(cfg.eval.lm_eval) if g.include_path}
+    names = {*cfg.eval.indomain_scorers, *(n for s in cfg.eval.suites for n in s.scorers)}
+    return files | {f"scorer {n}": fingerprint(path) for n in sorted(names) if (path := scorer_file(n))}
+
+
+def scorer_file(name: str) -> str | None:
+    """The source file of a `module:function` scorer's module, if it has one."""
+    module, sep, _ = name.partition(":")
+    if not sep:
+        return None
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec and spec.has_location else None
 
 
 def base_cache(cfg: Config) -> tuple[str, str]:

@@ -9,6 +9,7 @@ SA-SFT keeps, in one table.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from sasft_ray.config import Config, validate_config
-from sasft_ray.rundir import RunDir, fingerprint, fingerprints
+from sasft_ray.rundir import RunDir, fingerprints
 from sasft_ray.serve import Models
 
 
@@ -84,16 +85,22 @@ def train_all(cfg: Config) -> None:
 def eval_hash(cfg: Config) -> str:
     """What a run's results depend on: the evaluation, everything that trained its models, and the
     trainings themselves (a model retrained since makes the results stale)."""
+    from sasft_ray.evaluate import score_settings
+
     settings = cfg.section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model", "data",
                                 "selftalk", "filters", "mix", "train")
+    if extra := score_settings(cfg):  # only where it counts: runs evaluated before it stay finished
+        settings += json.dumps(extra, sort_keys=True)
     trainings = [RunDir(c.run_dir, create=False).stage_info("train").get("id") for c in method_runs(cfg).values()]
     return RunDir(cfg.run_dir, create=False).chained(f"{settings}:{','.join(map(str, trainings))}", "task")
 
 
 def eval_inputs(cfg: Config) -> dict[str, str | None]:
-    """The local files a run's results come from besides its run dir: the base model, the benchmarks."""
-    suites = {f"eval.suites.{s.name}": fingerprint(s.path) for s in cfg.eval.suites}
-    return {**fingerprints(cfg, "model.path"), **suites}
+    """The local files a run's results come from besides its run dir: the base model, the benchmarks, lm-eval's
+    task files, scorer modules."""
+    from sasft_ray.evaluate import eval_files
+
+    return {**fingerprints(cfg, "model.path"), **eval_files(cfg)}
 
 
 def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> dict:

@@ -51,19 +51,52 @@ LOCK = "sasft.lock"
 _held: dict[str, int] = {}  # run dirs this process holds, with how many `locked` blocks deep
 
 
+HASHED = "sha256:"  # marks a fingerprint of every byte; one without it was recorded by `sampled_fingerprint`
+_digests: dict[tuple, str] = {}  # a file's sha256 by (path, size, mtime, ctime, inode): read once per process
+_fingerprinted: dict[str, str] = {}  # fingerprint -> its path, to check a record from before HASHED
+
+
 def fingerprint(path: str) -> str | None:
-    """A cheap identity of a local file's or folder's content: each file's name, size, and first and
-    last 64 KiB (retrained weights differ in both), so an 8B model costs milliseconds. A folder's
-    hidden files and README.md (a model card, rewritten by each evaluation) are not content. None for
-    a hub id, a URI, or a path not on this machine: those are not checked."""
+    """The identity of a local file's or folder's content: each file's name and the sha256 of all its bytes
+    (a one-byte fix in the middle of a task file, retrained tensors in a checkpoint: a change). A file is
+    read once per process whatever the stages asking. A folder's hidden files and README.md (a model card,
+    rewritten by each evaluation) are not content. None for a hub id, a URI, or a path not on this
+    machine: those are not checked."""
     root = Path(path)
     if "://" in path or not root.exists():
         return None
-    files = [root] if root.is_file() else sorted(
+    digest = hashlib.sha256()
+    for file in _content_files(root):
+        digest.update(f"{file.relative_to(root)}:{_file_digest(file)}\n".encode())
+    found = HASHED + digest.hexdigest()[:16]
+    _fingerprinted[found] = path
+    return found
+
+
+def _content_files(root: Path) -> list[Path]:
+    return [root] if root.is_file() else sorted(
         f for f in root.rglob("*") if f.is_file() and f.name != "README.md"
         and not any(p.startswith(".") for p in f.relative_to(root).parts))
+
+
+def _file_digest(file: Path) -> str:
+    st = file.stat()
+    key = (str(file.absolute()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+def sampled_fingerprint(path: str) -> str:
+    """The fingerprint manifests recorded before every byte was hashed: each file's name, size, and first and
+    last 64 KiB. Only to compare a path with such a record."""
+    root = Path(path)
     digest = hashlib.sha256()
-    for file in files:
+    for file in _content_files(root):
         size = file.stat().st_size
         digest.update(f"{file.relative_to(root)}:{size}\n".encode())
         with open(file, "rb") as f:
@@ -283,6 +316,8 @@ class RunDir:
                                f"redone since; {redo}")
         then = prior.get("inputs") or {}
         for key, now in (inputs or {}).items():
+            if now and then.get(key) and not then[key].startswith(HASHED):  # recorded before every byte counted
+                now = sampled_fingerprint(_fingerprinted[now])
             if now and then.get(key) and now != then[key]:  # unknown on either side: not checked
                 raise StageChanged(f"stage '{name}' in {self.root} was made from other files at {key} "
                                    f"(they changed since, at the same path); {redo}")

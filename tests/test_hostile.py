@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from sasft_ray.generate import generate
+from sasft_ray.rundir import RunDir
 from sasft_ray.tiny import write_demo_task
 from tests.conftest import make_config
 from tests.test_faults import _Endpoint, _finish_training, endpoint  # noqa: F401 (a fixture)
@@ -107,3 +108,75 @@ def test_a_lab_rebuild_refuses_files_the_lab_did_not_write(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=r"holds files the lab did not write \(notes.md, tasks/mine.jsonl\)"):
         lab.build_lab(old, preset="small", seed=1)
     assert (old / "tasks" / "mine.jsonl").read_text() == "the user's own task\n" and (old / "notes.md").exists()
+
+
+# --- 6: every byte a stage reads, every setting that changes a score ---------------------------------
+
+def test_a_same_length_fix_in_the_middle_of_the_task_file_is_a_change(tmp_path):
+    from sasft_ray.rundir import StageChanged
+
+    task = tmp_path / "task.jsonl"
+    write_demo_task(task, n=4000)
+    text = task.read_text()
+    assert len(text) > 200_000  # well over the 2 x 64 KiB a fingerprint used to read
+    cfg = make_config(tmp_path, data_path=task, train={"method": "sft"})
+    generate(cfg)
+    middle = len(text) // 2
+    start = text.index('"ANS=', middle) + len('"ANS=')
+    task.write_text(text[:start] + ("X" if text[start] != "X" else "Y") + text[start + 1:])  # one label, same size
+    with pytest.raises(StageChanged, match="'task' .* from other files at data.path"):
+        generate(cfg)
+
+
+def test_weights_rewritten_in_the_middle_change_the_models_fingerprint(tmp_path):
+    from sasft_ray.rundir import fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = bytearray(range(256)) * 4096  # 1 MiB, as a checkpoint's tensors lie between header and tail
+    (model / "model.safetensors").write_bytes(weights)
+    before = fingerprint(str(model))
+    weights[300_000:700_000] = bytes(400_000)
+    (model / "model.safetensors").write_bytes(weights)
+    assert fingerprint(str(model)) != before
+
+
+def test_a_record_from_before_full_hashes_is_still_checked(tmp_path):
+    from sasft_ray.rundir import StageChanged, fingerprint, sampled_fingerprint
+
+    task = tmp_path / "task.jsonl"
+    task.write_text("a" * 100)
+    rd = RunDir(str(tmp_path / "run"))
+    rd.begin("task", "h", inputs={"data.path": sampled_fingerprint(str(task))})  # as an older version recorded it
+    rd.finish("task", {})
+    assert rd.finished("task", "h", {"data.path": fingerprint(str(task))})  # the same file: still done
+    task.write_text("b" * 100)
+    with pytest.raises(StageChanged, match="from other files at data.path"):
+        rd.finished("task", "h", {"data.path": fingerprint(str(task))})
+
+
+def test_lm_eval_task_files_scorer_modules_and_context_length_key_the_scores(tmp_path, monkeypatch):
+    from sasft_ray.evaluate import base_cache_key
+    from sasft_ray.pipeline import eval_hash, eval_inputs
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text("task: tiny_mc\nmetric_list: [{metric: acc}]\n")
+    (tmp_path / "my_scorer.py").write_text("def score(prediction, row):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = make_config(tmp_path, eval={"indomain_scorers": ["my_scorer:score"],
+                                      "lm_eval": [{"tasks": ["tiny_mc"], "include_path": str(tasks)}]})
+
+    def keys(c):
+        return base_cache_key(c), eval_inputs(c), eval_hash(c)
+
+    first = keys(cfg)
+    (tasks / "tiny_mc.yaml").write_text("task: tiny_mc\nmetric_list: [{metric: acc_norm}]\n")
+    edited_task = keys(cfg)
+    assert edited_task[0] != first[0] and edited_task[1] != first[1]
+    (tmp_path / "my_scorer.py").write_text("def score(prediction, row):\n    return 0.0\n")
+    edited_scorer = keys(cfg)
+    assert edited_scorer[0] != edited_task[0] and edited_scorer[1] != edited_task[1]
+    shorter = cfg.model_copy(update={"serve": cfg.serve.model_copy(
+        update={"engine": cfg.serve.engine.model_copy(update={"max_model_len": 256})})})
+    assert base_cache_key(shorter) != edited_scorer[0] and eval_hash(shorter) != edited_scorer[2]
