@@ -26,11 +26,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from sasft_ray.config import Config, EvalSuite, LmEvalGroup
+from sasft_ray.config import INDOMAIN, Config, EvalSuite, LmEvalGroup, check_benchmark_name
 from sasft_ray.rundir import RunDir, fingerprint
 from sasft_ray.selftalk import adds_bos, load_tokenizer
-
-INDOMAIN = "in-domain"
 
 
 class EvalError(ValueError):
@@ -84,6 +82,17 @@ def scorer(name: str) -> Callable[[str, dict], float]:
         raise EvalError(f"scorer {name!r} cannot be imported: {e}") from e
 
 
+def check_eval(cfg: Config) -> None:
+    """What the evaluation reads, checked before the first stage of a run rather than after its training:
+    the suite files and their benchmark names, the scorers' modules, lm-eval's task folders."""
+    expand_suites(cfg.eval.suites)
+    for name in {*cfg.eval.indomain_scorers, *(n for s in cfg.eval.suites for n in s.scorers)}:
+        scorer(name)
+    for group in cfg.eval.lm_eval:
+        if group.include_path and not Path(group.include_path).is_dir():
+            raise EvalError(f"eval.lm_eval include_path {group.include_path}: no such folder")
+
+
 # --- prompts and references ---------------------------------------------------------------------
 
 def indomain_rows(rd: RunDir, limit: int | None) -> list[dict]:
@@ -105,8 +114,19 @@ def expand_suites(suites: list[EvalSuite]) -> list[EvalSuite]:
             if not files:
                 raise EvalError(f"eval suite {suite.name!r}: no .jsonl files in {suite.path}")
             out += [suite.model_copy(update={"name": f.stem, "path": str(f)}) for f in files]
+        elif not Path(suite.path).is_file():
+            raise EvalError(f"eval suite {suite.name!r}: no file or folder at {suite.path}")
         else:
             out.append(suite)
+    names = [s.name for s in out]
+    for suite in out:  # a folder's files name benchmarks too: none may take another's name or in-domain's
+        try:
+            check_benchmark_name(suite.name, f"eval suite {suite.path}: benchmark")
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+        if names.count(suite.name) > 1:
+            raise EvalError(f"eval suites: benchmark {suite.name!r} comes from two files "
+                            f"({', '.join(s.path for s in out if s.name == suite.name)}): each needs a name of its own")
     return out
 
 

@@ -167,24 +167,31 @@ def serve_and_eval(cfg: Config, url: str | None = None, force: bool = False) -> 
     """Evaluate at `url`, or start the endpoint here, evaluate, and shut it down."""
     from sasft_ray import serve
     from sasft_ray.cluster import connect
+    from sasft_ray.evaluate import check_eval
 
+    check_eval(cfg)
+    key = serve.api_key(cfg)
     rd = RunDir(cfg.run_dir)
     with rd.locked():
         if url or (not force and rd.stage_info("eval").get("status") == "done"):
-            return eval_stage(cfg, url or "", serve.api_key(cfg), force)
+            return eval_stage(cfg, url or "", key, force)
         connect(cfg)
         url = serve.start(cfg, served_models(cfg))
         try:
-            return eval_stage(cfg, url, serve.api_key(cfg), force)
+            return eval_stage(cfg, url, key, force)
         finally:
             serve.stop()
 
 
 def run(cfg: Config) -> dict:
     """The whole pipeline on the embedded local Ray (no resources.address) or on a cluster."""
+    from sasft_ray import serve
+    from sasft_ray.evaluate import check_eval
     from sasft_ray.report import run_report
 
     started = time.time()
+    check_eval(cfg)  # the evaluation's mistakes found now, not after self-talk and training are paid for
+    serve.api_key(cfg)
     with RunDir(cfg.run_dir).locked():
         train_all(cfg)  # the lab a demo config points at is built by its first generate
         results = serve_and_eval(cfg)

@@ -142,11 +142,13 @@ class RunDir:
 
     def path(self, *parts: str) -> str:
         """Where Ray Data and pyarrow should read or write `parts`."""
+        _inside(parts)
         if self.remote:
             return "/".join([self.root, *parts])
         return str(Path(self.base, *parts))
 
     def local(self, *parts: str) -> str:
+        _inside(parts)
         return "/".join([self.base, *parts])
 
     def exists(self, *parts: str) -> bool:
@@ -350,6 +352,12 @@ class RunDir:
         summary = ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, dict | list))
         print(f"[{name}] done in {record['seconds']} s: {summary}")
         return record
+
+
+def _inside(parts: tuple[str, ...]) -> None:
+    """Every path the run dir hands out lies inside it: no part is absolute or climbs out."""
+    if any(p.startswith("/") or ".." in p.split("/") for p in parts):
+        raise RunDirError(f"{'/'.join(parts)!r} is not a path inside the run dir")
 
 
 def _alive(pid: int) -> bool:

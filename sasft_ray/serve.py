@@ -154,6 +154,8 @@ def _keyed_openai_app(args: dict, key: str):
 
 def base_url(cfg: Config) -> str:
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    if ":" in host:  # an IPv6 address: bracketed in a URL, or the port is read as part of it
+        host = f"[{host.strip('[]')}]"
     return f"http://{host}:{cfg.serve.port}/v1"
 
 

@@ -180,3 +180,89 @@ def test_lm_eval_task_files_scorer_modules_and_context_length_key_the_scores(tmp
     shorter = cfg.model_copy(update={"serve": cfg.serve.model_copy(
         update={"engine": cfg.serve.engine.model_copy(update={"max_model_len": 256})})})
     assert base_cache_key(shorter) != edited_scorer[0] and eval_hash(shorter) != edited_scorer[2]
+
+
+# --- 7: no name writes outside the run dir ------------------------------------------------------------
+
+@pytest.mark.parametrize("override", ["serve.model_id=../../x", "serve.base_model_id=a/b", "serve.model_id=.hidden",
+                                      "eval.suites=[{name: ../../x, path: s.jsonl}]"])
+def test_names_that_become_file_names_are_refused_at_load(tmp_path, override):
+    from sasft_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="becomes a file name in the run dir"):
+        load_config("demo", [f"run_dir={tmp_path / 'run'}", override])
+
+
+def test_the_run_dir_hands_out_no_path_outside_it(tmp_path):
+    from sasft_ray.rundir import RunDirError
+
+    rd = RunDir(str(tmp_path / "run"))
+    for parts in (("eval", "models", "../../../x.json"), ("/etc", "passwd"), ("eval/../../x",)):
+        with pytest.raises(RunDirError, match="not a path inside the run dir"):
+            rd.write_text("x", *parts)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+# --- 3: no benchmark takes another's scores -------------------------------------------------------------
+
+@pytest.mark.parametrize("suites, message", [
+    ("[{name: in-domain, path: s.jsonl}]", "'in-domain' is the task's own held-out benchmark"),
+    ("[{name: a, path: s.jsonl}, {name: a, path: t.jsonl}]", "benchmark 'a' is named twice"),
+])
+def test_a_suite_cannot_take_another_benchmarks_name(tmp_path, suites, message):
+    from sasft_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [f"run_dir={tmp_path / 'run'}", f"eval.suites={suites}"])
+
+
+def test_a_suite_folders_files_cannot_take_another_benchmarks_name(tmp_path):
+    from sasft_ray.config import EvalSuite
+    from sasft_ray.evaluate import EvalError, expand_suites
+
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "math.jsonl").write_text("{}\n")
+    (tmp_path / "one" / "in-domain.jsonl").write_text("{}\n")
+    with pytest.raises(EvalError, match="'in-domain' is the task's own held-out benchmark"):
+        expand_suites([EvalSuite(name="g", path=str(tmp_path / "one"))])
+    (tmp_path / "one" / "in-domain.jsonl").unlink()
+    with pytest.raises(EvalError, match="benchmark 'math' comes from two files"):
+        expand_suites([EvalSuite(name="g", path=str(tmp_path / "one")),
+                       EvalSuite(name="h", path=str(tmp_path / "two"))])
+
+
+# --- 9: the evaluation's mistakes found before any stage --------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.indomain_scorers=[exactt]", "unknown scorer 'exactt'"),
+    ("eval.indomain_scorers=[]", "at least 1 item"),
+    ("eval.suites=[{name: s, path: s.jsonl, scorers: []}]", "at least 1 item"),
+])
+def test_bad_scorers_are_refused_at_load(tmp_path, override, message):
+    from sasft_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [f"run_dir={tmp_path / 'run'}", override])
+
+
+@pytest.mark.parametrize("sections, error, message", [
+    ({"eval": {"suites": [{"name": "s", "path": "missing.jsonl"}]}}, "EvalError", "eval suite 's': no file or folder"),
+    ({"eval": {"indomain_scorers": ["no_such_module_here:score"]}}, "EvalError", "cannot be imported"),
+    ({"serve": {"api_key_env": "SASFT_TEST_UNSET_KEY"}}, "ServeError", r"\$SASFT_TEST_UNSET_KEY, but it is not set"),
+])
+def test_evaluation_mistakes_stop_a_run_before_its_first_stage(tmp_path, sections, error, message, monkeypatch):
+    from sasft_ray import pipeline
+
+    monkeypatch.delenv("SASFT_TEST_UNSET_KEY", raising=False)
+    monkeypatch.setattr(pipeline, "train_all", lambda cfg: pytest.fail("a stage started"))
+    with pytest.raises(Exception, match=message) as raised:
+        pipeline.run(make_config(tmp_path, **sections))
+    assert type(raised.value).__name__ == error and not (tmp_path / "run").exists()
+
+
+def test_an_ipv6_host_makes_a_bracketed_url(tmp_path):
+    from sasft_ray.serve import base_url
+
+    cfg = make_config(tmp_path, serve={"host": "::1", "port": 8001})
+    assert base_url(cfg) == "http://[::1]:8001/v1"
