@@ -207,7 +207,7 @@ class RunDir:
                 _held[key] -= 1
             return
         self._refuse_foreign()
-        self._take_lock()
+        token = self._take_lock()
         _held[key] = 1
         try:
             if not self.exists("manifest.json"):
@@ -215,7 +215,8 @@ class RunDir:
             yield self
         finally:
             del _held[key]
-            self.remove(LOCK)
+            if (self.lock_holder() or {}).get("token") == token:  # never another command's lock
+                self.remove(LOCK)
 
     def _refuse_foreign(self) -> None:
         found = self.fs.get_file_info(pafs.FileSelector(self.local(), allow_not_found=True))
@@ -235,16 +236,16 @@ class RunDir:
         except (OSError, json.JSONDecodeError):
             return {}
 
-    def _take_lock(self) -> None:
+    def _take_lock(self) -> str:
+        """Create the lock, or take over one whose process is gone; returns this hold's token."""
         me = {"host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)[:200],
               "since": time.time(), "token": uuid.uuid4().hex}
         for _ in range(2):
-            if self._create_exclusive(json.dumps(me)):
-                return
+            if self._create_exclusive(LOCK, json.dumps(me)):
+                return me["token"]
             holder = self.lock_holder() or {}
             if holder.get("host") == me["host"] and holder.get("pid") and not _alive(holder["pid"]):
-                print(f"[run dir] {self.root}: taking over the lock of process {holder['pid']}, which is gone")
-                self.remove(LOCK)
+                self._take_over(holder)
                 continue
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
             raise RunDirError(f"{self.root} is in use by another command (pid {holder.get('pid')} on "
@@ -252,22 +253,36 @@ class RunDir:
                               f"end; if it is gone for good, delete {self.path(LOCK)}")
         raise RunDirError(f"{self.root}: could not take the lock {self.path(LOCK)}")
 
-    def _create_exclusive(self, text: str) -> bool:
-        """Create the lock file only if it does not exist. Locally an exclusive create; an object store
-        has no such call in pyarrow: write, then read back our own token (a narrow race remains)."""
+    def _take_over(self, gone: dict) -> None:
+        """Remove the lock of a process that is gone, so that exactly one command takes over: a claim named
+        after that lock's token is created exclusively, and the lock is removed only if it is still that one
+        (another command may have taken it over, and hold it, since it was read)."""
+        claim = f"{LOCK}.takeover-{gone.get('token') or gone['pid']}"
+        if not self._create_exclusive(claim, json.dumps({"pid": os.getpid()})):
+            return  # another command is taking it over: the next try finds its lock
+        try:
+            if (self.lock_holder() or {}).get("token") == gone.get("token"):
+                print(f"[run dir] {self.root}: taking over the lock of process {gone['pid']}, which is gone")
+                self.remove(LOCK)
+        finally:
+            self.remove(claim)
+
+    def _create_exclusive(self, name: str, text: str) -> bool:
+        """Create the file `name` only if it does not exist. Locally an exclusive create; an object store
+        has no such call in pyarrow: write, then read back our own text (a narrow race remains)."""
         if not self.remote:
             try:
-                fd = os.open(self.local(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                fd = os.open(self.local(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 return False
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             return True
-        if self.exists(LOCK):
+        if self.exists(name):
             return False
-        self.write_text(text, LOCK)
+        self.write_text(text, name)
         time.sleep(0.5)
-        return (self.lock_holder() or {}).get("token") == json.loads(text)["token"]
+        return self.read_text(name) == text
 
     # --- manifest ---------------------------------------------------------------------------------
 

@@ -266,3 +266,65 @@ def test_an_ipv6_host_makes_a_bracketed_url(tmp_path):
 
     cfg = make_config(tmp_path, serve={"host": "::1", "port": 8001})
     assert base_url(cfg) == "http://[::1]:8001/v1"
+
+
+# --- 10: one command per run dir, even taking over a dead one's lock ----------------------------------
+
+def _hold(run: str, start, results) -> None:
+    """In a process of its own: hold `run` for a second, with reading the lock made slow (the window in
+    which two commands both see a dead holder's lock, widened)."""
+    import time
+
+    from sasft_ray.rundir import RunDirError
+
+    read = RunDir.lock_holder
+
+    def slow(self):
+        found = read(self)
+        time.sleep(0.3)
+        return found
+
+    RunDir.lock_holder = slow
+    start.wait()
+    try:
+        with RunDir(run).locked():
+            began = time.time()
+            time.sleep(1.0)
+            results.put(("held", began, time.time()))
+    except RunDirError:
+        results.put(("refused", 0, 0))
+
+
+def test_two_commands_taking_over_a_dead_lock_never_both_hold_the_run_dir(tmp_path):
+    import multiprocessing
+    import socket
+    import subprocess
+
+    from sasft_ray.rundir import LOCK
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    rd = RunDir(str(tmp_path / "run"))
+    rd.write_json({"stages": {}}, "manifest.json")
+    rd.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "token": "dead"}), LOCK)
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_hold, args=(rd.root, start, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    (a, a0, a1), (b, b0, b1) = results.get(timeout=5), results.get(timeout=5)
+    assert "held" in (a, b)
+    if a == b == "held":
+        assert a1 <= b0 or b1 <= a0, "both commands held the run dir at once"
+    assert not rd.exists(LOCK)
+
+
+def test_a_command_releases_only_its_own_lock(tmp_path):
+    from sasft_ray.rundir import LOCK
+
+    rd = RunDir(str(tmp_path / "run"))
+    with rd.locked():
+        rd.write_text(json.dumps({"pid": 1, "token": "another command's"}), LOCK)  # taken over meanwhile
+    assert rd.lock_holder()["token"] == "another command's"
