@@ -17,11 +17,13 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import re
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -211,11 +213,12 @@ def score_rows(api, model_id: str, rows: list[dict], scorer_names: list[str], cf
 _LM_EVAL = threading.Lock()  # lm-eval sets global seeds and task state: one `simple_evaluate` at a time
 
 
-def lm_eval_model_args(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: str | None) -> dict:
+def lm_eval_model_args(group: LmEvalGroup, url: str, model_id: str, cfg: Config) -> dict:
     """`local-completions` / `local-chat-completions` arguments. Log-likelihood requests go as token ids,
     tokenized here with BOS exactly when the model's tokenizer adds one (as the model was trained): sent as
     text, the server would add a BOS lm-eval did not count and every continuation would be off by one
-    token. Chat requests go as messages; the server's chat template places the BOS."""
+    token. Chat requests go as messages; the server's chat template places the BOS. No API key: lm-eval logs
+    these arguments and returns them in its results (`key_for_lm_eval` passes it)."""
     chat = group.mode == "chat"
     bos = adds_bos(load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
     # chat: one conversation a request; completions: `batch` prompts a request, fewer hops per sequence
@@ -228,8 +231,6 @@ def lm_eval_model_args(group: LmEvalGroup, url: str, model_id: str, cfg: Config,
         "batch_size": batch, "num_concurrent": max(1, cfg.eval_concurrency // batch), "max_retries": 3,
         "max_gen_toks": cfg.eval.max_tokens, "trust_remote_code": cfg.model.trust_remote_code,
     }
-    if key:
-        args["header"] = {"Authorization": f"Bearer {key}"}
     return args
 
 
@@ -241,10 +242,10 @@ def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: s
     from lm_eval.tasks import TaskManager
 
     chat = group.mode == "chat"
-    with _LM_EVAL:
+    with _LM_EVAL, key_for_lm_eval(key):
         result = lm_eval.simple_evaluate(
             model="local-chat-completions" if chat else "local-completions",
-            model_args=lm_eval_model_args(group, url, model_id, cfg, key), tasks=group.tasks,
+            model_args=lm_eval_model_args(group, url, model_id, cfg), tasks=group.tasks,
             num_fewshot=group.num_fewshot, limit=group.limit, gen_kwargs=group.gen_kwargs,
             apply_chat_template=chat if group.apply_chat_template is None else group.apply_chat_template,
             system_instruction=group.system_instruction,
@@ -255,9 +256,25 @@ def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: s
     return lm_eval_metrics(result["results"])
 
 
+@contextmanager
+def key_for_lm_eval(key: str | None):
+    """The API key where lm-eval's local-completions models read it, `OPENAI_API_KEY`, for one evaluation
+    (under `_LM_EVAL`): as a `header` model argument it would be logged and kept in lm-eval's results."""
+    before = os.environ.get("OPENAI_API_KEY")
+    if key:
+        os.environ["OPENAI_API_KEY"] = key
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = before
+
+
 def save_lm_eval(result: dict, out: Path, name: str, key: str | None) -> None:
-    """lm-eval's results as `out/<name>.json` and its samples beside it, with the API key scrubbed: lm-eval
-    keeps its `model_args`, the `Authorization` header included, and a run dir in a bucket is shared."""
+    """lm-eval's results as `out/<name>.json` and its samples beside it, with the API key scrubbed wherever it
+    may be (lm-eval keeps its `model_args` and each request): a run dir, in a bucket above all, is shared."""
     out.mkdir(parents=True, exist_ok=True)
     for task, samples in (result.pop("samples", None) or {}).items():
         lines = "".join(json.dumps(s, default=str) + "\n" for s in samples)
