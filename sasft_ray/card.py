@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from sasft_ray.config import Config
+from sasft_ray.data import hub_id_shaped
 from sasft_ray.rundir import RunDir
 
 CARD = "README.md"
@@ -25,12 +26,6 @@ METHODS = {
     "external-mix": "supervised fine-tuning on the task data mixed with external general data",
 }
 MIXES = {"sa-sft": "self-dialogues", "external-mix": "external rows"}  # what mix.self_ratio (λ) counts
-
-
-def _hub_id(path: str) -> bool:
-    """A hub id (owner/name), not a local folder or a URI: what the card's `base_model` may name."""
-    return "://" not in path and not Path(path).exists() and not path.startswith((".", "/", "~")) and \
-        path.count("/") == 1
 
 
 def _same_dir(a: str, b: str) -> bool:
@@ -72,7 +67,7 @@ def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
     t, method, base = cfg.train, cfg.train.method, cfg.model.path
     lora = rd.exists("model", "adapter")
 
-    meta = {**({"base_model": base} if _hub_id(base) else {}), "library_name": "transformers",
+    meta = {**({"base_model": base} if hub_id_shaped(base) else {}), "library_name": "transformers",
             "pipeline_tag": "text-generation", "tags": ["sasft", "self-augmented-sft", method, *(["lora"] if t.lora
                                                                                               else [])]}
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",

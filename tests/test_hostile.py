@@ -328,3 +328,63 @@ def test_a_command_releases_only_its_own_lock(tmp_path):
     with rd.locked():
         rd.write_text(json.dumps({"pid": 1, "token": "another command's"}), LOCK)  # taken over meanwhile
     assert rd.lock_holder()["token"] == "another command's"
+
+
+# --- 8: every input through the same checks -----------------------------------------------------------
+
+def _rows(tmp_path, path, **data):
+    from sasft_ray.data import LoadReport, iter_rows
+
+    cfg = make_config(tmp_path, data_path=path, data={"path": str(path), **data})
+    return list(iter_rows(cfg.data, LoadReport()))
+
+
+def test_a_folder_of_jsonl_files_or_of_split_folders_is_refused_not_merged(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sasft_ray.data import BadRow
+
+    jsonl = tmp_path / "jsonl"
+    jsonl.mkdir()
+    for name in ("a", "b"):
+        write_demo_task(jsonl / f"{name}.jsonl", n=5)
+    with pytest.raises(BadRow, match="a folder must hold .parquet files or a dataset saved"):
+        _rows(tmp_path, jsonl)
+    table = pa.table({"prompt": ["q"], "completion": ["02134"]})
+    hive = tmp_path / "hive"
+    for split in ("train", "test"):
+        (hive / f"split={split}").mkdir(parents=True)
+        pq.write_table(table, hive / f"split={split}" / "part-0.parquet")
+    with pytest.raises(BadRow, match="a folder must hold"):
+        _rows(tmp_path, hive)
+    pq.write_table(table, hive / "top.parquet")  # rows of its own beside the splits: still not merged
+    with pytest.raises(BadRow, match=r"holds Parquet files in subfolders too \(split=test, split=train\)"):
+        _rows(tmp_path, hive)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadRow, match="a folder must hold"):
+        _rows(tmp_path, tmp_path / "empty")
+
+
+def test_a_saved_dataset_without_the_split_names_the_splits_it_has(tmp_path):
+    import datasets
+
+    from sasft_ray.data import BadRow
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([{"prompt": "q", "completion": "a"}])}).save_to_disk(
+        str(tmp_path / "saved"))
+    with pytest.raises(BadRow, match=r"field 'data.split': no split 'train' \(it has test\)"):
+        _rows(tmp_path, tmp_path / "saved")
+    assert len(_rows(tmp_path, tmp_path / "saved", split="test")) == 1
+
+
+def test_a_missing_local_path_is_not_tried_as_a_hub_id(tmp_path, monkeypatch):
+    import datasets
+
+    from sasft_ray.data import BadRow
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked the hub"))
+    with pytest.raises(BadRow, match="data/mytask: field 'data.path': no such file or folder"):
+        _rows(tmp_path, "data/mytask")
