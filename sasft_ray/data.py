@@ -239,8 +239,25 @@ def _messages(items: object, key: str, where: str, role_key: str, text_key: str,
         if role not in role_map:
             raise BadRow(where, f"{loc}.{role_key}", f"unknown role '{role}' (expected one of {sorted(role_map)})",
                          "unknown role")
+        _refuse_dropped_fields(msg, where, loc)
         out.append({"role": role_map[role], "content": content})
     return out
+
+
+# Message fields that change what a dialogue means or what is trained on; only role and content are kept, so a
+# message with one of these is refused rather than silently trained on as something else
+UNSUPPORTED = {"name": "speaker names", "tool_calls": "tool calls", "tool_call_id": "tool results",
+               "function_call": "function calls"}
+
+
+def _refuse_dropped_fields(msg: dict, where: str, loc: str) -> None:
+    for key, what in UNSUPPORTED.items():
+        if msg.get(key) not in (None, "", []):
+            raise BadRow(where, f"{loc}.{key}", f"{what} are not supported (only role and content are trained on); "
+                         "drop the field or the row", "unsupported field")
+    if "weight" in msg and msg["weight"] not in (1, 1.0, True):  # axolotl's per-message weight
+        raise BadRow(where, f"{loc}.weight", f"weight {msg['weight']!r}: every assistant message is trained on; "
+                     "leaving one out (weight 0) is not supported", "unsupported field")
 
 
 def to_messages(row: object, where: str) -> list[dict]:
@@ -291,8 +308,10 @@ def _apply_columns(row: object, columns: dict[str, str]) -> object:
 
 
 def is_heldout(messages: list[dict], fraction: float) -> bool:
-    """Split on a hash of the content, so a row lands in the same split whatever the file order."""
-    digest = hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).digest()
+    """Split on a hash of the content, so a row lands in the same split whatever the file order; whitespace
+    normalised first, so rows that differ only in it (a trailing newline) never fall on both sides."""
+    normalised = [{**m, "content": " ".join(m["content"].split())} for m in messages]
+    digest = hashlib.sha1(json.dumps(normalised, sort_keys=True).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 

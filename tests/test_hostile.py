@@ -3,6 +3,7 @@ nothing deleted that the project did not make, no changed input missed, no path 
 No test here needs Ray or an engine: an endpoint is the stand-in of tests/test_faults.py."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -388,3 +389,32 @@ def test_a_missing_local_path_is_not_tried_as_a_hub_id(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked the hub"))
     with pytest.raises(BadRow, match="data/mytask: field 'data.path': no such file or folder"):
         _rows(tmp_path, "data/mytask")
+
+
+# --- 11: no silent change to the data ---------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, field, message", [
+    ({"weight": 0}, "messages[1].weight", "weight 0: every assistant message is trained on"),
+    ({"name": "bob"}, "messages[1].name", "speaker names are not supported"),
+    ({"tool_calls": [{"id": "1"}]}, "messages[1].tool_calls", "tool calls are not supported"),
+])
+def test_message_fields_that_would_be_dropped_are_refused(tmp_path, extra, field, message):
+    from sasft_ray.data import BadRow
+
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", **extra}]}
+    (tmp_path / "t.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(BadRow, match=rf"t.jsonl:line 1: field '{re.escape(field)}': {message}"):
+        _rows(tmp_path, tmp_path / "t.jsonl")
+    ok = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 1}]}
+    (tmp_path / "t.jsonl").write_text(json.dumps(ok) + "\n")
+    assert len(_rows(tmp_path, tmp_path / "t.jsonl")) == 1
+
+
+def test_rows_differing_only_in_whitespace_fall_on_one_side_of_the_split():
+    from sasft_ray.data import is_heldout
+
+    pairs = [([{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}],
+              [{"role": "user", "content": f"question  {i}\n"}, {"role": "assistant", "content": f"answer {i} "}])
+             for i in range(1000)]
+    assert sum(is_heldout(a, 0.2) != is_heldout(b, 0.2) for a, b in pairs) == 0
+    assert 150 < sum(is_heldout(a, 0.2) for a, _ in pairs) < 250  # still a split at the fraction asked
