@@ -184,8 +184,8 @@ def _read_results(rd: RunDir) -> tuple[dict, dict]:
         result = rd.read_json("eval", "results.json")
         config = result.get("config") or (yaml.safe_load(rd.read_text("config.yaml")) if rd.exists("config.yaml")
                                           else {})
-    except (json.JSONDecodeError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise EvalError(f"{where}: not readable results ({e}); run `sasft eval --force` there") from None
+    except yaml.YAMLError as e:  # (results that are not JSON: RunDirError, naming the file)
+        raise EvalError(f"{rd.path('config.yaml')}: not readable YAML ({e})") from None
     if not isinstance(result, dict) or not {"models", "finetuned", "base_model_id"} <= set(result):
         raise EvalError(f"{where}: not the results of `sasft eval`")
     return result, config

@@ -130,6 +130,8 @@ class RunDir:
             if not root.strip() or where in (Path("/"), Path.home().absolute(), Path.cwd()):
                 raise RunDirError(f"run_dir {root!r} is {where}: a run dir must be a folder of its own "
                                   "(e.g. runs/my-run)")
+            if where.exists() and not where.is_dir():
+                raise RunDirError(f"run_dir {root!r} is a file, not a folder: give run_dir a new or empty folder")
         self.root = root.rstrip("/")
         self.fs, self.base = pafs.FileSystem.from_uri(self.root) if "://" in root else (
             pafs.LocalFileSystem(), str(Path(root).expanduser().absolute()))
@@ -166,7 +168,11 @@ class RunDir:
             return f.read().decode()
 
     def read_json(self, *parts: str) -> dict:
-        return json.loads(self.read_text(*parts))
+        try:
+            return json.loads(self.read_text(*parts))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # truncated, or not ours
+            raise RunDirError(f"{self.path(*parts)} is not readable JSON ({e}): it was cut short or not written "
+                              "by sasft; move it aside, or use another run_dir") from None
 
     def write_text(self, text: str, *parts: str) -> None:
         with self.fs.open_output_stream(self.local(*parts)) as f:
@@ -212,6 +218,7 @@ class RunDir:
         try:
             if not self.exists("manifest.json"):
                 self.write_json({"stages": {}}, "manifest.json")
+            self.manifest()  # one that is not ours is refused before any stage
             yield self
         finally:
             del _held[key]
@@ -287,9 +294,13 @@ class RunDir:
     # --- manifest ---------------------------------------------------------------------------------
 
     def manifest(self) -> dict:
-        if self.exists("manifest.json"):
-            return self.read_json("manifest.json")
-        return {"stages": {}}
+        if not self.exists("manifest.json"):
+            return {"stages": {}}
+        manifest = self.read_json("manifest.json")
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict)):
+            raise RunDirError(f"{self.path('manifest.json')} is not a sasft manifest (no stages): {self.root} is "
+                              "not a run dir; nothing was written there, use another run_dir")
+        return manifest
 
     def stage_info(self, name: str) -> dict:
         return self.manifest()["stages"].get(name, {})

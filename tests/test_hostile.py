@@ -418,3 +418,37 @@ def test_rows_differing_only_in_whitespace_fall_on_one_side_of_the_split():
              for i in range(1000)]
     assert sum(is_heldout(a, 0.2) != is_heldout(b, 0.2) for a, b in pairs) == 0
     assert 150 < sum(is_heldout(a, 0.2) for a, _ in pairs) < 250  # still a split at the fraction asked
+
+
+# --- 12: one line, naming the path, never a traceback ------------------------------------------------
+
+def _one_line_error(capsys, *args) -> str:
+    from sasft_ray.cli import main
+
+    capsys.readouterr()
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_a_run_dir_that_is_not_usable_is_one_line_naming_it(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    assert "is a file, not a folder" in _one_line_error(capsys, "generate", "demo", "--set", f"run_dir={afile}")
+    for text in ("{not json", json.dumps(["a list"])):
+        (tmp_path / "foreign").mkdir(exist_ok=True)
+        (tmp_path / "foreign" / "manifest.json").write_text(text)
+        err = _one_line_error(capsys, "generate", "demo", "--set", f"run_dir={tmp_path / 'foreign'}",
+                              "--set", "bootstrap=null")
+        assert str(tmp_path / "foreign" / "manifest.json") in err
+        assert (tmp_path / "foreign" / "manifest.json").read_text() == text
+    assert afile.read_text() == "mine\n"
+
+
+def test_truncated_results_are_one_line_naming_the_file(tmp_path, capsys, endpoint):  # noqa: F811
+    _evaluated(tmp_path, endpoint, "a")
+    results = tmp_path / "a" / "eval" / "results.json"
+    results.write_text(results.read_text()[:100])
+    err = _one_line_error(capsys, "report", str(tmp_path / "a"))
+    assert f"{results} is not readable JSON" in err
