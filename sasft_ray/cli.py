@@ -59,7 +59,7 @@ def cmd_train(args) -> None:
 def cmd_serve(args) -> None:
     from sasft_ray import serve
     from sasft_ray.cluster import connect
-    from sasft_ray.pipeline import served_models
+    from sasft_ray.pipeline import record_serving, served_models
 
     cfg = load_config(args.config, args.overrides)
     models = served_models(cfg)
@@ -67,6 +67,7 @@ def cmd_serve(args) -> None:
     print(f"[serve] the same application as a Serve config (serve deploy, RayService): {args.write_config}")
     connect(cfg)
     url = serve.start(cfg, models)
+    record_serving(cfg, url)  # for `sasft eval --url`: which trainings this endpoint serves
     print(f"[serve] OpenAI API at {url} serving {', '.join(models.api_ids().values())}; Ctrl-C stops")
     try:
         while True:
@@ -74,6 +75,7 @@ def cmd_serve(args) -> None:
     except KeyboardInterrupt:
         print("[serve] shutting down")
     finally:
+        record_serving(cfg, None)
         serve.stop()
 
 
@@ -161,7 +163,7 @@ def cmd_plan(args) -> None:
 def cmd_push(args) -> None:
     from sasft_ray.push import push
 
-    push(args.run_dir, args.repo_id, private=args.private, revision=args.revision)
+    push(args.run_dir, args.repo_id, private=not args.public, revision=args.revision)
 
 
 def cmd_tiny_model(args) -> None:
@@ -272,7 +274,9 @@ def parser() -> argparse.ArgumentParser:
                        "adapter/) to the Hugging Face Hub; the token from HF_TOKEN")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("repo_id", metavar="REPO_ID", help="the hub repo, e.g. my-org/my-fine-tune (created if missing)")
-    p.add_argument("--private", action="store_true", help="create the repo private (an existing public one is refused)")
+    p.add_argument("--public", action="store_true", help="create a missing repo public, or push to a public one "
+                   "(default: a new repo is private, and an existing public one is refused)")
+    p.add_argument("--private", action="store_true", help=argparse.SUPPRESS)  # the default now; still accepted
     p.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing; default: main)")
     p.set_defaults(fn=cmd_push)
 

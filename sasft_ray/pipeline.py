@@ -91,8 +91,37 @@ def eval_hash(cfg: Config) -> str:
                                 "selftalk", "filters", "mix", "train")
     if extra := score_settings(cfg):  # only where it counts: runs evaluated before it stay finished
         settings += json.dumps(extra, sort_keys=True)
-    trainings = [RunDir(c.run_dir, create=False).stage_info("train").get("id") for c in method_runs(cfg).values()]
-    return RunDir(cfg.run_dir, create=False).chained(f"{settings}:{','.join(map(str, trainings))}", "task")
+    ids = ",".join(map(str, trainings(cfg).values()))
+    return RunDir(cfg.run_dir, create=False).chained(f"{settings}:{ids}", "task")
+
+
+def trainings(cfg: Config) -> dict[str, str | None]:
+    """Each fine-tune's training, by the id of its last run."""
+    return {model_id: RunDir(c.run_dir, create=False).stage_info("train").get("id")
+            for model_id, c in method_runs(cfg).items()}
+
+
+SERVING = "serving.json"  # what a running `sasft serve` put behind its endpoint
+
+
+def record_serving(cfg: Config, url: str | None) -> None:
+    """`sasft serve`'s record of the trainings it serves at `url` (None: it stopped), which `sasft eval --url`
+    checks: an endpoint started before a model was retrained serves the old weights."""
+    rd = RunDir(cfg.run_dir)
+    if url is None:
+        rd.remove(SERVING)
+    else:
+        rd.write_json({"url": url, "trainings": trainings(cfg)}, SERVING)
+
+
+def check_serving(cfg: Config, url: str) -> None:
+    rd = RunDir(cfg.run_dir, create=False)
+    served = rd.read_json(SERVING) if rd.exists(SERVING) else {}
+    if served.get("url") == url and served.get("trainings") != trainings(cfg):
+        from sasft_ray.serve import ServeError
+
+        raise ServeError(f"the endpoint at {url} was started by `sasft serve` before a model was trained again: it "
+                         "serves the old weights; restart `sasft serve`, then evaluate")
 
 
 def eval_inputs(cfg: Config) -> dict[str, str | None]:
@@ -173,6 +202,9 @@ def serve_and_eval(cfg: Config, url: str | None = None, force: bool = False) -> 
     key = serve.api_key(cfg)
     rd = RunDir(cfg.run_dir)
     with rd.locked():
+        if url:
+            require_trained(cfg)
+            check_serving(cfg, url)
         if url or (not force and rd.stage_info("eval").get("status") == "done"):
             return eval_stage(cfg, url or "", key, force)
         connect(cfg)

@@ -13,6 +13,7 @@ import hmac
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -99,8 +100,16 @@ def serve_config(cfg: Config, models: Models) -> dict:
     }
 
 
+WRITTEN_BY = "# Written by `sasft serve`: the application it runs, as a Serve config (serve deploy, RayService).\n"
+
+
 def write_serve_config(cfg: Config, models: Models, path: str) -> None:
+    """Write the Serve config to `path`, over an earlier one of ours only: a file of the user's is kept."""
+    if Path(path).exists() and not Path(path).read_text(errors="replace").startswith(WRITTEN_BY):
+        raise ServeError(f"{path} exists and was not written by sasft serve: it is kept; give --write-config "
+                         "another path")
     with open(path, "w") as f:
+        f.write(WRITTEN_BY)
         yaml.safe_dump(serve_config(cfg, models), f, sort_keys=False)
 
 

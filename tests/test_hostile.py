@@ -452,3 +452,35 @@ def test_truncated_results_are_one_line_naming_the_file(tmp_path, capsys, endpoi
     results.write_text(results.read_text()[:100])
     err = _one_line_error(capsys, "report", str(tmp_path / "a"))
     assert f"{results} is not readable JSON" in err
+
+
+# --- 13: what serving writes and what a stale endpoint gets ------------------------------------------
+
+def test_serve_keeps_a_serve_config_file_it_did_not_write(tmp_path):
+    from sasft_ray.serve import Models, ServeError, write_serve_config
+
+    cfg = make_config(tmp_path)
+    models = Models({"finetuned": str(tmp_path / "m"), "base": str(tmp_path / "b")})
+    mine = tmp_path / "serve_config.yaml"
+    mine.write_text("my own Serve config\n")
+    with pytest.raises(ServeError, match="exists and was not written by sasft serve"):
+        write_serve_config(cfg, models, str(mine))
+    assert mine.read_text() == "my own Serve config\n"
+    ours = tmp_path / "ours.yaml"
+    write_serve_config(cfg, models, str(ours))
+    write_serve_config(cfg, models, str(ours))  # its own earlier file: rewritten
+    assert "applications" in ours.read_text()
+
+
+def test_eval_url_refuses_an_endpoint_started_before_a_retraining(tmp_path, endpoint):  # noqa: F811
+    from sasft_ray.pipeline import record_serving, serve_and_eval
+    from sasft_ray.serve import ServeError
+
+    cfg, rd = _evaluated(tmp_path, endpoint, "a")
+    record_serving(cfg, endpoint)  # `sasft serve` started here
+    _finish_training(cfg, rd)  # then `sasft train --force`
+    with pytest.raises(ServeError, match="started by `sasft serve` before a model was trained again"):
+        serve_and_eval(cfg, endpoint, force=True)
+    assert rd.stage_info("eval")["status"] == "done" and (tmp_path / "a" / "eval" / "results.json").exists()
+    record_serving(cfg, endpoint)  # restarted: it serves the new training
+    assert serve_and_eval(cfg, endpoint, force=True)["models"]
