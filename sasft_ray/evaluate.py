@@ -259,8 +259,9 @@ def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: s
 @contextmanager
 def key_for_lm_eval(key: str | None):
     """The API key where lm-eval's local-completions models read it, `OPENAI_API_KEY`, for one evaluation
-    (under `_LM_EVAL`): as a `header` model argument it would be logged and kept in lm-eval's results."""
-    before = os.environ.get("OPENAI_API_KEY")
+    (under `_LM_EVAL`): as a `header` model argument it would be logged and kept in lm-eval's results. With
+    no key the variable is unset meanwhile: a user's own OpenAI key is never sent to the endpoint."""
+    before = os.environ.pop("OPENAI_API_KEY", None)
     if key:
         os.environ["OPENAI_API_KEY"] = key
     try:

@@ -484,3 +484,16 @@ def test_eval_url_refuses_an_endpoint_started_before_a_retraining(tmp_path, endp
     assert rd.stage_info("eval")["status"] == "done" and (tmp_path / "a" / "eval" / "results.json").exists()
     record_serving(cfg, endpoint)  # restarted: it serves the new training
     assert serve_and_eval(cfg, endpoint, force=True)["models"]
+
+
+def test_lm_eval_gets_the_key_only_for_its_call_and_never_the_users_own(monkeypatch):
+    import os
+
+    from sasft_ray.evaluate import key_for_lm_eval
+
+    monkeypatch.setenv("OPENAI_API_KEY", "the user's own OpenAI key")
+    with key_for_lm_eval(KEY):
+        assert os.environ["OPENAI_API_KEY"] == KEY
+    with key_for_lm_eval(None):  # an endpoint with no key gets none, not the user's
+        assert "OPENAI_API_KEY" not in os.environ
+    assert os.environ["OPENAI_API_KEY"] == "the user's own OpenAI key"
