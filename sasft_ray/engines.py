@@ -42,7 +42,7 @@ def engine_resources(cfg, eng) -> dict:
     """What Ray reserves for one self-talk engine actor: `tensor_parallel_size` GPUs (one actor, so one
     node: vLLM's own workers share it) of the engine's accelerator type, or its CPU bundle."""
     if not cfg.resources.use_gpu:
-        return {"num_cpus": eng.cpus_per_engine}
+        return {"num_cpus": cfg.engine_cpus(serving=False)}
     kind = accelerator(cfg, eng)
     return {"num_gpus": eng.tensor_parallel_size, **({"accelerator_type": kind} if kind else {})}
 
@@ -52,7 +52,7 @@ def engine_placement(cfg, eng) -> dict:
     asks for a GPU). GPU: one bundle per tensor-parallel rank, all on one node (STRICT_PACK: NVLink, not
     the network, carries the all-reduces), on the engine's accelerator type."""
     if not cfg.resources.use_gpu:
-        return {"placement_group_config": {"bundles": [{"CPU": eng.cpus_per_engine}]}}
+        return {"placement_group_config": {"bundles": [{"CPU": cfg.engine_cpus(serving=True)}]}}
     return {"placement_group_config": {"bundle_per_worker": {"GPU": 1}, "strategy": "STRICT_PACK"},
             **({"accelerator_type": kind} if (kind := accelerator(cfg, eng)) else {})}
 

@@ -37,7 +37,10 @@ from sasft_ray.rundir import RunDir
 MONITOR = "selftalk_heldout.parquet"  # the forgetting monitor's self-dialogues (written by the self-talk stage)
 MIXED_IN = {"sa-sft": "self", "external-mix": "external", "sft": None, "freeze": None}
 # source: task, self, external, or source<i> (the i-th of mix.sources)
-MIXED_SCHEMA = pa.schema([("messages", MESSAGE_TYPE), ("source", pa.string()), ("id", pa.int64())])
+# open_end: a self-dialogue whose last reply was cut at its token limit (`filters.truncated: keep`), trained
+# without an end of turn
+MIXED_SCHEMA = pa.schema([("messages", MESSAGE_TYPE), ("source", pa.string()), ("id", pa.int64()),
+                          ("open_end", pa.bool_())])
 WINDOW = 4096
 
 
@@ -80,10 +83,12 @@ class Source:
     def _one_pass(self, seed: int) -> Iterator[dict]:
         rng = np.random.default_rng(mix_key(seed, self.name, -1))
         window: list[dict] = []
-        scanner = self.dataset.scanner(columns=["messages", self.id_column], filter=self.filter)
-        for batch in scanner.to_batches():
+        open_end = "open_end" in self.dataset.schema.names  # self-talk rows carry it
+        columns = ["messages", self.id_column] + (["open_end"] if open_end else [])
+        for batch in self.dataset.scanner(columns=columns, filter=self.filter).to_batches():
             for row in batch.to_pylist():
-                window.append({"messages": row["messages"], "source": self.name, "id": row[self.id_column]})
+                window.append({"messages": row["messages"], "source": self.name, "id": row[self.id_column],
+                               "open_end": bool(row.get("open_end"))})
                 if len(window) == WINDOW:
                     yield from (window[i] for i in rng.permutation(len(window)))
                     window = []

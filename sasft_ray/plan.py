@@ -48,6 +48,9 @@ GPU_HBM_TBS = 3.35  # memory bandwidth, TB/s
 # measured 0.19-0.23 at micro-batch 4 x 2048 tokens, 0.05-0.09 at 1 x 2048 (1.2B, 3.2B; jobs/check_gpu.py).
 TRAIN_MFU = 0.35
 DECODE_BW_EFFICIENCY = 0.6  # share of HBM bandwidth a vLLM decode step reaches
+# fp32 training FLOP/s of one CPU core under ZeRO-3 on gloo: SmolLM2-135M-Instruct trained at 24 tokens/s per
+# worker of one core (6 x 134.5 M FLOPs a token) on this project's 2-core machine (docs/real-model.md)
+CPU_TRAIN_GFLOPS_PER_CORE = 19.0
 # Per training GPU: CUDA context, NCCL buffers, the allocator's slack. On one H200 (jobs/check_gpu.py) the
 # formulas above came out 2-7% over the peak allocated, the process's context took 1.3 GiB, and with
 # expandable segments (train.py sets them) the allocator held 1.5-3 GiB over its peak: this covers it.
@@ -460,6 +463,12 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
                    f"{t.max_length} tokens (padded) = {tokens / 1e6:,.1f} M tokens at {rate:,.0f} tokens/s per GPU "
                    f"-> {_hours(seconds)}" + (f" per run, {runs} runs (compare)" if runs > 1 else "")
                    + (" + CPU optimizer steps" if t.offload_optimizer else ""))
+        if not cfg.resources.use_gpu:  # a laptop run: what the same tokens cost on the workers' cores
+            cpu_rate = CPU_TRAIN_GFLOPS_PER_CORE * 1e9 * t.cpus_per_worker / (6 * arch.params)
+            out.append(f"  on CPU (resources.use_gpu false): ~{cpu_rate:,.0f} tokens/s per worker of "
+                       f"{t.cpus_per_worker:g} core(s) -> {_hours(tokens / (cpu_rate * t.num_workers))}"
+                       + (f" per run, {runs} runs (compare)" if runs > 1 else "")
+                       + f" (at {CPU_TRAIN_GFLOPS_PER_CORE:g} GFLOP/s a core, measured)")
     else:
         out.append("  time: unknown row count (data.path is not a local .jsonl); pass --task-rows")
 

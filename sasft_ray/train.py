@@ -49,9 +49,10 @@ class TrainSetupError(ValueError):
 
 # --- tokenization: the model's own chat template, loss on assistant tokens only -----------------
 
-def encode(tokenizer, messages: list[dict], max_length: int, strip_bos: str = "") -> dict:
+def encode(tokenizer, messages: list[dict], max_length: int, strip_bos: str = "", open_end: bool = False) -> dict:
     """Token ids and labels; labels are IGNORE everywhere but inside assistant messages
-    (their content and the template's end-of-turn marker, so the model learns to stop)."""
+    (their content and the template's end-of-turn marker, so the model learns to stop). `open_end`: the
+    last reply was cut at a token limit, so its end-of-turn marker is no target (it did not end there)."""
     full = render(tokenizer, messages, strip_bos)
     spans = []
     for i, m in enumerate(messages):
@@ -61,7 +62,13 @@ def encode(tokenizer, messages: list[dict], max_length: int, strip_bos: str = ""
             if not (full.startswith(through) and through.startswith(before)):
                 raise TrainSetupError("the chat template renders a conversation differently from its prefixes; "
                                       "assistant-only loss needs a prefix-stable template")
-            spans.append((len(before), len(through)))
+            end = len(through)
+            if open_end and i == len(messages) - 1:
+                content = m["content"].strip()
+                end = full.rfind(content, len(before), len(through)) + len(content)
+                if end < len(before) + len(content):
+                    raise TrainSetupError("the chat template changes a reply's text: its end cannot be found")
+            spans.append((len(before), end))
     enc = tokenizer(full, return_offsets_mapping=True, add_special_tokens=True)
     ids = enc["input_ids"][:max_length]
     labels = [tok if any(s <= a < e for s, e in spans) else IGNORE
@@ -71,7 +78,8 @@ def encode(tokenizer, messages: list[dict], max_length: int, strip_bos: str = ""
 
 def _encode_batch(batch: dict, *, model: str, trust_remote_code: bool, max_length: int, strip_bos: str) -> dict:
     tokenizer = load_tokenizer(model, trust_remote_code)
-    encoded = [encode(tokenizer, list(m), max_length, strip_bos) for m in batch["messages"]]
+    open_ends = batch.get("open_end", [False] * len(batch["messages"]))
+    encoded = [encode(tokenizer, list(m), max_length, strip_bos, bool(o)) for m, o in zip(batch["messages"], open_ends)]
     return {"input_ids": _ragged([e["input_ids"] for e in encoded]),
             "labels": _ragged([e["labels"] for e in encoded]),
             "targets": np.array([sum(lab != IGNORE for lab in e["labels"]) for e in encoded], dtype=np.int64)}
@@ -93,8 +101,9 @@ def tokenized(cfg: Config, path: str, strip_bos: str):
     # Ray Data's V2 Parquet reader starts a pool of footer-reading actors on every read (~9 s on
     # 2 cores, twice per training run); a run's few Parquet files read as fast in V1's plain tasks.
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    ds = ray.data.read_parquet(path).select_columns(["messages"]).map_batches(encode_fn, batch_size=256,
-                                                                              num_cpus=0.5)
+    ds = ray.data.read_parquet(path)
+    columns = [c for c in ("messages", "open_end") if c in ds.schema().names]  # held-out sets have no open_end
+    ds = ds.select_columns(columns).map_batches(encode_fn, batch_size=256, num_cpus=0.5)
     return ds.materialize()
 
 

@@ -52,9 +52,9 @@ def test_a_wrong_vllm_argument_is_a_config_error_naming_it(tmp_path, vllm, messa
 def test_cpu_engines_get_a_cpu_bundle_and_gpu_engines_one_node_of_their_type(tmp_path):
     from sasft_ray.engines import engine_placement, engine_resources
 
-    cpu = make_config(tmp_path, selftalk={"engine": {"cpus_per_engine": 2}})
+    cpu = make_config(tmp_path, selftalk={"engine": {"cpus_per_engine": 2}}, serve={"engine": {"cpus_per_engine": 3}})
     assert engine_resources(cpu, cpu.selftalk.engine) == {"num_cpus": 2}
-    assert engine_placement(cpu, cpu.selftalk.engine) == {"placement_group_config": {"bundles": [{"CPU": 2}]}}
+    assert engine_placement(cpu, cpu.serve.engine) == {"placement_group_config": {"bundles": [{"CPU": 3}]}}
     gpu = make_config(tmp_path, resources={"use_gpu": True, "accelerator_type": "H100"},
                       selftalk={"engine": {"tensor_parallel_size": 4}},
                       serve={"engine": {"accelerator_type": "L40S"}})
@@ -62,6 +62,19 @@ def test_cpu_engines_get_a_cpu_bundle_and_gpu_engines_one_node_of_their_type(tmp
     assert engine_placement(gpu, gpu.serve.engine) == {
         "placement_group_config": {"bundle_per_worker": {"GPU": 1}, "strategy": "STRICT_PACK"},
         "accelerator_type": "L40S"}
+
+
+def test_cpu_engines_share_the_machines_cores_unless_told_or_on_a_cluster(tmp_path, monkeypatch):
+    """A self-talk engine alone on 16 cores decodes on 16 threads, not 1; three served models share them."""
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = make_config(tmp_path, compare=["sft"], selftalk={"engine": {"concurrency": 2}})
+    assert (cfg.engine_cpus(serving=False), cfg.engine_cpus(serving=True)) == (8, 5)  # 2 engines; 3 models
+    assert make_config(tmp_path, selftalk={"engine": {"cpus_per_engine": 1.5}}).engine_cpus(serving=False) == 1.5
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert cfg.engine_cpus(serving=True) == 1  # never below one
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster: its nodes, not this machine, have the cores
+    assert cfg.engine_cpus(serving=False) == 1
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(str(p)).resources.use_gpu], ids=lambda p: p.stem)

@@ -40,6 +40,10 @@ def test_label_mask_covers_assistant_tokens_only(tiny_llama):
     assert "Add 2 and 3." in ignored and "And 4?" in ignored and "Be brief." in ignored
     cut = encode(tok, messages, max_length=10)
     assert len(cut["input_ids"]) == 10 and all(lab == IGNORE for lab in cut["labels"])
+    # a last reply cut at its token limit (`filters.truncated: keep`): trained as far as it goes, never its end
+    open_end = encode(tok, messages, max_length=512, open_end=True)
+    learned = tok.decode([t for t, lab in zip(open_end["input_ids"], open_end["labels"]) if lab != IGNORE])
+    assert learned == "Sure! The answer is 5.<|eot_id|>Sure! The answer is 9."
 
 
 def test_schedules_and_freeze_selection():
