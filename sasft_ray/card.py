@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from sasft_ray.config import Config
+from sasft_ray.data import hub_id_shaped
 from sasft_ray.rundir import RunDir
 
 CARD = "README.md"
@@ -25,12 +26,6 @@ METHODS = {
     "external-mix": "supervised fine-tuning on the task data mixed with external general data",
 }
 MIXES = {"sa-sft": "self-dialogues", "external-mix": "external rows"}  # what mix.self_ratio (λ) counts
-
-
-def _hub_id(path: str) -> bool:
-    """A hub id (owner/name), not a local folder or a URI: what the card's `base_model` may name."""
-    return "://" not in path and not Path(path).exists() and not path.startswith((".", "/", "~")) and \
-        path.count("/") == 1
 
 
 def _same_dir(a: str, b: str) -> bool:
@@ -60,6 +55,14 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
+def shown(path: str) -> str:
+    """A path as a card (which `sasft push` publishes) may show it: a hub id or URI whole, a local path by its
+    last two parts only (no /home/<user>/... of this machine)."""
+    if "://" in path or hub_id_shaped(path):
+        return path
+    return "/".join(Path(path).expanduser().absolute().parts[-2:])
+
+
 def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
     """The card's text. `results`: an evaluation's results.json (the run's own, or for a compared method its
     main run's), whose entry for this run dir gives the scores; None: no scores (as training writes it: an
@@ -69,10 +72,10 @@ def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
     task, selftalk, mix, train = (done.get(k, {}) for k in ("task", "selftalk", "mix", "train"))
     result = rd.read_json("model", "train_result.json") if rd.exists("model", "train_result.json") else {}
     entry = headline(cfg, results) if results else None
-    t, method, base = cfg.train, cfg.train.method, cfg.model.path
+    t, method, base = cfg.train, cfg.train.method, shown(cfg.model.path)
     lora = rd.exists("model", "adapter")
 
-    meta = {**({"base_model": base} if _hub_id(base) else {}), "library_name": "transformers",
+    meta = {**({"base_model": base} if hub_id_shaped(cfg.model.path) else {}), "library_name": "transformers",
             "pipeline_tag": "text-generation", "tags": ["sasft", "self-augmented-sft", method, *(["lora"] if t.lora
                                                                                               else [])]}
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
@@ -84,7 +87,7 @@ def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
     rows = [("base model", f"`{base}`"), ("method", method + (f", λ = {cfg.mix.self_ratio:g}" + (
         f" (achieved {mix['achieved_ratio']:g})" if mix.get("achieved_ratio") not in (None, cfg.mix.self_ratio)
         else "") if method in MIXES else ""))]
-    data = f"`{cfg.data.path}`"
+    data = f"`{shown(cfg.data.path)}`"
     if task:
         data += f": {_count(task.get('train_rows'))} training rows, {_count(task.get('heldout_rows'))} held out"
     rows.append(("task data", data))
@@ -94,7 +97,7 @@ def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
             f" ({_count(selftalk['rows_in'])} generated, {_count(selftalk['survived'])} kept by the filters)"
             if "rows_in" in selftalk and "survived" in selftalk else "")))
     if method == "external-mix" and mix.get("mixed_in_rows") is not None:
-        rows.append(("external rows", f"{_count(mix['mixed_in_rows'])} of `{cfg.mix.external.path}`"))
+        rows.append(("external rows", f"{_count(mix['mixed_in_rows'])} of `{shown(cfg.mix.external.path)}`"))
     if method == "freeze":
         rows.append(("frozen", f"embeddings and the lowest {t.freeze_layers} blocks"))
     if train.get("steps") is not None:

@@ -14,13 +14,13 @@ from sasft_ray.evaluate import EvalError
 from sasft_ray.generate import STAGES, TooFewSurvivors
 from sasft_ray.models import SHIPPED, ModelError
 from sasft_ray.push import PushError
-from sasft_ray.rundir import StageChanged
+from sasft_ray.rundir import RunDirError, StageChanged
 from sasft_ray.serve import ServeError
 from sasft_ray.train import TrainSetupError
 
 # Mistakes in the config or the data: a message, not a traceback.
-USER_ERRORS = (ConfigError, BadRow, StageChanged, TooFewSurvivors, TrainSetupError, EvalError, ServeError, PushError,
-               ModelError)
+USER_ERRORS = (ConfigError, BadRow, StageChanged, RunDirError, TooFewSurvivors, TrainSetupError, EvalError, ServeError,
+               PushError, ModelError)
 
 
 def _config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -60,7 +60,7 @@ def cmd_train(args) -> None:
 def cmd_serve(args) -> None:
     from sasft_ray import serve
     from sasft_ray.cluster import connect
-    from sasft_ray.pipeline import served_models
+    from sasft_ray.pipeline import record_serving, served_models
 
     cfg = load_config(args.config, args.overrides)
     models = served_models(cfg)
@@ -68,6 +68,7 @@ def cmd_serve(args) -> None:
     print(f"[serve] the same application as a Serve config (serve deploy, RayService): {args.write_config}")
     connect(cfg)
     url = serve.start(cfg, models)
+    record_serving(cfg, url)  # for `sasft eval --url`: which trainings this endpoint serves
     print(f"[serve] OpenAI API at {url} serving {', '.join(models.api_ids().values())}; Ctrl-C stops")
     try:
         while True:
@@ -75,6 +76,7 @@ def cmd_serve(args) -> None:
     except KeyboardInterrupt:
         print("[serve] shutting down")
     finally:
+        record_serving(cfg, None)
         serve.stop()
 
 
@@ -162,7 +164,7 @@ def cmd_plan(args) -> None:
 def cmd_push(args) -> None:
     from sasft_ray.push import push
 
-    push(args.run_dir, args.repo_id, private=args.private, revision=args.revision)
+    push(args.run_dir, args.repo_id, private=not args.public, revision=args.revision)
 
 
 def cmd_tiny_model(args) -> None:
@@ -280,7 +282,9 @@ def parser() -> argparse.ArgumentParser:
                        "adapter/) to the Hugging Face Hub; the token from HF_TOKEN")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("repo_id", metavar="REPO_ID", help="the hub repo, e.g. my-org/my-fine-tune (created if missing)")
-    p.add_argument("--private", action="store_true", help="create the repo private (an existing public one is refused)")
+    p.add_argument("--public", action="store_true", help="create a missing repo public, or push to a public one "
+                   "(default: a new repo is private, and an existing public one is refused)")
+    p.add_argument("--private", action="store_true", help=argparse.SUPPRESS)  # the default now; still accepted
     p.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing; default: main)")
     p.set_defaults(fn=cmd_push)
 

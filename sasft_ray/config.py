@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -32,6 +33,30 @@ METHODS: tuple[str, ...] = get_args(Method)
 # A setting added after runs were made, marked so: left out of stage hashes while at its default (which keeps
 # today's behaviour), so finished stages stay finished; set to anything else, it is hashed
 HASH_NEUTRAL = {"hash_neutral": True}
+
+
+# A name that becomes a file or folder name in the run dir (a model id, a benchmark): no path separator,
+# no "..", nothing hidden, so no setting writes outside the run dir
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+INDOMAIN = "in-domain"  # the task's held-out split's benchmark: no general benchmark may take its name
+
+
+def check_name(name: str, what: str) -> str:
+    if not SAFE_NAME.fullmatch(name):
+        raise ValueError(f"{what} {name!r} becomes a file name in the run dir: use letters, digits, '.', '_' and "
+                         "'-', starting with a letter or digit (at most 100)")
+    return name
+
+
+def check_scorers(names: list[str]) -> list[str]:
+    """Built-in scorers or `module:function`; whether the module imports is checked before the first stage."""
+    from sasft_ray.evaluate import SCORERS
+
+    for name in names:
+        module, sep, function = name.partition(":")
+        if name not in SCORERS and not (sep and module and function.isidentifier()):
+            raise ValueError(f"unknown scorer {name!r}: use one of {sorted(SCORERS)} or module:function")
+    return names
 
 
 class Section(BaseModel):
@@ -151,8 +176,8 @@ class SelfTalkConfig(Section):
 
 class FilterConfig(Section):
     truncated: Literal["drop", "keep"] = Field(
-        "drop", json_schema_extra=HASH_NEUTRAL, description="a self-dialogue whose last reply hit selftalk.max_assistant_tokens: drop it, or keep "
-        "it and train on the reply as far as it goes, without the end of turn (the model is not taught to stop "
+        "drop", json_schema_extra=HASH_NEUTRAL, description="a self-dialogue whose last reply hit "
+        "selftalk.max_assistant_tokens: drop it, or keep it and train on the reply as far as it goes, without the end of turn (the model is not taught to stop "
         "there): the model's own text at a fixed token budget, for models whose replies run long. The forgetting "
         "monitor takes complete dialogues only")
     min_turn_chars: int = Field(1, ge=1, description="shortest user or assistant message kept")
@@ -272,14 +297,20 @@ class ServeConfig(Section):
     api_key_env: str | None = Field(None, description="environment variable holding the API key (none: no key)")
     allow_unauthenticated: bool = Field(
         False, description="serve on a non-loopback host with no API key (anyone who reaches it can use it)")
-    model_id: str = Field("finetuned", description="model id of the fine-tuned model in the API")
-    base_model_id: str = Field("base", description="model id of the base model in the API")
+    model_id: str = Field("finetuned", description="model id of the fine-tuned model in the API (letters, digits, "
+                          "'.', '_', '-': it names files in the run dir)")
+    base_model_id: str = Field("base", description="model id of the base model in the API (as model_id)")
     lora: Literal["adapters", "merged"] = Field(
         "adapters", description="LoRA fine-tunes (train.lora): adapters, all on the base model's engine (Ray Serve "
         "LLM's multi-LoRA; needs a run_dir in a bucket, else merged), requested as <base_model_id>:<model id>; "
         "merged: each its merged weights on an engine of its own")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_num_seqs=32),
                                  description="one vLLM engine per model; `concurrency` = replicas")
+
+    @field_validator("model_id", "base_model_id")
+    @classmethod
+    def _ids_are_file_names(cls, value: str, info) -> str:
+        return check_name(value, f"serve.{info.field_name}")
 
     @model_validator(mode="after")
     def _no_open_endpoint(self) -> ServeConfig:
@@ -293,12 +324,29 @@ class ServeConfig(Section):
 class EvalSuite(Section):
     """A general benchmark as a JSONL of prompts with references, scored by built-in or named scorers."""
 
-    name: str = Field(description="the benchmark's name in the report (a folder's benchmarks take their files' names)")
+    name: str = Field(description="the benchmark's name in the report (a folder's benchmarks take their files' names); "
+                      "letters, digits, '.', '_', '-', not in-domain")
     path: str = Field(description="JSONL rows: messages (the prompt), reference, optional answer; "
                       "a folder: one benchmark per .jsonl file in it, named by the file")
-    scorers: list[str] = Field(default_factory=lambda: ["exact"],
+    scorers: list[str] = Field(default_factory=lambda: ["exact"], min_length=1,
                                description="exact | contains | rouge_l | module:function(prediction, row)")
     limit: int | None = Field(None, ge=1, description="score at most this many rows of each benchmark; None: all")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_benchmark_of_its_own(cls, value: str) -> str:
+        return check_benchmark_name(value, "eval.suites[].name")
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers_exist(cls, value: list[str]) -> list[str]:
+        return check_scorers(value)
+
+
+def check_benchmark_name(name: str, what: str) -> str:
+    if name == INDOMAIN:
+        raise ValueError(f"{what} {name!r} is the task's own held-out benchmark: name the suite otherwise")
+    return check_name(name, what)
 
 
 class LmEvalGroup(Section):
@@ -318,7 +366,7 @@ class LmEvalGroup(Section):
 
 
 class EvalConfig(Section):
-    indomain_scorers: list[str] = Field(default_factory=lambda: ["exact", "rouge_l"],
+    indomain_scorers: list[str] = Field(default_factory=lambda: ["exact", "rouge_l"], min_length=1,
                                         description="scorers of the task's held-out split")
     indomain_limit: int | None = Field(None, ge=1, description="score at most this many held-out task rows; "
                                        "None: all")
@@ -331,6 +379,21 @@ class EvalConfig(Section):
         "what its engines run at once")
     base_cache: str | None = Field(
         None, description="folder caching the base model's scores across runs (default: next to run_dir)")
+
+    @field_validator("indomain_scorers")
+    @classmethod
+    def _scorers_exist(cls, value: list[str]) -> list[str]:
+        return check_scorers(value)
+
+    @model_validator(mode="after")
+    def _one_benchmark_per_name(self) -> EvalConfig:
+        """Scores are kept by benchmark name: two under one name would overwrite each other."""
+        names = [s.name for s in self.suites] + [t for g in self.lm_eval for t in g.tasks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"benchmark {twice[0]!r} is named twice in eval.suites and eval.lm_eval tasks: each "
+                             "needs a name of its own")
+        return self
 
 
 class ResourcesConfig(Section):

@@ -60,9 +60,22 @@ def _detect_format(path: str, fmt: str) -> str:
         return "json"
     if suffix == ".parquet":
         return "parquet"
-    if not p.exists() and "/" in path and not path.startswith((".", "/")):
-        return "hf"  # looks like a hub id: org/name
+    if not p.exists() and hub_id_shaped(path):
+        return "hf"
+    if not p.exists():
+        raise BadRow(path, "data.path", "no such file or folder")
     raise BadRow(path, "data.format", "cannot tell the format from the name; set data.format")
+
+
+def hub_id_shaped(path: str) -> bool:
+    """A path that can only be a hub id (org/name): nothing at it, or at its first part, on this machine.
+    A path that looks local (./, /, ~, deeper than org/name, or under an existing folder) never is one."""
+    return ("://" not in path and not path.startswith((".", "/", "~")) and path.count("/") == 1
+            and not Path(path).exists() and not Path(path.split("/")[0]).exists())
+
+
+def _saved_dataset(p: Path) -> bool:
+    return (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
 
 
 def _decode(raw: bytes, path: str, first_line: int = 1) -> str:
@@ -141,6 +154,10 @@ def _read_parquet(path: str) -> Iterator[tuple[str, object]]:
 
     p = Path(path)
     files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    nested = sorted({f.parent.name for f in p.glob("*/**/*.parquet")}) if p.is_dir() else []
+    if nested:  # a Hive-style `split=test/` is another split, never rows of this one
+        raise BadRow(path, "data.path", f"holds Parquet files in subfolders too ({', '.join(nested[:3])}): name "
+                     "the folder of the files to read", "bad folder")
     for file in files:
         n = 0
         try:
@@ -157,12 +174,19 @@ def _read_hf(path: str, split: str) -> Iterator[tuple[str, object]]:
     import datasets
 
     p = Path(path)
-    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
+    if p.exists():  # only a saved dataset: HF's folder loaders merge files and splits and retype fields
+        if not (p.is_dir() and _saved_dataset(p)):
+            raise BadRow(path, "data.path", "a folder must hold .parquet files or a dataset saved by datasets' "
+                         "save_to_disk (for JSONL or JSON files, name one file)", "bad folder")
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise BadRow(path, "data.split", f"no split {split!r} (it has {', '.join(sorted(ds)) or 'none'})")
             ds = ds[split]
-    else:
+    elif hub_id_shaped(path):
         ds = datasets.load_dataset(path, split=split, streaming=True)
+    else:
+        raise BadRow(path, "data.path", "no such file or folder")
     for n, row in enumerate(ds):
         yield f"{path}[{split}]:row {n}", row
 
@@ -215,8 +239,25 @@ def _messages(items: object, key: str, where: str, role_key: str, text_key: str,
         if role not in role_map:
             raise BadRow(where, f"{loc}.{role_key}", f"unknown role '{role}' (expected one of {sorted(role_map)})",
                          "unknown role")
+        _refuse_dropped_fields(msg, where, loc)
         out.append({"role": role_map[role], "content": content})
     return out
+
+
+# Message fields that change what a dialogue means or what is trained on; only role and content are kept, so a
+# message with one of these is refused rather than silently trained on as something else
+UNSUPPORTED = {"name": "speaker names", "tool_calls": "tool calls", "tool_call_id": "tool results",
+               "function_call": "function calls"}
+
+
+def _refuse_dropped_fields(msg: dict, where: str, loc: str) -> None:
+    for key, what in UNSUPPORTED.items():
+        if msg.get(key) not in (None, "", []):
+            raise BadRow(where, f"{loc}.{key}", f"{what} are not supported (only role and content are trained on); "
+                         "drop the field or the row", "unsupported field")
+    if "weight" in msg and msg["weight"] not in (1, 1.0, True):  # axolotl's per-message weight
+        raise BadRow(where, f"{loc}.weight", f"weight {msg['weight']!r}: every assistant message is trained on; "
+                     "leaving one out (weight 0) is not supported", "unsupported field")
 
 
 def to_messages(row: object, where: str) -> list[dict]:
@@ -267,8 +308,10 @@ def _apply_columns(row: object, columns: dict[str, str]) -> object:
 
 
 def is_heldout(messages: list[dict], fraction: float) -> bool:
-    """Split on a hash of the content, so a row lands in the same split whatever the file order."""
-    digest = hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).digest()
+    """Split on a hash of the content, so a row lands in the same split whatever the file order; whitespace
+    normalised first, so rows that differ only in it (a trailing newline) never fall on both sides."""
+    normalised = [{**m, "content": " ".join(m["content"].split())} for m in messages]
+    digest = hashlib.sha1(json.dumps(normalised, sort_keys=True).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 

@@ -15,22 +15,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import importlib.util
 import json
+import os
 import re
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from sasft_ray import instructions
-from sasft_ray.config import Config, EvalSuite, LmEvalGroup
+from sasft_ray.config import INDOMAIN, Config, EvalSuite, LmEvalGroup, check_benchmark_name
 from sasft_ray.rundir import RunDir, fingerprint
 from sasft_ray.selftalk import adds_bos, load_tokenizer
-
-INDOMAIN = "in-domain"
 
 
 class EvalError(ValueError):
@@ -85,6 +86,17 @@ def scorer(name: str) -> Callable[[str, dict], float]:
         raise EvalError(f"scorer {name!r} cannot be imported: {e}") from e
 
 
+def check_eval(cfg: Config) -> None:
+    """What the evaluation reads, checked before the first stage of a run rather than after its training:
+    the suite files and their benchmark names, the scorers' modules, lm-eval's task folders."""
+    expand_suites(cfg.eval.suites)
+    for name in {*cfg.eval.indomain_scorers, *(n for s in cfg.eval.suites for n in s.scorers)}:
+        scorer(name)
+    for group in cfg.eval.lm_eval:
+        if group.include_path and not Path(group.include_path).is_dir():
+            raise EvalError(f"eval.lm_eval include_path {group.include_path}: no such folder")
+
+
 # --- prompts and references ---------------------------------------------------------------------
 
 def indomain_rows(rd: RunDir, limit: int | None) -> list[dict]:
@@ -106,8 +118,19 @@ def expand_suites(suites: list[EvalSuite]) -> list[EvalSuite]:
             if not files:
                 raise EvalError(f"eval suite {suite.name!r}: no .jsonl files in {suite.path}")
             out += [suite.model_copy(update={"name": f.stem, "path": str(f)}) for f in files]
+        elif not Path(suite.path).is_file():
+            raise EvalError(f"eval suite {suite.name!r}: no file or folder at {suite.path}")
         else:
             out.append(suite)
+    names = [s.name for s in out]
+    for suite in out:  # a folder's files name benchmarks too: none may take another's name or in-domain's
+        try:
+            check_benchmark_name(suite.name, f"eval suite {suite.path}: benchmark")
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+        if names.count(suite.name) > 1:
+            raise EvalError(f"eval suites: benchmark {suite.name!r} comes from two files "
+                            f"({', '.join(s.path for s in out if s.name == suite.name)}): each needs a name of its own")
     return out
 
 
@@ -197,11 +220,12 @@ def score_rows(api, model_id: str, rows: list[dict], scorer_names: list[str], cf
 _LM_EVAL = threading.Lock()  # lm-eval sets global seeds and task state: one `simple_evaluate` at a time
 
 
-def lm_eval_model_args(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: str | None) -> dict:
+def lm_eval_model_args(group: LmEvalGroup, url: str, model_id: str, cfg: Config) -> dict:
     """`local-completions` / `local-chat-completions` arguments. Log-likelihood requests go as token ids,
     tokenized here with BOS exactly when the model's tokenizer adds one (as the model was trained): sent as
     text, the server would add a BOS lm-eval did not count and every continuation would be off by one
-    token. Chat requests go as messages; the server's chat template places the BOS."""
+    token. Chat requests go as messages; the server's chat template places the BOS. No API key: lm-eval logs
+    these arguments and returns them in its results (`key_for_lm_eval` passes it)."""
     chat = group.mode == "chat"
     bos = adds_bos(load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
     # chat: one conversation a request; completions: `batch` prompts a request, fewer hops per sequence
@@ -214,8 +238,6 @@ def lm_eval_model_args(group: LmEvalGroup, url: str, model_id: str, cfg: Config,
         "batch_size": batch, "num_concurrent": max(1, cfg.eval_concurrency // batch), "max_retries": 3,
         "max_gen_toks": cfg.eval.max_tokens, "trust_remote_code": cfg.model.trust_remote_code,
     }
-    if key:
-        args["header"] = {"Authorization": f"Bearer {key}"}
     return args
 
 
@@ -227,23 +249,57 @@ def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: s
     from lm_eval.tasks import TaskManager
 
     chat = group.mode == "chat"
-    with _LM_EVAL:
+    with _LM_EVAL, key_for_lm_eval(key):
         result = lm_eval.simple_evaluate(
             model="local-chat-completions" if chat else "local-completions",
-            model_args=lm_eval_model_args(group, url, model_id, cfg, key), tasks=group.tasks,
+            model_args=lm_eval_model_args(group, url, model_id, cfg), tasks=group.tasks,
             num_fewshot=group.num_fewshot, limit=group.limit, gen_kwargs=group.gen_kwargs,
             apply_chat_template=chat if group.apply_chat_template is None else group.apply_chat_template,
             system_instruction=group.system_instruction,
             task_manager=TaskManager(include_path=group.include_path), log_samples=out is not None,
             bootstrap_iters=1000)  # means get their analytic stderr; bootstrap only for the rest (BLEU...)
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        name = "+".join(group.tasks)
-        for task, samples in (result.pop("samples", None) or {}).items():
-            with (out / f"{name}.samples.{task}.jsonl").open("w") as f:
-                f.writelines(json.dumps(s, default=str) + "\n" for s in samples)
-        (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+        save_lm_eval(result, out, "+".join(group.tasks), key)
     return lm_eval_metrics(result["results"])
+
+
+@contextmanager
+def key_for_lm_eval(key: str | None):
+    """The API key where lm-eval's local-completions models read it, `OPENAI_API_KEY`, for one evaluation
+    (under `_LM_EVAL`): as a `header` model argument it would be logged and kept in lm-eval's results. With
+    no key the variable is unset meanwhile: a user's own OpenAI key is never sent to the endpoint."""
+    before = os.environ.pop("OPENAI_API_KEY", None)
+    if key:
+        os.environ["OPENAI_API_KEY"] = key
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = before
+
+
+def save_lm_eval(result: dict, out: Path, name: str, key: str | None) -> None:
+    """lm-eval's results as `out/<name>.json` and its samples beside it, with the API key scrubbed wherever it
+    may be (lm-eval keeps its `model_args` and each request): a run dir, in a bucket above all, is shared."""
+    out.mkdir(parents=True, exist_ok=True)
+    for task, samples in (result.pop("samples", None) or {}).items():
+        lines = "".join(json.dumps(s, default=str) + "\n" for s in samples)
+        (out / f"{name}.samples.{task}.jsonl").write_text(scrub(lines, key))
+    (out / f"{name}.json").write_text(scrub(json.dumps(result, indent=2, default=str), key))
+
+
+REDACTED = "<redacted>"
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """`text` with every occurrence of `secret` replaced, as written (and as JSON escapes it)."""
+    if not secret:
+        return text
+    for form in {secret, json.dumps(secret)[1:-1]}:
+        text = text.replace(form, REDACTED)
+    return text
 
 
 def lm_eval_metrics(results: dict) -> dict[str, float]:
@@ -271,14 +327,40 @@ def general_scores(api, url: str, model_id: str, cfg: Config, key: str | None, s
 
 
 def base_cache_key(cfg: Config) -> str:
-    """What the base model's general scores depend on; suite files are hashed by content, a local
-    model by its `fingerprint` (a model rebuilt at the same path is scored afresh)."""
-    files = {s.path: hashlib.sha256(Path(s.path).read_bytes()).hexdigest() for s in expand_suites(cfg.eval.suites)}
+    """What the base model's general scores depend on; every file they read by its `fingerprint` (a model
+    rebuilt at the same path, an edited task YAML or scorer module: scored afresh)."""
     keyed = {"model": cfg.model.model_dump(mode="json"), "weights": fingerprint(cfg.model.path),
              "suites": [s.model_dump(mode="json") for s in cfg.eval.suites],
-             "lm_eval": [g.model_dump(mode="json") for g in cfg.eval.lm_eval], "files": files,
-             "max_tokens": cfg.eval.max_tokens}
+             "lm_eval": [g.model_dump(mode="json") for g in cfg.eval.lm_eval], "files": eval_files(cfg),
+             "max_tokens": cfg.eval.max_tokens, **score_settings(cfg)}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def score_settings(cfg: Config) -> dict:
+    """Settings outside `eval` that change a score: lm-eval's context length is the serving engine's."""
+    return {"max_model_len": cfg.serve.engine.max_model_len} if cfg.eval.lm_eval else {}
+
+
+def eval_files(cfg: Config) -> dict[str, str | None]:
+    """The `fingerprint` of every local file a score reads besides the run dir and the model: the suites,
+    lm-eval's task folders, the modules of `module:function` scorers."""
+    files = {f"eval.suites.{s.name}": fingerprint(s.path) for s in cfg.eval.suites}
+    files |= {f"eval.lm_eval.{i}.include_path": fingerprint(g.include_path)
+              for i, g in enumerate(cfg.eval.lm_eval) if g.include_path}
+    names = {*cfg.eval.indomain_scorers, *(n for s in cfg.eval.suites for n in s.scorers)}
+    return files | {f"scorer {n}": fingerprint(path) for n in sorted(names) if (path := scorer_file(n))}
+
+
+def scorer_file(name: str) -> str | None:
+    """The source file of a `module:function` scorer's module, if it has one."""
+    module, sep, _ = name.partition(":")
+    if not sep:
+        return None
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec and spec.has_location else None
 
 
 def base_cache(cfg: Config) -> tuple[str, str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from sasft_ray.config import Config, ConfigError, load_config
-
-FORWARDED_ENV = ("HF_TOKEN",)  # gated hub models (Llama) need it on the cluster
 
 
 class GridSpec(BaseModel):
@@ -127,12 +124,12 @@ def run_grid(spec: GridSpec, address: str | None = None, only: list[str] = ()) -
 
 
 def job_request(base: str, cell: Cell) -> dict:
-    """What `submit` sends for a cell: `jobs/run.py` with the cell's overrides, run in this working dir.
-    Secrets travel from the submitter's environment to the job's, never through a file."""
+    """What `submit` sends for a cell: `jobs/run.py` with the cell's overrides, run in this working dir. No
+    secret: a job's runtime_env is shown in clear by Ray's job API and dashboard; the nodes take HF_TOKEN
+    from the cloud's secret store as they start (the cluster files, `sasft_ray/secret_store.py`)."""
     entrypoint = shlex.join(["python", "jobs/run.py", "--config", base,
                              *[arg for o in cell.overrides for arg in ("--set", o)]])
-    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    return {"entrypoint": entrypoint, "runtime_env": {"working_dir": ".", "env_vars": env}}
+    return {"entrypoint": entrypoint, "runtime_env": {"working_dir": "."}}
 
 
 def submit(address: str, base: str, cell: Cell) -> str:

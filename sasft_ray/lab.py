@@ -389,10 +389,14 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0)
     if out.exists() and not done.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} is not a lab (no lab.json) and not empty: the lab is not built there, nothing "
                           "in it was touched. Point model.path at <an empty or new folder>/model")
+    recorded = None  # the files the lab there wrote, as its lab.json lists them (labs before the list: None)
     if done.exists():
         info = json.loads(done.read_text())
         if (info.get("preset"), info.get("seed"), info.get("version")) == (preset, seed, WORLD_VERSION):
             return info
+        recorded = info.get("files")
+        if recorded is not None:
+            refuse_foreign_files(out, recorded)  # before a build of minutes
     start, threads = time.time(), torch.get_num_threads()
     torch.set_num_threads(min(2, os.cpu_count() or 1))  # the reference machine: 2 cores
     p = PRESETS[preset]
@@ -417,9 +421,13 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0)
             "base_mean": {k: round(sum(a[k] for a in accuracy.values()) / len(accuracy), 4)
                           for k in ("strict", "lenient")},
         }
+        info["files"] = sorted([*lab_files(tmp), "lab.json"])
         (tmp / "lab.json").write_text(json.dumps(info, indent=2) + "\n")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
+            # the old lab is deleted whole: only if all it holds is the lab's (a lab before the list: the
+            # files this build wrote), so a user's own task file or notes put in it are never lost
+            refuse_foreign_files(out, info["files"] if recorded is None else recorded)
             out.rename(old)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
@@ -428,6 +436,20 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         torch.set_num_threads(threads)
+
+
+def lab_files(folder: Path) -> list[str]:
+    """Every file under `folder`, by its path relative to it."""
+    return [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file() or p.is_symlink()]
+
+
+def refuse_foreign_files(lab: Path, known: list[str]) -> None:
+    """A lab about to be replaced must hold only files a lab wrote (`known`, lab.json's list)."""
+    foreign = [f for f in lab_files(lab) if f not in {*known, "lab.json"}]
+    if foreign:
+        raise ConfigError(f"{lab} holds files the lab did not write ({', '.join(foreign[:5])}"
+                          f"{' ...' if len(foreign) > 5 else ''}): it is not rebuilt over them and nothing was "
+                          "deleted. Move them out, or build the lab elsewhere (lab build --out, model.path)")
 
 
 def accuracy_table(info: dict) -> str:

@@ -9,6 +9,7 @@ SA-SFT keeps, in one table.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from sasft_ray.config import Config, validate_config
-from sasft_ray.rundir import RunDir, fingerprint, fingerprints
+from sasft_ray.rundir import RunDir, fingerprints
 from sasft_ray.serve import Models
 
 
@@ -84,16 +85,51 @@ def train_all(cfg: Config) -> None:
 def eval_hash(cfg: Config) -> str:
     """What a run's results depend on: the evaluation, everything that trained its models, and the
     trainings themselves (a model retrained since makes the results stale)."""
+    from sasft_ray.evaluate import score_settings
+
     settings = cfg.section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model", "data",
                                 "selftalk", "filters", "mix", "train")
-    trainings = [RunDir(c.run_dir, create=False).stage_info("train").get("id") for c in method_runs(cfg).values()]
-    return RunDir(cfg.run_dir, create=False).chained(f"{settings}:{','.join(map(str, trainings))}", "task")
+    if extra := score_settings(cfg):  # only where it counts: runs evaluated before it stay finished
+        settings += json.dumps(extra, sort_keys=True)
+    ids = ",".join(map(str, trainings(cfg).values()))
+    return RunDir(cfg.run_dir, create=False).chained(f"{settings}:{ids}", "task")
+
+
+def trainings(cfg: Config) -> dict[str, str | None]:
+    """Each fine-tune's training, by the id of its last run."""
+    return {model_id: RunDir(c.run_dir, create=False).stage_info("train").get("id")
+            for model_id, c in method_runs(cfg).items()}
+
+
+SERVING = "serving.json"  # what a running `sasft serve` put behind its endpoint
+
+
+def record_serving(cfg: Config, url: str | None) -> None:
+    """`sasft serve`'s record of the trainings it serves at `url` (None: it stopped), which `sasft eval --url`
+    checks: an endpoint started before a model was retrained serves the old weights."""
+    rd = RunDir(cfg.run_dir)
+    if url is None:
+        rd.remove(SERVING)
+    else:
+        rd.write_json({"url": url, "trainings": trainings(cfg)}, SERVING)
+
+
+def check_serving(cfg: Config, url: str) -> None:
+    rd = RunDir(cfg.run_dir, create=False)
+    served = rd.read_json(SERVING) if rd.exists(SERVING) else {}
+    if served.get("url") == url and served.get("trainings") != trainings(cfg):
+        from sasft_ray.serve import ServeError
+
+        raise ServeError(f"the endpoint at {url} was started by `sasft serve` before a model was trained again: it "
+                         "serves the old weights; restart `sasft serve`, then evaluate")
 
 
 def eval_inputs(cfg: Config) -> dict[str, str | None]:
-    """The local files a run's results come from besides its run dir: the base model, the benchmarks."""
-    suites = {f"eval.suites.{s.name}": fingerprint(s.path) for s in cfg.eval.suites}
-    return {**fingerprints(cfg, "model.path"), **suites}
+    """The local files a run's results come from besides its run dir: the base model, the benchmarks, lm-eval's
+    task files, scorer modules."""
+    from sasft_ray.evaluate import eval_files
+
+    return {**fingerprints(cfg, "model.path"), **eval_files(cfg)}
 
 
 def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> dict:
@@ -105,17 +141,19 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
 
     rd = RunDir(cfg.run_dir)
     stage_hash = eval_hash(cfg)
+    runs = require_trained(cfg)  # before `begin` wipes the old results: a refused evaluation deletes nothing
     # eval/models/ is kept: each model's saved scores carry the hash, and only this hash's are reused
     if not rd.begin("eval", stage_hash, force, inputs=eval_inputs(cfg),
                     outputs=("eval/samples", "eval/lm_eval", "eval/results.json", "report.md", "report.png")
                     + (("eval/models",) if force else ())):
         return rd.read_json("eval", "results.json")
-    runs = require_trained(cfg)  # an endpoint given by URL is checked too
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the replies and report at the end
         out = scratch if rd.remote else rd.local()
         scores = evaluate_models(cfg, rd, url, served_models(cfg, stage=False).api_ids(), key,
                                  samples=Path(out, "eval", "samples"), stage_hash=stage_hash)
         results = {
+            # which evaluation these are, of which config: `sasft report` checks them against the manifest
+            "eval_id": rd.stage_info("eval")["id"], "stage_hash": stage_hash, "config": cfg.model_dump(mode="json"),
             "run_dir": cfg.run_dir, "base_model": cfg.model.path, "task": cfg.data.path,
             "base_model_id": cfg.serve.base_model_id, "models": scores,
             "finetuned": {model_id: {"method": c.train.method, "seed": c.train.seed, "run_dir": c.run_dir,
@@ -158,24 +196,34 @@ def serve_and_eval(cfg: Config, url: str | None = None, force: bool = False) -> 
     """Evaluate at `url`, or start the endpoint here, evaluate, and shut it down."""
     from sasft_ray import serve
     from sasft_ray.cluster import connect
+    from sasft_ray.evaluate import check_eval
 
+    check_eval(cfg)
+    key = serve.api_key(cfg)
     rd = RunDir(cfg.run_dir)
     with rd.locked():
+        if url:
+            require_trained(cfg)
+            check_serving(cfg, url)
         if url or (not force and rd.stage_info("eval").get("status") == "done"):
-            return eval_stage(cfg, url or "", serve.api_key(cfg), force)
+            return eval_stage(cfg, url or "", key, force)
         connect(cfg)
         url = serve.start(cfg, served_models(cfg))
         try:
-            return eval_stage(cfg, url, serve.api_key(cfg), force)
+            return eval_stage(cfg, url, key, force)
         finally:
             serve.stop()
 
 
 def run(cfg: Config) -> dict:
     """The whole pipeline on the embedded local Ray (no resources.address) or on a cluster."""
+    from sasft_ray import serve
+    from sasft_ray.evaluate import check_eval
     from sasft_ray.report import run_report
 
     started = time.time()
+    check_eval(cfg)  # the evaluation's mistakes found now, not after self-talk and training are paid for
+    serve.api_key(cfg)
     with RunDir(cfg.run_dir).locked():
         train_all(cfg)  # the lab a demo config points at is built by its first generate
         results = serve_and_eval(cfg)

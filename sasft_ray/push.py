@@ -55,10 +55,10 @@ def _api(token: str):
     return HfApi(token=token, library_name="sasft-ray")
 
 
-def push(run_dir: str, repo_id: str, private: bool = False, revision: str | None = None) -> str:
-    """Upload `<run_dir>/model/` to `repo_id` (created if missing; `private` for a new one, and an existing
-    public one is then refused), on `revision` (a branch, created if missing; None: main). Returns the
-    commit's URL."""
+def push(run_dir: str, repo_id: str, private: bool = True, revision: str | None = None) -> str:
+    """Upload `<run_dir>/model/` to `repo_id` (created if missing: private unless `private` is False, never
+    the hub's default; a public one is refused unless `private` is False), on `revision` (a branch, created
+    if missing; None: main). Returns the commit's URL."""
     token = _token()  # before anything is read or sent
     try:
         return _push(RunDir(run_dir, create=False), repo_id, token, private, revision)
@@ -103,10 +103,10 @@ def _upload(folder: str, repo_id: str, token: str, private: bool, revision: str 
         print(f"[push] not uploaded (the hub client never uploads .git/ or .cache/huggingface/): {', '.join(left_out)}")
 
     api = _api(token)
-    api.create_repo(repo_id, token=token, private=private or None, repo_type="model", exist_ok=True)
+    api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     if private and not api.repo_info(repo_id, repo_type="model", token=token).private:
-        raise PushError(f"{repo_id} exists and is public: --private cannot make it private; nothing was uploaded "
-                        "(change its visibility on the hub, or push to a new repo)")
+        raise PushError(f"{repo_id} exists and is public; nothing was uploaded (push to it with --public, or to a "
+                        "new repo, created private)")
     if revision:
         api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
     there = set(api.list_repo_files(repo_id, revision=revision, repo_type="model", token=token))

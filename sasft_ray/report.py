@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -149,16 +150,66 @@ def write_run_report(results: dict, folder: str) -> None:
 # --- many runs ----------------------------------------------------------------------------------
 
 def load_entries(run_dirs: list[str]) -> list[dict]:
-    """The entries of every run (local folders or s3:// / gs:// URIs), each labelled with its variant."""
-    results, configs = [], []
+    """The entries of every run (local folders or s3:// / gs:// URIs), each labelled with its variant: the
+    settings its scores were made with. Results that are not the run dir's current evaluation (a stage
+    redone since, config.yaml changed by a later command) are left out, with the reason; one evaluation
+    found twice (a copied run dir) is counted once."""
+    results, configs, seen = [], [], {}
     for run_dir in run_dirs:
         rd = RunDir(run_dir, create=False)
-        if not rd.exists("eval", "results.json"):
-            raise EvalError(f"{run_dir}: no eval/results.json; run `sasft eval` (or `sasft run`) first")
-        results.append(rd.read_json("eval", "results.json"))
-        configs.append(yaml.safe_load(rd.read_text("config.yaml")) if rd.exists("config.yaml") else {})
+        result, config = _read_results(rd)
+        why = stale(rd, result, config)
+        if why:
+            print(f"[report] {run_dir} left out: {why}; run `sasft eval` there again", file=sys.stderr)
+            continue
+        eval_id = rd.stage_info("eval").get("id")
+        if eval_id in seen:
+            print(f"[report] {run_dir} left out: the same evaluation as {seen[eval_id]} (a copy)", file=sys.stderr)
+            continue
+        seen[eval_id] = run_dir
+        results.append(result)
+        configs.append(config)
+    if not results:
+        raise EvalError(f"no current results to report in {', '.join(run_dirs)}")
     return [{**e, "variant": variant} for result, variant in zip(results, variants(configs))
             for e in entries(result)]
+
+
+def _read_results(rd: RunDir) -> tuple[dict, dict]:
+    """A run's results and the config they were made with (results made before they held it: config.yaml)."""
+    where = rd.path("eval", "results.json")
+    if not rd.exists("eval", "results.json"):
+        raise EvalError(f"{rd.root}: no eval/results.json; run `sasft eval` (or `sasft run`) first")
+    try:
+        result = rd.read_json("eval", "results.json")
+        config = result.get("config") or (yaml.safe_load(rd.read_text("config.yaml")) if rd.exists("config.yaml")
+                                          else {})
+    except yaml.YAMLError as e:  # (results that are not JSON: RunDirError, naming the file)
+        raise EvalError(f"{rd.path('config.yaml')}: not readable YAML ({e})") from None
+    if not isinstance(result, dict) or not {"models", "finetuned", "base_model_id"} <= set(result):
+        raise EvalError(f"{where}: not the results of `sasft eval`")
+    return result, config
+
+
+def stale(rd: RunDir, result: dict, config: dict) -> str | None:
+    """Why a run's results are not those of its current evaluation under `config`, or None: the manifest's
+    finished evaluation must have the hash `config` gives now (the same settings, the same trainings)."""
+    from sasft_ray.config import ConfigError, validate_config
+    from sasft_ray.pipeline import eval_hash
+
+    record = rd.stage_info("eval")
+    if record.get("status") != "done":
+        return "its evaluation is not finished (redone or interrupted since)"
+    if result.get("eval_id", record["id"]) != record["id"]:
+        return "eval/results.json is not from the evaluation the manifest records"
+    try:
+        cfg = validate_config({**config, "run_dir": rd.root}, source=rd.path("config.yaml"))
+    except ConfigError as e:
+        return f"its config no longer loads ({str(e).splitlines()[-1].strip()})"
+    if eval_hash(cfg) != record.get("config_hash"):
+        return ("its scores were made under other settings or from models trained since "
+                "(config.yaml or a stage changed after the evaluation)")
+    return None
 
 
 # Settings that have columns of their own, or are spread over (seeds), rather than told apart.

@@ -51,19 +51,52 @@ LOCK = "sasft.lock"
 _held: dict[str, int] = {}  # run dirs this process holds, with how many `locked` blocks deep
 
 
+HASHED = "sha256:"  # marks a fingerprint of every byte; one without it was recorded by `sampled_fingerprint`
+_digests: dict[tuple, str] = {}  # a file's sha256 by (path, size, mtime, ctime, inode): read once per process
+_fingerprinted: dict[str, str] = {}  # fingerprint -> its path, to check a record from before HASHED
+
+
 def fingerprint(path: str) -> str | None:
-    """A cheap identity of a local file's or folder's content: each file's name, size, and first and
-    last 64 KiB (retrained weights differ in both), so an 8B model costs milliseconds. A folder's
-    hidden files and README.md (a model card, rewritten by each evaluation) are not content. None for
-    a hub id, a URI, or a path not on this machine: those are not checked."""
+    """The identity of a local file's or folder's content: each file's name and the sha256 of all its bytes
+    (a one-byte fix in the middle of a task file, retrained tensors in a checkpoint: a change). A file is
+    read once per process whatever the stages asking. A folder's hidden files and README.md (a model card,
+    rewritten by each evaluation) are not content. None for a hub id, a URI, or a path not on this
+    machine: those are not checked."""
     root = Path(path)
     if "://" in path or not root.exists():
         return None
-    files = [root] if root.is_file() else sorted(
+    digest = hashlib.sha256()
+    for file in _content_files(root):
+        digest.update(f"{file.relative_to(root)}:{_file_digest(file)}\n".encode())
+    found = HASHED + digest.hexdigest()[:16]
+    _fingerprinted[found] = path
+    return found
+
+
+def _content_files(root: Path) -> list[Path]:
+    return [root] if root.is_file() else sorted(
         f for f in root.rglob("*") if f.is_file() and f.name != "README.md"
         and not any(p.startswith(".") for p in f.relative_to(root).parts))
+
+
+def _file_digest(file: Path) -> str:
+    st = file.stat()
+    key = (str(file.absolute()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+def sampled_fingerprint(path: str) -> str:
+    """The fingerprint manifests recorded before every byte was hashed: each file's name, size, and first and
+    last 64 KiB. Only to compare a path with such a record."""
+    root = Path(path)
     digest = hashlib.sha256()
-    for file in files:
+    for file in _content_files(root):
         size = file.stat().st_size
         digest.update(f"{file.relative_to(root)}:{size}\n".encode())
         with open(file, "rb") as f:
@@ -97,6 +130,8 @@ class RunDir:
             if not root.strip() or where in (Path("/"), Path.home().absolute(), Path.cwd()):
                 raise RunDirError(f"run_dir {root!r} is {where}: a run dir must be a folder of its own "
                                   "(e.g. runs/my-run)")
+            if where.exists() and not where.is_dir():
+                raise RunDirError(f"run_dir {root!r} is a file, not a folder: give run_dir a new or empty folder")
         self.root = root.rstrip("/")
         self.fs, self.base = pafs.FileSystem.from_uri(self.root) if "://" in root else (
             pafs.LocalFileSystem(), str(Path(root).expanduser().absolute()))
@@ -109,11 +144,13 @@ class RunDir:
 
     def path(self, *parts: str) -> str:
         """Where Ray Data and pyarrow should read or write `parts`."""
+        _inside(parts)
         if self.remote:
             return "/".join([self.root, *parts])
         return str(Path(self.base, *parts))
 
     def local(self, *parts: str) -> str:
+        _inside(parts)
         return "/".join([self.base, *parts])
 
     def exists(self, *parts: str) -> bool:
@@ -131,7 +168,11 @@ class RunDir:
             return f.read().decode()
 
     def read_json(self, *parts: str) -> dict:
-        return json.loads(self.read_text(*parts))
+        try:
+            return json.loads(self.read_text(*parts))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # truncated, or not ours
+            raise RunDirError(f"{self.path(*parts)} is not readable JSON ({e}): it was cut short or not written "
+                              "by sasft; move it aside, or use another run_dir") from None
 
     def write_text(self, text: str, *parts: str) -> None:
         with self.fs.open_output_stream(self.local(*parts)) as f:
@@ -172,15 +213,17 @@ class RunDir:
                 _held[key] -= 1
             return
         self._refuse_foreign()
-        self._take_lock()
+        token = self._take_lock()
         _held[key] = 1
         try:
             if not self.exists("manifest.json"):
                 self.write_json({"stages": {}}, "manifest.json")
+            self.manifest()  # one that is not ours is refused before any stage
             yield self
         finally:
             del _held[key]
-            self.remove(LOCK)
+            if (self.lock_holder() or {}).get("token") == token:  # never another command's lock
+                self.remove(LOCK)
 
     def _refuse_foreign(self) -> None:
         found = self.fs.get_file_info(pafs.FileSelector(self.local(), allow_not_found=True))
@@ -200,16 +243,16 @@ class RunDir:
         except (OSError, json.JSONDecodeError):
             return {}
 
-    def _take_lock(self) -> None:
+    def _take_lock(self) -> str:
+        """Create the lock, or take over one whose process is gone; returns this hold's token."""
         me = {"host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)[:200],
               "since": time.time(), "token": uuid.uuid4().hex}
         for _ in range(2):
-            if self._create_exclusive(json.dumps(me)):
-                return
+            if self._create_exclusive(LOCK, json.dumps(me)):
+                return me["token"]
             holder = self.lock_holder() or {}
             if holder.get("host") == me["host"] and holder.get("pid") and not _alive(holder["pid"]):
-                print(f"[run dir] {self.root}: taking over the lock of process {holder['pid']}, which is gone")
-                self.remove(LOCK)
+                self._take_over(holder)
                 continue
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
             raise RunDirError(f"{self.root} is in use by another command (pid {holder.get('pid')} on "
@@ -217,29 +260,47 @@ class RunDir:
                               f"end; if it is gone for good, delete {self.path(LOCK)}")
         raise RunDirError(f"{self.root}: could not take the lock {self.path(LOCK)}")
 
-    def _create_exclusive(self, text: str) -> bool:
-        """Create the lock file only if it does not exist. Locally an exclusive create; an object store
-        has no such call in pyarrow: write, then read back our own token (a narrow race remains)."""
+    def _take_over(self, gone: dict) -> None:
+        """Remove the lock of a process that is gone, so that exactly one command takes over: a claim named
+        after that lock's token is created exclusively, and the lock is removed only if it is still that one
+        (another command may have taken it over, and hold it, since it was read)."""
+        claim = f"{LOCK}.takeover-{gone.get('token') or gone['pid']}"
+        if not self._create_exclusive(claim, json.dumps({"pid": os.getpid()})):
+            return  # another command is taking it over: the next try finds its lock
+        try:
+            if (self.lock_holder() or {}).get("token") == gone.get("token"):
+                print(f"[run dir] {self.root}: taking over the lock of process {gone['pid']}, which is gone")
+                self.remove(LOCK)
+        finally:
+            self.remove(claim)
+
+    def _create_exclusive(self, name: str, text: str) -> bool:
+        """Create the file `name` only if it does not exist. Locally an exclusive create; an object store
+        has no such call in pyarrow: write, then read back our own text (a narrow race remains)."""
         if not self.remote:
             try:
-                fd = os.open(self.local(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                fd = os.open(self.local(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 return False
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             return True
-        if self.exists(LOCK):
+        if self.exists(name):
             return False
-        self.write_text(text, LOCK)
+        self.write_text(text, name)
         time.sleep(0.5)
-        return (self.lock_holder() or {}).get("token") == json.loads(text)["token"]
+        return self.read_text(name) == text
 
     # --- manifest ---------------------------------------------------------------------------------
 
     def manifest(self) -> dict:
-        if self.exists("manifest.json"):
-            return self.read_json("manifest.json")
-        return {"stages": {}}
+        if not self.exists("manifest.json"):
+            return {"stages": {}}
+        manifest = self.read_json("manifest.json")
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict)):
+            raise RunDirError(f"{self.path('manifest.json')} is not a sasft manifest (no stages): {self.root} is "
+                              "not a run dir; nothing was written there, use another run_dir")
+        return manifest
 
     def stage_info(self, name: str) -> dict:
         return self.manifest()["stages"].get(name, {})
@@ -283,6 +344,8 @@ class RunDir:
                                f"redone since; {redo}")
         then = prior.get("inputs") or {}
         for key, now in (inputs or {}).items():
+            if now and then.get(key) and not then[key].startswith(HASHED):  # recorded before every byte counted
+                now = sampled_fingerprint(_fingerprinted[now])
             if now and then.get(key) and now != then[key]:  # unknown on either side: not checked
                 raise StageChanged(f"stage '{name}' in {self.root} was made from other files at {key} "
                                    f"(they changed since, at the same path); {redo}")
@@ -315,6 +378,12 @@ class RunDir:
         summary = ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, dict | list))
         print(f"[{name}] done in {record['seconds']} s: {summary}")
         return record
+
+
+def _inside(parts: tuple[str, ...]) -> None:
+    """Every path the run dir hands out lies inside it: no part is absolute or climbs out."""
+    if any(p.startswith("/") or ".." in p.split("/") for p in parts):
+        raise RunDirError(f"{'/'.join(parts)!r} is not a path inside the run dir")
 
 
 def _alive(pid: int) -> bool:

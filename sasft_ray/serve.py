@@ -13,6 +13,7 @@ import hmac
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -99,8 +100,16 @@ def serve_config(cfg: Config, models: Models) -> dict:
     }
 
 
+WRITTEN_BY = "# Written by `sasft serve`: the application it runs, as a Serve config (serve deploy, RayService).\n"
+
+
 def write_serve_config(cfg: Config, models: Models, path: str) -> None:
+    """Write the Serve config to `path`, over an earlier one of ours only: a file of the user's is kept."""
+    if Path(path).exists() and not Path(path).read_text(errors="replace").startswith(WRITTEN_BY):
+        raise ServeError(f"{path} exists and was not written by sasft serve: it is kept; give --write-config "
+                         "another path")
     with open(path, "w") as f:
+        f.write(WRITTEN_BY)
         yaml.safe_dump(serve_config(cfg, models), f, sort_keys=False)
 
 
@@ -154,6 +163,8 @@ def _keyed_openai_app(args: dict, key: str):
 
 def base_url(cfg: Config) -> str:
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    if ":" in host:  # an IPv6 address: bracketed in a URL, or the port is read as part of it
+        host = f"[{host.strip('[]')}]"
     return f"http://{host}:{cfg.serve.port}/v1"
 
 

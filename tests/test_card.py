@@ -57,13 +57,15 @@ def test_the_card_after_training_has_the_run_and_no_scores(tmp_path):
     assert _front_matter(card) == {"base_model": HUB_BASE, "library_name": "transformers",
                                    "pipeline_tag": "text-generation", "tags": ["sasft", "self-augmented-sft", "sa-sft"]}
     for line in (f"| base model | `{HUB_BASE}` |", "| method | sa-sft, λ = 0.5 |",
-                 f"| task data | `{cfg.data.path}`: 900 training rows, 100 held out |",
+                 # a local path by its last two parts: no /home/<user>/... published with the card
+                 f"| task data | `{tmp_path.name}/task.jsonl`: 900 training rows, 100 held out |",
                  "| self-dialogues | 450 mixed in (625 generated, 560 kept by the filters) |", "| steps | 42 |",
                  "| learning rate | 2e-05 (cosine, warmup 0.03) |", "| epochs | 3 |",
                  "| fine-tuning | full: 8.03 B of 8.03 B parameters trained |", "| held-out task loss | 0.812 |"):
         assert line in card, line
     assert "λ = 0.5 (mix.self_ratio: self-dialogues per task row)" in card
     assert "license" not in card and "## Evaluation" not in card and "adapter/" not in card
+    assert str(tmp_path) not in card
 
 
 def test_the_card_after_evaluation_has_the_headline_numbers(tmp_path):

@@ -129,7 +129,7 @@ def test_push_refuses_a_model_folder_without_weights_stand_in_hub(tmp_path, hub)
 def test_push_refuses_a_public_repo_for_private_and_other_weights_stand_in_hub(tmp_path, hub):
     cfg, _ = _trained_run(tmp_path)
     hub.repos["me/public"] = (False, {".gitattributes": "", "README.md": "theirs"})
-    code, _, err = _cli("push", cfg.run_dir, "me/public", "--private")
+    code, _, err = _cli("push", cfg.run_dir, "me/public")  # private is the default
     assert code == 2 and "exists and is public" in err
     hub.repos["me/sharded"] = (True, {"model-00001-of-00002.safetensors": "", "model.safetensors.index.json": "",
                                       "LICENSE": "theirs"})
@@ -142,3 +142,11 @@ def test_push_refuses_a_public_repo_for_private_and_other_weights_stand_in_hub(t
     code, out, _ = _cli("push", cfg.run_dir, "me/sharded")
     assert code == 0 and "left in the repo as they are (not in this export): LICENSE" in out
     assert hub.repos["me/sharded"][1]["LICENSE"] == "theirs"  # nothing on the hub deleted
+
+
+def test_a_missing_repo_is_created_private_unless_asked_public_stand_in_hub(tmp_path, hub):
+    cfg, _ = _trained_run(tmp_path)
+    assert _cli("push", cfg.run_dir, "me/new")[0] == 0
+    assert hub.repos["me/new"][0] is True  # not the hub's default visibility
+    assert _cli("push", cfg.run_dir, "me/open", "--public")[0] == 0
+    assert hub.repos["me/open"][0] is False

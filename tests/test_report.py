@@ -98,19 +98,13 @@ def test_a_metric_every_general_benchmark_has_gets_its_mean_too():
 
 
 def test_runs_that_differ_in_a_setting_are_told_apart_and_their_seeds_pooled(tmp_path):
-    import yaml
-
     from sasft_ray.report import load_entries
 
     for ratio in (0.5, 2.0):
         for seed in (0, 1):
             run = tmp_path / f"ratio={ratio}_seed={seed}"
-            (run / "eval").mkdir(parents=True)
             results = _results("t", seed, {"sa-sft": (1.0, ratio / 4, 0.5)}, base=(0.0, 0.6, 0.6))
-            (run / "eval" / "results.json").write_text(json.dumps(results))
-            (run / "config.yaml").write_text(yaml.safe_dump({"run_dir": str(run), "data": {"path": "t"},
-                                                             "mix": {"self_ratio": ratio, "seed": seed},
-                                                             "train": {"seed": seed, "lr": 1e-3}}))
+            _evaluated(run, results, mix={"self_ratio": ratio, "seed": seed}, train={"seed": seed, "lr": 1e-3})
     found = load_entries(sorted(str(run) for run in tmp_path.iterdir()))
     assert [e["variant"] for e in found] == ["mix.self_ratio=0.5"] * 2 + ["mix.self_ratio=2.0"] * 2
     text = compare(found)
@@ -119,6 +113,21 @@ def test_runs_that_differ_in_a_setting_are_told_apart_and_their_seeds_pooled(tmp
     with pytest.raises(EvalError, match="nowhere: no eval/results.json"):
         load_entries([str(tmp_path / "nowhere")])
     assert not (tmp_path / "nowhere").exists()  # reading a report creates no folder
+
+
+def _evaluated(run, results: dict, **sections) -> None:
+    """`results` saved in `run` as `sasft eval` saves them: of a finished evaluation, with its config."""
+    from sasft_ray.config import validate_config
+    from sasft_ray.pipeline import eval_hash
+    from sasft_ray.rundir import RunDir
+
+    cfg = validate_config({"run_dir": str(run), "model": {"path": "m"}, "data": {"path": "t"}, **sections})
+    rd = RunDir(str(run))
+    rd.begin("eval", eval_hash(cfg))
+    rd.fs.create_dir(rd.local("eval"))
+    rd.write_json({**results, "eval_id": rd.stage_info("eval")["id"], "config": cfg.model_dump(mode="json")},
+                  "eval", "results.json")
+    rd.finish("eval", {})
 
 
 def test_the_report_shows_each_runs_forgetting_curve(tmp_path):

@@ -183,17 +183,19 @@ def test_lm_eval_log_likelihoods_match_transformers_with_a_bos_adding_tokenizer(
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sasft_ray.evaluate import lm_eval_model_args
+    from sasft_ray.evaluate import key_for_lm_eval, lm_eval_model_args
 
     url, _ = endpoint
     bos_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": bos_llama})})
-    args = lm_eval_model_args(cfg.eval.lm_eval[0], url, "finetuned", bos_cfg, "test-key-123")
+    args = lm_eval_model_args(cfg.eval.lm_eval[0], url, "finetuned", bos_cfg)
     assert args["add_bos_token"] and args["tokenized_requests"] and args["max_length"] == 512
+    assert "test-key-123" not in json.dumps(args)  # lm-eval logs its arguments and keeps them in its results
     pairs = [("What is 2 plus 3?", " Sure! The answer is 5."), ("Spell lamp backwards.", " pmal"),
              ("Hello", " world")]
-    lm = LocalCompletionsAPI(**args)
-    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
-                           disable_tqdm=True)
+    with key_for_lm_eval("test-key-123"):
+        lm = LocalCompletionsAPI(**args)
+        got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                               disable_tqdm=True)
 
     tok, model = AutoTokenizer.from_pretrained(bos_llama), AutoModelForCausalLM.from_pretrained(bos_llama)
     for (context, continuation), (logprob, _) in zip(pairs, got):
