@@ -177,9 +177,9 @@ class SelfTalkConfig(Section):
 class FilterConfig(Section):
     truncated: Literal["drop", "keep"] = Field(
         "drop", json_schema_extra=HASH_NEUTRAL, description="a self-dialogue whose last reply hit "
-        "selftalk.max_assistant_tokens: drop it, or keep it and train on the reply as far as it goes, without the end of turn (the model is not taught to stop "
-        "there): the model's own text at a fixed token budget, for models whose replies run long. The forgetting "
-        "monitor takes complete dialogues only")
+        "selftalk.max_assistant_tokens: drop it, or keep it and train on the reply as far as it goes, without the "
+        "end of turn (the model is not taught to stop there): the model's own text at a fixed token budget, for "
+        "models whose replies run long. The forgetting monitor takes complete dialogues only")
     min_turn_chars: int = Field(1, ge=1, description="shortest user or assistant message kept")
     max_dialogue_chars: int = Field(16000, ge=1, description="longest self-dialogue kept, in characters")
     dedup: Literal["none", "exact", "minhash"] = Field(
