@@ -97,7 +97,10 @@ class EngineConfig(Section):
 
 
 class SelfTalkConfig(Section):
-    num_dialogues: int = Field(1000, ge=1, description="self-dialogues wanted after filtering")
+    num_dialogues: int | None = Field(
+        None, ge=1, description="self-dialogues wanted after filtering, to mix in; None: as many as the mix takes, "
+        "round(mix.self_ratio x task training rows) (at most mix.max_distinct); set, it must be at least that many "
+        "(checked once the task's size is known, before any self-talk), and the mix samples what it takes from them")
     turns: int = Field(1, ge=1, description="user/assistant exchanges per dialogue")
     temperature: float = Field(0.7, ge=0.0, description="sampling temperature of the replies (and of the user "
                                "turns unless user_temperature is set); 0.7 with top_p 0.9 is the paper's sampling")
@@ -108,9 +111,9 @@ class SelfTalkConfig(Section):
     max_user_tokens: int = Field(128, ge=1, description="token limit of a generated user message")
     max_assistant_tokens: int = Field(512, ge=1, description="token limit of a generated reply")
     system_prompt: str | None = Field(None, description="a system message before every self-dialogue; None: none")
-    oversample: float = Field(1.25, ge=1.0, description="generate this many times num_dialogues")
+    oversample: float = Field(1.25, ge=1.0, description="generate this many times the dialogues wanted")
     heldout_fraction: float = Field(
-        0.05, ge=0.0, lt=1.0, description="the forgetting monitor: this share of num_dialogues more is kept "
+        0.05, ge=0.0, lt=1.0, description="the forgetting monitor: this share of the dialogues wanted more is kept "
         "apart, never mixed in, and its loss measured at every checkpoint beside the task's held-out loss (the "
         "model's own text becoming unlikely is forgetting); every method generates it, so SFT gets the curve "
         "too; 0: no monitor")
@@ -153,7 +156,7 @@ class FilterConfig(Section):
         "3-grams (minhash), or none")
     minhash_threshold: float = Field(0.9, gt=0.0, le=1.0, description="estimated Jaccard of word 3-grams")
     min_survival: float = Field(
-        0.5, ge=0.0, le=1.0, description="fail if fewer than this fraction of num_dialogues survive"
+        0.5, ge=0.0, le=1.0, description="fail if fewer than this fraction of the dialogues wanted survive"
     )
 
 
@@ -392,12 +395,34 @@ class Config(Section):
                              "selftalk.heldout_fraction > 0 (the forgetting monitor)")
         return self
 
-    @property
-    def selftalk_wanted(self) -> tuple[int, int]:
-        """Self-dialogues wanted after filtering: (to mix in, held out as the forgetting monitor)."""
+    def mixed_in_rows(self, task_rows: int) -> int:
+        """Rows the mix takes from the self-talk (or external data) for `task_rows` task training rows: λ x them."""
+        return round(self.mix.self_ratio * task_rows)
+
+    def dialogues_needed(self, task_rows: int) -> int:
+        """Distinct self-dialogues an SA-SFT mix of `task_rows` task rows takes: λ x them, at most mix.max_distinct."""
+        rows = self.mixed_in_rows(task_rows)
+        return min(rows, self.mix.max_distinct or rows)
+
+    def selftalk_wanted(self, task_rows: int) -> tuple[int, int]:
+        """Self-dialogues wanted after filtering, for a task of `task_rows` training rows: (to mix in, held out as
+        the forgetting monitor). `selftalk.num_dialogues`, or unset, what the mix takes (`dialogues_needed`);
+        the monitor is `selftalk.heldout_fraction` of that more, for every method."""
         st = self.selftalk
-        return (st.num_dialogues if self.train.method == "sa-sft" else 0,
-                math.ceil(st.num_dialogues * st.heldout_fraction))
+        pool = self.dialogues_needed(task_rows) if st.num_dialogues is None else st.num_dialogues
+        return (pool if self.train.method == "sa-sft" else 0, math.ceil(pool * st.heldout_fraction))
+
+    def check_dialogues(self, task_rows: int) -> None:
+        """Refuse a `selftalk.num_dialogues` below what an SA-SFT mix of `task_rows` task rows takes: the mix
+        would fall short of λ, silently training another ratio than the one asked for."""
+        st, needed = self.selftalk, self.dialogues_needed(task_rows)
+        if self.train.method != "sa-sft" or st.num_dialogues is None or st.num_dialogues >= needed:
+            return
+        distinct = f" (mix.max_distinct {self.mix.max_distinct})" if needed < self.mixed_in_rows(task_rows) else ""
+        raise ConfigError(
+            f"selftalk.num_dialogues {st.num_dialogues} is fewer than the {needed} self-dialogues the mix takes: "
+            f"mix.self_ratio {self.mix.self_ratio} x {task_rows} task training rows{distinct}. Raise "
+            f"selftalk.num_dialogues to at least {needed}, unset it (it then follows from λ), or lower mix.self_ratio")
 
     @property
     def bf16(self) -> bool:

@@ -389,7 +389,7 @@ def train_outputs(rd: RunDir, config_hash: str, force: bool) -> tuple[str, ...]:
 def train_hash(cfg: Config, rd: RunDir) -> str:
     """What a trained model depends on: the training settings, the base model, the mix it read (and the
     self-talk stage, whose held-out slice it measures)."""
-    monitor = ("selftalk",) if cfg.selftalk_wanted[1] else ()  # the forgetting monitor's slice is read too
+    monitor = ("selftalk",) if cfg.selftalk.heldout_fraction else ()  # the forgetting monitor's slice is read too
     return rd.chained(cfg.section_hash("train", "model", "mix"), "mix", *monitor)
 
 
