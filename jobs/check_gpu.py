@@ -2,9 +2,9 @@
 planner's figures against what the GPU measures. One process, no Ray, nothing from a hub.
 
 The training is the library's own: `sasft_ray.loop` (the engine and the loop that every Ray Train
-worker runs), fed as Ray Data feeds a worker (collated batches already on the GPU) in a process
-group made as Ray Train makes it (NCCL alone), so a tensor on the wrong device fails here as it
-would on a cluster.
+worker runs), fed its rows as a worker reads its share (`loop.epoch_batches`), in a process group
+made as Ray Train makes it (NCCL alone), so a tensor on the wrong device fails here as it would on
+a cluster (the loop's count of each step's target tokens, reduced over the ranks, among them).
 
 1. Correctness. A tiny chat model (`sasft_ray.tiny`) is fine-tuned on the demo task (bf16, ZeRO-3,
    AdamW and its schedule, assistant-only labels). Checked: the loss falls; a progress record comes
@@ -26,6 +26,7 @@ Exit code 0 when every correctness check passes; `--json FILE` writes all figure
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import multiprocessing
@@ -77,9 +78,9 @@ def check_correctness(tmp: Path, gpu: bool, steps: int) -> dict:
     def heldout_batches(rows=heldout):
         return loop.device_batches(rows, 16, pad, device, drop_last=False)
 
-    records: list[dict] = []  # the library's own loop, fed as Ray Data feeds a worker: batches on the device
-    end = loop.run(engine, cfg, lambda step: loop.device_batches(train_rows, 16, pad, device, seed=step),
-                   {"heldout_loss": heldout_batches}, total_steps=steps, log=records.append)
+    records: list[dict] = []  # the library's own loop, fed its rows as a Ray Train worker reads its share
+    batches = functools.partial(loop.epoch_batches, loop.in_windows(train_rows), cfg, len(train_rows) // 16, pad)
+    end = loop.run(engine, cfg, batches, {"heldout_loss": heldout_batches}, total_steps=steps, log=records.append)
     engine_heldout = end["heldout_loss"]
 
     out = tmp / "export"

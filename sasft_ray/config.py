@@ -258,6 +258,13 @@ class TrainConfig(Section):
     seed: int = Field(0, description="seed of the data order and of the initialisation of adapters")
 
 
+# Train settings that change how a run is placed, watched, kept or restarted, not the weights it trains (gradient
+# checkpointing recomputes the very activations it dropped): restarting a crashed run with another one resumes it
+# instead of wiping its checkpoints (`Config.as_trained`, what the training's hash sees)
+NOT_IN_WEIGHTS = ("cpus_per_worker", "placement_strategy", "gradient_checkpointing", "log_every", "keep_checkpoints",
+                  "keep_checkpoints_after_export", "report_to", "run_name", "max_failures")
+
+
 class ServeConfig(Section):
     """Ray Serve LLM: the fine-tuned model, and the base model beside it, behind one OpenAI API."""
 
@@ -450,6 +457,14 @@ class Config(Section):
         """Requests in flight per model while scoring: enough to keep every engine of the model full."""
         eng = self.serve.engine
         return self.eval.concurrency or eng.max_num_seqs * eng.concurrency
+
+    def as_trained(self) -> Config:
+        """This config with every train setting that does not change the weights (`NOT_IN_WEIGHTS`) at its
+        default: what the hashes of a training and of its results see. At their defaults, as every run made
+        before had them, the hashes are the same as when they were hashed."""
+        fields = TrainConfig.model_fields
+        defaults = {k: fields[k].get_default(call_default_factory=True) for k in NOT_IN_WEIGHTS}
+        return self.model_copy(update={"train": self.train.model_copy(update=defaults)})
 
     def section_hash(self, *keys: str) -> str:
         """Stable hash of some sections or dotted keys: a finished stage is reused only if what it

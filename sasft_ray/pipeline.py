@@ -84,8 +84,8 @@ def train_all(cfg: Config) -> None:
 def eval_hash(cfg: Config) -> str:
     """What a run's results depend on: the evaluation, everything that trained its models, and the
     trainings themselves (a model retrained since makes the results stale)."""
-    settings = cfg.section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model", "data",
-                                "selftalk", "filters", "mix", "train")
+    settings = cfg.as_trained().section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model",
+                                             "data", "selftalk", "filters", "mix", "train")
     trainings = [RunDir(c.run_dir, create=False).stage_info("train").get("id") for c in method_runs(cfg).values()]
     return RunDir(cfg.run_dir, create=False).chained(f"{settings}:{','.join(map(str, trainings))}", "task")
 
@@ -120,7 +120,7 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
             "base_model_id": cfg.serve.base_model_id, "models": scores,
             "finetuned": {model_id: {"method": c.train.method, "seed": c.train.seed, "run_dir": c.run_dir,
                                      "drift": _drift(RunDir(c.run_dir)), "curve": curve(RunDir(c.run_dir)),
-                                     **_selected(RunDir(c.run_dir))}
+                                     **_selected(RunDir(c.run_dir)), **_sources(RunDir(c.run_dir))}
                           for model_id, c in runs.items()},
         }
         for model_id, c in runs.items():  # each fine-tune's scores to its training's tracked run
@@ -148,6 +148,12 @@ def _selected(rd: RunDir) -> dict:
     """The checkpoint a run exported and why (`train.select`), as its train record names it."""
     selected = rd.stage_info("train").get("selected")
     return {"selected": selected} if selected else {}
+
+
+def _sources(rd: RunDir) -> dict:
+    """The rows and target tokens of each source a run trained on, as its train record counts them."""
+    sources = rd.stage_info("train").get("sources")
+    return {"sources": sources} if sources else {}
 
 
 def _drift(rd: RunDir) -> dict | None:
