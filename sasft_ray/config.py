@@ -122,6 +122,11 @@ class SelfTalkConfig(Section):
         None, description="a run dir whose forgetting-monitor dialogues (selftalk_heldout.parquet) this run "
         "measures instead of generating its own, when it mixes in no self-talk (`compare` runs: the main run's, "
         "so every method is measured on the same dialogues)")
+    batch_invariant: bool = Field(
+        False, json_schema_extra=HASH_NEUTRAL, description="GPU engines: the same dialogues whatever else an engine "
+        "batches with them and whatever its prefix cache holds (vLLM's batch-invariant kernels, "
+        "VLLM_BATCH_INVARIANT=1; slower decoding); without it per-request seeds fix the draws, but GPU logits "
+        "still vary with the batch. CPU engines are reproducible without it (and refuse it)")
     continue_on_error: bool = Field(
         False, description="a dialogue the engine rejects is kept with drop_reason 'engine error' instead of "
         "failing the stage")
@@ -370,6 +375,13 @@ class Config(Section):
                              "HTTP")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="where it runs: the Ray "
                                        "cluster and its hardware")
+
+    @model_validator(mode="after")
+    def _batch_invariance_on_gpus(self) -> Config:
+        if self.selftalk.batch_invariant and not self.resources.use_gpu:
+            raise ValueError("selftalk.batch_invariant selects vLLM's GPU kernels: it needs resources.use_gpu (CPU "
+                             "engines give the same dialogues run after run without it)")
+        return self
 
     @model_validator(mode="after")
     def _method_has_its_data(self) -> Config:

@@ -234,7 +234,7 @@ def selftalk_dataset(cfg: Config, num_rows: int, fmt: TurnFormat):
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ray.data.range(batches, override_num_blocks=batches).map_batches(
             DialogueWriter, fn_constructor_args=(cfg.model_dump_json(), fmt, num_rows), batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=eng.concurrency), runtime_env={"env_vars": engine_env(cfg, eng)},
-            **engine_resources(cfg, eng),
+            compute=ray.data.ActorPoolStrategy(size=eng.concurrency),
+            runtime_env={"env_vars": engine_env(cfg, eng, cfg.selftalk.batch_invariant)}, **engine_resources(cfg, eng),
             # a batch whose engine dies is retried on a restarted one, a bounded number of times
             max_restarts=cfg.selftalk.max_engine_restarts, max_task_retries=cfg.selftalk.max_engine_restarts)

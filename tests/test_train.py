@@ -155,6 +155,11 @@ def test_zero3_training_survives_a_killed_worker_and_the_loss_falls(trained):
         ("started", 0), ("log", 5), ("checkpoint", 10), ("resumed", 10), ("log", 15),
         ("checkpoint", 20), ("log", 25), ("checkpoint", 30)]
     assert len(events[0]["nodes"]) == 2
+    # each rank resumed at its row of the epoch where step 10 left it: the rest of the epoch, not a new one
+    epoch, done = divmod(10, record["rows_in"] // cfg.global_batch)
+    assert (events[3]["epoch"], events[3]["row"]) == (epoch, done * cfg.train.micro_batch_size)
+    assert record["sources"] == {"task": {"rows": record["rows_in"], "target_tokens": record["sources"]["task"][
+        "target_tokens"]}} and record["sources"]["task"]["target_tokens"] > 5 * record["rows_in"]
     for e in events[1:]:
         if e["event"] != "resumed":  # a record of the two ranks every log_every steps
             assert e["tokens_per_s_per_gpu"] > 0 and e["grad_norm"] > 0 and e["lr"] == 5e-3 and e["eta_s"] >= 0
