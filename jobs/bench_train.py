@@ -115,8 +115,10 @@ def peer_worker(cfg_json: str, events: str) -> None:
         with open(events, "a") as f:
             f.write(json.dumps({"time": time.time(), "event": event, **record}) + "\n")
 
-    loop.run(engine, cfg, lambda step: loop.device_batches(rows, t.micro_batch_size, pad_id, engine.device, rank=rank,
-                                                          world=world, seed=t.seed + step),
+    # the training rows as a Ray Train worker reads its share (`loop.epoch_batches`)
+    batches = functools.partial(loop.epoch_batches, loop.in_windows(rows, rank, world), cfg,
+                                len(rows) // cfg.global_batch, pad_id)
+    loop.run(engine, cfg, batches,
              {key: functools.partial(loop.device_batches, held, t.micro_batch_size, pad_id, engine.device, rank=rank,
                                      world=world, drop_last=False) for key, held in heldout.items()},
              total_steps=t.max_steps, log=log,

@@ -126,7 +126,10 @@ class EngineConfig(Section):
 
 
 class SelfTalkConfig(Section):
-    num_dialogues: int = Field(1000, ge=1, description="self-dialogues wanted after filtering")
+    num_dialogues: int | None = Field(
+        None, ge=1, description="self-dialogues wanted after filtering, to mix in; None: as many as the mix takes, "
+        "round(mix.self_ratio x task training rows) (at most mix.max_distinct); set, it must be at least that many "
+        "(checked once the task's size is known, before any self-talk), and the mix samples what it takes from them")
     turns: int = Field(1, ge=1, description="user/assistant exchanges per dialogue")
     temperature: float = Field(0.7, ge=0.0, description="sampling temperature of the replies (and of the user "
                                "turns unless user_temperature is set); 0.7 with top_p 0.9 is the paper's sampling")
@@ -137,9 +140,9 @@ class SelfTalkConfig(Section):
     max_user_tokens: int = Field(128, ge=1, description="token limit of a generated user message")
     max_assistant_tokens: int = Field(512, ge=1, description="token limit of a generated reply")
     system_prompt: str | None = Field(None, description="a system message before every self-dialogue; None: none")
-    oversample: float = Field(1.25, ge=1.0, description="generate this many times num_dialogues")
+    oversample: float = Field(1.25, ge=1.0, description="generate this many times the dialogues wanted")
     heldout_fraction: float = Field(
-        0.05, ge=0.0, lt=1.0, description="the forgetting monitor: this share of num_dialogues more is kept "
+        0.05, ge=0.0, lt=1.0, description="the forgetting monitor: this share of the dialogues wanted more is kept "
         "apart, never mixed in, and its loss measured at every checkpoint beside the task's held-out loss (the "
         "model's own text becoming unlikely is forgetting); every method generates it, so SFT gets the curve "
         "too; 0: no monitor")
@@ -148,6 +151,11 @@ class SelfTalkConfig(Section):
         None, description="a run dir whose forgetting-monitor dialogues (selftalk_heldout.parquet) this run "
         "measures instead of generating its own, when it mixes in no self-talk (`compare` runs: the main run's, "
         "so every method is measured on the same dialogues)")
+    batch_invariant: bool = Field(
+        False, json_schema_extra=HASH_NEUTRAL, description="GPU engines: the same dialogues whatever else an engine "
+        "batches with them and whatever its prefix cache holds (vLLM's batch-invariant kernels, "
+        "VLLM_BATCH_INVARIANT=1; slower decoding); without it per-request seeds fix the draws, but GPU logits "
+        "still vary with the batch. CPU engines are reproducible without it (and refuse it)")
     continue_on_error: bool = Field(
         False, description="a dialogue the engine rejects is kept with drop_reason 'engine error' instead of "
         "failing the stage")
@@ -187,7 +195,7 @@ class FilterConfig(Section):
         "3-grams (minhash), or none")
     minhash_threshold: float = Field(0.9, gt=0.0, le=1.0, description="estimated Jaccard of word 3-grams")
     min_survival: float = Field(
-        0.5, ge=0.0, le=1.0, description="fail if fewer than this fraction of num_dialogues survive"
+        0.5, ge=0.0, le=1.0, description="fail if fewer than this fraction of the dialogues wanted survive"
     )
 
 
@@ -287,6 +295,13 @@ class TrainConfig(Section):
     run_name: str | None = Field(None, description="the tracked run's name; None: <run_dir name>-<method>")
     max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
     seed: int = Field(0, description="seed of the data order and of the initialisation of adapters")
+
+
+# Train settings that change how a run is placed, watched, kept or restarted, not the weights it trains (gradient
+# checkpointing recomputes the very activations it dropped): restarting a crashed run with another one resumes it
+# instead of wiping its checkpoints (`Config.as_trained`, what the training's hash sees)
+NOT_IN_WEIGHTS = ("cpus_per_worker", "placement_strategy", "gradient_checkpointing", "log_every", "keep_checkpoints",
+                  "keep_checkpoints_after_export", "report_to", "run_name", "max_failures")
 
 
 class ServeConfig(Section):
@@ -436,6 +451,13 @@ class Config(Section):
                                        "cluster and its hardware")
 
     @model_validator(mode="after")
+    def _batch_invariance_on_gpus(self) -> Config:
+        if self.selftalk.batch_invariant and not self.resources.use_gpu:
+            raise ValueError("selftalk.batch_invariant selects vLLM's GPU kernels: it needs resources.use_gpu (CPU "
+                             "engines give the same dialogues run after run without it)")
+        return self
+
+    @model_validator(mode="after")
     def _method_has_its_data(self) -> Config:
         if self.train.method == "external-mix" and self.mix.external is None:
             raise ValueError("train.method 'external-mix' needs mix.external (the general dataset to mix in)")
@@ -466,12 +488,34 @@ class Config(Section):
                              "selftalk.heldout_fraction > 0 (the forgetting monitor)")
         return self
 
-    @property
-    def selftalk_wanted(self) -> tuple[int, int]:
-        """Self-dialogues wanted after filtering: (to mix in, held out as the forgetting monitor)."""
+    def mixed_in_rows(self, task_rows: int) -> int:
+        """Rows the mix takes from the self-talk (or external data) for `task_rows` task training rows: λ x them."""
+        return round(self.mix.self_ratio * task_rows)
+
+    def dialogues_needed(self, task_rows: int) -> int:
+        """Distinct self-dialogues an SA-SFT mix of `task_rows` task rows takes: λ x them, at most mix.max_distinct."""
+        rows = self.mixed_in_rows(task_rows)
+        return min(rows, self.mix.max_distinct or rows)
+
+    def selftalk_wanted(self, task_rows: int) -> tuple[int, int]:
+        """Self-dialogues wanted after filtering, for a task of `task_rows` training rows: (to mix in, held out as
+        the forgetting monitor). `selftalk.num_dialogues`, or unset, what the mix takes (`dialogues_needed`);
+        the monitor is `selftalk.heldout_fraction` of that more, for every method."""
         st = self.selftalk
-        return (st.num_dialogues if self.train.method == "sa-sft" else 0,
-                math.ceil(st.num_dialogues * st.heldout_fraction))
+        pool = self.dialogues_needed(task_rows) if st.num_dialogues is None else st.num_dialogues
+        return (pool if self.train.method == "sa-sft" else 0, math.ceil(pool * st.heldout_fraction))
+
+    def check_dialogues(self, task_rows: int) -> None:
+        """Refuse a `selftalk.num_dialogues` below what an SA-SFT mix of `task_rows` task rows takes: the mix
+        would fall short of λ, silently training another ratio than the one asked for."""
+        st, needed = self.selftalk, self.dialogues_needed(task_rows)
+        if self.train.method != "sa-sft" or st.num_dialogues is None or st.num_dialogues >= needed:
+            return
+        distinct = f" (mix.max_distinct {self.mix.max_distinct})" if needed < self.mixed_in_rows(task_rows) else ""
+        raise ConfigError(
+            f"selftalk.num_dialogues {st.num_dialogues} is fewer than the {needed} self-dialogues the mix takes: "
+            f"mix.self_ratio {self.mix.self_ratio} x {task_rows} task training rows{distinct}. Raise "
+            f"selftalk.num_dialogues to at least {needed}, unset it (it then follows from λ), or lower mix.self_ratio")
 
     @property
     def bf16(self) -> bool:
@@ -510,6 +554,14 @@ class Config(Section):
         """Requests in flight per model while scoring: enough to keep every engine of the model full."""
         eng = self.serve.engine
         return self.eval.concurrency or eng.max_num_seqs * eng.concurrency
+
+    def as_trained(self) -> Config:
+        """This config with every train setting that does not change the weights (`NOT_IN_WEIGHTS`) at its
+        default: what the hashes of a training and of its results see. At their defaults, as every run made
+        before had them, the hashes are the same as when they were hashed."""
+        fields = TrainConfig.model_fields
+        defaults = {k: fields[k].get_default(call_default_factory=True) for k in NOT_IN_WEIGHTS}
+        return self.model_copy(update={"train": self.train.model_copy(update=defaults)})
 
     def section_hash(self, *keys: str) -> str:
         """Stable hash of some sections or dotted keys: a finished stage is reused only if what it

@@ -115,12 +115,12 @@ def monitor_stage(cfg: Config, rd: RunDir, force: bool) -> None:
         rd.finish("selftalk", {"rows_out": 0, "heldout": table.num_rows, "monitor_from": source.root})
 
 
-def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
+def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None:
     """Generate, filter and write the self-dialogues; then set the forgetting monitor's slice apart
-    (`selftalk_heldout.parquet`: `selftalk_wanted[1]` survivors picked by a seeded hash, never mixed in)."""
+    (`selftalk_heldout.parquet`: `selftalk_wanted(...)[1]` survivors picked by a seeded hash, never mixed in)."""
     import ray
 
-    mixed, monitor = cfg.selftalk_wanted
+    mixed, monitor = cfg.selftalk_wanted(task_rows)
     if not rd.begin("selftalk", f"{cfg.section_hash('model', 'selftalk', 'filters')}:{mixed}:{monitor}", force,
                     outputs=("selftalk", MONITOR), inputs=fingerprints(cfg, "model.path")):
         return
@@ -256,11 +256,13 @@ def generate(cfg: Config, redo: str | None = None) -> RunDir:
     with rd.locked():
         build_assets(cfg)
         task_stage(cfg, rd, force["task"])
-        mixed, monitor = cfg.selftalk_wanted
+        task_rows = rd.stage_info("task")["train_rows"]
+        cfg.check_dialogues(task_rows)  # the task's size is known now: before any self-talk is paid for
+        mixed, monitor = cfg.selftalk_wanted(task_rows)
         if monitor and not mixed and cfg.selftalk.monitor_from:  # another run's monitor, for this one too
             monitor_stage(cfg, rd, force["selftalk"])
         elif mixed or monitor:  # SA-SFT's self-talk, or the forgetting monitor's slice of it
-            selftalk_stage(cfg, rd, force["selftalk"])
+            selftalk_stage(cfg, rd, force["selftalk"], task_rows)
         mix_stage(cfg, rd, force["mix"])
         rd.save_config(cfg)  # after the checks: a refused run does not relabel the old results
     return rd

@@ -1,7 +1,7 @@
 """Mix task rows with self-talk (or external) rows at ratio λ, deterministically.
 
-Which rows: the other source contributes exactly round(λ · task rows) rows (capped
-by what survived), those whose key hashed from (seed, source, id) is smallest: a
+Which rows: the other source contributes exactly round(λ · task rows) rows (fewer only
+if fewer survived the filters, with a warning), those whose key hashed from (seed, source, id) is smallest: a
 seeded sample, the same on every run. With `mix.max_distinct` it contributes as
 many rows from fewer distinct ones: the sample is repeated, reshuffled each pass.
 
@@ -118,13 +118,12 @@ def write_mix(cfg: Config, rd: RunDir) -> dict:
     got = 0
     streams: list[tuple[Iterator[dict], int]] = [(task.rows(seed, task_rows), task_rows)]
     if other_name is not None:
-        wanted = round(cfg.mix.self_ratio * task_rows)
+        wanted = cfg.mixed_in_rows(task_rows)  # never capped by a setting: `check_dialogues` refused a short pool
         if other_name == "self":
             # the forgetting monitor's dialogues are never trained on
             monitor = pq.read_table(rd.local(MONITOR), columns=["id"], filesystem=rd.fs)["id"].to_pylist() \
                 if rd.exists(MONITOR) else []
             other = Source(rd, "self", "selftalk", "id", only_kept=True, excluded=monitor)
-            wanted = min(wanted, cfg.selftalk.num_dialogues)
         else:
             other = Source(rd, "external", "external/train.parquet", "source_row")
         distinct = other.sample(seed, min(wanted, cfg.mix.max_distinct or wanted))

@@ -228,7 +228,7 @@ class DialogueWriter:
         instead of when the whole stage has been paid for."""
         st = self.cfg.selftalk
         lost = sum(cut_off(r, self.cfg.filters) or r["drop_reason"] == TOO_LONG for r in rows)
-        wanted = sum(self.cfg.selftalk_wanted)
+        wanted = round(self.num_rows / st.oversample)  # what the stage generates num_rows for
         expected = round((1 - lost / len(rows)) * self.num_rows)
         if not lost or expected >= self.cfg.filters.min_survival * wanted:
             return
@@ -302,7 +302,7 @@ def selftalk_dataset(cfg: Config, num_rows: int, fmt: TurnFormat, written=None):
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ray.data.range(batches, override_num_blocks=batches).map_batches(
             DialogueWriter, fn_constructor_args=(cfg.model_dump_json(), fmt, num_rows, written), batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=eng.concurrency), runtime_env={"env_vars": engine_env(cfg, eng)},
-            **engine_resources(cfg, eng),
+            compute=ray.data.ActorPoolStrategy(size=eng.concurrency),
+            runtime_env={"env_vars": engine_env(cfg, eng, cfg.selftalk.batch_invariant)}, **engine_resources(cfg, eng),
             # a batch whose engine dies is retried on a restarted one, a bounded number of times
             max_restarts=cfg.selftalk.max_engine_restarts, max_task_retries=cfg.selftalk.max_engine_restarts)

@@ -109,6 +109,10 @@ def test_the_gpu_objects_of_each_cluster_config_ask_for_what_the_plan_counts(pat
     assert served.placement_bundles == [{"GPU": 1.0, f"accelerator_type:{kind}": 0.001}] * sv.tensor_parallel_size
     assert served.engine_kwargs["tensor_parallel_size"] == sv.tensor_parallel_size
 
+    # vLLM's engine core in a process of its own on GPUs (in-process, scheduling would stall the GPU)
+    runtime_env = llm_config(cfg, cfg.serve.model_id, f"{cfg.run_dir}/model")["runtime_env"]["env_vars"]
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in runtime_env and "VLLM_BATCH_INVARIANT" not in runtime_env
+
     sc = scaling_config(cfg)
     assert sc.use_gpu and sc.accelerator_type == cfg.resources.accelerator_type
     assert f"train  {sc.num_workers} workers x 1 GPU: {sc.num_workers} GPUs" in text
@@ -192,3 +196,24 @@ def test_eval_concurrency_follows_the_served_engines_and_the_base_cache_sits_bes
     remote = cfg.model_copy(update={"run_dir": "s3://bucket/grid/cell-1"})
     assert base_cache(remote)[0] == "s3://bucket/grid/base-eval-cache"
     assert base_cache(remote)[1] == base_cache(cfg)[1]  # the key: the base model and benchmarks, not where
+
+
+def test_the_engine_core_runs_in_process_on_cpu_only_and_batch_invariance_on_gpus_only(tmp_path):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=0 saves ~25 s of a CPU engine's start, and on a GPU would make the
+    engine's own scheduling and detokenisation stall the GPU; `selftalk.batch_invariant` selects vLLM's
+    batch-invariant GPU kernels for the self-talk engines alone, and a CPU config refuses it."""
+    from sasft_ray.config import validate_config
+    from sasft_ray.engines import engine_env
+
+    cpu = make_config(tmp_path)
+    assert engine_env(cpu, cpu.selftalk.engine)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_BATCH_INVARIANT" not in engine_env(cpu, cpu.selftalk.engine)
+    gpu = make_config(tmp_path, resources={"use_gpu": True}, selftalk={"batch_invariant": True})
+    for eng in (gpu.selftalk.engine, gpu.serve.engine):
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_env(gpu, eng)
+        assert "VLLM_CPU_KVCACHE_SPACE" not in engine_env(gpu, eng)
+    assert engine_env(gpu, gpu.selftalk.engine, gpu.selftalk.batch_invariant)["VLLM_BATCH_INVARIANT"] == "1"
+    with pytest.raises(ConfigError, match="selftalk.batch_invariant selects vLLM's GPU kernels: it needs "
+                                          "resources.use_gpu"):
+        validate_config({"run_dir": str(tmp_path / "r"), "model": {"path": "m"}, "data": {"path": "d"},
+                         "selftalk": {"batch_invariant": True}})
