@@ -16,6 +16,7 @@ Peak memory is the highest total RSS of this process and its Ray / vLLM workers.
 
     python jobs/bench_generate.py                  # builds a small local model
     python jobs/bench_generate.py --model PATH --dialogues 4096
+    python jobs/bench_generate.py --model runs/smollm2/model --dialogues 64 --batch-size 32   # a real model
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
+    import torch
 
     from sasft_ray.cluster import connect
     from sasft_ray.config import validate_config
@@ -124,6 +126,11 @@ def main() -> None:
                      "engine": {"batch_size": args.batch_size, "max_model_len": 1024}},
     })
     fmt = turn_format(load_tokenizer(model))
+    # Equal threads on every side: the pipeline's engine actor gets Ray's OMP_NUM_THREADS of its CPU bundle
+    # (the machine's cores, `engine_cpus`); vLLM in this process would drop to one thread unless told.
+    threads = int(cfg.engine_cpus(serving=False))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
     bare = bare_vllm(cfg, fmt, args.dialogues)
     alone = writer_alone(cfg, fmt, args.dialogues)
     connect(cfg)
@@ -131,7 +138,7 @@ def main() -> None:
     ray.shutdown()
 
     print(f"\nself-talk generation, {args.dialogues} dialogues x {args.turns} turn(s), "
-          f"max {args.max_tokens} tokens per message, on {os.cpu_count()} CPU cores")
+          f"max {args.max_tokens} tokens per message, on {os.cpu_count()} CPU cores, {threads} thread(s) per engine")
     print(f"{'':24}{'tokens/s':>10}{'start-up s':>12}{'peak GiB':>10}{'engines':>9}")
     for name, r, engines in (("bare vLLM LLM.generate", bare, 1), ("DialogueWriter, no Ray", alone, 1),
                              ("Ray Data pipeline", ours, cfg.selftalk.engine.concurrency)):

@@ -14,6 +14,7 @@ Serve's proxy, router and replica weigh as much), and a 12-layer one whose reque
     python jobs/bench_serve.py                   # builds both local models
     python jobs/bench_serve.py --sizes large     # the larger one only
     python jobs/bench_serve.py --model PATH --requests 512 --concurrency 32
+    python jobs/bench_serve.py --model runs/smollm2/model --requests 128   # a real model
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def bare_vllm(model: str, port: int, args) -> tuple[dict, float]:
            "bench", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
            "--max-model-len", "512", "--max-num-seqs", str(args.max_num_seqs)]
     start = time.perf_counter()
-    server = subprocess.Popen(cmd, env={**os.environ, **CPU_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    # the same threads as the Ray Serve engine, which gets Ray's OMP_NUM_THREADS of its one-CPU bundle
+    env = {**os.environ, **CPU_ENV, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         from sasft_ray.serve import wait_until_ready
 

@@ -2,9 +2,9 @@
 planner's figures against what the GPU measures. One process, no Ray, nothing from a hub.
 
 The training is the library's own: `sasft_ray.loop` (the engine and the loop that every Ray Train
-worker runs), fed as Ray Data feeds a worker (collated batches already on the GPU) in a process
-group made as Ray Train makes it (NCCL alone), so a tensor on the wrong device fails here as it
-would on a cluster.
+worker runs), fed its rows as a worker reads its share (`loop.epoch_batches`), in a process group
+made as Ray Train makes it (NCCL alone), so a tensor on the wrong device fails here as it would on
+a cluster (the loop's count of each step's target tokens, reduced over the ranks, among them).
 
 1. Correctness. A tiny chat model (`sasft_ray.tiny`) is fine-tuned on the demo task (bf16, ZeRO-3,
    AdamW and its schedule, assistant-only labels). Checked: the loss falls; a progress record comes
@@ -12,7 +12,10 @@ would on a cluster.
    folder) reloads in transformers and gives the loop's own held-out loss; packed rows
    (`train.packing`) give the loss of the same rows padded, so packed examples do not see each other
    under the GPU's attention kernels.
-2. Scale. A randomly initialized model of a real shape (default Llama-3.2-1B's, 1.24B parameters)
+2. vLLM, as the self-talk engines start on GPUs (`sasft_ray.engines.engine_env`): the engine core in a
+   process of its own (not in-process as on CPU), and `selftalk.batch_invariant`: seeded prompts
+   sampled alone and among others give the same tokens. Skipped on CPU and where vLLM is not installed.
+3. Scale. A randomly initialized model of a real shape (default Llama-3.2-1B's, 1.24B parameters)
    trains a few steps of `--micro-batch` packed rows of `--seq` tokens, with gradient checkpointing
    off and on. Printed: peak GPU memory, tokens/s and MFU beside `sasft plan`'s figures.
 
@@ -26,6 +29,8 @@ Exit code 0 when every correctness check passes; `--json FILE` writes all figure
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import itertools
 import json
 import multiprocessing
@@ -77,9 +82,9 @@ def check_correctness(tmp: Path, gpu: bool, steps: int) -> dict:
     def heldout_batches(rows=heldout):
         return loop.device_batches(rows, 16, pad, device, drop_last=False)
 
-    records: list[dict] = []  # the library's own loop, fed as Ray Data feeds a worker: batches on the device
-    end = loop.run(engine, cfg, lambda step: loop.device_batches(train_rows, 16, pad, device, seed=step),
-                   {"heldout_loss": heldout_batches}, total_steps=steps, log=records.append)
+    records: list[dict] = []  # the library's own loop, fed its rows as a Ray Train worker reads its share
+    batches = functools.partial(loop.epoch_batches, loop.in_windows(train_rows), cfg, len(train_rows) // 16, pad)
+    end = loop.run(engine, cfg, batches, {"heldout_loss": heldout_batches}, total_steps=steps, log=records.append)
     engine_heldout = end["heldout_loss"]
 
     out = tmp / "export"
@@ -106,6 +111,37 @@ def check_correctness(tmp: Path, gpu: bool, steps: int) -> dict:
     }
     return {"checks": checks, "records": records, "engine_heldout": engine_heldout, "export_heldout": export_heldout,
             "packed_loss": packed_loss, "drift": drift}
+
+
+def check_vllm(tmp: Path) -> dict:
+    """The correctness check's export in a vLLM engine started as a GPU self-talk engine is, in a fresh
+    process (the variables must be set before vLLM is imported)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_vllm_child, tmp).result()
+
+
+def _vllm_child(tmp: Path) -> dict:
+    model = str(tmp / "export")
+    cfg = config(Path(model), tmp, True)
+    cfg.selftalk.batch_invariant = True  # what `selftalk.batch_invariant: true` gives the self-talk engines
+    cfg.selftalk.engine.max_model_len = 256  # the tiny model's positions: 1,024
+    from sasft_ray.engines import engine_env, engine_kwargs
+
+    os.environ.update(engine_env(cfg, cfg.selftalk.engine, cfg.selftalk.batch_invariant))
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model, **engine_kwargs(cfg, cfg.selftalk.engine, seed=0, enable_prefix_caching=True,
+                                     gpu_memory_utilization=0.3))
+    core_processes = len(multiprocessing.active_children())  # vLLM's engine core, apart from this process
+    prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(64)]
+    params = [SamplingParams(temperature=1.0, max_tokens=32, seed=i) for i in range(64)]
+    alone = [list(llm.generate([p], [sp], use_tqdm=False)[0].outputs[0].token_ids)
+             for p, sp in zip(prompts[:8], params[:8])]
+    together = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)[:8]]
+    return {"checks": {
+        f"the engine core runs in a process of its own ({core_processes} child process(es))": core_processes > 0,
+        f"batch-invariant: 8 seeded prompts alone and among 64 give the same tokens "
+        f"({sum(a == b for a, b in zip(alone, together))} of 8)": alone == together}}
 
 
 def packed_rows(n: int, seq: int, vocab: int, example: int = 512) -> list[dict]:
@@ -238,6 +274,12 @@ def main() -> int:
     result["correctness"]["seconds"] = time.perf_counter() - start
     for name, ok in result["correctness"]["checks"].items():
         print(f"[{'ok' if ok else 'FAILED'}] {name}")
+    if gpu and importlib.util.find_spec("vllm"):
+        result["vllm"] = check_vllm(tmp)
+        for name, ok in result["vllm"]["checks"].items():
+            print(f"[{'ok' if ok else 'FAILED'}] vLLM: {name}")
+    else:
+        print("vLLM: not checked (" + ("CPU" if not gpu else "vLLM is not installed") + ")")
 
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
     for spec, micro_batch, ckpt in itertools.product(args.arch or [LLAMA_32_1B if gpu else TINY],
@@ -266,9 +308,12 @@ def main() -> int:
                   f"between steps; peak over that: forward + backward {s['forward_backward_over_resident_gib']:.1f}"
                   f", optimizer step {s['optimizer_step_over_resident_gib']:.1f}")
     if args.json:
-        result["correctness"]["checks"] = {k: bool(v) for k, v in result["correctness"]["checks"].items()}
+        for part in ("correctness", "vllm"):
+            if part in result:
+                result[part]["checks"] = {k: bool(v) for k, v in result[part]["checks"].items()}
         Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0 if all(result["correctness"]["checks"].values()) else 1
+    checks = [*result["correctness"]["checks"].values(), *result.get("vllm", {}).get("checks", {}).values()]
+    return 0 if all(checks) else 1
 
 
 if __name__ == "__main__":

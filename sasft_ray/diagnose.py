@@ -81,7 +81,7 @@ def diagnose(cfg: Config, limit: int = 256) -> dict:
     """Generate what is missing (the task split and the self-dialogues), score both, write the result."""
     from sasft_ray.generate import generate
 
-    if not sum(cfg.selftalk_wanted):
+    if cfg.train.method != "sa-sft" and not cfg.selftalk.heldout_fraction:
         raise ConfigError("diagnose compares the task with the model's own self-dialogues: use train.method "
                          "sa-sft, or selftalk.heldout_fraction > 0")
     return score(cfg, generate(cfg), limit)

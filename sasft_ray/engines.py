@@ -42,7 +42,7 @@ def engine_resources(cfg, eng) -> dict:
     """What Ray reserves for one self-talk engine actor: `tensor_parallel_size` GPUs (one actor, so one
     node: vLLM's own workers share it) of the engine's accelerator type, or its CPU bundle."""
     if not cfg.resources.use_gpu:
-        return {"num_cpus": eng.cpus_per_engine}
+        return {"num_cpus": cfg.engine_cpus(serving=False)}
     kind = accelerator(cfg, eng)
     return {"num_gpus": eng.tensor_parallel_size, **({"accelerator_type": kind} if kind else {})}
 
@@ -52,14 +52,19 @@ def engine_placement(cfg, eng) -> dict:
     asks for a GPU). GPU: one bundle per tensor-parallel rank, all on one node (STRICT_PACK: NVLink, not
     the network, carries the all-reduces), on the engine's accelerator type."""
     if not cfg.resources.use_gpu:
-        return {"placement_group_config": {"bundles": [{"CPU": eng.cpus_per_engine}]}}
+        return {"placement_group_config": {"bundles": [{"CPU": cfg.engine_cpus(serving=True)}]}}
     return {"placement_group_config": {"bundle_per_worker": {"GPU": 1}, "strategy": "STRICT_PACK"},
             **({"accelerator_type": kind} if (kind := accelerator(cfg, eng)) else {})}
 
 
-def engine_env(cfg, eng) -> dict:
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
+def engine_env(cfg, eng, batch_invariant: bool = False) -> dict:
+    """The variables an engine process starts with. `batch_invariant` (self-talk on GPUs): vLLM's
+    batch-invariant kernels, so a dialogue's logits do not depend on what else its engine batches."""
+    env = {"VLLM_LOGGING_LEVEL": "WARNING", **({"VLLM_BATCH_INVARIANT": "1"} if batch_invariant else {})}
     if not cfg.resources.use_gpu:
+        # vLLM's engine core in the engine's own process: it starts in ~3 s instead of ~30 on CPU. On GPUs
+        # it keeps its process of its own, where scheduling and detokenisation do not stall the GPU.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(eng.kv_cache_gib)))
         # Engines share the cores: idle OpenMP threads must sleep, not spin. And vLLM's CPU worker must not
         # pin itself: it binds to the cores it does not reserve for its scheduler, the same ones for every

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from sasft_ray import instructions
 from sasft_ray.config import INDOMAIN, Config, EvalSuite, LmEvalGroup, check_benchmark_name
 from sasft_ray.rundir import RunDir, fingerprint
 from sasft_ray.selftalk import adds_bos, load_tokenizer
@@ -68,7 +69,8 @@ def rouge_l(prediction: str, row: dict) -> float:
     return _rouge_scorer().score(row["reference"], prediction)["rougeL"].fmeasure
 
 
-SCORERS: dict[str, Callable[[str, dict], float]] = {"exact": exact, "contains": contains, "rouge_l": rouge_l}
+SCORERS: dict[str, Callable[[str, dict], float]] = {"exact": exact, "contains": contains, "rouge_l": rouge_l,
+                                                    "follows": instructions.follows}
 
 
 def scorer(name: str) -> Callable[[str, dict], float]:
@@ -150,6 +152,11 @@ def suite_rows(suite: EvalSuite) -> list[dict]:
                 raise EvalError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
             if not isinstance(row.get("reference"), str):
                 raise EvalError(f"{where}: field 'reference' must be a string")
+            if "follows" in suite.scorers:
+                try:
+                    instructions.validate(row.get("instructions"), where)
+                except ValueError as e:
+                    raise EvalError(str(e)) from None
             rows.append(row)
             if suite.limit and len(rows) >= suite.limit:
                 break

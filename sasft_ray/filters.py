@@ -20,12 +20,19 @@ KEPT = ""
 NUM_PERM = 64
 
 
+def cut_off(row: dict, cfg: FilterConfig) -> bool:
+    """Whether a token limit cost the row: a message was cut, unless only the last reply was and
+    `filters.truncated` keeps such rows (trained without an end of turn: the reply stays open)."""
+    open_end = row.get("open_end", False) and row.get("cut_replies", 0) == 1
+    return row["truncated"] and not (cfg.truncated == "keep" and open_end)
+
+
 def row_drop_reason(row: dict, cfg: FilterConfig, markers: tuple[str, ...]) -> str:
     turns = [m for m in row["messages"] if m["role"] != "system"]
     contents = [m["content"] for m in turns]
     if not contents or any(not c.strip() for c in contents):
         return "empty"
-    if row["truncated"]:
+    if cut_off(row, cfg):
         return "truncated"
     if any(marker in c for c in contents for marker in markers if len(marker) > 1):
         return "template leak"

@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sasft_ray import data as task_data
@@ -27,7 +27,15 @@ from sasft_ray.config import Config, DataConfig
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
 from sasft_ray.mix import MONITOR, mix_key, write_mix
 from sasft_ray.rundir import RunDir, fingerprint, fingerprints
-from sasft_ray.selftalk import LIGHT_CPUS, check_fits, load_tokenizer, selftalk_dataset, turn_format
+from sasft_ray.selftalk import (
+    LIGHT_CPUS,
+    SelfTalkCut,
+    Written,
+    check_fits,
+    load_tokenizer,
+    selftalk_dataset,
+    turn_format,
+)
 
 
 class TooFewSurvivors(RuntimeError):
@@ -107,12 +115,12 @@ def monitor_stage(cfg: Config, rd: RunDir, force: bool) -> None:
         rd.finish("selftalk", {"rows_out": 0, "heldout": table.num_rows, "monitor_from": source.root})
 
 
-def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
+def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None:
     """Generate, filter and write the self-dialogues; then set the forgetting monitor's slice apart
-    (`selftalk_heldout.parquet`: `selftalk_wanted[1]` survivors picked by a seeded hash, never mixed in)."""
+    (`selftalk_heldout.parquet`: `selftalk_wanted(...)[1]` survivors picked by a seeded hash, never mixed in)."""
     import ray
 
-    mixed, monitor = cfg.selftalk_wanted
+    mixed, monitor = cfg.selftalk_wanted(task_rows)
     if not rd.begin("selftalk", f"{cfg.section_hash('model', 'selftalk', 'filters')}:{mixed}:{monitor}", force,
                     outputs=("selftalk", MONITOR), inputs=fingerprints(cfg, "model.path")):
         return
@@ -122,14 +130,25 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
     connect(cfg)
     wanted = mixed + monitor
     generated = math.ceil(wanted * cfg.selftalk.oversample)
-    ds = selftalk_dataset(cfg, generated, fmt)
+    written = ray.remote(num_cpus=0)(Written).remote()
+    ds = selftalk_dataset(cfg, generated, fmt, written)
     ds = ds.map(functools.partial(mark_row, cfg=cfg.filters, markers=fmt.markers), num_cpus=LIGHT_CPUS)
     if cfg.filters.dedup != "none":  # one actor: it holds every survivor's signature
         ds = ds.map(Deduplicator, fn_constructor_kwargs=dict(mode=cfg.filters.dedup,
                                                              threshold=cfg.filters.minhash_threshold),
                     compute=ray.data.ActorPoolStrategy(size=1), num_cpus=LIGHT_CPUS)
-    with progress(functools.partial(selftalk_progress, rd, generated, time.time())):
-        ds.write_parquet(rd.path("selftalk"))
+    try:
+        finished = lambda: ray.get(written.get.remote(), timeout=10)  # noqa: E731
+        with progress(functools.partial(selftalk_progress, finished, generated, time.time())):
+            ds.write_parquet(rd.path("selftalk"))
+    except Exception as e:
+        cut = cause(e, SelfTalkCut)
+        if cut is None:
+            raise
+        rd.fail("selftalk", {"rows_in": generated}, "cut at a token limit")
+        raise TooFewSurvivors(str(cut)) from None
+    finally:
+        ray.kill(written)
 
     stats = selftalk_stats(rd)
     drops = stats.pop("drops")
@@ -149,20 +168,33 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool) -> None:
     rd.finish("selftalk", counts)
 
 
-def selftalk_progress(rd: RunDir, total: int, started: float) -> str:
-    """Dialogues written so far (the Parquet files Ray Data has finished), their rate and the time left."""
-    files = rd.fs.get_file_info(pafs.FileSelector(rd.local("selftalk"), allow_not_found=True))
-    done = sum(pq.ParquetFile(rd.fs.open_input_file(f.path)).metadata.num_rows
-               for f in files if f.path.endswith(".parquet"))
+def cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The exception of type `kind` that `error` wraps, if any: Ray and Ray Data wrap a worker's exception
+    (`RayTaskError`, `UserCodeException`) in their own, keeping the original as a cause."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__ or getattr(error, "cause", None)
+    return None
+
+
+def selftalk_progress(finished: Callable[[], int], total: int, started: float) -> str:
+    """Dialogues the engines have `finished` so far (each counts once it ends), their rate and the time left;
+    a batch retried after an engine died is counted again, so the count is capped at the total."""
+    done = min(total, finished())
     seconds = time.time() - started
     eta = f", ETA {(total - done) / done * seconds / 60:.1f} min" if done else ""
     return f"[selftalk] {bar(done, total)} {done}/{total} dialogues in {seconds:.0f} s{eta}"
 
 
 def write_monitor(cfg: Config, rd: RunDir, count: int) -> int:
-    """The `count` survivors with the smallest seeded keys, written to `MONITOR`; returns how many."""
+    """The `count` survivors with the smallest seeded keys, written to `MONITOR`; returns how many. Only
+    complete dialogues: a reply kept open at its token limit (`filters.truncated: keep`) is no measure of
+    how likely the model finds its own replies, end of turn included."""
     table = pads.dataset(rd.local("selftalk"), filesystem=rd.fs, format="parquet").to_table(
-        columns=["id", "messages"], filter=pc.field("drop_reason") == KEPT)
+        columns=["id", "messages"], filter=(pc.field("drop_reason") == KEPT) & ~pc.field("open_end"))
     ids = sorted(table["id"].to_pylist(), key=lambda i: mix_key(cfg.selftalk.seed, "monitor", i))[:count]
     pq.write_table(table.filter(pc.is_in(table["id"], pa.array(ids, pa.int64()))), rd.local(MONITOR),
                    filesystem=rd.fs)
@@ -172,13 +204,15 @@ def write_monitor(cfg: Config, rd: RunDir, count: int) -> int:
 def selftalk_stats(rd: RunDir) -> dict:
     """Drop counts, tokens and topic coverage, from three small columns (no dialogue text in the driver)."""
     table = pads.dataset(rd.local("selftalk"), filesystem=rd.fs, format="parquet").to_table(
-        columns=["drop_reason", "num_tokens", "first_words"])
+        columns=["drop_reason", "num_tokens", "first_words", "open_end"])
     drops = {d["values"]: d["counts"] for d in pc.value_counts(table["drop_reason"]).to_pylist()}
     kept = table.filter(pc.equal(table["drop_reason"], KEPT))
     firsts = sorted(pc.value_counts(kept["first_words"]).to_pylist(), key=lambda d: -d["counts"])
     total = max(1, len(kept))
     entropy = -sum(d["counts"] / total * math.log2(d["counts"] / total) for d in firsts)
     return {"drops": drops, "generated_tokens": int(pc.sum(table["num_tokens"]).as_py() or 0),
+            # kept with the last reply cut at its token limit (`filters.truncated: keep`), trained open
+            "open_ended": int(pc.sum(kept["open_end"]).as_py() or 0),
             "coverage": {"distinct_first_words": len(firsts), "first_words_entropy_bits": round(entropy, 3),
                          "top_first_words": {d["values"]: d["counts"] for d in firsts[:10]}}}
 
@@ -206,6 +240,10 @@ def build_assets(cfg: Config) -> None:
     if Path(cfg.data.path).is_file():
         for _ in task_data.iter_rows(cfg.data, task_data.LoadReport()):
             pass
+    if cfg.bootstrap == "smollm2":
+        from sasft_ray import realdemo
+        realdemo.build(Path(cfg.model.path).parent)
+        return
     from sasft_ray.lab import build_lab, lab_folder
     build_lab(lab_folder(cfg), preset="full" if cfg.bootstrap == "lab" else "small")
 
@@ -218,11 +256,13 @@ def generate(cfg: Config, redo: str | None = None) -> RunDir:
     with rd.locked():
         build_assets(cfg)
         task_stage(cfg, rd, force["task"])
-        mixed, monitor = cfg.selftalk_wanted
+        task_rows = rd.stage_info("task")["train_rows"]
+        cfg.check_dialogues(task_rows)  # the task's size is known now: before any self-talk is paid for
+        mixed, monitor = cfg.selftalk_wanted(task_rows)
         if monitor and not mixed and cfg.selftalk.monitor_from:  # another run's monitor, for this one too
             monitor_stage(cfg, rd, force["selftalk"])
         elif mixed or monitor:  # SA-SFT's self-talk, or the forgetting monitor's slice of it
-            selftalk_stage(cfg, rd, force["selftalk"])
+            selftalk_stage(cfg, rd, force["selftalk"], task_rows)
         mix_stage(cfg, rd, force["mix"])
         rd.save_config(cfg)  # after the checks: a refused run does not relabel the old results
     return rd

@@ -2,15 +2,17 @@
 
 `sasft_ray.train` drives this from Ray Train (dataset shards, checkpoints, `ray.train.report`);
 `jobs/check_gpu.py` and `jobs/bench_train.py` drive the very same functions from a bare process
-or `torchrun`, fed as Ray Data feeds a worker (`device_batches`) in a process group made as Ray
-Train makes it (`init_process_group`). What the loop holds for counting, logging and collectives
-lives on the engine's device: under Ray Train's NCCL-only process group a CPU tensor in a
-collective fails, and Ray Data hands a GPU worker its batches already on the GPU.
+or `torchrun`, fed their rows as a worker reads its share (`epoch_batches` over `in_windows`) in a
+process group made as Ray Train makes it (`init_process_group`). What the loop holds for counting,
+logging and collectives lives on the engine's device: under Ray Train's NCCL-only process group a
+CPU tensor in a collective fails, and Ray Data hands a GPU worker its held-out batches already on
+the GPU.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import random
@@ -141,9 +143,9 @@ def collate(batch: dict, pad_id: int) -> dict:
 
 def device_batches(rows: list[dict], batch_size: int, pad_id: int, device, *, rank: int = 0, world: int = 1,
                    seed: int | None = None, drop_last: bool = True) -> Iterator[dict]:
-    """Micro-batches as Ray Data's `iter_torch_batches(collate_fn=collate)` hands them to a Ray Train
-    worker: this rank's share of `rows` (dicts of token lists), shuffled by `seed` if given, collated,
-    every tensor already on `device`."""
+    """Micro-batches of this rank's share of `rows` (dicts of token lists: every world-th row), shuffled by
+    `seed` if given, collated, every tensor already on `device` (as a held-out set reaches a Ray Train
+    worker)."""
     order = list(range(rank, len(rows), world))
     if seed is not None:
         random.Random(seed).shuffle(order)
@@ -152,6 +154,54 @@ def device_batches(rows: list[dict], batch_size: int, pad_id: int, device, *, ra
         chunk = [rows[i] for i in order[start: start + batch_size]]
         batch = collate({k: [r[k] for r in chunk] for k in chunk[0]}, pad_id)
         yield {k: v.to(device) for k, v in batch.items()}
+
+
+WINDOW = 4096  # consecutive rows of a rank's shard reshuffled together each epoch
+
+
+def epoch_rows(windows: Iterable[dict], epoch: int, seed: int, start: int = 0) -> Iterator[dict]:
+    """This rank's rows of one epoch, in the epoch's order, from its row `start` on. `windows`: the rank's
+    shard in order, in batches of `WINDOW` consecutive rows (column -> values; the last may be shorter), as
+    `iter_batches(batch_size=WINDOW)` gives them; each is permuted by (seed, epoch, its index). The order
+    follows from the data and the step alone, so a run resumed at any step goes on with exactly the rows
+    the interrupted one had not reached (windows before `start` are read, not used)."""
+    import numpy as np
+
+    offset = 0
+    for index, window in enumerate(windows):
+        n = len(next(iter(window.values())))
+        if offset + n > start:
+            order = np.random.default_rng([seed, epoch, index]).permutation(n)
+            for i in order[max(0, start - offset):]:
+                yield {k: v[i] for k, v in window.items()}
+        offset += n
+
+
+def epoch_batches(windows: Callable[[], Iterable[dict]], cfg: Config, steps_per_epoch: int, pad_id: int,
+                  step: int) -> Iterator[dict]:
+    """`run`'s `batches(step)` for a rank whose shard `windows()` reads (see `epoch_rows`): its collated
+    micro-batches from optimizer step `step` to the end of that step's epoch (the rows of the steps before
+    it in the epoch skipped: a resumed run neither repeats nor skips data)."""
+    t = cfg.train
+    epoch, done = divmod(step, steps_per_epoch)
+    per_step = t.grad_accum * t.micro_batch_size  # rows of this rank a step
+    rows = itertools.islice(epoch_rows(windows(), epoch, t.seed, start=done * per_step),
+                            (steps_per_epoch - done) * per_step)  # a share's last rows, under a step, left out
+    while len(chunk := list(itertools.islice(rows, t.micro_batch_size))) == t.micro_batch_size:
+        yield collate({k: [r[k] for r in chunk] for k in chunk[0]}, pad_id)
+
+
+def in_windows(rows: list[dict], rank: int = 0, world: int = 1) -> Callable[[], Iterator[dict]]:
+    """A rank's shard of `rows` (an equal, contiguous share, as the driver splits the training set), read in
+    windows as a Ray Train worker reads its own: `epoch_batches` without Ray."""
+    share = len(rows) // world
+    mine = rows[rank * share: (rank + 1) * share]
+
+    def windows() -> Iterator[dict]:
+        for start in range(0, len(mine), WINDOW):
+            chunk = mine[start: start + WINDOW]
+            yield {k: [r[k] for r in chunk] for k in chunk[0]}
+    return windows
 
 
 def init_process_group(gpu: bool) -> None:
@@ -193,8 +243,9 @@ def run(engine, cfg: Config, batches: Callable[[int], Iterable[dict]],
     `batches(step)`: one pass over this rank's training micro-batches, started at `step` (its shuffle
     seed); `heldout`: record key -> this rank's micro-batches of a held-out set (`heldout_loss`: the
     task's; `selftalk_heldout_loss`: the forgetting monitor's self-dialogues). Every `train.log_every`
-    steps and at every checkpoint the ranks' loss, tokens and time are reduced into one record (loss,
-    grad norm, lr, tokens/s per GPU, ETA; each held-out loss at checkpoints) passed to `log` on rank 0;
+    steps and at every checkpoint the ranks' loss, tokens and time are reduced into one record (loss per
+    target token, grad norm, lr, tokens/s per GPU, ETA; each held-out loss at checkpoints) passed to `log` on
+    rank 0; each optimizer step weighs every target token of its global batch the same (`optimizer_step`);
     at every `train.checkpoint_every` steps and the last, every rank calls `checkpoint(step, record)`.
     Returns the last step and its held-out losses."""
     import torch
@@ -202,13 +253,12 @@ def run(engine, cfg: Config, batches: Callable[[int], Iterable[dict]],
 
     t, device = cfg.train, engine.device
     rank, world = dist.get_rank(), dist.get_world_size()
-    # since the last record, this rank: sum of micro-batch losses, micro-batches, tokens (input positions)
+    # since the last record, this rank: the sum of its target tokens' losses, its target tokens, its tokens
     window = torch.zeros(3, dtype=torch.float64, device=device)
-    one = torch.ones((), dtype=torch.float64, device=device)
     since = started = time.perf_counter()
     start_step = step
     measured: dict[str, float | None] = {}
-    measured_step, micro = None, 0
+    measured_step = None
     # train mode from the first step: `from_pretrained` hands the model over in eval mode, where transformers
     # skips gradient checkpointing (and dropout); only the first held-out pass used to switch it
     engine.train()
@@ -218,27 +268,22 @@ def run(engine, cfg: Config, batches: Callable[[int], Iterable[dict]],
 
     while step < total_steps:
         stepped = False
-        for batch in batches(step):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # a no-op under Ray Data
-            tokens = batch.pop("num_tokens")
-            loss = engine(**batch, use_cache=False).loss
-            engine.backward(loss)
-            engine.step()
-            window += torch.stack([loss.detach().double(), one, tokens.double()])
-            micro += 1
-            if micro % t.grad_accum:  # DeepSpeed steps the optimizer every grad_accum micro-batches
-                continue
+        micro_batches = iter(batches(step))
+        # the grad_accum micro-batches of one optimizer step, together: their target tokens are counted first
+        # (a pass's last, incomplete group is left out, as DeepSpeed would have stepped on it otherwise)
+        while step < total_steps and len(group := list(itertools.islice(micro_batches, t.grad_accum))) == t.grad_accum:
+            window += optimizer_step(engine, group, world)
             step, stepped = step + 1, True
             if after_step:
                 after_step(step)
-            last, saving = step == total_steps, step % t.checkpoint_every == 0 or step == total_steps
+            saving = step % t.checkpoint_every == 0 or step == total_steps
             if saving or step % t.log_every == 0:
                 dist.all_reduce(window)  # every rank, every record: collectives stay in step
                 now = time.perf_counter()
-                loss_sum, count, tokens_sum = window.tolist()
-                record = {"step": step, "loss": loss_sum / count, "grad_norm": _grad_norm(engine),
-                          "lr": engine.get_lr()[0], "tokens": int(tokens_sum),
-                          "tokens_per_s_per_gpu": tokens_sum / (now - since) / world,
+                loss_sum, targets, tokens_sum = window.tolist()
+                record = {"step": step, "loss": loss_sum / max(targets, 1),
+                          "grad_norm": _grad_norm(engine), "lr": engine.get_lr()[0], "tokens": int(tokens_sum),
+                          "target_tokens": int(targets), "tokens_per_s_per_gpu": tokens_sum / (now - since) / world,
                           "eta_s": (now - started) / (step - start_step) * (total_steps - step),
                           "optimizer_steps": engine.global_steps}
                 window.zero_()
@@ -250,14 +295,40 @@ def run(engine, cfg: Config, batches: Callable[[int], Iterable[dict]],
                 if saving and checkpoint:
                     checkpoint(step, record)
                 since = time.perf_counter()  # the held-out pass and the save are not counted
-            if last:
-                break
         if not stepped:
             raise RuntimeError(f"rank {rank}: a pass over its training batches made no optimizer step "
                                f"(fewer than grad_accum={t.grad_accum} micro-batches of {t.micro_batch_size})")
     if measured_step != step:  # restarted after the last checkpoint: nothing trained since, measure it again
         measured = measure()
     return {"step": step, **measured}
+
+
+def optimizer_step(engine, group: list[dict], world: int):
+    """One optimizer step over this rank's micro-batches `group` (train.grad_accum of them), weighing every
+    target token of the global batch the same, whatever the batching, packing or rank (transformers'
+    `num_items_in_batch`): each micro-batch's loss is the sum of its target tokens' losses over the target
+    tokens of all ranks' micro-batches of the step. A micro-batch's mean loss instead would weigh a short
+    task row batched with long self-dialogues by its batch, not by its tokens, and λ (counted in rows) would
+    not be what the loss sees. Returns this rank's [sum of target-token losses, target tokens, tokens]."""
+    import torch
+    import torch.distributed as dist
+
+    group = [{k: v.to(engine.device, non_blocking=True) for k, v in b.items()} for b in group]  # no-op under Ray Data
+    # the targets of a causal LM's loss: every label but each row's first; counted on the model's device
+    targets = [(batch["labels"][:, 1:] != IGNORE).sum() for batch in group]
+    total = torch.stack(targets).sum()
+    dist.all_reduce(total)  # on the model's device: GPU process groups are NCCL-only
+    total = total.clamp(min=1)  # a step with no target at all: zero loss, not 0/0
+    out = torch.zeros(3, dtype=torch.float64, device=engine.device)
+    for batch, n in zip(group, targets):
+        tokens = batch.pop("num_tokens")
+        loss = engine(**batch, use_cache=False, num_items_in_batch=total).loss
+        # DeepSpeed averages the ranks' gradients and (scale_wrt_gas) the accumulated micro-batches'; this
+        # loss is already a share of the global batch's sum, so neither average applies: x world, no / gas
+        engine.backward(loss * world, scale_wrt_gas=False)
+        engine.step()  # the optimizer steps at the group's last micro-batch (DeepSpeed counts them)
+        out += torch.stack([loss.detach().double() * total, n.double(), tokens.double()])
+    return out
 
 
 def _grad_norm(engine) -> float | None:

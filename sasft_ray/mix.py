@@ -1,7 +1,7 @@
 """Mix task rows with self-talk (or external) rows at ratio λ, deterministically.
 
-Which rows: the other source contributes exactly round(λ · task rows) rows (capped
-by what survived), those whose key hashed from (seed, source, id) is smallest: a
+Which rows: the other source contributes exactly round(λ · task rows) rows (fewer only
+if fewer survived the filters, with a warning), those whose key hashed from (seed, source, id) is smallest: a
 seeded sample, the same on every run. With `mix.max_distinct` it contributes as
 many rows from fewer distinct ones: the sample is repeated, reshuffled each pass.
 
@@ -37,7 +37,10 @@ from sasft_ray.rundir import RunDir
 MONITOR = "selftalk_heldout.parquet"  # the forgetting monitor's self-dialogues (written by the self-talk stage)
 MIXED_IN = {"sa-sft": "self", "external-mix": "external", "sft": None, "freeze": None}
 # source: task, self, external, or source<i> (the i-th of mix.sources)
-MIXED_SCHEMA = pa.schema([("messages", MESSAGE_TYPE), ("source", pa.string()), ("id", pa.int64())])
+# open_end: a self-dialogue whose last reply was cut at its token limit (`filters.truncated: keep`), trained
+# without an end of turn
+MIXED_SCHEMA = pa.schema([("messages", MESSAGE_TYPE), ("source", pa.string()), ("id", pa.int64()),
+                          ("open_end", pa.bool_())])
 WINDOW = 4096
 
 
@@ -80,10 +83,12 @@ class Source:
     def _one_pass(self, seed: int) -> Iterator[dict]:
         rng = np.random.default_rng(mix_key(seed, self.name, -1))
         window: list[dict] = []
-        scanner = self.dataset.scanner(columns=["messages", self.id_column], filter=self.filter)
-        for batch in scanner.to_batches():
+        open_end = "open_end" in self.dataset.schema.names  # self-talk rows carry it
+        columns = ["messages", self.id_column] + (["open_end"] if open_end else [])
+        for batch in self.dataset.scanner(columns=columns, filter=self.filter).to_batches():
             for row in batch.to_pylist():
-                window.append({"messages": row["messages"], "source": self.name, "id": row[self.id_column]})
+                window.append({"messages": row["messages"], "source": self.name, "id": row[self.id_column],
+                               "open_end": bool(row.get("open_end"))})
                 if len(window) == WINDOW:
                     yield from (window[i] for i in rng.permutation(len(window)))
                     window = []
@@ -113,13 +118,12 @@ def write_mix(cfg: Config, rd: RunDir) -> dict:
     got = 0
     streams: list[tuple[Iterator[dict], int]] = [(task.rows(seed, task_rows), task_rows)]
     if other_name is not None:
-        wanted = round(cfg.mix.self_ratio * task_rows)
+        wanted = cfg.mixed_in_rows(task_rows)  # never capped by a setting: `check_dialogues` refused a short pool
         if other_name == "self":
             # the forgetting monitor's dialogues are never trained on
             monitor = pq.read_table(rd.local(MONITOR), columns=["id"], filesystem=rd.fs)["id"].to_pylist() \
                 if rd.exists(MONITOR) else []
             other = Source(rd, "self", "selftalk", "id", only_kept=True, excluded=monitor)
-            wanted = min(wanted, cfg.selftalk.num_dialogues)
         else:
             other = Source(rd, "external", "external/train.parquet", "source_row")
         distinct = other.sample(seed, min(wanted, cfg.mix.max_distinct or wanted))

@@ -87,8 +87,8 @@ def eval_hash(cfg: Config) -> str:
     trainings themselves (a model retrained since makes the results stale)."""
     from sasft_ray.evaluate import score_settings
 
-    settings = cfg.section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model", "data",
-                                "selftalk", "filters", "mix", "train")
+    settings = cfg.as_trained().section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model",
+                                             "data", "selftalk", "filters", "mix", "train")
     if extra := score_settings(cfg):  # only where it counts: runs evaluated before it stay finished
         settings += json.dumps(extra, sort_keys=True)
     ids = ",".join(map(str, trainings(cfg).values()))
@@ -158,7 +158,7 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
             "base_model_id": cfg.serve.base_model_id, "models": scores,
             "finetuned": {model_id: {"method": c.train.method, "seed": c.train.seed, "run_dir": c.run_dir,
                                      "drift": _drift(RunDir(c.run_dir)), "curve": curve(RunDir(c.run_dir)),
-                                     **_selected(RunDir(c.run_dir))}
+                                     **_selected(RunDir(c.run_dir)), **_sources(RunDir(c.run_dir))}
                           for model_id, c in runs.items()},
         }
         for model_id, c in runs.items():  # each fine-tune's scores to its training's tracked run
@@ -186,6 +186,12 @@ def _selected(rd: RunDir) -> dict:
     """The checkpoint a run exported and why (`train.select`), as its train record names it."""
     selected = rd.stage_info("train").get("selected")
     return {"selected": selected} if selected else {}
+
+
+def _sources(rd: RunDir) -> dict:
+    """The rows and target tokens of each source a run trained on, as its train record counts them."""
+    sources = rd.stage_info("train").get("sources")
+    return {"sources": sources} if sources else {}
 
 
 def _drift(rd: RunDir) -> dict | None:

@@ -48,6 +48,9 @@ GPU_HBM_TBS = 3.35  # memory bandwidth, TB/s
 # measured 0.19-0.23 at micro-batch 4 x 2048 tokens, 0.05-0.09 at 1 x 2048 (1.2B, 3.2B; jobs/check_gpu.py).
 TRAIN_MFU = 0.35
 DECODE_BW_EFFICIENCY = 0.6  # share of HBM bandwidth a vLLM decode step reaches
+# fp32 training FLOP/s of one CPU core under ZeRO-3 on gloo: SmolLM2-135M-Instruct trained at 24 tokens/s per
+# worker of one core (6 x 134.5 M FLOPs a token) on this project's 2-core machine (docs/real-model.md)
+CPU_TRAIN_GFLOPS_PER_CORE = 19.0
 # Per training GPU: CUDA context, NCCL buffers, the allocator's slack. On one H200 (jobs/check_gpu.py) the
 # formulas above came out 2-7% over the peak allocated, the process's context took 1.3 GiB, and with
 # expandable segments (train.py sets them) the allocator held 1.5-3 GiB over its peak: this covers it.
@@ -311,9 +314,8 @@ def train_time(cfg: Config, arch: Arch, cl: Cluster, task_rows: int | None) -> t
     elif task_rows is None:
         return None
     else:
-        task = int(task_rows * (1 - cfg.data.heldout_fraction))
-        mixed = {"sa-sft": min(round(cfg.mix.self_ratio * task), cfg.selftalk.num_dialogues),
-                 "external-mix": round(cfg.mix.self_ratio * task)}.get(t.method, 0)
+        task = train_rows(cfg, task_rows)
+        mixed = cfg.mixed_in_rows(task) if t.method in ("sa-sft", "external-mix") else 0
         steps = (task + mixed) // global_batch * t.epochs
     tokens = steps * global_batch * t.max_length
     # FLOPs per token: forward 2P, backward 2P for the activations' gradients + 2T for the weights'
@@ -321,6 +323,11 @@ def train_time(cfg: Config, arch: Arch, cl: Cluster, task_rows: int | None) -> t
     flops = (6 if t.gradient_checkpointing else 4) * arch.params + 2 * trainable_params(arch, cfg)
     rate = cl.train_tokens_per_s or GPU_BF16_TFLOPS * 1e12 * TRAIN_MFU / flops
     return steps, tokens, tokens / (rate * t.num_workers)
+
+
+def train_rows(cfg: Config, task_rows: int) -> int:
+    """The task's training rows, of all its rows (data.heldout_fraction held out)."""
+    return int(task_rows * (1 - cfg.data.heldout_fraction))
 
 
 def count_task_rows(cfg: Config) -> int | None:
@@ -417,8 +424,20 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
                f"of {st.turns} turn(s)")
     run = _engine_lines(out, "selftalk.engine", eng, engines, arch, cl, wb)
     gen_fits = engine_memory(arch, eng.tensor_parallel_size, eng.max_model_len, cl, wb).fits
-    if run:
-        generated = math.ceil(st.num_dialogues * st.oversample)
+    refused = None
+    if task_rows:  # the config generate would refuse, refused here too
+        try:
+            cfg.check_dialogues(train_rows(cfg, task_rows))
+        except ConfigError as e:
+            refused = str(e)
+            out.append(f"  REFUSED: {refused}")
+    # the dialogues wanted: num_dialogues, or (unset) λ x the task's training rows
+    wanted = sum(cfg.selftalk_wanted(train_rows(cfg, task_rows or 0))) if task_rows or st.num_dialogues else None
+    if run and wanted is None:
+        out.append("  time: unknown dialogue count (selftalk.num_dialogues follows from the task's rows); "
+                   "pass --task-rows")
+    elif run and wanted:
+        generated = math.ceil(wanted * st.oversample)
         seq = min(eng.max_model_len, st.turns * (st.max_user_tokens + st.max_assistant_tokens))
         batch, rate = decode_rate(run, seq, eng.max_num_seqs)
         rate = cl.gen_tokens_per_s or rate
@@ -460,6 +479,12 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
                    f"{t.max_length} tokens (padded) = {tokens / 1e6:,.1f} M tokens at {rate:,.0f} tokens/s per GPU "
                    f"-> {_hours(seconds)}" + (f" per run, {runs} runs (compare)" if runs > 1 else "")
                    + (" + CPU optimizer steps" if t.offload_optimizer else ""))
+        if not cfg.resources.use_gpu:  # a laptop run: what the same tokens cost on the workers' cores
+            cpu_rate = CPU_TRAIN_GFLOPS_PER_CORE * 1e9 * t.cpus_per_worker / (6 * arch.params)
+            out.append(f"  on CPU (resources.use_gpu false): ~{cpu_rate:,.0f} tokens/s per worker of "
+                       f"{t.cpus_per_worker:g} core(s) -> {_hours(tokens / (cpu_rate * t.num_workers))}"
+                       + (f" per run, {runs} runs (compare)" if runs > 1 else "")
+                       + f" (at {CPU_TRAIN_GFLOPS_PER_CORE:g} GFLOP/s a core, measured)")
     else:
         out.append("  time: unknown row count (data.path is not a local .jsonl); pass --task-rows")
 
@@ -479,4 +504,4 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
     for stage, need in too_big.items():  # engines or workers that cannot all start stall the stage
         out.append(f"DOES NOT FIT the cluster: {stage} needs {need:g} GPUs at once, {cl.nodes} node(s) x "
                    f"{cl.gpus_per_node} have {cl.nodes * cl.gpus_per_node}")
-    return "\n".join(out), gen_fits and tp_.fits and serve_fits and not too_big
+    return "\n".join(out), gen_fits and tp_.fits and serve_fits and not too_big and not refused

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from sasft_ray.config import flatten
+from sasft_ray.card import source_mix
+from sasft_ray.config import NOT_IN_WEIGHTS, flatten
 from sasft_ray.evaluate import INDOMAIN, EvalError
 from sasft_ray.rundir import RunDir
 
@@ -74,6 +75,8 @@ def run_report(results: dict) -> str:
         lines += [f"| {b} | {_fmt(e['base'][b])} | {_fmt(s)} | {_fmt(s - e['base'][b], True)} |"
                   for b, s in e["scores"].items()]
         lines += ["", f"- in-domain gain: {_fmt(e['indomain_gain'], True)}"]
+        if e.get("sources"):
+            lines.append(f"- trained on: {source_mix(e['sources'])}")
         if "forgetting" in e:
             lines.append(f"- forgetting (mean drop over general benchmarks): {_fmt(e['forgetting'], True)}; "
                          f"general accuracy kept: {_fmt(e['retention'])}")
@@ -212,8 +215,10 @@ def stale(rd: RunDir, result: dict, config: dict) -> str | None:
     return None
 
 
-# Settings that have columns of their own, or are spread over (seeds), rather than told apart.
-NOT_A_VARIANT = {"run_dir", "model.path", "data.path", "train.method", "compare"}
+# Settings that have columns of their own, or are spread over (seeds), or do not change the weights, rather
+# than told apart.
+NOT_A_VARIANT = {"run_dir", "model.path", "data.path", "train.method", "compare",
+                 *(f"train.{key}" for key in NOT_IN_WEIGHTS)}
 
 
 def variants(configs: list[dict]) -> list[str]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from sasft_ray.config import Config
 from sasft_ray.engines import engine_env, engine_kwargs, engine_resources
+from sasft_ray.filters import cut_off
 
 SENTINEL = "\ue000SASFT\ue000"  # private-use text that no tokenizer merges with its neighbours
 LIGHT_CPUS = 0.25  # CPU share of the light row maps, so the engines keep the cores
@@ -133,14 +134,38 @@ def derived_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
+class SelfTalkCut(RuntimeError):
+    """An engine's first batch lost so many dialogues to a token limit that the stage cannot succeed."""
+
+
+class Written:
+    """How many dialogues the engines have finished, for the progress line: a batch's Parquet file appears
+    only when its last dialogue ends, and a real model's batch can take minutes."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def get(self) -> int:
+        return self.count
+
+
 class DialogueWriter:
     """One vLLM engine; each call writes one batch of dialogues whole (`__call__` takes batch indices)."""
 
-    def __init__(self, cfg_json: str, fmt: TurnFormat, num_rows: int):
+    REPORT_EVERY_S = 2.0
+
+    def __init__(self, cfg_json: str, fmt: TurnFormat, num_rows: int, written=None):
         from vllm import LLM
 
         self.cfg = Config.model_validate_json(cfg_json)
-        self.fmt, self.num_rows = fmt, num_rows
+        self.fmt, self.num_rows, self.written = fmt, num_rows, written
+        self.first_batch = True
+        self.cut = {"user": 0, "assistant": 0}      # messages of this batch stopped by their token limit
+        self.longest = {"user": 0, "assistant": 0}  # tokens of the longest message that ended by itself
+        self.unreported, self.reported_at = 0, time.time()
         eng, gpu = self.cfg.selftalk.engine, self.cfg.resources.use_gpu
         extra = {"distributed_executor_backend": "mp"} if gpu and eng.tensor_parallel_size > 1 else {}
         self.llm = LLM(model=self.cfg.model.path, **engine_kwargs(
@@ -153,6 +178,9 @@ class DialogueWriter:
         for index in (int(i) for i in batch["id"]):
             ids = range(index * st.engine.batch_size, min((index + 1) * st.engine.batch_size, self.num_rows))
             rows += self.write(index, list(ids))
+            if self.first_batch:
+                self.first_batch = False
+                self.check_cuts(rows)
         return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
 
     def write(self, index: int, ids: list[int]) -> list[dict]:
@@ -163,13 +191,15 @@ class DialogueWriter:
 
         st, gpu = self.cfg.selftalk, self.cfg.resources.use_gpu
         system = [{"role": "system", "content": st.system_prompt}] if st.system_prompt else []
-        rows = [{"id": i, "messages": list(system), "num_tokens": 0, "truncated": False, "first_words": "",
-                 "drop_reason": "", "finished_at": 0.0} for i in ids]
+        rows = [{"id": i, "messages": list(system), "num_tokens": 0, "truncated": False, "cut_replies": 0,
+                 "open_end": False, "first_words": "", "drop_reason": "", "finished_at": 0.0} for i in ids]
         if not gpu:  # vLLM's CPU sampler takes no per-request seed: its generator is seeded for this batch
             torch.manual_seed(derived_seed(st.seed, index))
+        self.cut = dict.fromkeys(self.cut, 0)
         waiting: dict[str, tuple[dict, int, str]] = {}
         for row in rows:
-            self.submit(row, 0, "user", waiting)
+            if not self.submit(row, 0, "user", waiting):
+                self.finished(1)
         engine = self.llm.llm_engine
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -178,13 +208,44 @@ class DialogueWriter:
                 row, turn, role = waiting.pop(out.request_id)
                 self.record(row, role, out.outputs[0])
                 turn, role = (turn, "assistant") if role == "user" else (turn + 1, "user")
-                if turn < st.turns:
-                    self.submit(row, turn, role, waiting)
+                if turn >= st.turns or not self.submit(row, turn, role, waiting):
+                    self.finished(1)
+        self.finished(0, flush=True)
         now = time.time()  # when the batch was done: throughput over time, stalls
         return [{**row, "finished_at": now} for row in rows]
 
-    def submit(self, row: dict, turn: int, role: str, waiting: dict) -> None:
-        """Queue the row's next message; a prompt with no room for it is never sent (the row is kept, marked)."""
+    def finished(self, n: int, flush: bool = False) -> None:
+        """Count `n` more finished dialogues, told to the progress counter every few seconds."""
+        self.unreported += n
+        if self.written is not None and self.unreported and (
+                flush or time.time() - self.reported_at > self.REPORT_EVERY_S):
+            self.written.add.remote(self.unreported)
+            self.unreported, self.reported_at = 0, time.time()
+
+    def check_cuts(self, rows: list[dict]) -> None:
+        """After the engine's first batch: if the dialogues lost to a token limit are so many that, at that
+        rate, fewer than `filters.min_survival` of the wanted ones would survive, stop now, naming the limit,
+        instead of when the whole stage has been paid for."""
+        st = self.cfg.selftalk
+        lost = sum(cut_off(r, self.cfg.filters) or r["drop_reason"] == TOO_LONG for r in rows)
+        wanted = round(self.num_rows / st.oversample)  # what the stage generates num_rows for
+        expected = round((1 - lost / len(rows)) * self.num_rows)
+        if not lost or expected >= self.cfg.filters.min_survival * wanted:
+            return
+        too_long = sum(r["drop_reason"] == TOO_LONG for r in rows)
+        raise SelfTalkCut(
+            f"self-talk stopped after its first batch: {lost} of its {len(rows)} dialogues were cut at a token "
+            f"limit (replies at selftalk.max_assistant_tokens {st.max_assistant_tokens}: {self.cut['assistant']}; "
+            f"user turns at selftalk.max_user_tokens {st.max_user_tokens}: {self.cut['user']}; no room left in "
+            f"selftalk.engine.max_model_len {st.engine.max_model_len}: {too_long}). At that rate about {expected} "
+            f"of the {self.num_rows} generated would survive, under filters.min_survival "
+            f"{self.cfg.filters.min_survival} x the {wanted} wanted. Raise the limit that cut them (the longest "
+            f"reply that ended by itself took {self.longest['assistant']} tokens, the longest user turn "
+            f"{self.longest['user']}), or shorten the replies with selftalk.system_prompt")
+
+    def submit(self, row: dict, turn: int, role: str, waiting: dict) -> bool:
+        """Queue the row's next message; a prompt with no room for it is never sent (the row is kept, marked).
+        Returns whether it was queued."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -194,7 +255,7 @@ class DialogueWriter:
         prompt = self.tokenizer(render_prompt(self.tokenizer, fmt, row["messages"], role)).input_ids
         if len(prompt) + sampling["max_tokens"] > st.engine.max_model_len:
             row["drop_reason"] = TOO_LONG
-            return
+            return False
         stop = fmt.stop_user if role == "user" else fmt.stop_assistant
         # GPU: a seed per request. CPU: vLLM's sampler crashes on seeded requests ("CPU Generator does not
         # use offset"); the batch's generator seed stands in (`write`).
@@ -208,8 +269,9 @@ class DialogueWriter:
             if not st.continue_on_error:
                 raise
             row["drop_reason"] = ENGINE_ERROR  # the engine refused this one; the others go on
-            return
+            return False
         waiting[request_id] = (row, turn, role)
+        return True
 
     def record(self, row: dict, role: str, out) -> None:
         tokens = list(out.token_ids)
@@ -217,15 +279,21 @@ class DialogueWriter:
         text = out.text.strip()  # the stop token is in `tokens`, never in the text
         row["messages"].append({"role": role, "content": text})
         row["num_tokens"] += len(tokens)
-        row["truncated"] |= len(tokens) >= self.cfg.selftalk.sampling(role)["max_tokens"] and (
-            not tokens or tokens[-1] not in stop)
+        cut = len(tokens) >= self.cfg.selftalk.sampling(role)["max_tokens"] and (not tokens or tokens[-1] not in stop)
+        row["truncated"] |= cut
+        row["cut_replies"] += cut and role == "assistant"
+        row["open_end"] = cut and role == "assistant"  # the last message so far is a reply cut at its limit
+        self.cut[role] += cut
+        if not cut:
+            self.longest[role] = max(self.longest[role], len(tokens))
         # the opening words of the first user turn: a cheap measure of how varied the topics are
         row["first_words"] = row["first_words"] or " ".join(text.lower().split()[:2])
 
 
-def selftalk_dataset(cfg: Config, num_rows: int, fmt: TurnFormat):
+def selftalk_dataset(cfg: Config, num_rows: int, fmt: TurnFormat, written=None):
     """A lazy Ray Dataset of `num_rows` generated dialogues (unfiltered): one row per batch index in,
-    `engine.batch_size` dialogues out, on `engine.concurrency` engines."""
+    `engine.batch_size` dialogues out, on `engine.concurrency` engines; each finished dialogue is counted
+    in `written` (a `Written` actor) if given."""
     import ray
 
     eng = cfg.selftalk.engine
@@ -233,8 +301,8 @@ def selftalk_dataset(cfg: Config, num_rows: int, fmt: TurnFormat):
     with warnings.catch_warnings():  # the restart bounds have no named parameter: they go as ray_remote_args
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ray.data.range(batches, override_num_blocks=batches).map_batches(
-            DialogueWriter, fn_constructor_args=(cfg.model_dump_json(), fmt, num_rows), batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=eng.concurrency), runtime_env={"env_vars": engine_env(cfg, eng)},
-            **engine_resources(cfg, eng),
+            DialogueWriter, fn_constructor_args=(cfg.model_dump_json(), fmt, num_rows, written), batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=eng.concurrency),
+            runtime_env={"env_vars": engine_env(cfg, eng, cfg.selftalk.batch_invariant)}, **engine_resources(cfg, eng),
             # a batch whose engine dies is retried on a restarted one, a bounded number of times
             max_restarts=cfg.selftalk.max_engine_restarts, max_task_retries=cfg.selftalk.max_engine_restarts)

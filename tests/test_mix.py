@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -65,10 +67,57 @@ def test_same_seed_same_mix_other_seed_other_mix(tmp_path):
     assert reseeded != first and len(reseeded) == len(first)
 
 
-def test_ratio_is_capped_by_num_dialogues_and_survivors(tmp_path):
+def test_ratio_is_capped_by_survivors_only_and_says_so(tmp_path, capsys):
     cfg, rd = prepare(tmp_path, task_rows=100, self_rows=50, mix={"self_ratio": 3.0})
     rows, counts = mixed_rows(cfg, rd)
     assert counts["mixed_in_rows"] == 45 and len(rows) == 145  # 50 generated, every 10th truncated
+    assert "wanted 300 self rows for self_ratio=3.0, only 45 available" in capsys.readouterr().out
+
+
+def test_lambda_sets_the_self_rows_whatever_the_task_size(tmp_path):
+    """λ 1 on a task of 1,200 rows mixes in 1,200 self-dialogues: the pool is sized by λ, not by a default
+    num_dialogues (1,000 once, which trained every task over 1,000 rows at λ < 1 without a word)."""
+    cfg, rd = prepare(tmp_path, task_rows=1200, self_rows=2000)
+    assert cfg.selftalk.num_dialogues is None and cfg.selftalk_wanted(1200) == (1200, 0)
+    rows, counts = mixed_rows(cfg, rd)
+    assert counts["mixed_in_rows"] == 1200 and counts["achieved_ratio"] == 1.0 and len(rows) == 2400
+    for ratio in (0.5, 2.0):  # one pool, several λ: each takes its own count from it
+        _, counts = mixed_rows(make_config(tmp_path, mix={"self_ratio": ratio}, selftalk={"num_dialogues": 2400}), rd)
+        assert counts["mixed_in_rows"] == min(round(ratio * 1200), 1800)
+
+
+def test_dialogues_wanted_follow_lambda_unless_set():
+    def wanted(task_rows=1200, **sections):
+        return make_config(Path("/tmp/unused"), **sections).selftalk_wanted(task_rows)
+
+    monitor = {"heldout_fraction": 0.05}
+    assert wanted(selftalk=monitor) == (1200, 60)
+    assert wanted(selftalk=monitor, mix={"self_ratio": 2.0}) == (2400, 120)
+    assert wanted(selftalk=monitor, mix={"max_distinct": 90}) == (90, 5)  # repeated to λ by the mix
+    assert wanted(selftalk={**monitor, "num_dialogues": 5000}) == (5000, 250)  # set: as many (a pool for λ grids)
+    assert wanted(selftalk=monitor, train={"method": "sft"}) == (0, 60)  # the monitor only
+
+
+def test_a_pool_smaller_than_lambda_takes_is_refused_before_any_self_talk(tmp_path):
+    """Once the task's size is known (its stage done) and before an engine starts: the key, both numbers."""
+    from sasft_ray.config import ConfigError
+    from sasft_ray.generate import generate
+
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(f'{{"prompt": "q {i}", "completion": "a {i}"}}\n' for i in range(400)))
+    cfg = make_config(tmp_path, data_path=task, selftalk={"num_dialogues": 300}, mix={"self_ratio": 1.0})
+    with pytest.raises(ConfigError) as refused:
+        generate(cfg)
+    rows = RunDir(cfg.run_dir).stage_info("task")["train_rows"]
+    assert 300 < rows < 400
+    assert str(refused.value).startswith(f"selftalk.num_dialogues 300 is fewer than the {rows} self-dialogues "
+                                         f"the mix takes: mix.self_ratio 1.0 x {rows} task training rows")
+    assert set(RunDir(cfg.run_dir).manifest()["stages"]) == {"task"}  # no self-talk, no mix
+    distinct = make_config(tmp_path, data_path=task, selftalk={"num_dialogues": 300}, mix={"max_distinct": 300})
+    assert distinct.check_dialogues(rows) is None  # 300 distinct, repeated to λ: enough
+    with pytest.raises(ConfigError, match=r"fewer than the 301 .* \(mix.max_distinct 301\)"):
+        make_config(tmp_path, data_path=task, selftalk={"num_dialogues": 300},
+                    mix={"max_distinct": 301}).check_dialogues(rows)
 
 
 def test_max_distinct_repeats_fewer_dialogues_to_keep_the_ratio(tmp_path):
@@ -153,7 +202,7 @@ def test_a_compare_run_measures_the_main_runs_monitor_dialogues_without_an_engin
     task.write_text("".join(f'{{"prompt": "q {i}", "completion": "a {i}"}}\n' for i in range(40)))
     cfg = make_config(tmp_path, data_path=task, compare=["sft"], selftalk={"heldout_fraction": 0.1})
     sft = method_runs(cfg)["sft"]
-    assert sft.selftalk.monitor_from == cfg.run_dir and sft.selftalk_wanted == (0, 100)
+    assert sft.selftalk.monitor_from == cfg.run_dir and sft.selftalk_wanted(36) == (0, 4)
     with pytest.raises(TooFewSurvivors, match="no forgetting-monitor dialogues"):
         generate(sft)  # the main run has not written its monitor yet: nothing is generated in its place
     main = RunDir(cfg.run_dir)

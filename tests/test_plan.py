@@ -262,6 +262,20 @@ def test_cli_prints_the_plan_and_exits_1_when_it_does_not_fit(tmp_path):
     assert "fits: ZeRO-3 needs" in out.getvalue() and "pass --task-rows" in out.getvalue()
 
 
+
+def test_the_plan_sizes_self_talk_by_lambda_and_refuses_a_smaller_pool(tmp_path):
+    """20,000 task rows, 18,000 for training: λ 1 generates 18,000 x 1.25 dialogues (the monitor off here);
+    a num_dialogues of 10,000 is refused as `sasft generate` would refuse it, both numbers named."""
+    cfg = _one_node_config(tmp_path, "meta-llama/Meta-Llama-3-8B-Instruct")
+    text, fits = report(cfg, L3_8B, "built-in table", Cluster(), task_rows=20000)
+    assert fits and "22,500 dialogues" in text and "REFUSED" not in text
+    assert train_time(cfg, L3_8B, Cluster(), 20000)[0] == 36000 // cfg.global_batch
+    pinned = cfg.model_copy(update={"selftalk": cfg.selftalk.model_copy(update={"num_dialogues": 10000})})
+    text, fits = report(pinned, L3_8B, "built-in table", Cluster(), task_rows=20000)
+    assert not fits and "REFUSED: selftalk.num_dialogues 10000 is fewer than the 18000 self-dialogues" in text
+    text, _ = report(cfg, L3_8B, "built-in table", Cluster())
+    assert "unknown dialogue count" in text
+
 CLUSTER_CONFIGS = Path(__file__).parents[1] / "cluster" / "configs"
 # Published parameter counts (the hub's model cards and safetensors totals), in billions
 PUBLISHED = {"meta-llama/Meta-Llama-3-8B-Instruct": 8.03, "meta-llama/Llama-3.1-8B-Instruct": 8.03,

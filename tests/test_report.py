@@ -142,6 +142,8 @@ def test_the_report_shows_each_runs_forgetting_curve(tmp_path):
                                                {"step": 20, "heldout_loss": 0.7, "selftalk_heldout_loss": 0.8}]
     results["finetuned"]["sa-sft"]["selected"] = {"rule": "balanced", "step": 10, "task_loss": 1.3,
                                                   "selftalk_loss": 0.8, "why": "the lowest self-talk held-out loss"}
+    results["finetuned"]["sa-sft"]["sources"] = {"task": {"rows": 360, "target_tokens": 3600},
+                                                 "self": {"rows": 360, "target_tokens": 9000}}
     write_run_report(results, str(tmp_path))
     text = (tmp_path / "report.md").read_text()
     assert "forgetting monitor (loss on held-out self-dialogues, never trained on): 0.900 at step 10 -> 1.700 at " \
@@ -150,6 +152,8 @@ def test_the_report_shows_each_runs_forgetting_curve(tmp_path):
     assert "- exported checkpoint: step 10 (train.select balanced: the lowest self-talk held-out loss; task " \
            "held-out loss 1.300, self-talk held-out loss 0.800)" in sa_sft
     assert "exported checkpoint" not in text.split("## sa-sft")[0]
+    assert "- trained on: task 360 rows / 3,600 target tokens, self 360 rows / 9,000 target tokens (target tokens " \
+           "per task target token: self 2.50)" in sa_sft
     with_curve = imread(str(tmp_path / "report.png")).shape[1]
     for info in results["finetuned"].values():
         info.pop("curve")

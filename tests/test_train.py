@@ -18,7 +18,7 @@ from sasft_ray.lora import apply_lora, merge_lora, parameter_counts
 from sasft_ray.packing import pack
 from sasft_ray.selftalk import load_tokenizer
 from sasft_ray.tiny import demo_task_rows, warmup_dialogues, write_demo_task
-from sasft_ray.train import FAIL_ONCE_AT_STEP, IGNORE, TrainSetupError, encode, train, train_events
+from sasft_ray.train import FAIL_ONCE_AT_STEP, IGNORE, TrainSetupError, encode, train, train_events, train_hash
 from tests.conftest import make_config
 
 TRAIN = {"num_workers": 2, "micro_batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, "schedule": "constant",
@@ -40,6 +40,10 @@ def test_label_mask_covers_assistant_tokens_only(tiny_llama):
     assert "Add 2 and 3." in ignored and "And 4?" in ignored and "Be brief." in ignored
     cut = encode(tok, messages, max_length=10)
     assert len(cut["input_ids"]) == 10 and all(lab == IGNORE for lab in cut["labels"])
+    # a last reply cut at its token limit (`filters.truncated: keep`): trained as far as it goes, never its end
+    open_end = encode(tok, messages, max_length=512, open_end=True)
+    learned = tok.decode([t for t, lab in zip(open_end["input_ids"], open_end["labels"]) if lab != IGNORE])
+    assert learned == "Sure! The answer is 5.<|eot_id|>Sure! The answer is 9."
 
 
 def test_schedules_and_freeze_selection():
@@ -155,6 +159,11 @@ def test_zero3_training_survives_a_killed_worker_and_the_loss_falls(trained):
         ("started", 0), ("log", 5), ("checkpoint", 10), ("resumed", 10), ("log", 15),
         ("checkpoint", 20), ("log", 25), ("checkpoint", 30)]
     assert len(events[0]["nodes"]) == 2
+    # each rank resumed at its row of the epoch where step 10 left it: the rest of the epoch, not a new one
+    epoch, done = divmod(10, record["rows_in"] // cfg.global_batch)
+    assert (events[3]["epoch"], events[3]["row"]) == (epoch, done * cfg.train.micro_batch_size)
+    assert record["sources"] == {"task": {"rows": record["rows_in"], "target_tokens": record["sources"]["task"][
+        "target_tokens"]}} and record["sources"]["task"]["target_tokens"] > 5 * record["rows_in"]
     for e in events[1:]:
         if e["event"] != "resumed":  # a record of the two ranks every log_every steps
             assert e["tokens_per_s_per_gpu"] > 0 and e["grad_norm"] > 0 and e["lr"] == 5e-3 and e["eta_s"] >= 0
@@ -550,3 +559,231 @@ def test_weight_drift_of_a_hub_model_reads_the_hf_cache_stand_in_for_the_hub(tin
     assert drift["layers.001"] == 0
     missing = weight_drift("org/absent", state)
     assert list(missing) == ["unavailable"] and "org/absent" in missing["unavailable"]
+
+
+def _ranks(world: int, fn, *args):
+    """`fn(*args)` in `world` fresh processes, one gloo process group over them, as `torchrun` would start
+    them (`loop.init_process_group` reads who is who from the environment); returns rank 0's result."""
+    import multiprocessing
+
+    from tests.conftest import free_port
+
+    ctx, port = multiprocessing.get_context("spawn"), free_port()
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        procs = [ctx.Process(target=_rank_main, args=(rank, world, port, fn, args, results)) for rank in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=600)
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        return results[0]
+
+
+def _rank_main(rank: int, world: int, port: int, fn, args, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    from sasft_ray import loop
+
+    loop.init_process_group(gpu=False)
+    out = fn(*args)
+    if rank == 0:
+        results[0] = out
+
+
+def _step_gradients(model_path: str, tmp: str, rows: list[dict], groupings: list[tuple[int, int]]) -> list[dict]:
+    """For each (micro_batch_size, grad_accum): one optimizer step of `sasft_ray.loop` under ZeRO-3 over `rows`
+    (this rank's share: every world-th row), and the full gradient DeepSpeed hands its optimizer."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for i, (micro, accum) in enumerate(groupings):
+        cfg = make_config(Path(tmp) / f"{world}-{i}", model_path, train={
+            **TRAIN, "num_workers": world, "micro_batch_size": micro, "grad_accum": accum, "max_steps": 1})
+        out.append(_one_step_gradient(cfg, rows, rank, world))
+    return out
+
+
+def _one_step_gradient(cfg, rows: list[dict], rank: int, world: int) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_grad
+
+    from sasft_ray import loop
+
+    pad_id = load_tokenizer(cfg.model.path).pad_token_id
+    engine, *_ = loop.build_engine(cfg, loop.deepspeed_config(cfg), 1, rank=rank)
+    grads: dict[str, torch.Tensor] = {}
+    optimizer_step = engine.optimizer.step
+
+    def step_and_capture(*a, **k):  # what the optimizer is given: every rank gathers the full gradients
+        grads.update({n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()})
+        return optimizer_step(*a, **k)
+
+    engine.optimizer.step = step_and_capture
+    loop.run(engine, cfg, lambda step: loop.device_batches(rows, cfg.train.micro_batch_size, pad_id, engine.device,
+                                                           rank=rank, world=world), {}, total_steps=1)
+    return grads
+
+
+def _gradient(model_path: str, rows: list[dict], groups: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Plain PyTorch, no DeepSpeed: the gradient of the mean over `groups` of each group's mean loss per target
+    token. One group of every row: every target token weighs the same."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    model.train()
+    for group in groups:
+        batch = collate({k: [rows[i][k] for i in group] for k in ("input_ids", "labels")}, pad_id=0)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                 ignore_index=IGNORE)
+        (loss / len(groups)).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_every_target_token_weighs_the_same_however_the_rows_are_batched(tiny_llama, tmp_path):
+    """One optimizer step over the same 8 rows, short task rows and long self-dialogues, as 1 x 8, 4 x 2
+    and 2 x 4 micro-batches on one rank, and 2 x 2 and 1 x 4 on each of 2 ranks: the gradient DeepSpeed
+    hands its optimizer is the same within float tolerance, and it is the gradient of the mean loss over
+    every target token of the 8 rows. Weighing each micro-batch's mean loss alike (as before) gives
+    another gradient for these rows."""
+    tok = load_tokenizer(tiny_llama)
+    task = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+            for r in demo_task_rows(4)]
+    talk = [[*d[:-1], {**d[-1], "content": " ".join([d[-1]["content"]] * 4)}] for d in warmup_dialogues(4)]
+    rows = [encode(tok, m, max_length=128) for m in task + talk]  # short task rows, long self-dialogues
+    targets = [sum(lab != IGNORE for lab in r["labels"][1:]) for r in rows]
+    assert max(targets) > 3 * min(targets), targets
+    reference = _gradient(tiny_llama, rows, [list(range(8))])
+    one_rank = _ranks(1, _step_gradients, tiny_llama, str(tmp_path), rows, [(8, 1), (2, 4), (4, 2)])
+    two_ranks = _ranks(2, _step_gradients, tiny_llama, str(tmp_path), rows, [(2, 2), (4, 1)])
+
+    def distance(a: dict, b: dict) -> float:
+        diff = sum(float((a[k] - b[k]).double().square().sum()) for k in b)
+        return (diff / sum(float(v.double().square().sum()) for v in b.values())) ** 0.5
+
+    for grads in one_rank + two_ranks:
+        assert set(grads) == set(reference)
+        assert distance(grads, reference) < 1e-5
+    by_micro_batch = _gradient(tiny_llama, rows, [[0, 1], [2, 3], [4, 5], [6, 7]])
+    assert distance(by_micro_batch, reference) > 1e-2  # the test can tell the two weightings apart
+
+
+def test_each_epoch_is_an_order_fixed_by_the_step_so_a_resumed_epoch_goes_on_where_it_stopped(monkeypatch):
+    """`loop.epoch_batches`, what every Ray Train worker iterates: from any step, a rank's micro-batches are
+    the rest of that step's epoch, as an uninterrupted run would have them; an epoch holds each row of the
+    rank's share once; ranks share no row; each epoch has an order of its own."""
+    from sasft_ray import loop
+
+    monkeypatch.setattr(loop, "WINDOW", 8)  # several windows of a shard in a small test
+    rows = [{"input_ids": [i, 0], "labels": [IGNORE, 0]} for i in range(70)]
+    cfg = make_config(Path("/tmp/unused"), train={"num_workers": 2, "micro_batch_size": 2, "grad_accum": 2})
+    per_epoch = len(rows) // cfg.global_batch  # 8 steps of 4 rows a rank: 32 of its 35 rows
+
+    def seen(rank: int, step: int) -> list[int]:
+        windows = loop.in_windows(rows, rank, world=2)
+        return [int(i) for b in loop.epoch_batches(windows, cfg, per_epoch, 0, step) for i in b["input_ids"][:, 0]]
+
+    epochs = {}
+    for rank in (0, 1):
+        for epoch in (0, 1, 2):
+            whole = seen(rank, epoch * per_epoch)
+            assert len(whole) == len(set(whole)) == 32 and set(whole) <= set(range(35 * rank, 35 * (rank + 1)))
+            for done in range(1, per_epoch):  # resumed after `done` steps of the epoch
+                assert seen(rank, epoch * per_epoch + done) == whole[done * 4:]
+            epochs[rank, epoch] = whole
+        assert epochs[rank, 0] != epochs[rank, 1] != epochs[rank, 2]
+
+
+def _killed_then_resumed(model_path: str, tmp: str) -> dict[str, dict[int, list[int]]]:
+    """`sasft_ray.loop` under ZeRO-3 with the very data path of a Ray Train worker (`epoch_batches`): a run
+    checkpoints every 3 steps and dies after step 8; a new engine loads the checkpoint of step 6 and trains
+    on to step 12. Returns each run's rows (their indices) trained at each step."""
+    from sasft_ray import loop
+
+    tok = load_tokenizer(model_path)
+    rows = [encode(tok, [{"role": "user", "content": f"Question {i}?"},
+                         {"role": "assistant", "content": f"Answer {i}."}], max_length=128) for i in range(20)]
+    index = {tuple(r["input_ids"]): i for i, r in enumerate(rows)}
+    cfg = make_config(Path(tmp), model_path, train={**TRAIN, "num_workers": 1, "micro_batch_size": 2, "grad_accum": 2,
+                                                     "max_steps": 12, "checkpoint_every": 3, "log_every": 3})
+    per_epoch = len(rows) // cfg.global_batch  # 5
+    ds_config = loop.deepspeed_config(cfg)
+
+    class Killed(Exception):
+        pass
+
+    def train(step: int, kill_after: int | None) -> dict[int, list[int]]:
+        engine, *_ = loop.build_engine(cfg, ds_config, 12, rank=0)
+        if step:
+            _, client = engine.load_checkpoint(str(Path(tmp, f"ckpt-{step}")), tag="ds")
+            assert client["step"] == step
+        micro_batches: list[list[int]] = []
+        trained: dict[int, list[int]] = {}
+
+        def batches(step: int):
+            for batch in loop.epoch_batches(loop.in_windows(rows), cfg, per_epoch, tok.pad_token_id, step):
+                micro_batches.append([index[tuple(ids[mask.bool()].tolist())]
+                                      for ids, mask in zip(batch["input_ids"], batch["attention_mask"])])
+                yield batch
+
+        def after_step(step: int) -> None:  # the loop pulls a step's micro-batches only: those are its rows
+            trained[step] = [i for mb in micro_batches for i in mb]
+            micro_batches.clear()
+            if step == kill_after:
+                raise Killed
+
+        def save(step: int, record: dict) -> None:
+            engine.save_checkpoint(str(Path(tmp, f"ckpt-{step}")), tag="ds", client_state={"step": step})
+
+        try:
+            loop.run(engine, cfg, batches, {}, total_steps=12, step=step, checkpoint=save, after_step=after_step)
+        except Killed:
+            pass
+        return trained
+
+    return {"killed": train(0, kill_after=8), "resumed": train(6, kill_after=None)}
+
+
+def test_a_run_killed_mid_epoch_trains_every_row_of_that_epoch_once(tiny_llama, tmp_path):
+    """20 rows, 4 a step: epochs of 5 steps. Killed after step 8, resumed from step 6's checkpoint (mid-epoch):
+    the steps the model keeps (1-6 of the first run, 7-12 of the second) train each epoch's 20 rows exactly
+    once, and steps 7-8 again on the very rows the killed run had given them."""
+    runs = _ranks(1, _killed_then_resumed, tiny_llama, str(tmp_path))
+    killed, resumed = runs["killed"], runs["resumed"]
+    assert list(killed) == list(range(1, 9)) and list(resumed) == list(range(7, 13))
+    kept = {**{s: killed[s] for s in range(1, 7)}, **resumed}
+    for epoch in (0, 1):
+        rows = [i for s in range(5 * epoch + 1, 5 * epoch + 6) for i in kept[s]]
+        assert sorted(rows) == list(range(20)), (epoch, rows)
+    assert resumed[7] == killed[7] and resumed[8] == killed[8]
+    assert kept[1] + kept[2] != kept[6] + kept[7]  # epoch 1 is not epoch 0 again
+
+
+@pytest.mark.parametrize("change, resumes", [
+    ({"log_every": 1}, True), ({"report_to": ["tensorboard"]}, True), ({"run_name": "again"}, True),
+    ({"keep_checkpoints_after_export": True}, True), ({"keep_checkpoints": 5}, True), ({"max_failures": 9}, True),
+    ({"cpus_per_worker": 4}, True), ({"placement_strategy": "SPREAD"}, True), ({"gradient_checkpointing": True}, True),
+    ({"lr": 2e-5}, False), ({"micro_batch_size": 8}, False), ({"seed": 1}, False), ({"checkpoint_every": 7}, False),
+    ({"select": "best_task"}, False), ({"num_workers": 4}, False),
+])
+def test_a_crashed_run_restarted_with_other_settings_resumes_only_if_they_leave_the_weights_alone(tmp_path, change,
+                                                                                                  resumes):
+    """A training that did not finish (its stage `running`), started again with one train setting changed:
+    a setting that does not change the weights (logging, tracking, checkpoints kept, restarts, placement,
+    recomputed activations) keeps its hash, so the run resumes from its checkpoints; any other starts clean."""
+    from sasft_ray.report import variants
+    from sasft_ray.rundir import RunDir
+    from sasft_ray.train import EVENTS, KEPT, RAY_TRAIN, train_outputs
+
+    cfg = make_config(tmp_path, data={"path": "task.jsonl", "heldout_fraction": 0.1})
+    rd = RunDir(cfg.run_dir)
+    rd.begin("mix", "mixed")
+    rd.finish("mix", {})
+    rd.begin("train", train_hash(cfg, rd))  # crashed: still running
+    other = cfg.model_copy(update={"train": cfg.train.model_copy(update=change)})
+    wiped = set(train_outputs(rd, train_hash(other, rd), force=False)) & {EVENTS, RAY_TRAIN, KEPT}
+    assert (train_hash(other, rd) == train_hash(cfg, rd)) is resumes
+    assert wiped == (set() if resumes else {EVENTS, RAY_TRAIN, KEPT})
+    if resumes:  # nor do such settings tell runs apart in a pooled report
+        assert variants([cfg.model_dump(mode="json"), other.model_dump(mode="json")]) == ["", ""]
