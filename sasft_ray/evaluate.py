@@ -88,8 +88,11 @@ def scorer(name: str) -> Callable[[str, dict], float]:
 
 def check_eval(cfg: Config) -> None:
     """What the evaluation reads, checked before the first stage of a run rather than after its training:
-    the suite files and their benchmark names, the scorers' modules, lm-eval's task folders."""
-    expand_suites(cfg.eval.suites)
+    the suite files and their benchmark names, the scorers' modules, lm-eval's task folders. A `bootstrap`
+    config's benchmarks that its bootstrap writes (in the folder above model.path) are checked when they exist."""
+    world = Path(cfg.model.path).parent
+    expand_suites([s for s in cfg.eval.suites if not (
+        cfg.bootstrap and not Path(s.path).exists() and Path(s.path).absolute().is_relative_to(world.absolute()))])
     for name in {*cfg.eval.indomain_scorers, *(n for s in cfg.eval.suites for n in s.scorers)}:
         scorer(name)
     for group in cfg.eval.lm_eval:

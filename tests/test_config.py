@@ -136,3 +136,15 @@ def test_select_enters_the_train_hash_only_off_its_default():
     assert len({now.section_hash("train"), best.section_hash("train"), balanced.section_hash("train"),
                 wider.section_hash("train")}) == 4
     assert load_config("demo", ["train.select=last"]).section_hash("train") == now.section_hash("train")
+
+
+def test_a_bootstraps_own_benchmarks_are_checked_only_once_it_has_written_them(tmp_path, monkeypatch):
+    """`sasft run demo` on a clean clone: the lab's evals and the real-model probes do not exist before the
+    bootstrap writes them, and that is no mistake; without a bootstrap, a missing benchmark is one."""
+    from sasft_ray.evaluate import EvalError, check_eval
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo", "smollm2"):
+        check_eval(load_config(name))
+    with pytest.raises(EvalError, match="eval suite 'knowledge': no file or folder"):
+        check_eval(load_config("smollm2", ["bootstrap=null"]))
