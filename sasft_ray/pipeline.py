@@ -209,7 +209,6 @@ def serve_and_eval(cfg: Config, url: str | None = None, force: bool = False) -> 
     rd = RunDir(cfg.run_dir)
     with rd.locked():
         if url:
-            require_trained(cfg)
             check_serving(cfg, url)
         if url or (not force and rd.stage_info("eval").get("status") == "done"):
             return eval_stage(cfg, url or "", key, force)

@@ -344,8 +344,8 @@ class RunDir:
                                f"redone since; {redo}")
         then = prior.get("inputs") or {}
         for key, now in (inputs or {}).items():
-            if now and then.get(key) and not then[key].startswith(HASHED):  # recorded before every byte counted
-                now = sampled_fingerprint(_fingerprinted[now])
+            if now in _fingerprinted and then.get(key) and not then[key].startswith(HASHED):  # recorded before
+                now = sampled_fingerprint(_fingerprinted[now])  # every byte counted: compared as it was made
             if now and then.get(key) and now != then[key]:  # unknown on either side: not checked
                 raise StageChanged(f"stage '{name}' in {self.root} was made from other files at {key} "
                                    f"(they changed since, at the same path); {redo}")
