@@ -124,6 +124,8 @@ def main() -> None:
         "selftalk": {"turns": args.turns, "max_user_tokens": args.max_tokens,
                      "max_assistant_tokens": args.max_tokens,
                      "engine": {"batch_size": args.batch_size, "max_model_len": 1024}},
+        # throughput only: replies cut at --max-tokens are no reason to stop (a real model's mostly are)
+        "filters": {"min_survival": 0.0},
     })
     fmt = turn_format(load_tokenizer(model))
     # Equal threads on every side: the pipeline's engine actor gets Ray's OMP_NUM_THREADS of its CPU bundle

@@ -106,20 +106,26 @@ KNOWLEDGE = [
 ]
 
 # Verifiable instructions: each row's `instructions` are checked by code (`instructions.follows`), as IFEval
-# checks its own; the kinds are the ones listed in sasft_ray/instructions.py.
+# checks its own, with the kinds listed in sasft_ray/instructions.py. Where a bare format check would pass a
+# reply that ignores the request (a task label is short, capitalised and has no commas), the row also checks
+# the content: a word the answer must hold.
 INSTRUCTIONS = [
     ("Reply with the word 'hello' and nothing else.", [{"kind": "exact", "text": "hello"}]),
     ("Say the word 'yes' and nothing else.", [{"kind": "exact", "text": "yes"}]),
-    ("Write one sentence about the ocean in fewer than 15 words.", [{"kind": "max_words", "n": 14}]),
-    ("Describe a cat in at most ten words.", [{"kind": "max_words", "n": 10}]),
+    ("Write one sentence about the ocean in fewer than 15 words.",
+     [{"kind": "max_words", "n": 14}, {"kind": "include_word", "word": "ocean"}]),
+    ("Describe a cat in at most ten words.", [{"kind": "max_words", "n": 10}, {"kind": "include_word", "word": "cat"}]),
     ("Write at least 40 words about why sleep matters.", [{"kind": "min_words", "n": 40}]),
     ("Write a paragraph of at least 30 words about trees.", [{"kind": "min_words", "n": 30}]),
     ("Write a sentence that includes the word 'river'.", [{"kind": "include_word", "word": "river"}]),
     ("Write a short sentence about winter that uses the word 'snow'.", [{"kind": "include_word", "word": "snow"}]),
     ("Tell me about your favourite food and mention the word 'pizza'.", [{"kind": "include_word", "word": "pizza"}]),
-    ("Answer in capital letters only: what is the capital of France?", [{"kind": "uppercase"}]),
-    ("Write your whole reply in lowercase letters: what is a dog?", [{"kind": "lowercase"}]),
-    ("Start your reply with 'Sure'. What is 3 plus 4?", [{"kind": "starts_with", "text": "Sure"}]),
+    ("Answer in capital letters only: what is the capital of France?",
+     [{"kind": "uppercase"}, {"kind": "include_word", "word": "paris"}]),
+    ("Write your whole reply in lowercase letters: what is a dog?",
+     [{"kind": "lowercase"}, {"kind": "include_word", "word": "dog"}]),
+    ("Start your reply with 'Sure'. What is 3 plus 4?",
+     [{"kind": "starts_with", "text": "Sure"}, {"kind": "include_word", "word": "7"}]),
     ("Begin your answer with the word 'Yes'. Is water wet?", [{"kind": "starts_with", "text": "Yes"}]),
     ("Name a color. End your reply with the word 'done'.", [{"kind": "ends_with", "text": "done"}]),
     ("Name three fruits as a bulleted list, one per line, each line starting with '-'.",
@@ -130,21 +136,25 @@ INSTRUCTIONS = [
      [{"kind": "wrapped", "open": "<<", "close": ">>"}]),
     ("Put your whole answer in double quotation marks: what is the color of the sun?",
      [{"kind": "wrapped", "open": "\"", "close": "\""}]),
-    ("Write two sentences about dogs. Do not use any commas.", [{"kind": "no_text", "text": ","}]),
-    ("Answer without using the word 'the': what do cows eat?", [{"kind": "no_word", "word": "the"}]),
+    ("Write two sentences about dogs. Do not use any commas.",
+     [{"kind": "no_text", "text": ","}, {"kind": "include_word", "word": "dogs"}, {"kind": "min_words", "n": 8}]),
+    ("Answer without using the word 'the': what do cows eat?",
+     [{"kind": "no_word", "word": "the"}, {"kind": "include_word", "word": "grass"}]),
     ("Write a short greeting in French.", [{"kind": "language", "language": "fr"}]),
     ("Answer in Spanish: what is your name?", [{"kind": "language", "language": "es"}]),
     ("Write three sentences about the moon. End your reply with a question mark.",
-     [{"kind": "ends_with", "text": "?"}]),
+     [{"kind": "ends_with", "text": "?"}, {"kind": "include_word", "word": "moon"}]),
     ("Write a sentence about rain with the word 'umbrella' in it, in fewer than 20 words.",
      [{"kind": "include_word", "word": "umbrella"}, {"kind": "max_words", "n": 19}]),
     ("Describe the sun in lowercase letters, in fewer than 25 words.",
-     [{"kind": "lowercase"}, {"kind": "max_words", "n": 24}]),
-    ("Write a sentence about music and end it with an exclamation mark.", [{"kind": "ends_with", "text": "!"}]),
-    ("Give a one-word answer: what is the opposite of up?", [{"kind": "max_words", "n": 1}]),
+     [{"kind": "lowercase"}, {"kind": "max_words", "n": 24}, {"kind": "include_word", "word": "sun"}]),
+    ("Write a sentence about music and end it with an exclamation mark.",
+     [{"kind": "ends_with", "text": "!"}, {"kind": "include_word", "word": "music"}]),
+    ("Give a one-word answer: what is the opposite of up?", [{"kind": "exact", "text": "down"}]),
     ("Write at least three sentences about the sea, and include the word 'waves'.",
      [{"kind": "include_word", "word": "waves"}, {"kind": "min_words", "n": 20}]),
-    ("Write a haiku about autumn in lowercase letters.", [{"kind": "lowercase"}]),
+    ("Write a haiku about autumn in lowercase letters.",
+     [{"kind": "lowercase"}, {"kind": "include_word", "word": "autumn"}]),
 ]
 
 
