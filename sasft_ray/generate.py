@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,11 +143,10 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None
         with progress(functools.partial(selftalk_progress, finished, generated, time.time())):
             ds.write_parquet(rd.path("selftalk"))
     except Exception as e:
-        cut = cause(e, SelfTalkCut)
-        if cut is None:
+        if (cut := cut_message(e)) is None:
             raise
         rd.fail("selftalk", {"rows_in": generated}, "cut at a token limit")
-        raise TooFewSurvivors(str(cut)) from None
+        raise TooFewSurvivors(cut) from None
     finally:
         ray.kill(written)
 
@@ -168,16 +168,11 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None
     rd.finish("selftalk", counts)
 
 
-def cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The exception of type `kind` that `error` wraps, if any: Ray and Ray Data wrap a worker's exception
-    (`RayTaskError`, `UserCodeException`) in their own, keeping the original as a cause."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, kind):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__ or getattr(error, "cause", None)
-    return None
+def cut_message(error: BaseException) -> str | None:
+    """The message of the `SelfTalkCut` an engine raised, if that is what stopped the stage: Ray Data hands
+    the driver an exception of its own that holds the worker's traceback as text, not the original."""
+    found = re.search(rf"{SelfTalkCut.__name__}: (.+)", str(error))
+    return found.group(1).strip() if found else None
 
 
 def selftalk_progress(finished: Callable[[], int], total: int, started: float) -> str:

@@ -338,7 +338,9 @@ class RunDir:
         prior = self.stage_info(name)
         if prior.get("status") != "done":
             return None
-        redo = f"use --redo {name} to redo it and the stages after it, or another run_dir"
+        redo = {"train": "`sasft train --force` redoes it", "eval": "`sasft eval --force` redoes it"}.get(
+            name, f"`sasft generate --redo {'task' if name in ('sources', 'external') else name}` redoes it and "
+            "the stages after it") + "; or use another run_dir"
         if prior.get("config_hash") != config_hash:
             raise StageChanged(f"stage '{name}' in {self.root} was made with another config or from stages "
                                f"redone since; {redo}")

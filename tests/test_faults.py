@@ -145,7 +145,7 @@ def test_a_stage_redone_upstream_makes_training_and_evaluation_stale(tmp_path):
     # the same path, other rows, redone on purpose: the mix after it is redone, so the model is stale
     write_demo_task(tmp_path / "task.jsonl", n=80)
     generate(cfg, redo="task")
-    with pytest.raises(StageChanged, match="'train' .* from stages redone since"):
+    with pytest.raises(StageChanged, match="'train' .* from stages redone since; `sasft train --force` redoes it"):
         trained(cfg)
     with pytest.raises(StageChanged, match="'train'"):
         train(cfg, rd)  # refused before any worker, not "done earlier, skipped"

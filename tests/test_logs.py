@@ -57,3 +57,14 @@ def test_selftalk_progress_counts_finished_dialogues_capped_at_the_total():
     line = selftalk_progress(lambda: 4, 10, time.time() - 20)
     assert " 4/10 dialogues in 20 s, ETA 0.5 min" in line
     assert " 10/10 dialogues" in selftalk_progress(lambda: 12, 10, time.time() - 20)  # a retried batch counted twice
+
+
+def test_a_stage_stopped_by_its_first_batch_is_told_by_the_engines_message():
+    """Ray Data hands the driver its own exception with the engine's traceback as text."""
+    from sasft_ray.generate import cut_message
+
+    wrapped = RuntimeError("ray.exceptions.UserCodeException: UDF failed\n  File selftalk.py, in check_cuts\n"
+                           "sasft_ray.selftalk.SelfTalkCut: self-talk stopped after its first batch: 15 of its 16\n"
+                           "\nThe above exception was the direct cause of the following exception:")
+    assert cut_message(wrapped) == "self-talk stopped after its first batch: 15 of its 16"
+    assert cut_message(RuntimeError("an engine died")) is None
