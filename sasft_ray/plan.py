@@ -475,7 +475,8 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
         out.append(f"  time: {steps:,} steps x {cfg.global_batch} rows x "
                    f"{t.max_length} tokens (padded) = {tokens / 1e6:,.1f} M tokens at {rate:,.0f} tokens/s per GPU "
                    f"-> {_hours(seconds)}" + (f" per run, {runs} runs (compare)" if runs > 1 else "")
-                   + (" + CPU optimizer steps" if t.offload_optimizer else ""))
+                   + (f" + CPU optimizer steps ({'DeepSpeedCPUAdam' if cfg.resources.use_gpu else 'torch AdamW'})"
+                      if t.offload_optimizer else ""))
     else:
         out.append("  time: unknown row count (data.path is not a local .jsonl); pass --task-rows")
 

@@ -783,3 +783,22 @@ def test_a_crashed_run_restarted_with_other_settings_resumes_only_if_they_leave_
     assert wiped == (set() if resumes else {EVENTS, RAY_TRAIN, KEPT})
     if resumes:  # nor do such settings tell runs apart in a pooled report
         assert variants([cfg.model_dump(mode="json"), other.model_dump(mode="json")]) == ["", ""]
+
+
+def test_an_offloaded_optimizer_steps_with_deepspeeds_cpu_adam_on_gpu_nodes_and_torch_adamw_on_cpu(tmp_path):
+    """On GPU nodes an offloaded optimizer is DeepSpeed's fused CPU Adam (JIT-built; no torch AdamW let through
+    with zero_force_ds_cpu_optimizer off), as `sasft plan` says; CPU-only runs keep torch's AdamW (no compiler)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from sasft_ray.loop import deepspeed_config, optimizer_class
+
+    def cfg(gpu: bool, offload: bool):
+        return make_config(tmp_path, resources={"use_gpu": gpu}, train={"offload_optimizer": offload})
+
+    assert optimizer_class(cfg(True, True)) is DeepSpeedCPUAdam
+    assert "zero_force_ds_cpu_optimizer" not in deepspeed_config(cfg(True, True))
+    assert deepspeed_config(cfg(True, True))["zero_optimization"]["offload_optimizer"] == {"device": "cpu",
+                                                                                          "pin_memory": True}
+    assert optimizer_class(cfg(False, True)) is torch.optim.AdamW
+    assert deepspeed_config(cfg(False, True))["zero_force_ds_cpu_optimizer"] is False
+    assert optimizer_class(cfg(True, False)) is torch.optim.AdamW
