@@ -153,31 +153,36 @@ def _read_parquet(path: str) -> Iterator[tuple[str, object]]:
             raise BadRow(f"{file}:row {n}", "<parquet>", f"not a readable Parquet file ({e})", "bad file") from None
 
 
-def _read_hf(path: str, split: str) -> Iterator[tuple[str, object]]:
+def _read_hf(cfg: DataConfig) -> Iterator[tuple[str, object]]:
     import datasets
 
-    p = Path(path)
+    path, split, p = cfg.path, cfg.split, Path(cfg.path)
     if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
-    else:
-        ds = datasets.load_dataset(path, split=split, streaming=True)
+    else:  # a hub id, or a folder of data files (its README's configs name them)
+        ds = datasets.load_dataset(path, name=cfg.name, data_files=cfg.data_files, revision=cfg.revision, split=split,
+                                   streaming=True)
+    where = f"{path}" + (f"/{cfg.name}" if cfg.name else "")
     for n, row in enumerate(ds):
-        yield f"{path}[{split}]:row {n}", row
+        yield f"{where}[{split}]:row {n}", row
 
 
 def read_raw(cfg: DataConfig) -> Iterator[tuple[str, object]]:
     fmt = _detect_format(cfg.path, cfg.format)
     if fmt != "hf" and not Path(cfg.path).exists():
         raise BadRow(cfg.path, "data.path", "no such file or folder")
+    hf_only = [k for k in ("name", "data_files", "revision") if getattr(cfg, k) is not None]
+    if fmt != "hf" and hf_only:
+        raise BadRow(cfg.path, f"data.{hf_only[0]}", f"is for HF datasets (hub ids, dataset folders); this is {fmt}")
     if fmt == "jsonl":
         return _read_jsonl(cfg.path, cfg.max_line_bytes)
     if fmt == "json":
         return _read_json(cfg.path)
     if fmt == "parquet":
         return _read_parquet(cfg.path)
-    return _read_hf(cfg.path, cfg.split)
+    return _read_hf(cfg)
 
 
 # --- shapes -> canonical messages ---------------------------------------------------------------
