@@ -315,6 +315,8 @@ def test_aws_only_the_efa_nodes_start_their_container_with_the_efa_devices():
             assert "/dev/infiniband" not in command, name
             continue
         assert "--device /dev/infiniband" in flags
+        # checkpoint shards are staged in TMPDIR: on the instance NVMe, not the root volume
+        assert "--env TMPDIR=/mnt/nvme/tmp" in flags and "-v /opt/dlami/nvme:/mnt/nvme" in flags
         assert "--cap-add IPC_LOCK" in flags
         assert "--ulimit memlock=-1:-1" in flags or "--ulimit memlock=-1" in flags
         shm = [w for w in words if w.startswith("--shm-size=")]
