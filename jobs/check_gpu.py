@@ -154,7 +154,7 @@ def packed_rows(n: int, seq: int, vocab: int, example: int = 512) -> list[dict]:
 
 
 def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int, steps: int,
-                checkpointing: bool, attn: str) -> dict:
+                checkpointing: bool, attn: str, offload: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -173,7 +173,7 @@ def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int
     warmup = 2  # the first window (start-up, kernel selection) is left out of the rate
     cfg = config(model_dir, tmp, gpu, micro_batch_size=micro_batch, max_length=seq, max_steps=steps, lr=1e-5,
                  log_every=warmup, checkpoint_every=steps, gradient_checkpointing=checkpointing,
-                 attn_implementation=attn)
+                 attn_implementation=attn, offload_optimizer=offload)
     cl = plan.Cluster(gpu_mem_gib=torch.cuda.mem_get_info()[1] / plan.GIB if gpu else 80.0, gpus_per_node=1)
     tp = plan.train_plan(cfg, arch, cl)
     _, tokens, seconds = plan.train_time(cfg, arch, cl, task_rows=None)  # the planner's own rate (max_steps set)
@@ -191,6 +191,8 @@ def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int
     timed = records[1:]
     rate = sum(r["tokens"] for r in timed) / sum(r["tokens"] / r["tokens_per_s_per_gpu"] for r in timed)
     out = {"params": arch.params, "tokens_per_s": rate, "planned_tokens_per_s": planned_rate,
+           "optimizer": type(engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer")
+                             else engine.optimizer).__name__,
            "mfu": rate * 6 * arch.params / (plan.GPU_BF16_TFLOPS * 1e12),
            "planned_states_gib": tp.chosen.states / plan.GIB, "planned_blocks_gib": tp.act[0] / plan.GIB,
            "planned_logits_gib": tp.act[1] / plan.GIB, "planned_total_gib": tp.need / plan.GIB,
@@ -253,6 +255,8 @@ def main() -> int:
     parser.add_argument("--scale-steps", type=int, default=12)
     parser.add_argument("--gradient-checkpointing", choices=("off", "on", "both"), default="both")
     parser.add_argument("--attn", default="sdpa", help="scale: train.attn_implementation (sdpa, flash_attention_2)")
+    parser.add_argument("--offload", action="store_true", help="scale: train.offload_optimizer (on GPU: "
+                        "DeepSpeedCPUAdam, built just in time; its steps in the time)")
     parser.add_argument("--json", help="write every figure to this file")
     args = parser.parse_args()
 
@@ -285,7 +289,8 @@ def main() -> int:
     for spec, micro_batch, ckpt in itertools.product(args.arch or [LLAMA_32_1B if gpu else TINY],
                                                      args.micro_batch or [1, 4], ckpts):
         start = time.perf_counter()
-        s = scale_in_fresh_process(tmp, gpu, spec, micro_batch, args.seq, args.scale_steps, ckpt, args.attn)
+        s = scale_in_fresh_process(tmp, gpu, spec, micro_batch, args.seq, args.scale_steps, ckpt, args.attn,
+                                   args.offload)
         s.update(arch=spec, micro_batch=micro_batch, gradient_checkpointing=ckpt, attn=args.attn,
                  seconds=time.perf_counter() - start)
         result["scale"].append(s)
@@ -296,7 +301,8 @@ def main() -> int:
             continue
         print(f"\nscale: {s['params'] / 1e9:.2f}B parameters ({spec}), ZeRO-3 on 1 "
               f"{'GPU' if gpu else 'CPU process'}, {what}, {s['seconds']:.0f} s")
-        print(f"  tokens/s {s['tokens_per_s']:.0f}; the planner assumes {s['planned_tokens_per_s']:.0f} "
+        print(f"  optimizer {s['optimizer']}{' (offloaded)' if args.offload else ''}; "
+              f"tokens/s {s['tokens_per_s']:.0f}; the planner assumes {s['planned_tokens_per_s']:.0f} "
               f"(MFU {plan.TRAIN_MFU:.2f}); measured MFU {s['mfu']:.3f} (6P FLOPs a token)")
         print(f"  planned per GPU: states {s['planned_states_gib']:.1f} + activations {s['planned_blocks_gib']:.1f}"
               f" + logits {s['planned_logits_gib']:.1f} GiB, {s['planned_total_gib']:.1f} GiB with CUDA overhead")

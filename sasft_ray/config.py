@@ -79,6 +79,13 @@ class DataConfig(Section):
         "auto", description="auto: from the file's suffix (.jsonl/.ndjson, .json, .parquet); a folder of .parquet "
         "files, else an HF dataset folder; org/name: a hub dataset")
     split: str = Field("train", description="split to read from an HF dataset")
+    name: str | None = Field(None, description="the HF dataset's configuration (load_dataset's name), e.g. main "
+                             "for openai/gsm8k; None: its only or default one")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="the files of an HF dataset (hub id or folder) to read, as load_dataset takes them, e.g. "
+        "{train: data/train-*.parquet}; None: the dataset's own")
+    revision: str | None = Field(None, description="a hub dataset's branch, tag or commit; pin a commit, so that "
+                                 "a dataset changed upstream does not change the run")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="canonical field -> column in the file, e.g. {prompt: question, completion: answer}",

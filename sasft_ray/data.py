@@ -170,11 +170,13 @@ def _read_parquet(path: str) -> Iterator[tuple[str, object]]:
             raise BadRow(f"{file}:row {n}", "<parquet>", f"not a readable Parquet file ({e})", "bad file") from None
 
 
-def _read_hf(path: str, split: str) -> Iterator[tuple[str, object]]:
+def _read_hf(cfg: DataConfig) -> Iterator[tuple[str, object]]:
     import datasets
 
-    p = Path(path)
-    if p.exists():  # only a saved dataset: HF's folder loaders merge files and splits and retype fields
+    path, split, p = cfg.path, cfg.split, Path(cfg.path)
+    # a folder is read only as a saved dataset (HF's folder loaders merge files and splits and retype fields),
+    # unless the config names which of its configurations or files to read
+    if p.exists() and not (cfg.name or cfg.data_files):
         if not (p.is_dir() and _saved_dataset(p)):
             raise BadRow(path, "data.path", "a folder must hold .parquet files or a dataset saved by datasets' "
                          "save_to_disk (for JSONL or JSON files, name one file)", "bad folder")
@@ -183,25 +185,30 @@ def _read_hf(path: str, split: str) -> Iterator[tuple[str, object]]:
             if split not in ds:
                 raise BadRow(path, "data.split", f"no split {split!r} (it has {', '.join(sorted(ds)) or 'none'})")
             ds = ds[split]
-    elif hub_id_shaped(path):
-        ds = datasets.load_dataset(path, split=split, streaming=True)
+    elif p.exists() or hub_id_shaped(path):  # a hub id, or a folder whose configuration or files are named
+        ds = datasets.load_dataset(path, name=cfg.name, data_files=cfg.data_files, revision=cfg.revision, split=split,
+                                   streaming=True)
     else:
         raise BadRow(path, "data.path", "no such file or folder")
+    where = f"{path}" + (f"/{cfg.name}" if cfg.name else "")
     for n, row in enumerate(ds):
-        yield f"{path}[{split}]:row {n}", row
+        yield f"{where}[{split}]:row {n}", row
 
 
 def read_raw(cfg: DataConfig) -> Iterator[tuple[str, object]]:
     fmt = _detect_format(cfg.path, cfg.format)
     if fmt != "hf" and not Path(cfg.path).exists():
         raise BadRow(cfg.path, "data.path", "no such file or folder")
+    hf_only = [k for k in ("name", "data_files", "revision") if getattr(cfg, k) is not None]
+    if fmt != "hf" and hf_only:
+        raise BadRow(cfg.path, f"data.{hf_only[0]}", f"is for HF datasets (hub ids, dataset folders); this is {fmt}")
     if fmt == "jsonl":
         return _read_jsonl(cfg.path, cfg.max_line_bytes)
     if fmt == "json":
         return _read_json(cfg.path)
     if fmt == "parquet":
         return _read_parquet(cfg.path)
-    return _read_hf(cfg.path, cfg.split)
+    return _read_hf(cfg)
 
 
 # --- shapes -> canonical messages ---------------------------------------------------------------

@@ -33,7 +33,8 @@ def deepspeed_config(cfg: Config) -> dict:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
-    extra = {"zero_force_ds_cpu_optimizer": False} if t.offload_optimizer else {}  # our torch AdamW, offloaded
+    # DeepSpeed lets a client torch AdamW have its state offloaded only so (CPU-only runs: `optimizer_class`)
+    extra = {"zero_force_ds_cpu_optimizer": False} if t.offload_optimizer and not gpu else {}
     if t.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
     return {
@@ -46,6 +47,20 @@ def deepspeed_config(cfg: Config) -> dict:
         "steps_per_print": 10**9,
         **extra,
     }
+
+
+def optimizer_class(cfg: Config):
+    """AdamW, as `build_engine` makes it. With the optimizer offloaded on GPU nodes: DeepSpeed's fused CPU Adam
+    (vectorized over every core, several times faster than torch's multi-pass step over a rank's CPU partition
+    of ~4.4 B parameters at 70B on 16 GPUs; built just in time on first use: the image needs a C++ compiler).
+    CPU-only runs keep torch's AdamW: no compiler needed, and nothing to overlap with anyway."""
+    import torch
+
+    if cfg.train.offload_optimizer and cfg.resources.use_gpu:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam
+    return torch.optim.AdamW
 
 
 def with_persistence_threshold(ds_config: dict, hidden_size: int) -> dict:
@@ -108,7 +123,7 @@ def build_engine(cfg: Config, ds_config: dict, total_steps: int, rank: int):
     n_trainable, n_total = lora.parameter_counts(model)
     if rank == 0:
         print(f"[train] trainable parameters: {n_trainable:,} of {n_total:,} ({n_trainable / n_total:.2%})")
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = optimizer_class(cfg)(trainable, lr=t.lr, weight_decay=t.weight_decay)  # AdamW's betas, eps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
         lr_lambda, warmup=round(t.warmup_ratio * total_steps), total=total_steps, schedule=t.schedule))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

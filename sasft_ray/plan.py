@@ -330,6 +330,12 @@ def train_rows(cfg: Config, task_rows: int) -> int:
     return int(task_rows * (1 - cfg.data.heldout_fraction))
 
 
+def checkpoint_bytes(cfg: Config, arch: Arch) -> float:
+    """A training checkpoint: 12 bytes a trained parameter (fp32 weights and Adam's two moments, in every
+    rank's ZeRO shards), and below ZeRO-3 the whole model's 16-bit weights besides."""
+    return 12 * trainable_params(arch, cfg) + (2 * arch.params if cfg.train.zero_stage < 3 else 0)
+
+
 def count_task_rows(cfg: Config) -> int | None:
     path = Path(cfg.data.path)
     if path.is_file() and path.suffix == ".jsonl":
@@ -478,7 +484,8 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
         out.append(f"  time: {steps:,} steps x {cfg.global_batch} rows x "
                    f"{t.max_length} tokens (padded) = {tokens / 1e6:,.1f} M tokens at {rate:,.0f} tokens/s per GPU "
                    f"-> {_hours(seconds)}" + (f" per run, {runs} runs (compare)" if runs > 1 else "")
-                   + (" + CPU optimizer steps" if t.offload_optimizer else ""))
+                   + (f" + CPU optimizer steps ({'DeepSpeedCPUAdam' if cfg.resources.use_gpu else 'torch AdamW'})"
+                      if t.offload_optimizer else ""))
         if not cfg.resources.use_gpu:  # a laptop run: what the same tokens cost on the workers' cores
             cpu_rate = CPU_TRAIN_GFLOPS_PER_CORE * 1e9 * t.cpus_per_worker / (6 * arch.params)
             out.append(f"  on CPU (resources.use_gpu false): ~{cpu_rate:,.0f} tokens/s per worker of "
@@ -487,6 +494,12 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
                        + f" (at {CPU_TRAIN_GFLOPS_PER_CORE:g} GFLOP/s a core, measured)")
     else:
         out.append("  time: unknown row count (data.path is not a local .jsonl); pass --task-rows")
+    # each rank writes its shard to the node's temporary folder, which Ray uploads, then deletes; a resumed rank
+    # fetches its own shards (`sasft_ray.train.rank_files`): a node holds its ranks' share either way
+    ckpt = checkpoint_bytes(cfg, arch)
+    per_node = ckpt * min(cl.gpus_per_node, gpus) / gpus
+    out.append(f"  checkpoint: {ckpt / 1e9:,.0f} GB in run_dir; each node's temporary folder (TMPDIR) holds its "
+               f"ranks' {per_node / 1e9:,.0f} GB while a save uploads, and as much on resume")
 
     # serving: the fine-tuned model(s) and the base, serve.engine.concurrency replicas each
     served = cfg.served_engines

@@ -19,6 +19,7 @@ writes the model card `<run_dir>/model/README.md` (`sasft_ray.card`, scores adde
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -172,7 +173,7 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
     step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as folder:
+        with rank_files(checkpoint, rank) as folder:
             _, client = engine.load_checkpoint(folder, tag="ds")
             step = client["step"]
         if rank == 0:
@@ -234,7 +235,7 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
         if rank == 0:
             print(f"[train] exporting step {chosen['step']}, not {end['step']} (train.select {t.select}: "
                   f"{chosen['why']})")
-        with ray.train.Checkpoint(rd.path(KEPT, f"step-{chosen['step']}")).as_directory() as folder:
+        with rank_files(ray.train.Checkpoint(rd.path(KEPT, f"step-{chosen['step']}")), rank) as folder:
             engine.load_checkpoint(folder, tag="ds", load_optimizer_states=False, load_lr_scheduler_states=False)
         # the exported model's own held-out losses: those recorded at its step, measured again
         end = {"step": chosen["step"], **{key: loop.heldout_loss(engine, held()) for key, held in heldout.items()}}
@@ -253,6 +254,27 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
                 os.replace(out, rd.local("model"))
     if tracker:
         tracker.close()
+
+
+@contextlib.contextmanager
+def rank_files(checkpoint, rank: int):
+    """A local folder of what `rank` loads from a checkpoint: its own ZeRO shards (`zero_pp_rank_<rank>_`) and
+    the files every rank reads; a checkpoint on this node's own filesystem is read where it is. Ray's
+    `as_directory` would download every rank's shards (~12 bytes a parameter in all: ~850 GB at 70B) to every
+    node's temporary folder. DeepSpeed (non-elastic ZeRO) loads no other rank's shard."""
+    fs, root = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield root
+        return
+    with tempfile.TemporaryDirectory(prefix="sasft-resume-") as local:
+        for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            name = info.base_name
+            if info.type != pafs.FileType.File or ("zero_pp_rank_" in name and f"zero_pp_rank_{rank}_" not in name):
+                continue
+            target = Path(local, info.path[len(root) + 1:])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield local
 
 
 def progress_line(record: dict, total_steps: int) -> str:

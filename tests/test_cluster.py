@@ -4,7 +4,7 @@ repository (entrypoints, configs, versions) and Ray's own Serve / Serve LLM mode
 import json
 import re
 import shlex
-from importlib.metadata import requires
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -117,8 +117,6 @@ def test_rayjob_runs_the_pipeline_from_files_in_the_repo():
 
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert env["working_dir"].startswith(("https://", "s3://", "gs://"))  # a pod has no local checkout
-    for requirement in env["pip"]["packages"]:
-        assert requirement in requires("sasft-ray"), f"{requirement} is not pinned like pyproject.toml"
 
     # The cluster holds what the config asks for: the training workers, and all self-talk engines at once.
     engines = cfg.selftalk.engine.concurrency * cfg.selftalk.engine.tensor_parallel_size
@@ -317,6 +315,8 @@ def test_aws_only_the_efa_nodes_start_their_container_with_the_efa_devices():
             assert "/dev/infiniband" not in command, name
             continue
         assert "--device /dev/infiniband" in flags
+        # checkpoint shards are staged in TMPDIR: on the instance NVMe, not the root volume
+        assert "--env TMPDIR=/mnt/nvme/tmp" in flags and "-v /opt/dlami/nvme:/mnt/nvme" in flags
         assert "--cap-add IPC_LOCK" in flags
         assert "--ulimit memlock=-1:-1" in flags or "--ulimit memlock=-1" in flags
         shm = [w for w in words if w.startswith("--shm-size=")]
@@ -413,3 +413,68 @@ def test_ray_bootstraps_the_aws_network_layout(bucket):
         assert set(node_type["node_config"]["SecurityGroupIds"]) == {group}, name
     created = ec2.describe_security_groups(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["SecurityGroups"]
     assert {g["GroupId"] for g in created if g["GroupName"] != "default"} == {group}
+
+
+# Imported by features a run turns on, and installed with them: the tracking extra (train.report_to), the
+# cloud clients of the secret store (aws.yaml's setup installs boto3)
+OPTIONAL_IMPORTS = {"mlflow", "wandb", "tensorboardX", "boto3"}
+
+
+def _imports(package: Path) -> set[str]:
+    """The top-level third-party modules a package's files import."""
+    import ast
+
+    found = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"__future__", package.name}
+
+
+def _installed_with(requirements: list[str]) -> set[str]:
+    """Every distribution (canonical names) these requirements install, walked through the metadata of
+    what is installed here (a distribution missing here, vLLM's GPU build, ends its branch)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import requires as requires_of
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    names, seen, todo = set(), set(), list(requirements)
+    while todo:
+        req = Requirement(todo.pop())
+        name, extras = canonicalize_name(req.name), frozenset(req.extras)
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        names.add(name)
+        try:
+            deps = requires_of(name) or []
+        except PackageNotFoundError:
+            continue
+        for dep in map(Requirement, deps):
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in extras | {""}):
+                todo.append(str(dep))
+    return names
+
+
+def test_the_rayjob_installs_every_library_the_stages_import():
+    """The RayJob's runtime env installs this repository with its GPU extra over Ray's LLM image, so every
+    module the library imports is there: the evaluation's rouge_score and lm-eval, the report's matplotlib,
+    training's DeepSpeed and peft (it used to install DeepSpeed alone)."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    env = yaml.safe_load(_load("kuberay/rayjob.yaml")["spec"]["runtimeEnvYAML"])
+    # the working dir, unpacked on the node, is this repository: sasft-ray's own requirements
+    packages = [r.replace("${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}", "sasft-ray") for r in env["pip"]["packages"]]
+    image = ["ray[llm]==2.60.0"]  # rayproject/ray-llm:2.60.0 (ray[llm] brings vLLM's GPU build)
+    there = _installed_with(packages + image)
+    dists = packages_distributions()
+    missing = {m for m in _imports(ROOT / "sasft_ray") - OPTIONAL_IMPORTS
+               if canonicalize_name(m) not in there and not {canonicalize_name(d) for d in dists.get(m, [])} & there}
+    assert not missing, f"the RayJob's image and runtime env lack {sorted(missing)}"

@@ -55,6 +55,42 @@ def test_json_parquet_and_hf_folder_formats(tmp_path):
     assert load(tmp_path / "hf")[0] == [EXPECTED]
 
 
+
+def test_a_dataset_with_configurations_reads_the_one_named_with_its_files_and_revision(tmp_path, monkeypatch):
+    """An HF dataset of several configurations (openai/gsm8k's main and socratic), laid out as a folder the
+    hub would serve: data.name picks one, data.data_files picks files; data.revision goes to load_dataset
+    as the hub would take it (a stand-in for the hub: nothing here reaches it); these keys on a plain file
+    are refused, named."""
+    import datasets
+
+    folder = tmp_path / "gsm8k"
+    for config, answer in (("main", "#### 4"), ("socratic", "Why? #### 4")):
+        (folder / config).mkdir(parents=True)
+        write_jsonl(folder / config / "train.jsonl", [{"question": "2 + 2?", "answer": answer}])
+    (folder / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+        for c in ("main", "socratic")) + "---\n")
+    columns = {"prompt": "question", "completion": "answer"}
+    for config, answer in (("main", "#### 4"), ("socratic", "Why? #### 4")):
+        rows, _ = load(folder, name=config, columns=columns)
+        assert rows == [[{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": answer}]]
+    rows, _ = load(folder, data_files={"train": "socratic/train.jsonl"}, columns=columns)
+    assert rows[0][1]["content"] == "Why? #### 4"
+
+    asked, load_dataset = {}, datasets.load_dataset
+
+    def hub(path, **kwargs):  # the hub's answer: the folder's main configuration
+        asked.update(path=path, **kwargs)
+        return load_dataset(str(folder), name="main", split="train", streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    rows, _ = load("openai/gsm8k", name="main", revision="e53f048", columns=columns)
+    assert rows[0][1]["content"] == "#### 4"
+    assert asked == {"path": "openai/gsm8k", "name": "main", "data_files": None, "revision": "e53f048",
+                     "split": "train", "streaming": True}
+    with pytest.raises(BadRow, match="data.name.*is for HF datasets"):
+        load(write_jsonl(tmp_path / "d.jsonl", [GOOD]), name="main")
+
 BAD_CASES = [
     (b'{"messages": [\n', "line 2", "<json>", "malformed JSON"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "line 2", "messages", "no assistant turn"),

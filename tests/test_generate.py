@@ -156,7 +156,7 @@ def test_half_finished_stage_is_redone_cleanly(generated):
 def test_too_few_survivors_is_a_clear_error(tiny_llama, local_ray, tmp_path):
     write_demo_task(tmp_path / "task.jsonl", n=20)
     cfg = make_config(tmp_path, tiny_llama, selftalk={**SELFTALK, "num_dialogues": 4, "turns": 1},
-                      filters={"max_dialogue_chars": 3})
+                      filters={"max_dialogue_chars": 3}, mix={"self_ratio": 0.1})  # 4 dialogues hold λ 0.1
     with pytest.raises(TooFewSurvivors, match=r"only 0 of 4 .*too long"):
         generate(cfg)
     record = RunDir(cfg.run_dir).stage_info("selftalk")

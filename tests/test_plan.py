@@ -358,6 +358,9 @@ def test_the_70b_training_workers_ask_for_what_the_plan_counts():
     assert sc._resources_per_worker_not_none == {"CPU": 8, "GPU": 1, "accelerator_type:H100": 0.001}  # Ray's label
     text, _ = report(cfg, *load_arch(cfg.model.path), Cluster(), task_rows=20000)
     assert "train  16 workers x 1 GPU: 16 GPUs, 2 node(s)" in text
+    assert "+ CPU optimizer steps (DeepSpeedCPUAdam)" in text  # offloaded, on GPU nodes: the fused CPU Adam
+    # 12 bytes x 70.55 B parameters, 8 of the 16 ranks on each node
+    assert "checkpoint: 847 GB in run_dir; each node's temporary folder (TMPDIR) holds its ranks' 423 GB" in text
     assert scaling_config(load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-70b.yaml"),
                                       ["resources.use_gpu=false"])).accelerator_type is None
 

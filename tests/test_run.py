@@ -16,7 +16,9 @@ def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, ca
     tasks = _lm_eval_task(lab, tmp_path / "lm_tasks")
     overrides = [f"run_dir={tmp_path / 'run'}", "bootstrap=lab-small", f"model.path={lab / 'model'}",
                  f"data.path={lab / 'tasks' / 'double.jsonl'}", f"mix.external.path={lab / 'external.jsonl'}",
-                 "data.max_rows=150", "compare=[]", "selftalk.num_dialogues=64", "serve.port=8124",
+                 "data.max_rows=150", "compare=[]", "selftalk.num_dialogues=64", "mix.self_ratio=0.4",
+                 "serve.port=8124",
+                 # (64 dialogues hold λ 0.4 of at most 150 task rows; a pool smaller than λ takes is refused)
                  # a few dozen steps, enough to teach the task's style
                  "train.epochs=2", "train.lr=3e-3", "train.micro_batch_size=4",
                  f"eval.suites=[{{name: lab, path: {lab / 'evals'}, scorers: [exact, contains]}}]",

@@ -787,3 +787,49 @@ def test_a_crashed_run_restarted_with_other_settings_resumes_only_if_they_leave_
     assert wiped == (set() if resumes else {EVENTS, RAY_TRAIN, KEPT})
     if resumes:  # nor do such settings tell runs apart in a pooled report
         assert variants([cfg.model_dump(mode="json"), other.model_dump(mode="json")]) == ["", ""]
+
+
+def test_an_offloaded_optimizer_steps_with_deepspeeds_cpu_adam_on_gpu_nodes_and_torch_adamw_on_cpu(tmp_path):
+    """On GPU nodes an offloaded optimizer is DeepSpeed's fused CPU Adam (JIT-built; no torch AdamW let through
+    with zero_force_ds_cpu_optimizer off), as `sasft plan` says; CPU-only runs keep torch's AdamW (no compiler)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from sasft_ray.loop import deepspeed_config, optimizer_class
+
+    def cfg(gpu: bool, offload: bool):
+        return make_config(tmp_path, resources={"use_gpu": gpu}, train={"offload_optimizer": offload})
+
+    assert optimizer_class(cfg(True, True)) is DeepSpeedCPUAdam
+    assert "zero_force_ds_cpu_optimizer" not in deepspeed_config(cfg(True, True))
+    assert deepspeed_config(cfg(True, True))["zero_optimization"]["offload_optimizer"] == {"device": "cpu",
+                                                                                          "pin_memory": True}
+    assert optimizer_class(cfg(False, True)) is torch.optim.AdamW
+    assert deepspeed_config(cfg(False, True))["zero_force_ds_cpu_optimizer"] is False
+    assert optimizer_class(cfg(True, False)) is torch.optim.AdamW
+
+
+def test_a_rank_fetches_its_own_zero_shards_and_the_shared_files_only(tmp_path):
+    """A resumed rank reads from a bucket (a filesystem other than this node's; here a pyarrow SubTree over a
+    folder) only its own ZeRO shards and what every rank reads, not the ~12 bytes a parameter of all ranks;
+    a checkpoint on this node's filesystem is read in place."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from sasft_ray.train import rank_files
+
+    stored = tmp_path / "bucket" / "checkpoint_000001"
+    (stored / "ds").mkdir(parents=True)
+    shared = ["latest", "zero_to_fp32.py", "ds/mp_rank_00_model_states.pt"]
+    for name in shared + [f"ds/{kind}zero_pp_rank_{r}_mp_rank_00_{what}_states.pt" for r in range(12)
+                          for kind, what in (("", "model"), ("bf16_", "optim"))]:
+        (stored / name).write_text(name)
+    bucket = Checkpoint("checkpoint_000001", filesystem=pafs.SubTreeFileSystem(str(tmp_path / "bucket"),
+                                                                                pafs.LocalFileSystem()))
+    with rank_files(bucket, 1) as folder:
+        got = sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+        assert got == sorted(shared + ["ds/zero_pp_rank_1_mp_rank_00_model_states.pt",
+                                       "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+        assert Path(folder, "latest").read_text() == "latest"
+    assert not Path(folder).exists()  # the node's scratch is given back
+    with rank_files(Checkpoint(str(stored)), 1) as folder:
+        assert folder == str(stored)
