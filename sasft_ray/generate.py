@@ -138,8 +138,10 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None
         ds = ds.map(Deduplicator, fn_constructor_kwargs=dict(mode=cfg.filters.dedup,
                                                              threshold=cfg.filters.minhash_threshold),
                     compute=ray.data.ActorPoolStrategy(size=1), num_cpus=LIGHT_CPUS)
+    def finished() -> int:
+        return ray.get(written.get.remote(), timeout=10)
+
     try:
-        finished = lambda: ray.get(written.get.remote(), timeout=10)  # noqa: E731
         with progress(functools.partial(selftalk_progress, finished, generated, time.time())):
             ds.write_parquet(rd.path("selftalk"))
     except Exception as e:

@@ -142,18 +142,3 @@ def materialize(name: str, out: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-    if out.exists() and any(out.iterdir()) and not marker.is_file():
-        raise ModelError(f"{out} exists and was not written by `sasft model`: choose another folder")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # an interrupted write never looks finished
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        gguf_to_hf(gguf, tmp)
-        (tmp / "README.md").write_text(card(name, source["version"], source["sha256"]))
-        (tmp / MARKER).write_text(json.dumps(source, indent=2) + "\n")
-        if out.exists():  # ours (the marker), from another GGUF: replaced whole
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
