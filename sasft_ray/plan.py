@@ -305,6 +305,12 @@ def train_plan(cfg: Config, arch: Arch, cl: Cluster) -> TrainPlan:
     return TrainPlan(options, act, act_ckpt, chosen, need, ok, advice)
 
 
+def train_flops(cfg: Config, arch: Arch) -> float:
+    """FLOPs a trained token costs: forward 2P, backward 2P for the activations' gradients + 2T for the
+    weights' (+ 2P: gradient checkpointing runs each block's forward again in backward)."""
+    return (6 if cfg.train.gradient_checkpointing else 4) * arch.params + 2 * trainable_params(arch, cfg)
+
+
 def train_time(cfg: Config, arch: Arch, cl: Cluster, task_rows: int | None) -> tuple[int, float, float] | None:
     """(optimizer steps, tokens, seconds), padding every row to max_length; None if rows are unknown."""
     t = cfg.train
@@ -318,10 +324,7 @@ def train_time(cfg: Config, arch: Arch, cl: Cluster, task_rows: int | None) -> t
         mixed = cfg.mixed_in_rows(task) if t.method in ("sa-sft", "external-mix") else 0
         steps = (task + mixed) // global_batch * t.epochs
     tokens = steps * global_batch * t.max_length
-    # FLOPs per token: forward 2P, backward 2P for the activations' gradients + 2T for the weights'
-    # (+ 2P: gradient checkpointing runs each block's forward again in backward)
-    flops = (6 if t.gradient_checkpointing else 4) * arch.params + 2 * trainable_params(arch, cfg)
-    rate = cl.train_tokens_per_s or GPU_BF16_TFLOPS * 1e12 * TRAIN_MFU / flops
+    rate = cl.train_tokens_per_s or GPU_BF16_TFLOPS * 1e12 * TRAIN_MFU / train_flops(cfg, arch)
     return steps, tokens, tokens / (rate * t.num_workers)
 
 
@@ -487,7 +490,7 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
                    + (f" + CPU optimizer steps ({'DeepSpeedCPUAdam' if cfg.resources.use_gpu else 'torch AdamW'})"
                       if t.offload_optimizer else ""))
         if not cfg.resources.use_gpu:  # a laptop run: what the same tokens cost on the workers' cores
-            cpu_rate = CPU_TRAIN_GFLOPS_PER_CORE * 1e9 * t.cpus_per_worker / (6 * arch.params)
+            cpu_rate = CPU_TRAIN_GFLOPS_PER_CORE * 1e9 * t.cpus_per_worker / train_flops(cfg, arch)
             out.append(f"  on CPU (resources.use_gpu false): ~{cpu_rate:,.0f} tokens/s per worker of "
                        f"{t.cpus_per_worker:g} core(s) -> {_hours(tokens / (cpu_rate * t.num_workers))}"
                        + (f" per run, {runs} runs (compare)" if runs > 1 else "")
