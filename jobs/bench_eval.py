@@ -31,11 +31,11 @@ def main() -> None:
     import ray
 
     from sasft_ray import serve
-    from sasft_ray.cluster import connect
     from sasft_ray.config import load_config
     from sasft_ray.evaluate import evaluate_models
     from sasft_ray.generate import task_stage
     from sasft_ray.rundir import RunDir
+    from sasft_ray.session import connect
 
     cfg = load_config(args.config, args.overrides)
     if not Path(cfg.model.path).is_dir():

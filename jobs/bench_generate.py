@@ -112,9 +112,9 @@ def main() -> None:
     import ray
     import torch
 
-    from sasft_ray.cluster import connect
     from sasft_ray.config import validate_config
     from sasft_ray.selftalk import load_tokenizer, turn_format
+    from sasft_ray.session import connect
     from sasft_ray.tiny import build_tiny_model
 
     model = args.model or str(build_tiny_model(tempfile.mkdtemp() + "/bench-model", "llama", layers=4,

@@ -7,7 +7,6 @@ import os
 import sys
 import time
 
-from sasft_ray.cluster import VERBOSE, quiet, verbose
 from sasft_ray.config import ConfigError, load_config, shipped_configs
 from sasft_ray.data import BadRow
 from sasft_ray.evaluate import EvalError
@@ -16,6 +15,7 @@ from sasft_ray.models import SHIPPED, ModelError
 from sasft_ray.push import PushError
 from sasft_ray.rundir import RunDirError, StageChanged
 from sasft_ray.serve import ServeError
+from sasft_ray.session import VERBOSE, quiet, verbose
 from sasft_ray.train import TrainSetupError
 
 # Mistakes in the config or the data: a message, not a traceback.
@@ -59,8 +59,8 @@ def cmd_train(args) -> None:
 
 def cmd_serve(args) -> None:
     from sasft_ray import serve
-    from sasft_ray.cluster import connect
     from sasft_ray.pipeline import record_serving, served_models
+    from sasft_ray.session import connect
 
     cfg = load_config(args.config, args.overrides)
     models = served_models(cfg)

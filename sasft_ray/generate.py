@@ -23,7 +23,6 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from sasft_ray import data as task_data
-from sasft_ray.cluster import bar, connect, progress
 from sasft_ray.config import Config, DataConfig
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
 from sasft_ray.mix import MONITOR, mix_key, write_mix
@@ -37,6 +36,7 @@ from sasft_ray.selftalk import (
     selftalk_dataset,
     turn_format,
 )
+from sasft_ray.session import bar, connect, progress
 
 
 class TooFewSurvivors(RuntimeError):

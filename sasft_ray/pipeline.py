@@ -201,8 +201,8 @@ def _drift(rd: RunDir) -> dict | None:
 def serve_and_eval(cfg: Config, url: str | None = None, force: bool = False) -> dict:
     """Evaluate at `url`, or start the endpoint here, evaluate, and shut it down."""
     from sasft_ray import serve
-    from sasft_ray.cluster import connect
     from sasft_ray.evaluate import check_eval
+    from sasft_ray.session import connect
 
     check_eval(cfg)
     key = serve.api_key(cfg)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from sasft_ray.cluster import quiet_loggers, verbose
 from sasft_ray.config import Config
 from sasft_ray.engines import engine_env, engine_kwargs, engine_placement
+from sasft_ray.session import quiet_loggers, verbose
 
 APP_NAME = "sasft"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the adapter ranks vLLM's engine takes

@@ -33,12 +33,12 @@ import pyarrow.fs as pafs
 
 from sasft_ray import loop, packing, selection
 from sasft_ray.card import write_model_card
-from sasft_ray.cluster import bar, connect, progress
 from sasft_ray.config import Config
 from sasft_ray.export import export
 from sasft_ray.mix import MONITOR
 from sasft_ray.rundir import RunDir, fingerprints
 from sasft_ray.selftalk import load_tokenizer, render, turn_format
+from sasft_ray.session import bar, connect, progress
 from sasft_ray.tracking import Tracker, check_backends, forwarded_env, train_metrics
 
 IGNORE = packing.IGNORE

@@ -4,7 +4,7 @@ import logging
 import time
 import warnings
 
-from sasft_ray import cluster
+from sasft_ray import session
 from sasft_ray.generate import selftalk_progress
 from sasft_ray.rundir import RunDir
 from sasft_ray.train import EVENTS, latest_progress, log_event
@@ -19,7 +19,7 @@ def test_progress_prints_each_new_line_once_and_survives_a_failing_probe(capsys)
             raise value
         return value
 
-    with cluster.progress(line, every=0.02):
+    with session.progress(line, every=0.02):
         time.sleep(0.3)
     assert capsys.readouterr().out.splitlines() == ["a", "b"]
 
@@ -28,11 +28,11 @@ def test_quiet_silences_the_libraries_unless_verbose(monkeypatch):
     monkeypatch.setattr(warnings, "filters", list(warnings.filters))
     for name in ("ray.data", "vllm"):
         monkeypatch.setattr(logging.getLogger(name), "level", logging.INFO)
-    monkeypatch.setenv(cluster.VERBOSE, "1")
-    cluster.quiet()
+    monkeypatch.setenv(session.VERBOSE, "1")
+    session.quiet()
     assert logging.getLogger("ray.data").getEffectiveLevel() == logging.INFO
-    monkeypatch.setenv(cluster.VERBOSE, "0")
-    cluster.quiet()
+    monkeypatch.setenv(session.VERBOSE, "0")
+    session.quiet()
     assert logging.getLogger("ray.data").getEffectiveLevel() == logging.WARNING
     assert logging.getLogger("vllm").getEffectiveLevel() == logging.ERROR
     with warnings.catch_warnings(record=True) as caught:
