@@ -34,6 +34,7 @@ def main() -> None:
     from sasft_ray.config import load_config
     from sasft_ray.evaluate import evaluate_models
     from sasft_ray.generate import task_stage
+    from sasft_ray.layout import MODEL
     from sasft_ray.rundir import RunDir
     from sasft_ray.session import connect
 
@@ -41,8 +42,9 @@ def main() -> None:
     if not Path(cfg.model.path).is_dir():
         raise SystemExit(f"no model at {cfg.model.path}: run `sasft run demo` once to build the lab")
     scratch = tempfile.mkdtemp(prefix="bench-eval-")
-    exports = {cfg.serve.model_id: Path(cfg.run_dir, "model"),
-               **{m: Path(cfg.run_dir, "compare", m, "model") for m in cfg.compare}}
+    trained = RunDir(cfg.run_dir)
+    exports = {cfg.serve.model_id: Path(trained.path(MODEL)),
+               **{m: Path(trained.compare(m).path(MODEL)) for m in cfg.compare}}
     models = {model_id: str(path) if (path / "config.json").exists() else cfg.model.path
               for model_id, path in exports.items()}
     models[cfg.serve.base_model_id] = cfg.model.path

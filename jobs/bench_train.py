@@ -46,13 +46,14 @@ def bare_loop(cfg, rd, steps: int, warmup_steps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from sasft_ray.layout import MIXED
     from sasft_ray.loop import collate
     from sasft_ray.selftalk import load_tokenizer
 
     t = cfg.train
     with PeakMemory() as mem:
         start = time.perf_counter()
-        encoded = encoded_rows(cfg, rd.local("mixed"))
+        encoded = encoded_rows(cfg, rd.local(MIXED))
         pad_id = load_tokenizer(cfg.model.path).pad_token_id
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
         optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr)
@@ -93,7 +94,7 @@ def peer_worker(cfg_json: str, events: str) -> None:
 
     from sasft_ray import loop
     from sasft_ray.config import Config
-    from sasft_ray.mix import MONITOR
+    from sasft_ray.layout import MIXED, MONITOR, TASK_HELDOUT
     from sasft_ray.rundir import RunDir
     from sasft_ray.selftalk import load_tokenizer
 
@@ -102,9 +103,9 @@ def peer_worker(cfg_json: str, events: str) -> None:
     loop.init_process_group(gpu=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     rd = RunDir(cfg.run_dir)
-    rows = encoded_rows(cfg, rd.local("mixed"))
+    rows = encoded_rows(cfg, rd.local(MIXED))
     # the held-out sets the Ray Train side measures: the task's, and the forgetting monitor's if generated
-    sets = {"heldout_loss": rd.local("task", "heldout.parquet"), "selftalk_heldout_loss": rd.local(MONITOR)}
+    sets = {"heldout_loss": rd.local(TASK_HELDOUT), "selftalk_heldout_loss": rd.local(MONITOR)}
     heldout = {key: encoded_rows(cfg, path) for key, path in sets.items() if Path(path).exists()}
     pad_id = load_tokenizer(cfg.model.path).pad_token_id
     engine, *_ = loop.build_engine(cfg, loop.deepspeed_config(cfg), t.max_steps, rank)
@@ -172,6 +173,7 @@ def main() -> None:
 
     from sasft_ray.config import absolute_paths, validate_config
     from sasft_ray.generate import generate
+    from sasft_ray.rundir import RunDir
     from sasft_ray.tiny import build_tiny_model, write_demo_task
 
     tmp = Path(tempfile.mkdtemp())
@@ -187,7 +189,8 @@ def main() -> None:
                   "max_steps": args.steps, "checkpoint_every": every, "log_every": every, "lr": 1e-3,
                   "max_length": 128},
     })
-    rd = generate(cfg)
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd)
     bare = None if args.no_bare else bare_loop(cfg, rd, args.steps, warmup_steps=every)
     peer = torchrun(absolute_paths(cfg), args.workers)
     ours = ray_zero3(cfg, rd)

@@ -62,6 +62,7 @@ def check_correctness(tmp: Path, gpu: bool, steps: int) -> dict:
 
     from sasft_ray import loop, packing
     from sasft_ray.export import export
+    from sasft_ray.layout import DRIFT
     from sasft_ray.selftalk import load_tokenizer, turn_format
     from sasft_ray.tiny import build_tiny_model, demo_task_rows, write_demo_task
     from sasft_ray.train import encode
@@ -98,7 +99,7 @@ def check_correctness(tmp: Path, gpu: bool, steps: int) -> dict:
     export_heldout = loop.heldout_loss(reloaded, heldout_batches())
     packed_loss = loop.heldout_loss(reloaded, heldout_batches([dict(zip(packed, v)) for v in zip(*packed.values())]))
     first, last = records[0]["loss"], records[-1]["loss"]
-    drift = json.loads((out / "drift.json").read_text())["total"]
+    drift = json.loads((out / DRIFT).read_text())["total"]
     checks = {
         f"loss falls ({first:.3f} -> {last:.3f}, steps 1-5 -> {steps - 4}-{steps})": last < 0.5 * first,
         f"records every 5 steps on rank 0 ({len(records)} of {steps // 5}), grad norm and tokens/s in each":

@@ -15,9 +15,9 @@ import yaml
 
 from sasft_ray.config import Config
 from sasft_ray.data import hub_id_shaped
+from sasft_ray.layout import ADAPTER, CARD, MODEL, TRAIN_RESULT, is_uri
 from sasft_ray.rundir import RunDir
 
-CARD = "README.md"
 METHODS = {
     "sa-sft": "SA-SFT (self-augmented SFT): the task data mixed with self-dialogues the base model wrote itself, "
               "so that it keeps what it knew",
@@ -30,7 +30,7 @@ MIXES = {"sa-sft": "self-dialogues", "external-mix": "external rows"}  # what mi
 
 def _same_dir(a: str, b: str) -> bool:
     def norm(p: str) -> str:
-        return p.rstrip("/") if "://" in p else str(Path(p).expanduser().absolute())
+        return p.rstrip("/") if is_uri(p) else str(Path(p).expanduser().absolute())
 
     return norm(a) == norm(b)
 
@@ -58,7 +58,7 @@ def _params(n: int) -> str:
 def shown(path: str) -> str:
     """A path as a card (which `sasft push` publishes) may show it: a hub id or URI whole, a local path by its
     last two parts only (no /home/<user>/... of this machine)."""
-    if "://" in path or hub_id_shaped(path):
+    if is_uri(path) or hub_id_shaped(path):
         return path
     return "/".join(Path(path).expanduser().absolute().parts[-2:])
 
@@ -80,10 +80,10 @@ def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
     stages = rd.manifest().get("stages", {})
     done = {name: info for name, info in stages.items() if info.get("status") == "done"}
     task, selftalk, mix, train = (done.get(k, {}) for k in ("task", "selftalk", "mix", "train"))
-    result = rd.read_json("model", "train_result.json") if rd.exists("model", "train_result.json") else {}
+    result = rd.read_json(MODEL, TRAIN_RESULT) if rd.exists(MODEL, TRAIN_RESULT) else {}
     entry = headline(cfg, results) if results else None
     t, method, base = cfg.train, cfg.train.method, shown(cfg.model.path)
-    lora = rd.exists("model", "adapter")
+    lora = rd.exists(MODEL, ADAPTER)
 
     meta = {**({"base_model": base} if hub_id_shaped(cfg.model.path) else {}), "library_name": "transformers",
             "pipeline_tag": "text-generation", "tags": ["sasft", "self-augmented-sft", method, *(["lora"] if t.lora
@@ -157,7 +157,7 @@ def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
 
 def write_model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> bool:
     """(Re)write `<run_dir>/model/README.md`; False when the run has no exported model yet."""
-    if not rd.exists("model"):
+    if not rd.exists(MODEL):
         return False
-    rd.write_text(model_card(cfg, rd, results), "model", CARD)
+    rd.write_text(model_card(cfg, rd, results), MODEL, CARD)
     return True

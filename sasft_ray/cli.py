@@ -11,9 +11,10 @@ from sasft_ray.config import ConfigError, load_config, shipped_configs
 from sasft_ray.data import BadRow
 from sasft_ray.evaluate import EvalError
 from sasft_ray.generate import STAGES, TooFewSurvivors
+from sasft_ray.layout import DIAGNOSIS, DIAGNOSIS_PLOT, MANIFEST, MODEL
 from sasft_ray.models import SHIPPED, ModelError
 from sasft_ray.push import PushError
-from sasft_ray.rundir import RunDirError, StageChanged
+from sasft_ray.rundir import RunDir, RunDirError, StageChanged
 from sasft_ray.serve import ServeError
 from sasft_ray.session import VERBOSE, quiet, verbose
 from sasft_ray.train import TrainSetupError
@@ -43,18 +44,18 @@ def cmd_generate(args) -> None:
     from sasft_ray.generate import generate
 
     cfg = load_config(args.config, args.overrides)
-    rd = generate(cfg, redo="all" if args.force else args.redo)
-    print(f"run directory: {rd.root}  (manifest: {rd.path('manifest.json')})")
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd, redo="all" if args.force else args.redo)
+    print(f"run directory: {rd.root}  (manifest: {rd.path(MANIFEST)})")
 
 
 def cmd_train(args) -> None:
-    from sasft_ray.rundir import RunDir
     from sasft_ray.train import train
 
     cfg = load_config(args.config, args.overrides)
     rd = RunDir(cfg.run_dir)
     train(cfg, rd, force=args.force)
-    print(f"model: {rd.path('model')}")
+    print(f"model: {rd.path(MODEL)}")
 
 
 def cmd_serve(args) -> None:
@@ -63,12 +64,13 @@ def cmd_serve(args) -> None:
     from sasft_ray.session import connect
 
     cfg = load_config(args.config, args.overrides)
-    models = served_models(cfg)
+    rd = RunDir(cfg.run_dir)
+    models = served_models(cfg, rd)
     serve.write_serve_config(cfg, models, args.write_config)
     print(f"[serve] the same application as a Serve config (serve deploy, RayService): {args.write_config}")
     connect(cfg)
     url = serve.start(cfg, models)
-    record_serving(cfg, url)  # for `sasft eval --url`: which trainings this endpoint serves
+    record_serving(cfg, rd, url)  # for `sasft eval --url`: which trainings this endpoint serves
     print(f"[serve] OpenAI API at {url} serving {', '.join(models.api_ids().values())}; Ctrl-C stops")
     try:
         while True:
@@ -76,7 +78,7 @@ def cmd_serve(args) -> None:
     except KeyboardInterrupt:
         print("[serve] shutting down")
     finally:
-        record_serving(cfg, None)
+        record_serving(cfg, rd, None)
         serve.stop()
 
 
@@ -85,7 +87,7 @@ def cmd_eval(args) -> None:
     from sasft_ray.report import run_report
 
     cfg = load_config(args.config, args.overrides)
-    print(run_report(serve_and_eval(cfg, args.url, force=args.force)))
+    print(run_report(serve_and_eval(cfg, RunDir(cfg.run_dir), args.url, force=args.force)))
 
 
 def cmd_report(args) -> None:
@@ -101,7 +103,8 @@ def cmd_report(args) -> None:
 def cmd_run(args) -> None:
     from sasft_ray.pipeline import run
 
-    run(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    run(cfg, RunDir(cfg.run_dir))
 
 
 def cmd_grid(args) -> None:
@@ -122,8 +125,9 @@ def cmd_diagnose(args) -> None:
     from sasft_ray.diagnose import diagnose, report
 
     cfg = load_config(args.config, args.overrides)
-    print(report(diagnose(cfg, args.limit)))
-    print(f"[diagnose] written: {cfg.run_dir}/diagnose.json, diagnose.png")
+    rd = RunDir(cfg.run_dir)
+    print(report(diagnose(cfg, rd, args.limit)))
+    print(f"[diagnose] written: {rd.path(DIAGNOSIS)}, {rd.path(DIAGNOSIS_PLOT)}")
 
 
 def cmd_config(args) -> None:

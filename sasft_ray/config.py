@@ -21,6 +21,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sasft_ray.layout import is_uri
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the file."""
@@ -626,10 +628,10 @@ def absolute_paths(cfg: Config) -> Config:
     run in the driver's working directory. A local path is one that exists, or for a `bootstrap` config
     one the lab is about to write; hub ids and URIs are left as they are."""
     def fix(path: str) -> str:
-        local = "://" not in path and (Path(path).exists() or cfg.bootstrap is not None)
+        local = not is_uri(path) and (Path(path).exists() or cfg.bootstrap is not None)
         return str(Path(path).absolute()) if local else path
 
-    update = {"run_dir": cfg.run_dir if "://" in cfg.run_dir else str(Path(cfg.run_dir).absolute()),
+    update = {"run_dir": cfg.run_dir if is_uri(cfg.run_dir) else str(Path(cfg.run_dir).absolute()),
               "model": cfg.model.model_copy(update={"path": fix(cfg.model.path)}),
               "data": cfg.data.model_copy(update={"path": fix(cfg.data.path)})}
     mix = {"sources": [src.model_copy(update={"path": fix(src.path)}) for src in cfg.mix.sources]}

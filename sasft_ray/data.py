@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from sasft_ray.config import DataConfig
+from sasft_ray.layout import is_uri
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -70,7 +71,7 @@ def _detect_format(path: str, fmt: str) -> str:
 def hub_id_shaped(path: str) -> bool:
     """A path that can only be a hub id (org/name): nothing at it, or at its first part, on this machine.
     A path that looks local (./, /, ~, deeper than org/name, or under an existing folder) never is one."""
-    return ("://" not in path and not path.startswith((".", "/", "~")) and path.count("/") == 1
+    return (not is_uri(path) and not path.startswith((".", "/", "~")) and path.count("/") == 1
             and not Path(path).exists() and not Path(path.split("/")[0]).exists())
 
 

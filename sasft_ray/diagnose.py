@@ -20,6 +20,7 @@ import pyarrow.dataset as pads
 
 from sasft_ray.config import Config, ConfigError
 from sasft_ray.filters import KEPT
+from sasft_ray.layout import DIAGNOSIS, DIAGNOSIS_PLOT, SELFTALK, TASK_TRAIN
 from sasft_ray.rundir import RunDir
 from sasft_ray.selftalk import load_tokenizer, turn_format
 from sasft_ray.train import IGNORE, encode
@@ -77,14 +78,15 @@ def dialogues(rd: RunDir, folder: str, limit: int, kept_only: bool = False) -> l
     return [list(m) for m in table.column("messages").to_pylist()[:limit]]
 
 
-def diagnose(cfg: Config, limit: int = 256) -> dict:
-    """Generate what is missing (the task split and the self-dialogues), score both, write the result."""
+def diagnose(cfg: Config, rd: RunDir, limit: int = 256) -> dict:
+    """Generate what is missing in `rd` (the task split and the self-dialogues), score both, write the result."""
     from sasft_ray.generate import generate
 
     if cfg.train.method != "sa-sft" and not cfg.selftalk.heldout_fraction:
         raise ConfigError("diagnose compares the task with the model's own self-dialogues: use train.method "
                          "sa-sft, or selftalk.heldout_fraction > 0")
-    return score(cfg, generate(cfg), limit)
+    generate(cfg, rd)
+    return score(cfg, rd, limit)
 
 
 def score(cfg: Config, rd: RunDir, limit: int = 256) -> dict:
@@ -98,14 +100,14 @@ def score(cfg: Config, rd: RunDir, limit: int = 256) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype,
                                                  trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
-    task = row_losses(model, tokenizer, dialogues(rd, "task/train.parquet", limit), cfg.train.max_length, strip_bos)
-    own = row_losses(model, tokenizer, dialogues(rd, "selftalk", limit, kept_only=True), cfg.train.max_length,
+    task = row_losses(model, tokenizer, dialogues(rd, TASK_TRAIN, limit), cfg.train.max_length, strip_bos)
+    own = row_losses(model, tokenizer, dialogues(rd, SELFTALK, limit, kept_only=True), cfg.train.max_length,
                      strip_bos)
     result = {"task": summary(task), "selftalk": summary(own)}
     ratio = result["task"]["mean"] / max(result["selftalk"]["mean"], 1e-9)
     distance = result["task"]["mean"] - result["selftalk"]["mean"]
     result.update(distance=distance, ratio=ratio, verdict=verdict(distance), histogram=histogram(task, own))
-    rd.write_text(json.dumps(result, indent=2) + "\n", "diagnose.json")
+    rd.write_text(json.dumps(result, indent=2) + "\n", DIAGNOSIS)
     plot(result["histogram"], rd)
     return result
 
@@ -133,7 +135,7 @@ def plot(hist: dict, rd: RunDir) -> None:
     ax.set_ylabel("dialogues")
     ax.legend()
     fig.tight_layout()
-    with rd.fs.open_output_stream(rd.local("diagnose.png")) as f:
+    with rd.fs.open_output_stream(rd.local(DIAGNOSIS_PLOT)) as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 

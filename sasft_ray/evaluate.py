@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from sasft_ray import instructions
 from sasft_ray.config import INDOMAIN, Config, EvalSuite, LmEvalGroup, check_benchmark_name
+from sasft_ray.layout import BASE_CACHE, LM_EVAL, SAMPLES, SCORED, TASK_HELDOUT, is_uri
 from sasft_ray.rundir import RunDir, fingerprint
 from sasft_ray.selftalk import adds_bos, load_tokenizer
 
@@ -104,7 +105,7 @@ def check_eval(cfg: Config) -> None:
 
 def indomain_rows(rd: RunDir, limit: int | None) -> list[dict]:
     """Held-out task dialogues cut before their last assistant turn: that turn is the reference."""
-    table = pq.read_table(rd.local("task", "heldout.parquet"), filesystem=rd.fs, columns=["messages"])
+    table = pq.read_table(rd.local(TASK_HELDOUT), filesystem=rd.fs, columns=["messages"])
     rows = []
     for messages in table.column("messages").to_pylist()[:limit]:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -314,15 +315,15 @@ def lm_eval_metrics(results: dict) -> dict[str, float]:
 
 # --- one model, all benchmarks ------------------------------------------------------------------
 
-def general_scores(api, url: str, model_id: str, cfg: Config, key: str | None, samples: Path | None) -> dict:
-    """benchmark -> metric -> value over every suite and lm-eval group; with `samples` (`<out>/eval/samples/
-    <model id>`), lm-eval's own files go to `<out>/eval/lm_eval/<model id>/`."""
+def general_scores(api, url: str, model_id: str, cfg: Config, key: str | None, samples: Path | None,
+                   lm_out: Path | None) -> dict:
+    """benchmark -> metric -> value over every suite and lm-eval group; with `samples` (a folder), every reply
+    goes there, and with `lm_out`, lm-eval's own files."""
     out: dict[str, dict[str, float]] = {}
     for suite in expand_suites(cfg.eval.suites):
         out[suite.name] = score_rows(api, model_id, suite_rows(suite), suite.scorers, cfg,
                                      samples / f"{suite.name}.jsonl" if samples else None, suite.name)
     for group in cfg.eval.lm_eval:
-        lm_out = samples.parent.parent / "lm_eval" / samples.name if samples else None
         for name, value in run_lm_eval(group, url, model_id, cfg, key, lm_out).items():
             task, metric = name.split("/", 1)
             out.setdefault(task, {})[metric] = value
@@ -367,39 +368,39 @@ def scorer_file(name: str) -> str | None:
 
 
 def base_cache(cfg: Config) -> tuple[str, str]:
-    """Where the base model's general scores are cached: `eval.base_cache`, else `base-eval-cache` beside
+    """Where the base model's general scores are cached: `eval.base_cache`, else `BASE_CACHE` beside
     the run dir, local or in the bucket alike (a grid on s3:// scores its base model once too)."""
     if cfg.eval.base_cache:
         root = cfg.eval.base_cache
-    elif "://" in cfg.run_dir:
+    elif is_uri(cfg.run_dir):
         scheme, rest = cfg.run_dir.rstrip("/").split("://", 1)
-        root = f"{scheme}://{rest.rsplit('/', 1)[0]}/base-eval-cache"
+        root = f"{scheme}://{rest.rsplit('/', 1)[0]}/{BASE_CACHE}"
     else:
-        root = str(Path(cfg.run_dir).absolute().parent / "base-eval-cache")
+        root = str(Path(cfg.run_dir).absolute().parent / BASE_CACHE)
     return root, f"{base_cache_key(cfg)}.json"
 
 
 def evaluate_models(cfg: Config, rd: RunDir, url: str, models: dict[str, str], key: str | None = None,
-                    samples: Path | None = None, stage_hash: str = "") -> dict:
+                    out: Path | None = None, stage_hash: str = "") -> dict:
     """Scores of each model (model id -> the id requests name it by, `Models.api_ids`): in-domain (held-out
-    task split) and general benchmarks; with `samples`, every reply goes to `samples/<model id>/<benchmark>.jsonl`.
+    task split) and general benchmarks; with `out` (the run dir, or a local folder standing in for it), every
+    reply goes to `out/SAMPLES/<model id>/<benchmark>.jsonl` and lm-eval's own files to `out/LM_EVAL/<model id>/`.
 
     The models are scored at once, each with `eval_concurrency` requests in flight (its engines'
     `max_num_seqs` x replicas), so no engine idles while another model is scored.
-    Each model's scores are saved as soon as it is done (`eval/models/<id>.json`, with `stage_hash`):
+    Each model's scores are saved as soon as it is done (`SCORED/<id>.json`, with `stage_hash`):
     a run stopped by a failure keeps them, and its re-run under the same (non-empty) hash scores only
     the rest. The base model (`serve.base_model_id`) takes its general scores from the cache when it can."""
     api = client(url, key)
     rows = indomain_rows(rd, cfg.eval.indomain_limit)
-    rd.fs.create_dir(rd.local("eval", "models"), recursive=True)
 
     def one(model_id: str) -> dict:
-        saved = ("eval", "models", f"{model_id}.json")
-        if stage_hash and rd.exists(*saved) and (done := rd.read_json(*saved)).get("stage_hash") == stage_hash:
+        saved = f"{SCORED}/{model_id}.json"
+        if stage_hash and rd.exists(saved) and (done := rd.read_json(saved)).get("stage_hash") == stage_hash:
             print(f"[eval] {model_id}: scored earlier in this evaluation, kept")
             return done["scores"]
         started = time.time()
-        replies = samples / model_id if samples else None
+        replies = Path(out, SAMPLES, model_id) if out else None
         indomain = score_rows(api, models[model_id], rows, cfg.eval.indomain_scorers, cfg,
                               replies / "in-domain.jsonl" if replies else None, INDOMAIN)
         cache, name = None, ""  # only the base model's general scores are cached
@@ -410,11 +411,12 @@ def evaluate_models(cfg: Config, rd: RunDir, url: str, models: dict[str, str], k
             general = cache.read_json(name)
             print(f"[eval] {model_id}: general scores from the cache {cache.path(name)}")
         else:
-            general = general_scores(api, url, models[model_id], cfg, key, replies)
+            general = general_scores(api, url, models[model_id], cfg, key, replies,
+                                     Path(out, LM_EVAL, model_id) if out else None)
             if cache:
                 cache.write_json(general, name)
         scores = {INDOMAIN: indomain, **general}
-        rd.write_json({"stage_hash": stage_hash, "scores": scores}, *saved)
+        rd.write_json({"stage_hash": stage_hash, "scores": scores}, saved)
         print(f"[eval] {model_id} scored in {time.time() - started:.0f} s")
         return scores
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from sasft_ray import lora
 from sasft_ray.config import Config
+from sasft_ray.layout import ADAPTER, DRIFT
 from sasft_ray.selftalk import load_tokenizer
-
-ADAPTER_DIR = "adapter"  # <run_dir>/model/adapter/: a LoRA fine-tune's PEFT adapter, beside its merged weights
 
 
 def export(engine, cfg: Config, out: str, rank: int) -> None:
@@ -31,12 +30,12 @@ def export(engine, cfg: Config, out: str, rank: int) -> None:
         return
     model = engine.module
     if cfg.train.lora:
-        model.save_pretrained(str(Path(out, ADAPTER_DIR)), state_dict=state, safe_serialization=True)
+        model.save_pretrained(str(Path(out, ADAPTER)), state_dict=state, safe_serialization=True)
         state = lora.merge_lora(state, cfg.train.lora.alpha / cfg.train.lora.r)
         model = model.get_base_model()
     model.save_pretrained(out, state_dict=state, safe_serialization=True)
     load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).save_pretrained(out)
-    Path(out, "drift.json").write_text(json.dumps(weight_drift(cfg.model.path, state), indent=2))
+    Path(out, DRIFT).write_text(json.dumps(weight_drift(cfg.model.path, state), indent=2))
 
 
 def base_safetensors(base: str) -> tuple[list[Path], str | None]:

@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from sasft_ray import data as task_data
 from sasft_ray.config import Config, DataConfig
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
-from sasft_ray.mix import MONITOR, mix_key, write_mix
+from sasft_ray.layout import EXTERNAL, MIXED, MONITOR, SELFTALK, SOURCES, TASK, source_folder, split_file
+from sasft_ray.mix import mix_key, write_mix
 from sasft_ray.rundir import RunDir, fingerprint, fingerprints
 from sasft_ray.selftalk import (
     LIGHT_CPUS,
@@ -47,8 +48,8 @@ def write_canonical(cfg: DataConfig, rd: RunDir, folder: str, with_heldout: bool
     """Validate every row and write canonical Parquet, streaming in chunks."""
     report = task_data.LoadReport()
     splits = ("train", "heldout") if with_heldout else ("train",)
-    rd.fs.create_dir(rd.local(folder), recursive=True)
-    writers = {s: pq.ParquetWriter(rd.local(folder, f"{s}.parquet"), task_data.ROW_SCHEMA, filesystem=rd.fs)
+    rd.make_parent(split_file(folder, splits[0]))
+    writers = {s: pq.ParquetWriter(rd.local(split_file(folder, s)), task_data.ROW_SCHEMA, filesystem=rd.fs)
                for s in splits}
     buffers: dict[str, list] = {s: [] for s in splits}
     counts = dict.fromkeys(splits, 0)
@@ -80,37 +81,37 @@ def write_canonical(cfg: DataConfig, rd: RunDir, folder: str, with_heldout: bool
 
 
 def task_stage(cfg: Config, rd: RunDir, force: bool) -> None:
-    if rd.begin("task", cfg.section_hash("data"), force, outputs=("task",),
+    if rd.begin("task", cfg.section_hash("data"), force, outputs=(TASK,),
                 inputs=fingerprints(cfg, "data.path")):
-        counts = write_canonical(cfg.data, rd, "task", with_heldout=True)
+        counts = write_canonical(cfg.data, rd, TASK, with_heldout=True)
         if counts["heldout_rows"] == 0:  # the in-domain evaluation scores the held-out split
             rd.fail("task", counts, "no held-out rows")
             raise task_data.BadRow(cfg.data.path, "data.heldout_fraction", (
                 f"data.heldout_fraction={cfg.data.heldout_fraction} leaves none of the {counts['train_rows']} rows "
                 "held out, and the in-domain evaluation needs some; raise it (e.g. 0.1) or add rows"))
         rd.finish("task", counts)
-    if cfg.mix.sources and rd.begin("sources", cfg.section_hash("mix.sources"), force, outputs=("sources",),
+    if cfg.mix.sources and rd.begin("sources", cfg.section_hash("mix.sources"), force, outputs=(SOURCES,),
                                     inputs={f"mix.sources.{i}": fingerprint(src.path)
                                             for i, src in enumerate(cfg.mix.sources)}):
         rd.finish("sources", {"train_rows": [
-            write_canonical(src, rd, f"sources/{i}", with_heldout=False)["train_rows"]
+            write_canonical(src, rd, source_folder(i), with_heldout=False)["train_rows"]
             for i, src in enumerate(cfg.mix.sources)]})
     if cfg.train.method == "external-mix" and rd.begin(
-            "external", cfg.section_hash("mix.external"), force, outputs=("external",),
+            "external", cfg.section_hash("mix.external"), force, outputs=(EXTERNAL,),
             inputs=fingerprints(cfg, "mix.external.path")):
-        rd.finish("external", write_canonical(cfg.mix.external, rd, "external", with_heldout=False))
+        rd.finish("external", write_canonical(cfg.mix.external, rd, EXTERNAL, with_heldout=False))
 
 
 def monitor_stage(cfg: Config, rd: RunDir, force: bool) -> None:
     """The forgetting monitor's dialogues of another run (`selftalk.monitor_from`), copied: a run that mixes
     in no self-talk is then measured on the very dialogues that run is, and starts no engine for them."""
-    source = RunDir(cfg.selftalk.monitor_from, create=False)
+    source = RunDir(cfg.selftalk.monitor_from)
     done = source.stage_info("selftalk")
     if done.get("status") != "done" or not done.get("heldout"):
         raise TooFewSurvivors(f"selftalk.monitor_from {source.root} has no forgetting-monitor dialogues "
                               f"({MONITOR} of a finished selftalk stage): run it first, or unset monitor_from")
     if rd.begin("selftalk", f"{cfg.section_hash('model')}:from:{source.root}:{done['id']}", force,
-                outputs=("selftalk", MONITOR), inputs=fingerprints(cfg, "model.path")):
+                outputs=(SELFTALK, MONITOR), inputs=fingerprints(cfg, "model.path")):
         table = pq.read_table(source.local(MONITOR), filesystem=source.fs)
         pq.write_table(table, rd.local(MONITOR), filesystem=rd.fs)
         rd.finish("selftalk", {"rows_out": 0, "heldout": table.num_rows, "monitor_from": source.root})
@@ -123,7 +124,7 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None
 
     mixed, monitor = cfg.selftalk_wanted(task_rows)
     if not rd.begin("selftalk", f"{cfg.section_hash('model', 'selftalk', 'filters')}:{mixed}:{monitor}", force,
-                    outputs=("selftalk", MONITOR), inputs=fingerprints(cfg, "model.path")):
+                    outputs=(SELFTALK, MONITOR), inputs=fingerprints(cfg, "model.path")):
         return
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     fmt = turn_format(tokenizer)
@@ -143,7 +144,7 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None
 
     try:
         with progress(functools.partial(selftalk_progress, finished, generated, time.time())):
-            ds.write_parquet(rd.path("selftalk"))
+            ds.write_parquet(rd.path(SELFTALK))
     except Exception as e:
         if (cut := cut_message(e)) is None:
             raise
@@ -190,7 +191,7 @@ def write_monitor(cfg: Config, rd: RunDir, count: int) -> int:
     """The `count` survivors with the smallest seeded keys, written to `MONITOR`; returns how many. Only
     complete dialogues: a reply kept open at its token limit (`filters.truncated: keep`) is no measure of
     how likely the model finds its own replies, end of turn included."""
-    table = pads.dataset(rd.local("selftalk"), filesystem=rd.fs, format="parquet").to_table(
+    table = pads.dataset(rd.local(SELFTALK), filesystem=rd.fs, format="parquet").to_table(
         columns=["id", "messages"], filter=(pc.field("drop_reason") == KEPT) & ~pc.field("open_end"))
     ids = sorted(table["id"].to_pylist(), key=lambda i: mix_key(cfg.selftalk.seed, "monitor", i))[:count]
     pq.write_table(table.filter(pc.is_in(table["id"], pa.array(ids, pa.int64()))), rd.local(MONITOR),
@@ -200,7 +201,7 @@ def write_monitor(cfg: Config, rd: RunDir, count: int) -> int:
 
 def selftalk_stats(rd: RunDir) -> dict:
     """Drop counts, tokens and topic coverage, from three small columns (no dialogue text in the driver)."""
-    table = pads.dataset(rd.local("selftalk"), filesystem=rd.fs, format="parquet").to_table(
+    table = pads.dataset(rd.local(SELFTALK), filesystem=rd.fs, format="parquet").to_table(
         columns=["drop_reason", "num_tokens", "first_words", "open_end"])
     drops = {d["values"]: d["counts"] for d in pc.value_counts(table["drop_reason"]).to_pylist()}
     kept = table.filter(pc.equal(table["drop_reason"], KEPT))
@@ -222,7 +223,7 @@ def mix_hash(cfg: Config, rd: RunDir) -> str:
 
 
 def mix_stage(cfg: Config, rd: RunDir, force: bool) -> None:
-    if rd.begin("mix", mix_hash(cfg, rd), force, outputs=("mixed",)):
+    if rd.begin("mix", mix_hash(cfg, rd), force, outputs=(MIXED,)):
         rd.finish("mix", write_mix(cfg, rd))
 
 
@@ -245,11 +246,10 @@ def build_assets(cfg: Config) -> None:
     build_lab(lab_folder(cfg), preset="full" if cfg.bootstrap == "lab" else "small")
 
 
-def generate(cfg: Config, redo: str | None = None) -> RunDir:
-    """Run the data stages; `redo` names the first stage to redo even if done ("all": every one)."""
+def generate(cfg: Config, rd: RunDir, redo: str | None = None) -> None:
+    """Run the data stages into `rd`; `redo` names the first stage to redo even if done ("all": every one)."""
     first = 0 if redo == "all" else STAGES.index(redo) if redo else len(STAGES)
     force = {name: i >= first for i, name in enumerate(STAGES)}
-    rd = RunDir(cfg.run_dir)
     with rd.locked():
         build_assets(cfg)
         task_stage(cfg, rd, force["task"])
@@ -262,4 +262,3 @@ def generate(cfg: Config, redo: str | None = None) -> RunDir:
             selftalk_stage(cfg, rd, force["selftalk"], task_rows)
         mix_stage(cfg, rd, force["mix"])
         rd.save_config(cfg)  # after the checks: a refused run does not relabel the old results
-    return rd

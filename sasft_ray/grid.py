@@ -102,15 +102,16 @@ def run_grid(spec: GridSpec, address: str | None = None, only: list[str] = ()) -
     cells = expand(spec, only)
     # Before any cell runs: a cell finished under other settings is refused, not passed off as done.
     try:
-        finished = [RunDir(cfg.run_dir, create=False).finished("eval", eval_hash(cfg), eval_inputs(cfg))
-                    for cfg in (c.config for c in cells)]
+        rundirs = [RunDir(c.config.run_dir) for c in cells]
+        finished = [rd.finished("eval", eval_hash(c.config, rd), eval_inputs(c.config))
+                    for c, rd in zip(cells, rundirs)]
     except StageChanged as e:
         raise StageChanged(f"{e} (for a grid: --run-root)") from None
-    for i, (cell, done) in enumerate(zip(cells, finished), 1):
+    for i, (cell, rd, done) in enumerate(zip(cells, rundirs, finished), 1):
         if done:
             print(f"[grid] {i}/{len(cells)} {cell.name}: done earlier")
             continue
-        holder = RunDir(cell.config.run_dir, create=False).lock_holder()
+        holder = rd.lock_holder()
         if holder is not None:  # running now (here or as a job): not started twice
             print(f"[grid] {i}/{len(cells)} {cell.name}: in use by pid {holder.get('pid')} on "
                   f"{holder.get('host')}, not started again")
@@ -119,7 +120,7 @@ def run_grid(spec: GridSpec, address: str | None = None, only: list[str] = ()) -
             submit(address, spec.base, cell)
         else:
             print(f"[grid] {i}/{len(cells)} {cell.name}")
-            run(cell.config)
+            run(cell.config, rd)
     return [c.config.run_dir for c in cells]
 
 

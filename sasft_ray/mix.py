@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 
 from sasft_ray.config import Config
 from sasft_ray.data import MESSAGE_TYPE
+from sasft_ray.layout import EXTERNAL, MIXED_PART, MONITOR, SELFTALK, TASK_TRAIN, source_folder, split_file
 from sasft_ray.rundir import RunDir
 
-MONITOR = "selftalk_heldout.parquet"  # the forgetting monitor's self-dialogues (written by the self-talk stage)
 MIXED_IN = {"sa-sft": "self", "external-mix": "external", "sft": None, "freeze": None}
 # source: task, self, external, or source<i> (the i-th of mix.sources)
 # open_end: a self-dialogue whose last reply was cut at its token limit (`filters.truncated: keep`), trained
@@ -109,9 +109,9 @@ def interleave(*streams: tuple[Iterator[dict], int]) -> Iterator[dict]:
 
 
 def write_mix(cfg: Config, rd: RunDir) -> dict:
-    """Write `mixed/part-0.parquet`; returns the counts for the manifest."""
+    """Write `MIXED_PART`; returns the counts for the manifest."""
     seed = cfg.mix.seed
-    task = Source(rd, "task", "task/train.parquet", "source_row")
+    task = Source(rd, "task", TASK_TRAIN, "source_row")
     task_rows = rd.stage_info("task")["train_rows"]
     counts = {"task_rows": task_rows, "self_ratio": cfg.mix.self_ratio, "method": cfg.train.method}
     other_name = MIXED_IN[cfg.train.method]
@@ -123,9 +123,9 @@ def write_mix(cfg: Config, rd: RunDir) -> dict:
             # the forgetting monitor's dialogues are never trained on
             monitor = pq.read_table(rd.local(MONITOR), columns=["id"], filesystem=rd.fs)["id"].to_pylist() \
                 if rd.exists(MONITOR) else []
-            other = Source(rd, "self", "selftalk", "id", only_kept=True, excluded=monitor)
+            other = Source(rd, "self", SELFTALK, "id", only_kept=True, excluded=monitor)
         else:
-            other = Source(rd, "external", "external/train.parquet", "source_row")
+            other = Source(rd, "external", split_file(EXTERNAL, "train"), "source_row")
         distinct = other.sample(seed, min(wanted, cfg.mix.max_distinct or wanted))
         got = wanted if cfg.mix.max_distinct and distinct else distinct
         if got < wanted:
@@ -137,14 +137,14 @@ def write_mix(cfg: Config, rd: RunDir) -> dict:
     if cfg.mix.sources:  # each further source at its weight, repeated in turn if it has fewer rows
         wanted = [round(src.weight * task_rows) for src in cfg.mix.sources]
         for i, n in enumerate(wanted):
-            source = Source(rd, f"source{i}", f"sources/{i}/train.parquet", "source_row")
+            source = Source(rd, f"source{i}", split_file(source_folder(i), "train"), "source_row")
             source.sample(seed, n)
             streams.append((source.rows(seed, n), n))
         counts["source_rows"] = wanted
     rows = interleave(*streams)
 
-    rd.fs.create_dir(rd.local("mixed"), recursive=True)
-    with pq.ParquetWriter(rd.local("mixed", "part-0.parquet"), MIXED_SCHEMA, filesystem=rd.fs) as writer:
+    rd.make_parent(MIXED_PART)
+    with pq.ParquetWriter(rd.local(MIXED_PART), MIXED_SCHEMA, filesystem=rd.fs) as writer:
         chunk: list[dict] = []
         for row in rows:
             chunk.append(row)

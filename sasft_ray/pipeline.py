@@ -2,7 +2,7 @@
 
 Each stage records itself in the run directory's manifest, so a second `sasft run`
 skips what is finished. Methods listed in `compare` are trained in
-`<run_dir>/compare/<method>/` from the same task data and settings, served beside the
+`<run_dir>/compare/<method>/` (`RunDir.compare`) from the same task data and settings, served beside the
 main model, and reported with it: the demo shows what plain SFT forgets next to what
 SA-SFT keeps, in one table.
 """
@@ -17,29 +17,44 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from sasft_ray.config import Config, validate_config
+from sasft_ray.layout import (
+    ADAPTER,
+    ADAPTERS,
+    DRIFT,
+    LM_EVAL,
+    MODEL,
+    REPORT,
+    REPORT_PLOT,
+    RESULTS,
+    SAMPLES,
+    SCORED,
+    SERVING,
+    is_uri,
+)
 from sasft_ray.rundir import RunDir, fingerprints
 from sasft_ray.serve import Models
 
 
-def method_runs(cfg: Config) -> dict[str, Config]:
-    """Model id -> the config that trains it: the main run and one run per compared method."""
-    runs = {cfg.serve.model_id: cfg}
+def method_runs(cfg: Config, rd: RunDir) -> dict[str, tuple[Config, RunDir]]:
+    """Model id -> the config that trains it and its run dir: the main run (`rd`) and one run per compared
+    method."""
+    runs = {cfg.serve.model_id: (cfg, rd)}
     for method in cfg.compare:
-        raw = cfg.model_dump(mode="json")
-        raw.update(run_dir=f"{cfg.run_dir}/compare/{method}", compare=[])
+        raw, sub = cfg.model_dump(mode="json"), rd.compare(method)
+        raw.update(run_dir=sub.root, compare=[])
         raw["train"]["method"] = method
         raw["selftalk"]["monitor_from"] = cfg.run_dir  # every method measured on the same dialogues
-        runs[method] = validate_config(raw, source=f"compare: {method}")
+        runs[method] = validate_config(raw, source=f"compare: {method}"), sub
     return runs
 
 
-def require_trained(cfg: Config) -> dict[str, Config]:
+def require_trained(cfg: Config, rd: RunDir) -> dict[str, tuple[Config, RunDir]]:
     """`method_runs`, refused unless every fine-tune finished training under this config."""
     from sasft_ray.serve import ServeError
     from sasft_ray.train import trained
 
-    runs = method_runs(cfg)
-    untrained = [f"{model_id} ({c.run_dir})" for model_id, c in runs.items() if not trained(c)]
+    runs = method_runs(cfg, rd)
+    untrained = [f"{model_id} ({c.run_dir})" for model_id, (c, r) in runs.items() if not trained(c, r)]
     if untrained:
         raise ServeError(f"not trained under this config: {', '.join(untrained)}; run `sasft run` (or "
                          "`sasft generate` and `sasft train`) first")
@@ -48,41 +63,37 @@ def require_trained(cfg: Config) -> dict[str, Config]:
 
 def lora_as_adapters(cfg: Config) -> bool:
     """LoRA fine-tunes served as adapters on the base model's engine: Ray Serve LLM loads them from a bucket."""
-    return bool(cfg.train.lora) and cfg.serve.lora == "adapters" and "://" in cfg.run_dir
+    return bool(cfg.train.lora) and cfg.serve.lora == "adapters" and is_uri(cfg.run_dir)
 
 
-def served_models(cfg: Config, stage: bool = True) -> Models:
+def served_models(cfg: Config, rd: RunDir, stage: bool = True) -> Models:
     """What `sasft serve` puts behind the endpoint: the base model, and each trained fine-tune, as its own
     engine or (LoRA, run_dir in a bucket) as an adapter on the base model's engine. `stage` copies the
     adapters into `<run_dir>/serve/adapters/<model id>/`, the one folder Ray Serve LLM reads them from."""
-    from sasft_ray.export import ADAPTER_DIR
-
-    runs, base = require_trained(cfg), cfg.serve.base_model_id
+    runs, base = require_trained(cfg, rd), cfg.serve.base_model_id
     if not lora_as_adapters(cfg):
         if cfg.train.lora and cfg.serve.lora == "adapters" and stage:
             print("[serve] LoRA fine-tunes served merged, an engine each: Ray Serve LLM loads adapters from a "
                   "bucket, and run_dir is local")
-        return Models({**{model_id: RunDir(c.run_dir).path("model") for model_id, c in runs.items()},
-                       base: cfg.model.path})
-    rd = RunDir(cfg.run_dir)
-    adapters = {model_id: rd.path("serve", "adapters", model_id) for model_id in runs}
+        return Models({**{model_id: r.path(MODEL) for model_id, (_, r) in runs.items()}, base: cfg.model.path})
+    adapters = {model_id: rd.path(ADAPTERS, model_id) for model_id in runs}
     if stage:
-        for model_id, c in runs.items():
-            pafs.copy_files(RunDir(c.run_dir).path("model", ADAPTER_DIR), adapters[model_id])
+        for model_id, (_, r) in runs.items():
+            pafs.copy_files(r.path(MODEL, ADAPTER), adapters[model_id])
     return Models({base: cfg.model.path}, adapters, base)
 
 
-def train_all(cfg: Config) -> None:
+def train_all(cfg: Config, rd: RunDir) -> None:
     from sasft_ray.generate import generate
     from sasft_ray.train import train
 
-    for model_id, run_cfg in method_runs(cfg).items():
+    for model_id, (run_cfg, run_rd) in method_runs(cfg, rd).items():
         print(f"== {model_id}: method {run_cfg.train.method}, run dir {run_cfg.run_dir}")
-        rd = generate(run_cfg)
-        train(run_cfg, rd)
+        generate(run_cfg, run_rd)
+        train(run_cfg, run_rd)
 
 
-def eval_hash(cfg: Config) -> str:
+def eval_hash(cfg: Config, rd: RunDir) -> str:
     """What a run's results depend on: the evaluation, everything that trained its models, and the
     trainings themselves (a model retrained since makes the results stale)."""
     from sasft_ray.evaluate import score_settings
@@ -91,33 +102,27 @@ def eval_hash(cfg: Config) -> str:
                                              "data", "selftalk", "filters", "mix", "train")
     if extra := score_settings(cfg):  # only where it counts: runs evaluated before it stay finished
         settings += json.dumps(extra, sort_keys=True)
-    ids = ",".join(map(str, trainings(cfg).values()))
-    return RunDir(cfg.run_dir, create=False).chained(f"{settings}:{ids}", "task")
+    ids = ",".join(map(str, trainings(cfg, rd).values()))
+    return rd.chained(f"{settings}:{ids}", "task")
 
 
-def trainings(cfg: Config) -> dict[str, str | None]:
+def trainings(cfg: Config, rd: RunDir) -> dict[str, str | None]:
     """Each fine-tune's training, by the id of its last run."""
-    return {model_id: RunDir(c.run_dir, create=False).stage_info("train").get("id")
-            for model_id, c in method_runs(cfg).items()}
+    return {model_id: r.stage_info("train").get("id") for model_id, (_, r) in method_runs(cfg, rd).items()}
 
 
-SERVING = "serving.json"  # what a running `sasft serve` put behind its endpoint
-
-
-def record_serving(cfg: Config, url: str | None) -> None:
+def record_serving(cfg: Config, rd: RunDir, url: str | None) -> None:
     """`sasft serve`'s record of the trainings it serves at `url` (None: it stopped), which `sasft eval --url`
     checks: an endpoint started before a model was retrained serves the old weights."""
-    rd = RunDir(cfg.run_dir)
     if url is None:
         rd.remove(SERVING)
     else:
-        rd.write_json({"url": url, "trainings": trainings(cfg)}, SERVING)
+        rd.write_json({"url": url, "trainings": trainings(cfg, rd)}, SERVING)
 
 
-def check_serving(cfg: Config, url: str) -> None:
-    rd = RunDir(cfg.run_dir, create=False)
+def check_serving(cfg: Config, rd: RunDir, url: str) -> None:
     served = rd.read_json(SERVING) if rd.exists(SERVING) else {}
-    if served.get("url") == url and served.get("trainings") != trainings(cfg):
+    if served.get("url") == url and served.get("trainings") != trainings(cfg, rd):
         from sasft_ray.serve import ServeError
 
         raise ServeError(f"the endpoint at {url} was started by `sasft serve` before a model was trained again: it "
@@ -132,44 +137,41 @@ def eval_inputs(cfg: Config) -> dict[str, str | None]:
     return {**fingerprints(cfg, "model.path"), **eval_files(cfg)}
 
 
-def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> dict:
-    """Score every served model; writes eval/results.json and the report. Skipped when done."""
+def eval_stage(cfg: Config, rd: RunDir, url: str, key: str | None, force: bool = False) -> dict:
+    """Score every served model; writes `RESULTS` and the report. Skipped when done."""
     from sasft_ray.card import write_model_card
     from sasft_ray.evaluate import evaluate_models
     from sasft_ray.report import write_run_report
     from sasft_ray.tracking import log_scores
 
-    rd = RunDir(cfg.run_dir)
-    stage_hash = eval_hash(cfg)
-    runs = require_trained(cfg)  # before `begin` wipes the old results: a refused evaluation deletes nothing
-    # eval/models/ is kept: each model's saved scores carry the hash, and only this hash's are reused
+    stage_hash = eval_hash(cfg, rd)
+    runs = require_trained(cfg, rd)  # before `begin` wipes the old results: a refused evaluation deletes nothing
+    # SCORED is kept: each model's saved scores carry the hash, and only this hash's are reused
     if not rd.begin("eval", stage_hash, force, inputs=eval_inputs(cfg),
-                    outputs=("eval/samples", "eval/lm_eval", "eval/results.json", "report.md", "report.png")
-                    + (("eval/models",) if force else ())):
-        return rd.read_json("eval", "results.json")
+                    outputs=(SAMPLES, LM_EVAL, RESULTS, REPORT, REPORT_PLOT) + ((SCORED,) if force else ())):
+        return rd.read_json(RESULTS)
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the replies and report at the end
         out = scratch if rd.remote else rd.local()
-        scores = evaluate_models(cfg, rd, url, served_models(cfg, stage=False).api_ids(), key,
-                                 samples=Path(out, "eval", "samples"), stage_hash=stage_hash)
+        scores = evaluate_models(cfg, rd, url, served_models(cfg, rd, stage=False).api_ids(), key,
+                                 out=Path(out), stage_hash=stage_hash)
         results = {
             # which evaluation these are, of which config: `sasft report` checks them against the manifest
             "eval_id": rd.stage_info("eval")["id"], "stage_hash": stage_hash, "config": cfg.model_dump(mode="json"),
             "run_dir": cfg.run_dir, "base_model": cfg.model.path, "task": cfg.data.path,
             "base_model_id": cfg.serve.base_model_id, "models": scores,
             "finetuned": {model_id: {"method": c.train.method, "seed": c.train.seed, "run_dir": c.run_dir,
-                                     "drift": _drift(RunDir(c.run_dir)), "curve": curve(RunDir(c.run_dir)),
-                                     **_selected(RunDir(c.run_dir)), **_sources(RunDir(c.run_dir))}
-                          for model_id, c in runs.items()},
+                                     "drift": _drift(r), "curve": curve(r), **_selected(r), **_sources(r)}
+                          for model_id, (c, r) in runs.items()},
         }
-        for model_id, c in runs.items():  # each fine-tune's scores to its training's tracked run
-            log_scores(c, scores[model_id])
+        for model_id, (c, r) in runs.items():  # each fine-tune's scores to its training's tracked run
+            log_scores(c, r, scores[model_id])
         write_run_report(results, out)
         if rd.remote:
             rd.upload(scratch)
-    rd.write_json(results, "eval", "results.json")
-    for c in runs.values():  # each fine-tune's model card, now with its scores
-        write_model_card(c, RunDir(c.run_dir), results)
-    rd.finish("eval", {"models": len(scores), "report": rd.path("report.md")})
+    rd.write_json(results, RESULTS)
+    for c, r in runs.values():  # each fine-tune's model card, now with its scores
+        write_model_card(c, r, results)
+    rd.finish("eval", {"models": len(scores), "report": rd.path(REPORT)})
     return results
 
 
@@ -195,10 +197,10 @@ def _sources(rd: RunDir) -> dict:
 
 
 def _drift(rd: RunDir) -> dict | None:
-    return rd.read_json("model", "drift.json") if rd.exists("model", "drift.json") else None
+    return rd.read_json(MODEL, DRIFT) if rd.exists(MODEL, DRIFT) else None
 
 
-def serve_and_eval(cfg: Config, url: str | None = None, force: bool = False) -> dict:
+def serve_and_eval(cfg: Config, rd: RunDir, url: str | None = None, force: bool = False) -> dict:
     """Evaluate at `url`, or start the endpoint here, evaluate, and shut it down."""
     from sasft_ray import serve
     from sasft_ray.evaluate import check_eval
@@ -206,22 +208,21 @@ def serve_and_eval(cfg: Config, url: str | None = None, force: bool = False) -> 
 
     check_eval(cfg)
     key = serve.api_key(cfg)
-    rd = RunDir(cfg.run_dir)
     with rd.locked():
         if url:
-            check_serving(cfg, url)
+            check_serving(cfg, rd, url)
         if url or (not force and rd.stage_info("eval").get("status") == "done"):
-            return eval_stage(cfg, url or "", key, force)
+            return eval_stage(cfg, rd, url or "", key, force)
         connect(cfg)
-        url = serve.start(cfg, served_models(cfg))
+        url = serve.start(cfg, served_models(cfg, rd))
         try:
-            return eval_stage(cfg, url, key, force)
+            return eval_stage(cfg, rd, url, key, force)
         finally:
             serve.stop()
 
 
-def run(cfg: Config) -> dict:
-    """The whole pipeline on the embedded local Ray (no resources.address) or on a cluster."""
+def run(cfg: Config, rd: RunDir) -> dict:
+    """The whole pipeline into `rd`, on the embedded local Ray (no resources.address) or on a cluster."""
     from sasft_ray import serve
     from sasft_ray.evaluate import check_eval
     from sasft_ray.report import run_report
@@ -229,9 +230,9 @@ def run(cfg: Config) -> dict:
     started = time.time()
     check_eval(cfg)  # the evaluation's mistakes found now, not after self-talk and training are paid for
     serve.api_key(cfg)
-    with RunDir(cfg.run_dir).locked():
-        train_all(cfg)  # the lab a demo config points at is built by its first generate
-        results = serve_and_eval(cfg)
+    with rd.locked():
+        train_all(cfg, rd)  # the lab a demo config points at is built by its first generate
+        results = serve_and_eval(cfg, rd)
     print(run_report(results))
-    print(f"[run] finished in {time.time() - started:.0f} s; report: {RunDir(cfg.run_dir).path('report.md')}")
+    print(f"[run] finished in {time.time() - started:.0f} s; report: {rd.path(REPORT)}")
     return results

@@ -19,8 +19,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import yaml
 
-from sasft_ray.card import CARD, write_model_card
+from sasft_ray.card import write_model_card
 from sasft_ray.config import validate_config
+from sasft_ray.layout import CARD, CONFIG, MODEL
 from sasft_ray.rundir import RunDir, RunDirError
 
 TOKEN_ENV = "HF_TOKEN"
@@ -61,27 +62,27 @@ def push(run_dir: str, repo_id: str, private: bool = True, revision: str | None 
     if missing; None: main). Returns the commit's URL."""
     token = _token()  # before anything is read or sent
     try:
-        return _push(RunDir(run_dir, create=False), repo_id, token, private, revision)
+        return _push(RunDir(run_dir), repo_id, token, private, revision)
     except RunDirError as e:  # not a run dir, or one another command holds
         raise PushError(str(e)) from None
 
 
 def _push(rd: RunDir, repo_id: str, token: str, private: bool, revision: str | None) -> str:
-    if not rd.exists("model"):
-        raise PushError(f"{rd.path('model')} does not exist: train the run first (`sasft train` or `sasft run`)")
+    if not rd.exists(MODEL):
+        raise PushError(f"{rd.path(MODEL)} does not exist: train the run first (`sasft train` or `sasft run`)")
     with rd.locked(), tempfile.TemporaryDirectory() as scratch:
-        found = rd.fs.get_file_info(pafs.FileSelector(rd.local("model")))  # the weights, not adapter/'s
+        found = rd.fs.get_file_info(pafs.FileSelector(rd.local(MODEL)))  # the weights, not adapter/'s
         if not any(i.type == pafs.FileType.File and _is_weights(i.base_name) for i in found):
-            raise PushError(f"{rd.path('model')} holds no weights ({', '.join(WEIGHTS[:2])}): nothing was uploaded; "
+            raise PushError(f"{rd.path(MODEL)} holds no weights ({', '.join(WEIGHTS[:2])}): nothing was uploaded; "
                             "train the run first")
-        if not rd.exists("model", CARD) and rd.exists("config.yaml"):  # an export from before model cards
-            cfg = validate_config(yaml.safe_load(rd.read_text("config.yaml")), source=rd.path("config.yaml"))
+        if not rd.exists(MODEL, CARD) and rd.exists(CONFIG):  # an export from before model cards
+            cfg = validate_config(yaml.safe_load(rd.read_text(CONFIG)), source=rd.path(CONFIG))
             write_model_card(cfg, rd)
-            print(f"[push] wrote the model card {rd.path('model', CARD)} (no scores: `sasft eval` adds them)")
-        folder = rd.local("model")
+            print(f"[push] wrote the model card {rd.path(MODEL, CARD)} (no scores: `sasft eval` adds them)")
+        folder = rd.local(MODEL)
         if rd.remote:  # upload_folder reads a local folder
-            folder = str(Path(scratch, "model"))
-            pafs.copy_files(rd.local("model"), folder, source_filesystem=rd.fs,
+            folder = str(Path(scratch, MODEL))
+            pafs.copy_files(rd.local(MODEL), folder, source_filesystem=rd.fs,
                             destination_filesystem=pafs.LocalFileSystem())
         return _upload(folder, repo_id, token, private, revision, rd.root)
 
@@ -93,7 +94,7 @@ def _upload(folder: str, repo_id: str, token: str, private: bool, revision: str 
     kept = list(filter_repo_objects(files, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
     left_out = sorted(set(files) - set(kept))
     if CARD not in kept:
-        print(f"[push] WARNING: no {CARD} model card in {folder} (no config.yaml in the run dir to write one from)")
+        print(f"[push] WARNING: no {CARD} model card in {folder} (no {CONFIG} in the run dir to write one from)")
     sizes = {f: Path(folder, f).stat().st_size for f in kept}
     print(f"[push] {len(kept)} files, {sum(sizes.values()) / 2**30:.2f} GiB, from {folder} to {repo_id}"
           + (f" (branch {revision})" if revision else "") + ":")
@@ -118,7 +119,7 @@ def _upload(folder: str, repo_id: str, token: str, private: bool, revision: str 
     if stale:
         print(f"[push] left in the repo as they are (not in this export): {', '.join(stale)}")
     commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision, token=token,
-                               commit_message=f"sasft push of {Path(run_dir.rstrip('/')).name}/model")
+                               commit_message=f"sasft push of {Path(run_dir.rstrip('/')).name}/{MODEL}")
     url = getattr(commit, "commit_url", None) or str(commit)
     print(f"[push] done: {url}")
     return url

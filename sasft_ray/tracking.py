@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from sasft_ray.config import Config, flatten
+from sasft_ray.layout import MLFLOW_DB, TENSORBOARD, TRACKING, is_uri
 from sasft_ray.rundir import RunDir
 
-TRACKING = "tracking"
 # the tools' settings that the driver's environment passes to the training workers (no secrets among them)
 FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY",
              "WANDB_DIR", "WANDB_BASE_URL")
@@ -44,7 +44,7 @@ def check_backends(cfg: Config) -> None:
         if importlib.util.find_spec(MODULES[backend]) is None:
             raise ValueError(f"train.report_to {backend}: `{MODULES[backend]}` is not installed "
                              "(pip install -e \".[tracking]\")")
-    if "mlflow" in cfg.train.report_to and "://" in cfg.run_dir and not os.environ.get("MLFLOW_TRACKING_URI"):
+    if "mlflow" in cfg.train.report_to and is_uri(cfg.run_dir) and not os.environ.get("MLFLOW_TRACKING_URI"):
         raise ValueError("train.report_to mlflow with a run_dir in a bucket: set MLFLOW_TRACKING_URI (the local "
                          "default, SQLite in the run dir, needs a local run_dir)")
 
@@ -56,7 +56,7 @@ def forwarded_env() -> dict[str, str]:
 def mlflow_local_uri(rd: RunDir) -> str:
     """MLflow's store when no MLFLOW_TRACKING_URI is set: SQLite in the run dir (MLflow 3 retired its
     file store)."""
-    return f"sqlite:///{rd.local(TRACKING, 'mlflow.db')}"
+    return f"sqlite:///{rd.local(MLFLOW_DB)}"
 
 
 def run_id(rd: RunDir) -> str:
@@ -73,7 +73,7 @@ class Tracker:
         name = cfg.train.run_name or f"{Path(cfg.run_dir).name}-{cfg.train.method}"
         self.tensorboard = self.mlflow = self.wandb = None
         if "tensorboard" in self.backends:
-            self.tb_dir = tempfile.mkdtemp(prefix="sasft-tb-") if rd.remote else rd.local(TRACKING, "tensorboard")
+            self.tb_dir = tempfile.mkdtemp(prefix="sasft-tb-") if rd.remote else rd.local(TENSORBOARD)
             self.tensorboard = EventFile(self.tb_dir, self.id)
         if "mlflow" in self.backends:
             self.mlflow = self._mlflow_run(name, config or {})
@@ -119,7 +119,7 @@ class Tracker:
         if self.tensorboard:
             self.tensorboard.close()
             if self.rd.remote:
-                self.rd.upload(self.tb_dir, TRACKING, "tensorboard")
+                self.rd.upload(self.tb_dir, TENSORBOARD)
         if self.wandb:
             self.wandb.finish()
 
@@ -156,12 +156,11 @@ def train_metrics(record: dict) -> dict:
     return {f"train/{k}": v for k, v in record.items() if k not in NOT_LOGGED}
 
 
-def log_scores(cfg: Config, scores: dict) -> None:
-    """The evaluation's scores of a fine-tune (benchmark -> metric -> value) to its training's tracked run,
-    at its last step."""
+def log_scores(cfg: Config, rd: RunDir, scores: dict) -> None:
+    """The evaluation's scores of a fine-tune (benchmark -> metric -> value) to its training's tracked run in
+    `rd`, at its last step."""
     if not cfg.train.report_to:
         return
-    rd = RunDir(cfg.run_dir, create=False)
     tracker = Tracker(cfg, rd)
     tracker.log({f"eval/{b}/{m}": v for b, metrics in scores.items() for m, v in metrics.items()},
                 step=int(rd.stage_info("train").get("steps") or 0))

@@ -35,7 +35,22 @@ from sasft_ray import loop, packing, selection
 from sasft_ray.card import write_model_card
 from sasft_ray.config import Config
 from sasft_ray.export import export
-from sasft_ray.mix import MONITOR
+from sasft_ray.layout import (
+    DRIFT,
+    EVENTS,
+    FAILED_ONCE,
+    KEPT,
+    KEPT_MARK,
+    KEPT_STEP,
+    MIXED,
+    MODEL,
+    MONITOR,
+    PARTIAL,
+    RAY_TRAIN,
+    TASK_HELDOUT,
+    TRAIN_RESULT,
+    kept,
+)
 from sasft_ray.rundir import RunDir, fingerprints
 from sasft_ray.selftalk import load_tokenizer, render, turn_format
 from sasft_ray.session import bar, connect, progress
@@ -143,15 +158,10 @@ def packed(ds, max_length: int):
 
 # --- the worker: thin glue between Ray Train and `sasft_ray.loop` ---------------------------------
 
-EVENTS, FAILED_ONCE = "train-events.jsonl", "train-failed-once"
 FAIL_ONCE_AT_STEP = "SASFT_FAIL_ONCE_AT_STEP"  # the tests' fault: the last worker exits once at this step
-RAY_TRAIN = "train"  # Ray Train's run folder in run_dir: its checkpoints and snapshot
 TRAIN_SHARD = "train_"  # + rank: the Ray Train dataset of each rank's share of the training rows
 # record key -> Ray Train dataset of a held-out set: the task's, and the forgetting monitor's self-dialogues
 HELDOUT = {"heldout_loss": "heldout", "selftalk_heldout_loss": "selftalk_heldout"}
-PARTIAL = "model.partial"  # the export as it is written, before it becomes model/
-KEPT = "train-kept"  # train.select: copies of the checkpoints that are, or may become, the one exported
-KEPT_MARK = "kept.json"  # written last into a kept copy: a copy without it is incomplete
 
 
 def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it silently
@@ -235,7 +245,7 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
         if rank == 0:
             print(f"[train] exporting step {chosen['step']}, not {end['step']} (train.select {t.select}: "
                   f"{chosen['why']})")
-        with rank_files(ray.train.Checkpoint(rd.path(KEPT, f"step-{chosen['step']}")), rank) as folder:
+        with rank_files(ray.train.Checkpoint(rd.path(kept(chosen["step"]))), rank) as folder:
             engine.load_checkpoint(folder, tag="ds", load_optimizer_states=False, load_lr_scheduler_states=False)
         # the exported model's own held-out losses: those recorded at its step, measured again
         end = {"step": chosen["step"], **{key: loop.heldout_loss(engine, held()) for key, held in heldout.items()}}
@@ -245,13 +255,13 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
         out = scratch if rd.remote else rd.local(PARTIAL)
         export(engine, cfg, out, rank)
         if rank == 0:
-            Path(out, "train_result.json").write_text(json.dumps(
+            Path(out, TRAIN_RESULT).write_text(json.dumps(
                 {**{key: end[key] for key in heldout}, "selected": chosen, "trainable_params": n_trainable,
                  "total_params": n_total}))
             if rd.remote:
-                rd.upload(out, "model")
+                rd.upload(out, MODEL)
             else:
-                os.replace(out, rd.local("model"))
+                os.replace(out, rd.local(MODEL))
     if tracker:
         tracker.close()
 
@@ -326,7 +336,7 @@ def keep_for_selection(rd: RunDir, select: str, tolerance: float, step: int) -> 
     wanted = selection.keep(select, tolerance, selection.losses_by_step(train_events(rd), up_to=step))
     held = kept_steps(rd)
     for s in held - wanted:
-        rd.remove(KEPT, f"step-{s}")
+        rd.remove(kept(s))
     missing = sorted(wanted - held - {step})
     if not missing:
         return
@@ -336,9 +346,9 @@ def keep_for_selection(rd: RunDir, select: str, tolerance: float, step: int) -> 
     for s in missing:
         if s not in reported:
             raise RuntimeError(f"train.select: the checkpoint of step {s} is no longer in Ray Train's storage")
-        copy_checkpoint(reported[s], rd, KEPT, f"step-{s}")
-        rd.write_text(json.dumps({"step": s}), KEPT, f"step-{s}", KEPT_MARK)
-        print(f"[train] train.select {select}: step {s}'s checkpoint kept in {rd.path(KEPT, f'step-{s}')}")
+        copy_checkpoint(reported[s], rd, kept(s))
+        rd.write_text(json.dumps({"step": s}), kept(s), KEPT_MARK)
+        print(f"[train] train.select {select}: step {s}'s checkpoint kept in {rd.path(kept(s))}")
 
 
 def kept_steps(rd: RunDir) -> set[int]:
@@ -346,9 +356,9 @@ def kept_steps(rd: RunDir) -> set[int]:
     found = rd.fs.get_file_info(pafs.FileSelector(rd.local(KEPT), allow_not_found=True))
     steps = set()
     for info in found:
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("step-"):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith(KEPT_STEP):
             if rd.exists(KEPT, info.base_name, KEPT_MARK):
-                steps.add(int(info.base_name.removeprefix("step-")))
+                steps.add(int(info.base_name.removeprefix(KEPT_STEP)))
             else:
                 rd.remove(KEPT, info.base_name)
     return steps
@@ -438,7 +448,7 @@ def train_outputs(rd: RunDir, config_hash: str, force: bool) -> tuple[str, ...]:
     keep its events); any other starts from a clean folder."""
     prior = rd.stage_info("train")
     resuming = not force and prior.get("status") == "running" and prior.get("config_hash") == config_hash
-    return ("model", PARTIAL, FAILED_ONCE) + (() if resuming else (EVENTS, RAY_TRAIN, KEPT))
+    return (MODEL, PARTIAL, FAILED_ONCE) + (() if resuming else (EVENTS, RAY_TRAIN, KEPT))
 
 
 def train_hash(cfg: Config, rd: RunDir) -> str:
@@ -448,9 +458,8 @@ def train_hash(cfg: Config, rd: RunDir) -> str:
     return rd.chained(cfg.as_trained().section_hash("train", "model", "mix"), "mix", *monitor)
 
 
-def trained(cfg: Config) -> bool:
-    """Whether the run's model is the finished training of this very config (an error if of another)."""
-    rd = RunDir(cfg.run_dir, create=False)
+def trained(cfg: Config, rd: RunDir) -> bool:
+    """Whether the run's model in `rd` is the finished training of this very config (an error if of another)."""
     return rd.finished("train", train_hash(cfg, rd), fingerprints(cfg, "model.path"))
 
 
@@ -481,7 +490,7 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     check_resources(cfg)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     strip_bos = turn_format(tokenizer).strip_bos
-    train_ds = tokenized(cfg, rd.path("mixed"), strip_bos, columns=("source",))
+    train_ds = tokenized(cfg, rd.path(MIXED), strip_bos, columns=("source",))
     rows = train_ds.count()
     sources = per_source(train_ds)
     with_targets = train_ds.filter(expr=col("targets") > 0).count()
@@ -494,7 +503,7 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     # each rank an equal, contiguous share of the rows (the remainder, under one global batch, is left out)
     share = units // world
     shards = train_ds.split_at_indices([share * (i + 1) for i in range(world)])[:world]
-    heldout_sets = {"heldout": tokenized(cfg, rd.path("task", "heldout.parquet"), strip_bos)}
+    heldout_sets = {"heldout": tokenized(cfg, rd.path(TASK_HELDOUT), strip_bos)}
     if rd.stage_info("selftalk").get("heldout") and rd.exists(MONITOR):
         heldout_sets["selftalk_heldout"] = tokenized(cfg, rd.path(MONITOR), strip_bos)
     rd.begin("train", config_hash, force=True, inputs=inputs, outputs=train_outputs(rd, config_hash, force))
@@ -525,11 +534,11 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     )
     with progress(functools.partial(latest_progress, rd, total_steps)):
         result = trainer.fit()
-    out, drift = rd.read_json("model", "train_result.json"), rd.read_json("model", "drift.json")
+    out, drift = rd.read_json(MODEL, TRAIN_RESULT), rd.read_json(MODEL, DRIFT)
     selected = out["selected"]
     checkpoint = result.checkpoint.path if result.checkpoint else None  # the last one
     if selected["step"] != total_steps:
-        checkpoint = rd.path(KEPT, f"step-{selected['step']}")
+        checkpoint = rd.path(kept(selected["step"]))
     if not t.keep_checkpoints_after_export:  # the export is written: drop the optimizer state (~12 bytes a param)
         rd.remove(RAY_TRAIN)
         rd.remove(KEPT)

@@ -6,6 +6,7 @@ import yaml
 
 from sasft_ray.card import model_card, write_model_card
 from sasft_ray.evaluate import INDOMAIN
+from sasft_ray.layout import ADAPTER, MANIFEST, MODEL, TRAIN_RESULT
 from sasft_ray.rundir import RunDir
 from tests.conftest import make_config
 
@@ -26,14 +27,12 @@ def _run_dir(cfg, *, lora: bool = False) -> RunDir:
                   "trainable_params": 8_030_261_248, "total_params": 8_030_261_248},
         "eval": {"status": "running"},  # not finished: nothing of it is read
     }
-    rd.write_json({"stages": stages}, "manifest.json")
-    rd.fs.create_dir(rd.local("model"))
-    rd.write_text("weights", "model", "model.safetensors")
+    rd.write_json({"stages": stages}, MANIFEST)
+    rd.write_text("weights", MODEL, "model.safetensors")
     rd.write_text(json.dumps({"heldout_loss": 0.8123, "trainable_params": 8_030_261_248,
-                              "total_params": 8_030_261_248}), "model", "train_result.json")
+                              "total_params": 8_030_261_248}), MODEL, TRAIN_RESULT)
     if lora:
-        rd.fs.create_dir(rd.local("model", "adapter"))
-        rd.write_text("{}", "model", "adapter", "adapter_config.json")
+        rd.write_text("{}", MODEL, ADAPTER, "adapter_config.json")
     return rd
 
 
@@ -107,4 +106,4 @@ def test_no_card_without_an_export(tmp_path):
     cfg = make_config(tmp_path, model_path=HUB_BASE)
     rd = RunDir(cfg.run_dir)
     assert not write_model_card(cfg, rd)
-    assert not rd.exists("model")
+    assert not rd.exists(MODEL)

@@ -7,6 +7,7 @@ import pytest
 from sasft_ray.config import DataConfig
 from sasft_ray.data import BadRow, LoadReport, is_heldout, iter_rows
 from sasft_ray.generate import task_stage
+from sasft_ray.layout import TASK_TRAIN
 from sasft_ray.rundir import RunDir, StageChanged, fingerprint
 from tests.conftest import make_config
 
@@ -167,7 +168,7 @@ def test_task_stage_writes_splits_and_fails_before_any_work(tmp_path):
     task_stage(cfg, rd, force=False)
     info = rd.stage_info("task")
     assert info["status"] == "done" and info["train_rows"] + info["heldout_rows"] == 203
-    assert pq.read_table(rd.local("task", "train.parquet")).num_rows == info["train_rows"]
+    assert pq.read_table(rd.local(TASK_TRAIN)).num_rows == info["train_rows"]
 
     write_jsonl(tmp_path / "bad.jsonl", [GOOD, {"prompt": "x", "completion": 1}])
     bad = make_config(tmp_path, data_path=tmp_path / "bad.jsonl", run_dir=str(tmp_path / "run2"))

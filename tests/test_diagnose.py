@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 from sasft_ray import lab
 from sasft_ray.data import ROW_SCHEMA
 from sasft_ray.diagnose import report, score, verdict
+from sasft_ray.layout import DIAGNOSIS, DIAGNOSIS_PLOT, SELFTALK, TASK_TRAIN
 from sasft_ray.rundir import RunDir
 from tests.conftest import make_config
 
@@ -16,12 +17,12 @@ def run_dir_with(tmp_path, name, task: list[list[dict]], own: list[list[dict]], 
     """A run dir as `generate` leaves it: the task split and the self-dialogues (all kept)."""
     cfg = make_config(tmp_path / name, model, selftalk={"heldout_fraction": 0.05}, train={"max_length": 128})
     rd = RunDir(cfg.run_dir)
-    for folder, rows in (("task", [{"messages": m, "source_row": i} for i, m in enumerate(task)]),):
-        rd.fs.create_dir(rd.local(folder))
-        pq.write_table(pa.Table.from_pylist(rows, ROW_SCHEMA), rd.local(folder, "train.parquet"))
-    rd.fs.create_dir(rd.local("selftalk"))
+    rows = [{"messages": m, "source_row": i} for i, m in enumerate(task)]
+    rd.make_parent(TASK_TRAIN)
+    pq.write_table(pa.Table.from_pylist(rows, ROW_SCHEMA), rd.local(TASK_TRAIN))
+    rd.fs.create_dir(rd.local(SELFTALK))
     pq.write_table(pa.Table.from_pylist([{"messages": m, "drop_reason": ""} for m in own]),
-                   rd.local("selftalk", "part-0.parquet"))
+                   rd.local(SELFTALK, "part-0.parquet"))
     return cfg, rd
 
 
@@ -40,9 +41,9 @@ def test_a_foreign_style_task_is_farther_than_one_in_the_house_style(small_lab, 
     assert far["task"]["rows"] == far["selftalk"]["rows"] == 48
     assert far["distance"] > 1.0 and far["distance"] > 5 * near["distance"] and far["ratio"] > near["ratio"]
     assert far["verdict"].startswith("far") and not near["verdict"].startswith("far")
-    written = json.loads(rd.read_text("diagnose.json"))
+    written = json.loads(rd.read_text(DIAGNOSIS))
     assert written["ratio"] == near["ratio"] and sum(written["histogram"]["task"]) == 48
-    assert rd.exists("diagnose.png") and "x," in report(far)
+    assert rd.exists(DIAGNOSIS_PLOT) and "x," in report(far)
 
 
 def test_verdicts_by_ratio():

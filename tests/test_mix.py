@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sasft_ray.data import ROW_SCHEMA
+from sasft_ray.layout import COMPARE, MIXED_PART, MONITOR, SELFTALK, TASK_TRAIN
 from sasft_ray.mix import interleave, write_mix
 from sasft_ray.rundir import RunDir, StageChanged
 from tests.conftest import make_config
@@ -21,13 +22,13 @@ def prepare(tmp_path, task_rows=1200, self_rows=900, external_rows=0, **sections
     rd.fs.create_dir(rd.local("task"))
     pq.write_table(pa.Table.from_pylist(
         [{"messages": dialogue(f"task {i}"), "source_row": i} for i in range(task_rows)], ROW_SCHEMA),
-        rd.local("task", "train.parquet"))
-    rd.fs.create_dir(rd.local("selftalk"))
+        rd.local(TASK_TRAIN))
+    rd.fs.create_dir(rd.local(SELFTALK))
     reasons = ["" if i % 10 else "truncated" for i in range(self_rows)]
     for part in range(3):  # several files, like Ray Data writes
         pq.write_table(pa.Table.from_pylist(
             [{"id": i, "messages": dialogue(f"self {i}"), "drop_reason": reasons[i]}
-             for i in range(part, self_rows, 3)]), rd.local("selftalk", f"{part}.parquet"))
+             for i in range(part, self_rows, 3)]), rd.local(SELFTALK, f"{part}.parquet"))
     rd.fs.create_dir(rd.local("external"))
     pq.write_table(pa.Table.from_pylist(
         [{"messages": dialogue(f"ext {i}"), "source_row": i} for i in range(external_rows)], ROW_SCHEMA),
@@ -42,7 +43,7 @@ def prepare(tmp_path, task_rows=1200, self_rows=900, external_rows=0, **sections
 
 def mixed_rows(cfg, rd):
     counts = write_mix(cfg, rd)
-    return pq.read_table(rd.local("mixed", "part-0.parquet")).to_pylist(), counts
+    return pq.read_table(rd.local(MIXED_PART)).to_pylist(), counts
 
 
 def test_ratio_holds_overall_and_in_every_window(tmp_path):
@@ -107,12 +108,12 @@ def test_a_pool_smaller_than_lambda_takes_is_refused_before_any_self_talk(tmp_pa
     task.write_text("".join(f'{{"prompt": "q {i}", "completion": "a {i}"}}\n' for i in range(400)))
     cfg = make_config(tmp_path, data_path=task, selftalk={"num_dialogues": 300}, mix={"self_ratio": 1.0})
     with pytest.raises(ConfigError) as refused:
-        generate(cfg)
-    rows = RunDir(cfg.run_dir).stage_info("task")["train_rows"]
+        generate(cfg, rd := RunDir(cfg.run_dir))
+    rows = rd.stage_info("task")["train_rows"]
     assert 300 < rows < 400
     assert str(refused.value).startswith(f"selftalk.num_dialogues 300 is fewer than the {rows} self-dialogues "
                                          f"the mix takes: mix.self_ratio 1.0 x {rows} task training rows")
-    assert set(RunDir(cfg.run_dir).manifest()["stages"]) == {"task"}  # no self-talk, no mix
+    assert set(rd.manifest()["stages"]) == {"task"}  # no self-talk, no mix
     distinct = make_config(tmp_path, data_path=task, selftalk={"num_dialogues": 300}, mix={"max_distinct": 300})
     assert distinct.check_dialogues(rows) is None  # 300 distinct, repeated to λ: enough
     with pytest.raises(ConfigError, match=r"fewer than the 301 .* \(mix.max_distinct 301\)"):
@@ -170,8 +171,9 @@ def test_weighted_sources_join_the_mix_at_their_exact_counts_and_in_every_window
     second = write("second.jsonl", [{"instruction": f"second {i}", "output": "ok"} for i in range(50)])
     sources = [{"path": replay, "weight": 0.5}, {"path": second, "weight": 0.25}]
     cfg = make_config(tmp_path, data_path=task, train={"method": "sft"}, mix={"sources": sources})
-    rd = generate(cfg)
-    rows = pq.read_table(rd.local("mixed", "part-0.parquet")).to_pylist()
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd)
+    rows = pq.read_table(rd.local(MIXED_PART)).to_pylist()
     task_rows = rd.stage_info("task")["train_rows"]
     kinds = [r["source"] for r in rows]
     assert kinds.count("source0") == round(0.5 * task_rows) and kinds.count("source1") == round(0.25 * task_rows)
@@ -187,7 +189,7 @@ def test_weighted_sources_join_the_mix_at_their_exact_counts_and_in_every_window
     bad = make_config(tmp_path / "b", data_path=task, train={"method": "sft"},
                       mix={"sources": [{"path": str(tmp_path / "bad.jsonl"), "weight": 1}]})
     with pytest.raises(BadRow, match=r"bad.jsonl.*line 2"):
-        generate(bad)
+        generate(bad, RunDir(bad.run_dir))
     with pytest.raises(ConfigError, match="mix.sources.0.weight"):
         validate_config({"run_dir": str(tmp_path / "c"), "model": {"path": "m"}, "data": {"path": task},
                          "mix": {"sources": [{"path": replay, "weight": 0}]}})
@@ -195,28 +197,30 @@ def test_weighted_sources_join_the_mix_at_their_exact_counts_and_in_every_window
 
 def test_a_compare_run_measures_the_main_runs_monitor_dialogues_without_an_engine(tmp_path):
     from sasft_ray.generate import TooFewSurvivors, generate
-    from sasft_ray.mix import MONITOR
     from sasft_ray.pipeline import method_runs
 
     task = tmp_path / "task.jsonl"
     task.write_text("".join(f'{{"prompt": "q {i}", "completion": "a {i}"}}\n' for i in range(40)))
     cfg = make_config(tmp_path, data_path=task, compare=["sft"], selftalk={"heldout_fraction": 0.1})
-    sft = method_runs(cfg)["sft"]
-    assert sft.selftalk.monitor_from == cfg.run_dir and sft.selftalk_wanted(36) == (0, 4)
-    with pytest.raises(TooFewSurvivors, match="no forgetting-monitor dialogues"):
-        generate(sft)  # the main run has not written its monitor yet: nothing is generated in its place
     main = RunDir(cfg.run_dir)
+    sft, rd = method_runs(cfg, main)["sft"]
+    assert sft.selftalk.monitor_from == cfg.run_dir and sft.selftalk_wanted(36) == (0, 4)
+    assert rd.root == sft.run_dir == f"{cfg.run_dir}/{COMPARE}/sft"
+    with pytest.raises(TooFewSurvivors, match="no forgetting-monitor dialogues"):
+        generate(sft, rd)  # the main run has not written its monitor yet: nothing is generated in its place
     pq.write_table(pa.Table.from_pylist([{"id": i, "messages": dialogue(f"self {i}")} for i in range(7)]),
                    main.local(MONITOR))
     main.begin("selftalk", "test")
     main.finish("selftalk", {"heldout": 7})
-    rd = generate(sft)
+    generate(sft, rd)
     assert pq.read_table(rd.local(MONITOR)).equals(pq.read_table(main.local(MONITOR)))
     assert rd.stage_info("selftalk")["heldout"] == 7 and rd.stage_info("mix")["mixed_in_rows"] == 0
     first = rd.stage_info("selftalk")["id"]
-    assert generate(sft).stage_info("selftalk")["id"] == first  # done: not copied again
+    generate(sft, rd)
+    assert rd.stage_info("selftalk")["id"] == first  # done: not copied again
     main.begin("selftalk", "test", force=True)
     main.finish("selftalk", {"heldout": 7})  # the main run's self-talk redone: the copy is stale
     with pytest.raises(StageChanged):
-        generate(sft)
-    assert generate(sft, redo="selftalk").stage_info("selftalk")["id"] != first
+        generate(sft, rd)
+    generate(sft, rd, redo="selftalk")
+    assert rd.stage_info("selftalk")["id"] != first

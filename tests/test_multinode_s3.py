@@ -12,6 +12,7 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
+from sasft_ray.layout import MIXED, MODEL, SELFTALK
 from sasft_ray.rundir import RunDir
 from sasft_ray.tiny import write_demo_task
 from sasft_ray.train import train_events
@@ -86,9 +87,9 @@ def generated(cluster, job_config):
 def test_self_talk_and_mix_land_in_s3(generated):
     rd = generated
     info = rd.stage_info("selftalk")
-    ids = pads.dataset(rd.local("selftalk"), filesystem=rd.fs, format="parquet").to_table(columns=["id"])
+    ids = pads.dataset(rd.local(SELFTALK), filesystem=rd.fs, format="parquet").to_table(columns=["id"])
     assert sorted(ids["id"].to_pylist()) == list(range(info["rows_in"]))
-    mixed = pads.dataset(rd.local("mixed"), filesystem=rd.fs, format="parquet").count_rows()
+    mixed = pads.dataset(rd.local(MIXED), filesystem=rd.fs, format="parquet").count_rows()
     assert mixed == rd.stage_info("mix")["rows_out"] > rd.stage_info("task")["train_rows"]
 
 
@@ -129,7 +130,7 @@ def test_the_export_lands_in_s3_and_generates(trained, tmp_path):
     from sasft_ray.selftalk import load_tokenizer
 
     rd, *_ = trained
-    pafs.copy_files(rd.local("model"), str(tmp_path), source_filesystem=rd.fs)
+    pafs.copy_files(rd.local(MODEL), str(tmp_path), source_filesystem=rd.fs)
     assert {"model.safetensors", "drift.json", "tokenizer.json"} <= {p.name for p in tmp_path.iterdir()}
     tok = load_tokenizer(str(tmp_path))
     prompt = tok.apply_chat_template([{"role": "user", "content": "Double every letter of abc."}], tokenize=False,

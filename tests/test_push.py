@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from sasft_ray.cli import main
+from sasft_ray.layout import MODEL
 from sasft_ray.push import folder_files
 from tests.conftest import make_config
 from tests.test_card import HUB_BASE, _run_dir
@@ -86,7 +87,7 @@ def _trained_run(tmp_path, **train):
 
 def test_push_uploads_every_file_of_the_model_folder_stand_in_hub(tmp_path, hub):
     cfg, rd = _trained_run(tmp_path)
-    model = Path(rd.local("model"))
+    model = Path(rd.local(MODEL))
     assert not (model / "README.md").exists()  # an export from before model cards: push writes it
     code, out, err = _cli("push", cfg.run_dir, "me/llama-sasft", "--private", "--revision", "try-1")
     assert code == 0, err
@@ -117,7 +118,7 @@ def test_push_reads_the_token_from_hf_token_only_stand_in_hub(tmp_path, hub, mon
 
 def test_push_refuses_a_model_folder_without_weights_stand_in_hub(tmp_path, hub):
     cfg, rd = _trained_run(tmp_path)
-    rd.remove("model", "model.safetensors")  # adapter/'s weights are not the model's
+    rd.remove(MODEL, "model.safetensors")  # adapter/'s weights are not the model's
     code, _, err = _cli("push", cfg.run_dir, "me/llama-sasft")
     assert code == 2 and "holds no weights" in err
     rd.remove("model")

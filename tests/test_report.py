@@ -118,15 +118,15 @@ def test_runs_that_differ_in_a_setting_are_told_apart_and_their_seeds_pooled(tmp
 def _evaluated(run, results: dict, **sections) -> None:
     """`results` saved in `run` as `sasft eval` saves them: of a finished evaluation, with its config."""
     from sasft_ray.config import validate_config
+    from sasft_ray.layout import RESULTS
     from sasft_ray.pipeline import eval_hash
     from sasft_ray.rundir import RunDir
 
     cfg = validate_config({"run_dir": str(run), "model": {"path": "m"}, "data": {"path": "t"}, **sections})
     rd = RunDir(str(run))
-    rd.begin("eval", eval_hash(cfg))
-    rd.fs.create_dir(rd.local("eval"))
+    rd.begin("eval", eval_hash(cfg, rd))
     rd.write_json({**results, "eval_id": rd.stage_info("eval")["id"], "config": cfg.model_dump(mode="json")},
-                  "eval", "results.json")
+                  RESULTS)
     rd.finish("eval", {})
 
 

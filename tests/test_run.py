@@ -6,6 +6,7 @@ CI runs: here it would cost one more training and one more vLLM engine."""
 import json
 
 from sasft_ray.cli import main
+from sasft_ray.layout import LM_EVAL, REPORT, REPORT_PLOT, RESULTS, SAMPLES
 
 PLANTED_KEY = "sk-planted-4d1e0b7a93"  # the endpoint's API key: it must reach no file and no log
 
@@ -28,11 +29,11 @@ def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, ca
     args = ["run", "demo", *[f"--set={o}" for o in overrides]]
     assert main(args) == 0
     printed = capsys.readouterr()
-    assert (tmp_path / "run" / "eval" / "lm_eval" / "finetuned" / "lab_gen.json").exists()
+    assert (tmp_path / "run" / LM_EVAL / "finetuned" / "lab_gen.json").exists()
     leaked = [str(p) for p in tmp_path.rglob("*") if p.is_file() and PLANTED_KEY.encode() in p.read_bytes()]
     assert not leaked and PLANTED_KEY not in printed.out + printed.err
 
-    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    results = json.loads((tmp_path / "run" / RESULTS).read_text())
     assert set(results["models"]) == {"finetuned", "base"}
     assert results["finetuned"]["finetuned"]["method"] == "sa-sft"
     skills = json.loads((lab / "lab.json").read_text())["skills"]
@@ -40,16 +41,16 @@ def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, ca
         assert set(scores) == {"in-domain", *skills, "lab_gen"}
     assert results["models"]["base"]["in-domain"]["exact"] == 0.0  # the task's style is foreign to the base model
     # a few dozen steps on the small lab teach the task's answer style, if not yet its content
-    styled = {m: _share_in_task_style(tmp_path / "run" / "eval" / "samples" / m / "in-domain.jsonl")
+    styled = {m: _share_in_task_style(tmp_path / "run" / SAMPLES / m / "in-domain.jsonl")
               for m in results["models"]}
     assert styled["base"] == 0.0 and styled["finetuned"] > 0.5
-    report = (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / REPORT).read_text()
     assert "## finetuned (method sa-sft" in report and "forgetting" in report
     # the forgetting monitor: 4 held-out self-dialogues (5 % of 64), measured at every checkpoint
     curve = results["finetuned"]["finetuned"]["curve"]
     assert curve and all(isinstance(c["selftalk_heldout_loss"], float) for c in curve)
     assert "forgetting monitor (loss on held-out self-dialogues" in report
-    assert (tmp_path / "run" / "report.png").stat().st_size > 1000
+    assert (tmp_path / "run" / REPORT_PLOT).stat().st_size > 1000
 
     capsys.readouterr()
     assert main(args) == 0  # everything is done: nothing is generated, trained or served again

@@ -130,8 +130,9 @@ def test_kept_copies_of_checkpoints_local_hard_links_or_in_a_bucket(where, tmp_p
 
     import pyarrow.fs as pafs
 
+    from sasft_ray.layout import KEPT_MARK, kept
     from sasft_ray.rundir import RunDir
-    from sasft_ray.train import KEPT, KEPT_MARK, copy_checkpoint, kept_steps
+    from sasft_ray.train import copy_checkpoint, kept_steps
 
     source = tmp_path / "train" / "checkpoint_1"
     (source / "ds").mkdir(parents=True)
@@ -140,12 +141,12 @@ def test_kept_copies_of_checkpoints_local_hard_links_or_in_a_bucket(where, tmp_p
     root = request.getfixturevalue("bucket") + "/run" if where == "bucket" else str(tmp_path / "run")
     rd = RunDir(root)
     assert kept_steps(rd) == set()  # none yet: no folder either
-    copy_checkpoint(SimpleNamespace(path=str(source), filesystem=pafs.LocalFileSystem()), rd, KEPT, "step-10")
-    rd.write_text("{}", KEPT, "step-10", KEPT_MARK)
-    copy_checkpoint(SimpleNamespace(path=str(source), filesystem=pafs.LocalFileSystem()), rd, KEPT, "step-20")
-    assert kept_steps(rd) == {10} and not rd.exists(KEPT, "step-20")  # 20: no mark, a crash's half copy
-    assert rd.read_text(KEPT, "step-10", "ds", "zero_pp_rank_0_mp_rank_00_optim_states.pt") == "state" * 100
-    assert rd.read_text(KEPT, "step-10", "latest") == "ds"
+    copy_checkpoint(SimpleNamespace(path=str(source), filesystem=pafs.LocalFileSystem()), rd, kept(10))
+    rd.write_text("{}", kept(10), KEPT_MARK)
+    copy_checkpoint(SimpleNamespace(path=str(source), filesystem=pafs.LocalFileSystem()), rd, kept(20))
+    assert kept_steps(rd) == {10} and not rd.exists(kept(20))  # 20: no mark, a crash's half copy
+    assert rd.read_text(kept(10), "ds", "zero_pp_rank_0_mp_rank_00_optim_states.pt") == "state" * 100
+    assert rd.read_text(kept(10), "latest") == "ds"
     if where == "local":
-        kept = os.stat(rd.local(KEPT, "step-10", "ds", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
-        assert kept.st_ino == os.stat(source / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").st_ino
+        copy = os.stat(rd.local(kept(10), "ds", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+        assert copy.st_ino == os.stat(source / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").st_ino

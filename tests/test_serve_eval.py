@@ -210,24 +210,25 @@ def test_lm_eval_log_likelihoods_match_transformers_with_a_bos_adding_tokenizer(
 
 def test_evaluate_models_scores_caches_and_reports(endpoint, cfg, workdir):
     from sasft_ray.evaluate import INDOMAIN, base_cache, evaluate_models
+    from sasft_ray.layout import LM_EVAL, SAMPLES
     from sasft_ray.report import run_report
     from sasft_ray.rundir import RunDir
 
     url, _ = endpoint
     rd = RunDir(cfg.run_dir)
     scores = evaluate_models(cfg, rd, url, {"finetuned": "finetuned", "base": "base"}, "test-key-123",
-                             samples=workdir / "samples")
+                             out=workdir)
     assert set(scores["finetuned"]) == {INDOMAIN, "general", "tiny_mc", "tiny_gen"}
     assert scores["finetuned"]["general"]["contains"] >= scores["finetuned"]["general"]["exact"]
     assert scores["finetuned"]["general"]["exact"] > scores["base"]["general"]["exact"]
-    samples = (workdir / "samples" / "finetuned" / "general.jsonl").read_text().splitlines()
+    samples = (workdir / SAMPLES / "finetuned" / "general.jsonl").read_text().splitlines()
     assert len(samples) == 24 and "prediction" in json.loads(samples[0])
 
     # lm-eval's own results beside ours: stderr, the task's config
-    lm_eval = json.loads((workdir / "lm_eval" / "finetuned" / "tiny_mc.json").read_text())
+    lm_eval = json.loads((workdir / LM_EVAL / "finetuned" / "tiny_mc.json").read_text())
     assert lm_eval["results"]["tiny_mc"]["acc,none"] == scores["finetuned"]["tiny_mc"]["acc,none"]
     assert 0 <= lm_eval["results"]["tiny_mc"]["acc_stderr,none"] < 0.5 and "tiny_mc" in lm_eval["configs"]
-    assert len((workdir / "lm_eval" / "finetuned" / "tiny_mc.samples.tiny_mc.jsonl").read_text().splitlines()) == 20
+    assert len((workdir / LM_EVAL / "finetuned" / "tiny_mc.samples.tiny_mc.jsonl").read_text().splitlines()) == 20
 
     root, name = base_cache(cfg)
     cache = RunDir(root)
@@ -246,6 +247,7 @@ def test_a_run_dir_in_s3_gets_its_results_replies_and_report(endpoint, cfg, buck
     """What a cluster run with its run_dir in S3 gets from the eval stage, and `sasft report` reads back."""
     from sasft_ray.cli import main
     from sasft_ray.generate import task_stage
+    from sasft_ray.layout import REPORT, REPORT_PLOT, RESULTS, SAMPLES
     from sasft_ray.pipeline import eval_stage
     from sasft_ray.rundir import RunDir
     from sasft_ray.train import train_hash
@@ -257,11 +259,11 @@ def test_a_run_dir_in_s3_gets_its_results_replies_and_report(endpoint, cfg, buck
     task_stage(remote, rd, force=False)
     rd.begin("train", train_hash(remote, rd), force=True)  # the served fine-tune stands for this run's training
     rd.finish("train", {"steps": 0})
-    results = eval_stage(remote, url, "test-key-123")
-    assert rd.read_json("eval", "results.json") == results and set(results["models"]) == {"finetuned", "base"}
-    assert rd.stage_info("eval")["report"] == f"{bucket}/eval-run/report.md"
-    assert "## finetuned (method sft" in rd.read_text("report.md") and rd.exists("report.png")
-    replies = rd.read_text("eval", "samples", "base", "general.jsonl").splitlines()
+    results = eval_stage(remote, rd, url, "test-key-123")
+    assert rd.read_json(RESULTS) == results and set(results["models"]) == {"finetuned", "base"}
+    assert rd.stage_info("eval")["report"] == f"{bucket}/eval-run/{REPORT}"
+    assert "## finetuned (method sft" in rd.read_text(REPORT) and rd.exists(REPORT_PLOT)
+    replies = rd.read_text(SAMPLES, "base", "general.jsonl").splitlines()
     assert len(replies) == 24 and "prediction" in json.loads(replies[0])
     capsys.readouterr()
     assert main(["report", remote.run_dir]) == 0

@@ -7,6 +7,7 @@ import json
 import pytest
 import requests
 
+from sasft_ray.layout import ADAPTERS
 from tests.conftest import free_port, make_config
 from tests.test_faults import _finish_training
 
@@ -51,7 +52,7 @@ def endpoint(tiny_llama, fine_tunes, bucket, local_ray, tmp_path_factory):
     cfg = make_config(tmp_path_factory.mktemp("lora-serve"), tiny_llama, train={"lora": {"r": 8, "alpha": 16}},
                       serve={"port": free_port(), "engine": {"max_model_len": 256, "max_num_seqs": 8}})
     models = serve.Models({"base": tiny_llama, **{f"{n}-merged": str(m) for n, (_, m) in fine_tunes.items()}},
-                          {name: rd.path("serve", "adapters", name) for name in fine_tunes}, base="base")
+                          {name: rd.path(ADAPTERS, name) for name in fine_tunes}, base="base")
     url = serve.start(cfg, models)
     yield url, models
     serve.stop()
@@ -93,6 +94,7 @@ def test_the_pipeline_serves_lora_runs_in_a_bucket_as_adapters_of_one_engine(tin
     """`served_models` for LoRA runs (the main one and a compared method) whose run_dir is in a bucket:
     their adapters copied into one folder, requested as <base>:<id>; on a local run_dir, merged engines."""
     from sasft_ray.generate import generate
+    from sasft_ray.layout import ADAPTER, MODEL
     from sasft_ray.pipeline import method_runs, served_models
     from sasft_ray.rundir import RunDir
     from sasft_ray.serve import llm_config
@@ -102,24 +104,24 @@ def test_the_pipeline_serves_lora_runs_in_a_bucket_as_adapters_of_one_engine(tin
     sections = dict(train={"method": "sft", "lora": {"r": 8}, "freeze_layers": 1}, compare=["freeze"])
     cfg = make_config(tmp_path, tiny_llama, data_path=tmp_path / "task.jsonl", run_dir=f"{bucket}/lora-run",
                       **sections)
-    for run, (adapter, merged) in zip(method_runs(cfg).values(), fine_tunes.values()):
-        rd = generate(run)
-        rd.upload(str(merged), "model")
-        rd.upload(str(adapter), "model", "adapter")
+    staged = RunDir(cfg.run_dir)
+    for (run, rd), (adapter, merged) in zip(method_runs(cfg, staged).values(), fine_tunes.values()):
+        generate(run, rd)
+        rd.upload(str(merged), MODEL)
+        rd.upload(str(adapter), MODEL, ADAPTER)
         _finish_training(run, rd)
-    models = served_models(cfg)
+    models = served_models(cfg, staged)
     assert models.engines == {"base": tiny_llama} and models.base == "base"
     assert models.api_ids() == {"base": "base", "finetuned": "base:finetuned", "freeze": "base:freeze"}
-    staged = RunDir(cfg.run_dir)
     for model_id in ("finetuned", "freeze"):
-        config = json.loads(staged.read_text("serve", "adapters", model_id, "adapter_config.json"))
+        config = json.loads(staged.read_text(ADAPTERS, model_id, "adapter_config.json"))
         assert config["r"] == 8
     base = llm_config(cfg, "base", tiny_llama, models.adapters)
-    assert base["lora_config"] == {"dynamic_lora_loading_path": f"{bucket}/lora-run/serve/adapters",
+    assert base["lora_config"] == {"dynamic_lora_loading_path": f"{bucket}/lora-run/{ADAPTERS}",
                                    "max_num_adapters_per_replica": 2}
     assert {k: base["engine_kwargs"][k] for k in ("enable_lora", "max_loras", "max_lora_rank")} == {
         "enable_lora": True, "max_loras": 2, "max_lora_rank": 8}
 
     merged = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"lora": "merged"})})
-    assert set(served_models(merged).engines) == {"finetuned", "freeze", "base"}
-    assert served_models(merged).adapters == {}
+    assert set(served_models(merged, staged).engines) == {"finetuned", "freeze", "base"}
+    assert served_models(merged, staged).adapters == {}

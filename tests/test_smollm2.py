@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sasft_ray.config import validate_config
+from sasft_ray.layout import MIXED, MODEL, SELFTALK
 from sasft_ray.realdemo import ticket_rows, write_jsonl
 from sasft_ray.rundir import RunDir
 from tests.conftest import make_config
@@ -34,12 +35,14 @@ def run(smollm2, local_ray, tmp_path_factory):
         train={"method": "sa-sft", "max_steps": 2, "micro_batch_size": 2, "max_length": 96, "lr": 1e-6,
                "checkpoint_every": 2},
         serve={"port": 8131, "engine": {"max_model_len": 512, "max_num_seqs": 4, "kv_cache_gib": 1}})
-    return cfg, generate(cfg)
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd)
+    return cfg, rd
 
 
 def test_the_real_model_talks_to_itself_in_its_own_template(run):
     cfg, rd = run
-    rows = pads.dataset(rd.local("selftalk"), format="parquet").to_table().to_pylist()
+    rows = pads.dataset(rd.local(SELFTALK), format="parquet").to_table().to_pylist()
     assert len(rows) == math.ceil(6 * cfg.selftalk.oversample)
     kept = [r for r in rows if r["drop_reason"] == ""]
     assert len(kept) >= 4
@@ -48,7 +51,7 @@ def test_the_real_model_talks_to_itself_in_its_own_template(run):
         assert all(len(m["content"].split()) >= 2 and "<|im_" not in m["content"] for m in r["messages"])
         # a reply cut at its 24 tokens stays open (its end of turn is never a target); one that ended is whole
         assert r["open_end"] == (r["cut_replies"] == 1)
-    mixed = pads.dataset(rd.local("mixed"), format="parquet").to_table().to_pylist()
+    mixed = pads.dataset(rd.local(MIXED), format="parquet").to_table().to_pylist()
     by_id = {r["id"]: r for r in kept}
     self_rows = [r for r in mixed if r["source"] == "self"]
     assert self_rows and all(r["open_end"] == by_id[r["id"]]["open_end"] for r in self_rows)
@@ -67,8 +70,8 @@ def test_a_token_limit_that_cuts_most_replies_stops_the_stage_after_its_first_ba
                                                                              "batch_size": 4})
     raw["filters"]["truncated"] = "drop"
     with pytest.raises(TooFewSurvivors, match=r"first batch: \d of its 4 dialogues .*max_assistant_tokens 8: \d"):
-        generate(validate_config(raw))
-    assert RunDir(raw["run_dir"]).stage_info("selftalk")["status"] == "failed"
+        generate(validate_config(raw), cut := RunDir(raw["run_dir"]))
+    assert cut.stage_info("selftalk")["status"] == "failed"
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +89,10 @@ def test_zero3_trains_the_real_model_and_the_export_keeps_it_whole(trained):
 
     cfg, rd, record = trained
     assert record["status"] == "done" and record["steps"] == 2 and record["final_loss"] > 0
-    model = AutoModelForCausalLM.from_pretrained(rd.local("model"), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(rd.local(MODEL), dtype=torch.float32)
     assert model.config.tie_word_embeddings
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
-    tokenizer = AutoTokenizer.from_pretrained(rd.local("model"))
+    tokenizer = AutoTokenizer.from_pretrained(rd.local(MODEL))
     ids = tokenizer.apply_chat_template(CAPITAL, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
@@ -101,7 +104,7 @@ def test_serve_answers_the_real_model_and_its_fine_tune_through_openai(trained, 
     from sasft_ray import serve
 
     cfg, rd, _ = trained
-    url = serve.start(cfg, serve.Models({"finetuned": rd.path("model"), "base": smollm2}))
+    url = serve.start(cfg, serve.Models({"finetuned": rd.path(MODEL), "base": smollm2}))
     try:
         api = openai.OpenAI(base_url=url, api_key="unused")
         for model_id in ("base", "finetuned"):

@@ -13,9 +13,24 @@ from safetensors.torch import load_file
 
 from sasft_ray.config import LoraConfig
 from sasft_ray.generate import generate
+from sasft_ray.layout import (
+    ADAPTER,
+    DRIFT,
+    FAILED_ONCE,
+    KEPT,
+    KEPT_STEP,
+    MODEL,
+    MONITOR,
+    RAY_TRAIN,
+    TENSORBOARD,
+    TRACKING,
+    TRAIN_RESULT,
+    kept,
+)
 from sasft_ray.loop import collate, frozen_prefixes, lr_lambda, with_persistence_threshold
 from sasft_ray.lora import apply_lora, merge_lora, parameter_counts
 from sasft_ray.packing import pack
+from sasft_ray.rundir import RunDir
 from sasft_ray.selftalk import load_tokenizer
 from sasft_ray.tiny import demo_task_rows, warmup_dialogues, write_demo_task
 from sasft_ray.train import FAIL_ONCE_AT_STEP, IGNORE, TrainSetupError, encode, train, train_events, train_hash
@@ -132,7 +147,9 @@ def task_run(tiny_llama, local_ray, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     write_demo_task(tmp / "task.jsonl", n=120)
     cfg = make_config(tmp, tiny_llama, train={**TRAIN, "method": "sft"})
-    return cfg, generate(cfg)
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd)
+    return cfg, rd
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +170,7 @@ def trained(task_run):
 def test_zero3_training_survives_a_killed_worker_and_the_loss_falls(trained):
     cfg, rd, record = trained
     assert record["status"] == "done" and record["steps"] == 30
-    assert Path(rd.local("train-failed-once")).exists()  # a worker really died at step 15...
+    assert Path(rd.local(FAILED_ONCE)).exists()  # a worker really died at step 15...
     events = train_events(rd)
     assert [(e["event"], e["step"]) for e in events] == [  # ...and it went on from the checkpoint at 10
         ("started", 0), ("log", 5), ("checkpoint", 10), ("resumed", 10), ("log", 15),
@@ -172,7 +189,7 @@ def test_zero3_training_survives_a_killed_worker_and_the_loss_falls(trained):
     assert losses[15] < losses[10]
     assert losses[30] < 0.7 * losses[10] and record["final_loss"] == losses[30]
     assert record["heldout_loss"] < events[2]["heldout_loss"]  # the held-out loss fell too (from step 10's)
-    drift = json.loads(Path(rd.local("model", "drift.json")).read_text())
+    drift = json.loads(Path(rd.local(MODEL, DRIFT)).read_text())
     assert drift["total"] > 0 and "layers.000" in drift and "embeddings" in drift
 
 
@@ -195,7 +212,8 @@ def test_the_forgetting_monitor_sees_sft_make_the_models_own_text_unlikely(tiny_
     cfg = make_config(tmp_path, tiny_llama, train={**TRAIN, "method": "sft", "max_steps": 30},
                       selftalk={"num_dialogues": 40, "heldout_fraction": 0.25, "max_user_tokens": 32,
                                 "max_assistant_tokens": 32, "engine": {"max_model_len": 256, "batch_size": 16}})
-    rd = generate(cfg)
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd)
     assert rd.stage_info("selftalk")["heldout"] == 10
     assert rd.stage_info("mix")["rows_out"] == rd.stage_info("task")["train_rows"]  # SFT: nothing mixed in
     record = train(cfg, rd)
@@ -206,7 +224,7 @@ def test_the_forgetting_monitor_sees_sft_make_the_models_own_text_unlikely(tiny_
 
     tok, base = load_tokenizer(tiny_llama), AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     total = count = 0
-    for messages in pq.read_table(rd.local("selftalk_heldout.parquet"))["messages"].to_pylist():
+    for messages in pq.read_table(rd.local(MONITOR))["messages"].to_pylist():
         enc = encode(tok, messages, max_length=TRAIN["max_length"])
         labels = torch.tensor([enc["labels"]])
         n = int((labels[:, 1:] != IGNORE).sum())
@@ -244,7 +262,7 @@ def test_training_is_tracked_in_tensorboard_mlflow_and_wandb_as_in_its_events(tr
 
     cfg, rd, _ = trained
     records = {e["step"]: e for e in train_events(rd) if e["event"] in ("log", "checkpoint")}
-    scalars = _tensorboard_scalars(Path(rd.local("tracking", "tensorboard")))
+    scalars = _tensorboard_scalars(Path(rd.local(TENSORBOARD)))
     assert scalars["train/loss"] == pytest.approx({step: e["loss"] for step, e in records.items()})
     assert scalars["train/heldout_loss"] == pytest.approx(
         {step: e["heldout_loss"] for step, e in records.items() if "heldout_loss" in e})
@@ -254,13 +272,13 @@ def test_training_is_tracked_in_tensorboard_mlflow_and_wandb_as_in_its_events(tr
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/grad_norm")}
     assert history == pytest.approx({step: e["grad_norm"] for step, e in records.items()})
     assert run.data.params["train.lr"] == "0.005" and run.data.tags["sasft_run_id"] == run_id(rd)
-    wandb_runs = list(Path(rd.local("tracking", "wandb")).glob(f"offline-run-*-{run_id(rd)}*"))
+    wandb_runs = list(Path(rd.local(TRACKING, "wandb")).glob(f"offline-run-*-{run_id(rd)}*"))
     assert len(wandb_runs) == 2  # started, then resumed by the restarted worker group
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")
-        log_scores(cfg, {"in-domain": {"exact": 0.25}})
-    assert _tensorboard_scalars(Path(rd.local("tracking", "tensorboard")))["eval/in-domain/exact"] == {30: 0.25}
+        log_scores(cfg, rd, {"in-domain": {"exact": 0.25}})
+    assert _tensorboard_scalars(Path(rd.local(TENSORBOARD)))["eval/in-domain/exact"] == {30: 0.25}
     scores = client.get_metric_history(run.info.run_id, "eval/in-domain/exact")
     assert [(m.step, m.value) for m in scores] == [(30, 0.25)]
 
@@ -269,7 +287,7 @@ def test_export_equals_deepspeed_zero_to_fp32(trained):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     cfg, rd, record = trained
-    exported = load_file(str(Path(rd.local("model", "model.safetensors"))))
+    exported = load_file(str(Path(rd.local(MODEL, "model.safetensors"))))
     reference = get_fp32_state_dict_from_zero_checkpoint(record["checkpoint"], tag="ds")
     assert set(exported) == set(reference)
     for key, value in reference.items():
@@ -280,7 +298,7 @@ def test_export_generates_in_transformers_and_vllm(trained):
     from transformers import AutoModelForCausalLM
 
     cfg, rd, _ = trained
-    model_dir = rd.local("model")
+    model_dir = rd.local(MODEL)
     tok = load_tokenizer(model_dir)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Double every letter of abc."}], tokenize=False,
                                      add_generation_prompt=True)
@@ -304,14 +322,15 @@ def test_freeze_keeps_frozen_weights_bit_identical(task_run, tiny_llama, tmp_pat
     freeze_cfg = make_config(tmp_path, tiny_llama, data_path=cfg.data.path,
                              train={**TRAIN, "method": "freeze", "freeze_layers": 1, "max_steps": 3,
                                     "grad_accum": 2})
-    freeze_rd = generate(freeze_cfg)
+    freeze_rd = RunDir(freeze_cfg.run_dir)
+    generate(freeze_cfg, freeze_rd)
     record = train(freeze_cfg, freeze_rd)
     last = train_events(freeze_rd)[-1]
     assert last["step"] == last["optimizer_steps"] == 3  # our step count agrees with DeepSpeed's
     # the export written, the checkpoints (optimizer state) are gone with Ray Train's folder
-    assert record["checkpoint"] is None and not freeze_rd.exists("train") and freeze_rd.exists("model")
+    assert record["checkpoint"] is None and not freeze_rd.exists(RAY_TRAIN) and freeze_rd.exists(MODEL)
     base = load_file(str(Path(tiny_llama, "model.safetensors")))
-    tuned = load_file(str(Path(freeze_rd.local("model", "model.safetensors"))))
+    tuned = load_file(str(Path(freeze_rd.local(MODEL, "model.safetensors"))))
     for key in base:
         frozen = "embed_tokens." in key or ".layers.0." in key
         assert torch.equal(base[key], tuned[key]) == frozen, key
@@ -326,7 +345,8 @@ def test_lora_zero3_packed_checkpointed_trains_adapters_only_and_exports_merged_
                            train={**TRAIN, "method": "sft", "lr": 1e-2, "max_steps": 20, "checkpoint_every": 5,
                                   "packing": True, "lora": {"r": 8, "alpha": 16}, "gradient_checkpointing": True,
                                   "keep_checkpoints_after_export": True})
-    lora_rd = generate(lora_cfg)
+    lora_rd = RunDir(lora_cfg.run_dir)
+    generate(lora_cfg, lora_rd)
     record = train(lora_cfg, lora_rd)
     assert record["sequences"] <= record["rows_in"] / 2  # packed: two ~50-token dialogues per 128 tokens
     assert 0 < record["trainable_params"] < record["total_params"] / 10
@@ -349,21 +369,21 @@ def test_lora_zero3_packed_checkpointed_trains_adapters_only_and_exports_merged_
             assert torch.equal(value, base[key.removeprefix("base_model.model.").replace(".base_layer", "")]), key
 
     # the export: plain HF weights, adapters merged into the adapted matrices, everything else untouched
-    exported = load_file(str(Path(lora_rd.local("model", "model.safetensors"))))
-    assert set(exported) == set(base) and not (Path(lora_rd.local("model")) / "adapter_config.json").exists()  # HF
+    exported = load_file(str(Path(lora_rd.local(MODEL, "model.safetensors"))))
+    assert set(exported) == set(base) and not (Path(lora_rd.local(MODEL)) / "adapter_config.json").exists()  # HF
     for key in base:
         adapted = key.endswith("proj.weight")
         assert torch.equal(exported[key], base[key]) != adapted, key
-    model = AutoModelForCausalLM.from_pretrained(lora_rd.local("model"))
+    model = AutoModelForCausalLM.from_pretrained(lora_rd.local(MODEL))
     assert torch.equal(model.state_dict()["model.layers.1.mlp.down_proj.weight"],
                        exported["model.layers.1.mlp.down_proj.weight"])
-    drift = json.loads(Path(lora_rd.local("model", "drift.json")).read_text())
+    drift = json.loads(Path(lora_rd.local(MODEL, DRIFT)).read_text())
     assert drift["total"] > 0 and drift["embeddings"] == 0 and drift["lm_head"] == 0
 
     # and the adapter itself, as PEFT writes it: the base model with it computes what the merged model does
     from peft import PeftModel
 
-    adapter = Path(lora_rd.local("model", "adapter"))
+    adapter = Path(lora_rd.local(MODEL, ADAPTER))
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(adapter))
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
@@ -412,7 +432,8 @@ def test_best_task_exports_the_checkpoint_of_the_lowest_held_out_loss_kept_past_
                              "keep_checkpoints": 1, "keep_checkpoints_after_export": True, "select": "best_task"})
     monkeypatch.setenv(FAIL_ONCE_AT_STEP, "26")
     assert cfg.data.path == str(data)
-    rd = generate(cfg)
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd)
     assert rd.stage_info("task")["train_rows"] == 16
     record = train(cfg, rd)
     events = train_events(rd)
@@ -424,19 +445,19 @@ def test_best_task_exports_the_checkpoint_of_the_lowest_held_out_loss_kept_past_
     assert best < 32 and losses[32] > losses[best]  # it overfit: the best is not the last
     chosen = record["selected"]
     assert chosen["rule"] == "best_task" and chosen["step"] == best and chosen["task_loss"] == losses[best]
-    assert json.loads(Path(rd.local("model", "train_result.json")).read_text())["selected"] == chosen
+    assert json.loads(Path(rd.local(MODEL, TRAIN_RESULT)).read_text())["selected"] == chosen
     assert rd.stage_info("train")["selected"] == chosen  # in the manifest
     # the exported model, measured again on the held-out split, is the chosen checkpoint's
     assert record["heldout_loss"] == pytest.approx(losses[best], rel=1e-5)
 
     # Ray Train kept its latest only; the copies hold what may still be chosen, the chosen one among them
-    ray_checkpoints = [p for p in Path(rd.local("train")).glob("checkpoint_*") if p.is_dir()]
+    ray_checkpoints = [p for p in Path(rd.local(RAY_TRAIN)).glob("checkpoint_*") if p.is_dir()]
     assert len(ray_checkpoints) == 1
-    kept = {int(p.name.removeprefix("step-")) for p in Path(rd.local("train-kept")).iterdir()}
-    assert kept == keep("best_task", 0.02, losses_by_step(events)) - {32} == {best}
-    assert record["checkpoint"] == rd.path("train-kept", f"step-{best}")
+    copies = {int(p.name.removeprefix(KEPT_STEP)) for p in Path(rd.local(KEPT)).iterdir()}
+    assert copies == keep("best_task", 0.02, losses_by_step(events)) - {32} == {best}
+    assert record["checkpoint"] == rd.path(kept(best))
 
-    exported = load_file(str(Path(rd.local("model", "model.safetensors"))))
+    exported = load_file(str(Path(rd.local(MODEL, "model.safetensors"))))
     chosen_weights = get_fp32_state_dict_from_zero_checkpoint(record["checkpoint"], tag="ds")
     last_weights = get_fp32_state_dict_from_zero_checkpoint(str(ray_checkpoints[0]), tag="ds")
     assert set(exported) == set(chosen_weights)
