@@ -5,7 +5,7 @@ lies inside an exported model, to `MODEL`); and which paths are URIs rather than
     sasft.lock                    LOCK        held by the command writing there
     config.yaml                   CONFIG      the config of the last run
     task/{train,heldout}.parquet  TASK        the task's rows in the canonical form (`TASK_TRAIN`, `TASK_HELDOUT`)
-    sources/<i>/train.parquet     source_folder(i)  mix.sources' rows
+    sources/<i>/train.parquet     SOURCES     mix.sources' rows (`source_folder(i)`)
     external/train.parquet        EXTERNAL    external-mix's rows
     selftalk/*.parquet            SELFTALK    every self-dialogue with its drop_reason
     selftalk_heldout.parquet      MONITOR     the forgetting monitor's self-dialogues

@@ -16,6 +16,7 @@ from sasft_ray.generate import generate
 from sasft_ray.layout import (
     ADAPTER,
     DRIFT,
+    EVENTS,
     FAILED_ONCE,
     KEPT,
     KEPT_STEP,
@@ -795,7 +796,7 @@ def test_a_crashed_run_restarted_with_other_settings_resumes_only_if_they_leave_
     recomputed activations) keeps its hash, so the run resumes from its checkpoints; any other starts clean."""
     from sasft_ray.report import variants
     from sasft_ray.rundir import RunDir
-    from sasft_ray.train import EVENTS, KEPT, RAY_TRAIN, train_outputs
+    from sasft_ray.train import train_outputs
 
     cfg = make_config(tmp_path, data={"path": "task.jsonl", "heldout_fraction": 0.1})
     rd = RunDir(cfg.run_dir)
