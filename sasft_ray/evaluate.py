@@ -29,9 +29,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from sasft_ray import instructions
+from sasft_ray.chat import adds_bos, model_tokenizer
 from sasft_ray.config import INDOMAIN, Config, EvalSuite, LmEvalGroup, check_benchmark_name
 from sasft_ray.rundir import RunDir, fingerprint
-from sasft_ray.selftalk import adds_bos, load_tokenizer
 
 
 class EvalError(ValueError):
@@ -230,7 +230,7 @@ def lm_eval_model_args(group: LmEvalGroup, url: str, model_id: str, cfg: Config)
     token. Chat requests go as messages; the server's chat template places the BOS. No API key: lm-eval logs
     these arguments and returns them in its results (`key_for_lm_eval` passes it)."""
     chat = group.mode == "chat"
-    bos = adds_bos(load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
+    bos = adds_bos(model_tokenizer(cfg.model))
     # chat: one conversation a request; completions: `batch` prompts a request, fewer hops per sequence
     batch = 1 if chat else min(8, cfg.eval_concurrency)
     args = {

@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 
 from sasft_ray import lora
+from sasft_ray.chat import model_tokenizer
 from sasft_ray.config import Config
-from sasft_ray.selftalk import load_tokenizer
 
 ADAPTER_DIR = "adapter"  # <run_dir>/model/adapter/: a LoRA fine-tune's PEFT adapter, beside its merged weights
 
@@ -35,7 +35,7 @@ def export(engine, cfg: Config, out: str, rank: int) -> None:
         state = lora.merge_lora(state, cfg.train.lora.alpha / cfg.train.lora.r)
         model = model.get_base_model()
     model.save_pretrained(out, state_dict=state, safe_serialization=True)
-    load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).save_pretrained(out)
+    model_tokenizer(cfg.model).save_pretrained(out)
     Path(out, "drift.json").write_text(json.dumps(weight_drift(cfg.model.path, state), indent=2))
 
 

@@ -23,20 +23,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from sasft_ray import data as task_data
+from sasft_ray.chat import model_tokenizer, turn_format
 from sasft_ray.cluster import bar, connect, progress
 from sasft_ray.config import Config, DataConfig
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
 from sasft_ray.mix import MONITOR, mix_key, write_mix
 from sasft_ray.rundir import RunDir, fingerprint, fingerprints
-from sasft_ray.selftalk import (
-    LIGHT_CPUS,
-    SelfTalkCut,
-    Written,
-    check_fits,
-    load_tokenizer,
-    selftalk_dataset,
-    turn_format,
-)
+from sasft_ray.selftalk import LIGHT_CPUS, SelfTalkCut, Written, check_fits, selftalk_dataset
 
 
 class TooFewSurvivors(RuntimeError):
@@ -125,7 +118,7 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None
     if not rd.begin("selftalk", f"{cfg.section_hash('model', 'selftalk', 'filters')}:{mixed}:{monitor}", force,
                     outputs=("selftalk", MONITOR), inputs=fingerprints(cfg, "model.path")):
         return
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    tokenizer = model_tokenizer(cfg.model)
     fmt = turn_format(tokenizer)
     check_fits(cfg, tokenizer, fmt)
     connect(cfg)
