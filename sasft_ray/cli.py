@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from sasft_ray.chat import ChatError
 from sasft_ray.cluster import VERBOSE, quiet, verbose
 from sasft_ray.config import ConfigError, load_config, shipped_configs
 from sasft_ray.data import BadRow
@@ -20,7 +21,7 @@ from sasft_ray.train import TrainSetupError
 
 # Mistakes in the config or the data: a message, not a traceback.
 USER_ERRORS = (ConfigError, BadRow, StageChanged, RunDirError, TooFewSurvivors, TrainSetupError, EvalError, ServeError,
-               PushError, ModelError)
+               PushError, ModelError, ChatError)
 
 
 def _config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:

@@ -653,7 +653,8 @@ def absolute_paths(cfg: Config) -> Config:
         return str(Path(path).absolute()) if local else path
 
     update = {"run_dir": cfg.run_dir if "://" in cfg.run_dir else str(Path(cfg.run_dir).absolute()),
-              "model": cfg.model.model_copy(update={"path": fix(cfg.model.path)}),
+              "model": cfg.model.model_copy(update={"path": fix(cfg.model.path), **(
+                  {"chat_template": str(Path(t).absolute())} if (t := cfg.model.chat_template) else {})}),
               "data": cfg.data.model_copy(update={"path": fix(cfg.data.path)})}
     mix = {"sources": [src.model_copy(update={"path": fix(src.path)}) for src in cfg.mix.sources]}
     if cfg.mix.external:

@@ -332,7 +332,8 @@ def general_scores(api, url: str, model_id: str, cfg: Config, key: str | None, s
 def base_cache_key(cfg: Config) -> str:
     """What the base model's general scores depend on; every file they read by its `fingerprint` (a model
     rebuilt at the same path, an edited task YAML or scorer module: scored afresh)."""
-    keyed = {"model": cfg.model.model_dump(mode="json"), "weights": fingerprint(cfg.model.path),
+    keyed = {"model": cfg.model.model_dump(mode="json", exclude_none=True), "weights": fingerprint(cfg.model.path),
+             **({"chat_template": fingerprint(t)} if (t := cfg.model.chat_template) else {}),
              "suites": [s.model_dump(mode="json") for s in cfg.eval.suites],
              "lm_eval": [g.model_dump(mode="json") for g in cfg.eval.lm_eval], "files": eval_files(cfg),
              "max_tokens": cfg.eval.max_tokens, **score_settings(cfg)}

@@ -28,7 +28,7 @@ from sasft_ray.cluster import bar, connect, progress
 from sasft_ray.config import Config, DataConfig
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
 from sasft_ray.mix import MONITOR, mix_key, write_mix
-from sasft_ray.rundir import RunDir, fingerprint, fingerprints
+from sasft_ray.rundir import MODEL_FILES, RunDir, fingerprint, fingerprints
 from sasft_ray.selftalk import LIGHT_CPUS, SelfTalkCut, Written, check_fits, selftalk_dataset
 
 
@@ -103,7 +103,7 @@ def monitor_stage(cfg: Config, rd: RunDir, force: bool) -> None:
         raise TooFewSurvivors(f"selftalk.monitor_from {source.root} has no forgetting-monitor dialogues "
                               f"({MONITOR} of a finished selftalk stage): run it first, or unset monitor_from")
     if rd.begin("selftalk", f"{cfg.section_hash('model')}:from:{source.root}:{done['id']}", force,
-                outputs=("selftalk", MONITOR), inputs=fingerprints(cfg, "model.path")):
+                outputs=("selftalk", MONITOR), inputs=fingerprints(cfg, *MODEL_FILES)):
         table = pq.read_table(source.local(MONITOR), filesystem=source.fs)
         pq.write_table(table, rd.local(MONITOR), filesystem=rd.fs)
         rd.finish("selftalk", {"rows_out": 0, "heldout": table.num_rows, "monitor_from": source.root})
@@ -116,7 +116,7 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None
 
     mixed, monitor = cfg.selftalk_wanted(task_rows)
     if not rd.begin("selftalk", f"{cfg.section_hash('model', 'selftalk', 'filters')}:{mixed}:{monitor}", force,
-                    outputs=("selftalk", MONITOR), inputs=fingerprints(cfg, "model.path")):
+                    outputs=("selftalk", MONITOR), inputs=fingerprints(cfg, *MODEL_FILES)):
         return
     tokenizer = model_tokenizer(cfg.model)
     fmt = turn_format(tokenizer)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from sasft_ray.config import Config, validate_config
-from sasft_ray.rundir import RunDir, fingerprints
+from sasft_ray.rundir import MODEL_FILES, RunDir, fingerprints
 from sasft_ray.serve import Models
 
 
@@ -129,7 +129,7 @@ def eval_inputs(cfg: Config) -> dict[str, str | None]:
     task files, scorer modules."""
     from sasft_ray.evaluate import eval_files
 
-    return {**fingerprints(cfg, "model.path"), **eval_files(cfg)}
+    return {**fingerprints(cfg, *MODEL_FILES), **eval_files(cfg)}
 
 
 def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> dict:

@@ -38,7 +38,7 @@ from sasft_ray.cluster import bar, connect, progress
 from sasft_ray.config import Config, ModelConfig
 from sasft_ray.export import export
 from sasft_ray.mix import MONITOR
-from sasft_ray.rundir import RunDir, fingerprints
+from sasft_ray.rundir import MODEL_FILES, RunDir, fingerprints
 from sasft_ray.tracking import Tracker, check_backends, forwarded_env, train_metrics
 
 IGNORE = packing.IGNORE
@@ -427,7 +427,7 @@ def train_hash(cfg: Config, rd: RunDir) -> str:
 def trained(cfg: Config) -> bool:
     """Whether the run's model is the finished training of this very config (an error if of another)."""
     rd = RunDir(cfg.run_dir, create=False)
-    return rd.finished("train", train_hash(cfg, rd), fingerprints(cfg, "model.path"))
+    return rd.finished("train", train_hash(cfg, rd), fingerprints(cfg, *MODEL_FILES))
 
 
 def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
@@ -446,7 +446,7 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
         raise TrainSetupError(f"model.path {cfg.model.path} does not exist")
     if rd.stage_info("mix").get("status") != "done":
         raise TrainSetupError(f"{rd.root} has no finished mix; run `sasft generate` first")
-    config_hash, inputs = train_hash(cfg, rd), fingerprints(cfg, "model.path")
+    config_hash, inputs = train_hash(cfg, rd), fingerprints(cfg, *MODEL_FILES)
     if not force and rd.done("train", config_hash, inputs):
         return None
     try:
