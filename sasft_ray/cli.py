@@ -16,12 +16,13 @@ from sasft_ray.generate import STAGES, TooFewSurvivors
 from sasft_ray.models import SHIPPED, ModelError
 from sasft_ray.push import PushError
 from sasft_ray.rundir import RunDirError, StageChanged
+from sasft_ray.scorers import ScorerError
 from sasft_ray.serve import ServeError
 from sasft_ray.train import TrainSetupError
 
 # Mistakes in the config or the data: a message, not a traceback.
 USER_ERRORS = (ConfigError, BadRow, StageChanged, RunDirError, TooFewSurvivors, TrainSetupError, EvalError, ServeError,
-               PushError, ModelError, ChatError)
+               PushError, ModelError, ChatError, ScorerError)
 
 
 def _config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:

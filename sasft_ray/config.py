@@ -50,7 +50,7 @@ def check_name(name: str, what: str) -> str:
 
 def check_scorers(names: list[str]) -> list[str]:
     """Built-in scorers or `module:function`; whether the module imports is checked before the first stage."""
-    from sasft_ray.evaluate import SCORERS
+    from sasft_ray.scorers import SCORERS
 
     for name in names:
         module, sep, function = name.partition(":")
