@@ -117,8 +117,6 @@ def test_a_chat_template_file_is_checked_at_load_served_and_fingerprinted(tmp_pa
         load_config("demo", ["model.chat_template=missing.jinja"])
     with pytest.raises(ConfigError, match="model.chat_template bad.jinja, line 1: not a Jinja template"):
         load_config("demo", ["model.chat_template=bad.jinja"])
-    with pytest.raises(ConfigError, match="vllm.chat_template: set model.chat_template instead"):
-        load_config("demo", ["serve.engine.vllm={chat_template: x}"])
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     cfg = load_config("demo", ["model.chat_template=chat.jinja"])
