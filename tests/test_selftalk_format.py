@@ -88,3 +88,10 @@ def test_a_template_that_drops_earlier_thoughts_trains_each_reply_as_the_model_w
                                              "Five.<|im_end|>\n<|im_start|>user\nAnd 4?<|im_end|>\n"
                                              "<|im_start|>assistant\n")
     assert tok.decode(first["input_ids"]) == tok.apply_chat_template(messages[:2], tokenize=False)
+    # training's rows: each sequence a row of its dialogue's source
+    from sasft_ray.train import _encode_batch
+
+    rows = _encode_batch({"messages": [messages, messages[:2]], "source": ["selftalk", "task"]}, model=model,
+                         max_length=512, strip_bos="")
+    assert list(rows["source"]) == ["selftalk", "selftalk", "task"]
+    assert [list(r) for r in rows["labels"]] == [first["labels"], second["labels"], first["labels"]]
