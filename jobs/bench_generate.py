@@ -35,8 +35,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 def bare_vllm(cfg, fmt, n: int) -> dict:
     from vllm import LLM, SamplingParams
 
+    from sasft_ray.chat import load_tokenizer, render_prompt
     from sasft_ray.engines import engine_kwargs
-    from sasft_ray.selftalk import load_tokenizer, render_prompt
 
     tokenizer = load_tokenizer(cfg.model.path)
     with PeakMemory() as mem:
@@ -112,8 +112,8 @@ def main() -> None:
     import ray
     import torch
 
+    from sasft_ray.chat import load_tokenizer, turn_format
     from sasft_ray.config import validate_config
-    from sasft_ray.selftalk import load_tokenizer, turn_format
     from sasft_ray.session import connect
     from sasft_ray.tiny import build_tiny_model
 

@@ -1,6 +1,6 @@
 """Benchmark: our Ray Train + DeepSpeed ZeRO-3 job against what a user would run instead.
 
-Same model, same tokenized data (the assistant-only labels of `sasft_ray.train.encode`), same
+Same model, same tokenized data (the assistant-only labels of `sasft_ray.chat.encode`), same
 global batch, same optimizer, in one run.
   bare loop:  one process, plain AdamW, global batch = micro_batch x workers
   torchrun:   the very loop every Ray Train worker runs (`sasft_ray.loop`: same engine, ZeRO-3 config,
@@ -33,22 +33,21 @@ from bench_common import PeakMemory
 def encoded_rows(cfg, path: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    from sasft_ray.selftalk import load_tokenizer, turn_format
-    from sasft_ray.train import encode
+    from sasft_ray.chat import encode, load_tokenizer, turn_format
 
     tokenizer = load_tokenizer(cfg.model.path)
     strip_bos = turn_format(tokenizer).strip_bos
     rows = pq.read_table(path).column("messages").to_pylist()
-    return [encode(tokenizer, m, cfg.train.max_length, strip_bos) for m in rows]
+    return [seq for m in rows for seq in encode(tokenizer, m, cfg.train.max_length, strip_bos)]
 
 
 def bare_loop(cfg, rd, steps: int, warmup_steps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from sasft_ray.chat import load_tokenizer
     from sasft_ray.layout import MIXED
     from sasft_ray.loop import collate
-    from sasft_ray.selftalk import load_tokenizer
 
     t = cfg.train
     with PeakMemory() as mem:
@@ -93,10 +92,10 @@ def peer_worker(cfg_json: str, events: str) -> None:
     import torch.distributed as dist
 
     from sasft_ray import loop
+    from sasft_ray.chat import load_tokenizer
     from sasft_ray.config import Config
     from sasft_ray.layout import MIXED, MONITOR, TASK_HELDOUT
     from sasft_ray.rundir import RunDir
-    from sasft_ray.selftalk import load_tokenizer
 
     cfg = Config.model_validate_json(Path(cfg_json).read_text())
     t = cfg.train

@@ -61,11 +61,10 @@ def check_correctness(tmp: Path, gpu: bool, steps: int) -> dict:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from sasft_ray import loop, packing
+    from sasft_ray.chat import encode, load_tokenizer, turn_format
     from sasft_ray.export import export
     from sasft_ray.layout import DRIFT
-    from sasft_ray.selftalk import load_tokenizer, turn_format
     from sasft_ray.tiny import build_tiny_model, demo_task_rows, write_demo_task
-    from sasft_ray.train import encode
 
     model_dir = build_tiny_model(tmp / "tiny", "llama", layers=2, hidden=128, warmup_steps=0)
     write_demo_task(tmp / "task.jsonl")
@@ -73,9 +72,9 @@ def check_correctness(tmp: Path, gpu: bool, steps: int) -> dict:
                  checkpoint_every=steps)
     tokenizer = load_tokenizer(str(model_dir))
     strip_bos = turn_format(tokenizer).strip_bos
-    rows = [encode(tokenizer, [{"role": "user", "content": r["instruction"]},
-                               {"role": "assistant", "content": r["output"]}], 64, strip_bos)
-            for r in demo_task_rows(16 * steps + 32)]
+    rows = [seq for r in demo_task_rows(16 * steps + 32) for seq in encode(
+        tokenizer, [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}],
+        64, strip_bos)]
     train_rows, heldout = rows[:-32], rows[-32:]
     engine, _, _, _ = loop.build_engine(cfg, loop.deepspeed_config(cfg), steps, rank=0)
     device, pad = engine.device, tokenizer.pad_token_id

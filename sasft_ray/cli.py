@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from sasft_ray.chat import ChatError
 from sasft_ray.config import ConfigError, load_config, shipped_configs
 from sasft_ray.data import BadRow
 from sasft_ray.evaluate import EvalError
@@ -15,13 +16,14 @@ from sasft_ray.layout import DIAGNOSIS, DIAGNOSIS_PLOT, MANIFEST, MODEL
 from sasft_ray.models import SHIPPED, ModelError
 from sasft_ray.push import PushError
 from sasft_ray.rundir import RunDir, RunDirError, StageChanged
+from sasft_ray.scorers import ScorerError
 from sasft_ray.serve import ServeError
 from sasft_ray.session import VERBOSE, quiet, verbose
 from sasft_ray.train import TrainSetupError
 
 # Mistakes in the config or the data: a message, not a traceback.
 USER_ERRORS = (ConfigError, BadRow, StageChanged, RunDirError, TooFewSurvivors, TrainSetupError, EvalError, ServeError,
-               PushError, ModelError)
+               PushError, ModelError, ChatError, ScorerError)
 
 
 def _config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:

@@ -52,7 +52,7 @@ def check_name(name: str, what: str) -> str:
 
 def check_scorers(names: list[str]) -> list[str]:
     """Built-in scorers or `module:function`; whether the module imports is checked before the first stage."""
-    from sasft_ray.evaluate import SCORERS
+    from sasft_ray.scorers import SCORERS
 
     for name in names:
         module, sep, function = name.partition(":")
@@ -73,6 +73,29 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights' dtype in the vLLM engines (self-talk, serving) and the planner; auto: the "
         "checkpoint's own; training's precision is train.bf16")
+    chat_template: str | None = Field(
+        None, description="a Jinja file whose chat template replaces the tokenizer's own, in self-talk, training "
+        "(and the exported model), serving and evaluation alike: for a model without one, or with one that does "
+        "not suit; None: the tokenizer's own")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_parses(cls, path: str | None) -> str | None:
+        if path is None:
+            return path
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"model.chat_template {path}: cannot be read ({e})") from None
+        try:  # transformers renders templates in this environment
+            ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+        except TemplateSyntaxError as e:
+            raise ValueError(f"model.chat_template {path}, line {e.lineno}: not a Jinja template ({e.message})") \
+                from None
+        return path
 
 
 class DataConfig(Section):
@@ -632,7 +655,8 @@ def absolute_paths(cfg: Config) -> Config:
         return str(Path(path).absolute()) if local else path
 
     update = {"run_dir": cfg.run_dir if is_uri(cfg.run_dir) else str(Path(cfg.run_dir).absolute()),
-              "model": cfg.model.model_copy(update={"path": fix(cfg.model.path)}),
+              "model": cfg.model.model_copy(update={"path": fix(cfg.model.path), **(
+                  {"chat_template": str(Path(t).absolute())} if (t := cfg.model.chat_template) else {})}),
               "data": cfg.data.model_copy(update={"path": fix(cfg.data.path)})}
     mix = {"sources": [src.model_copy(update={"path": fix(src.path)}) for src in cfg.mix.sources]}
     if cfg.mix.external:

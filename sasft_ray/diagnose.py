@@ -2,7 +2,7 @@
 
 Before any training: the base model's mean per-token loss (negative log-likelihood, nats) on the
 task's assistant replies against its loss on its own self-talk replies, both rendered by its chat
-template and masked exactly as training masks them (`train.encode`). A task written far from the
+template and masked exactly as training masks them (`chat.encode`). A task written far from the
 model's own style costs it much more per token than its own text; plain SFT then pulls it far from
 that style, which is the forgetting SA-SFT's self-dialogues hold back (the paper's "style
 distance"). Written to `<run_dir>/diagnose.json` and `diagnose.png` (the two histograms).
@@ -18,12 +18,12 @@ import math
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from sasft_ray.chat import encode, model_tokenizer, turn_format
 from sasft_ray.config import Config, ConfigError
 from sasft_ray.filters import KEPT
 from sasft_ray.layout import DIAGNOSIS, DIAGNOSIS_PLOT, SELFTALK, TASK_TRAIN
+from sasft_ray.packing import IGNORE
 from sasft_ray.rundir import RunDir
-from sasft_ray.selftalk import load_tokenizer, turn_format
-from sasft_ray.train import IGNORE, encode
 
 # the distance (nats per assistant token the task costs beyond the model's own replies), and what it says: a
 # rule of thumb from the forgetting lab (its foreign-style tasks: 12-17 nats; its house-style control task: 0.02;
@@ -40,12 +40,13 @@ def verdict(distance: float) -> str:
 
 def row_losses(model, tokenizer, dialogues: list[list[dict]], max_length: int, strip_bos: str,
                batch_size: int = 8) -> list[float]:
-    """Mean loss per assistant token of each dialogue, under `model` (on its own device)."""
+    """Mean loss per assistant token of each dialogue (of each of its sequences, where the chat template is
+    not prefix-stable: `chat.encode`), under `model` (on its own device)."""
     import torch
 
     from sasft_ray.loop import collate
 
-    rows = [encode(tokenizer, d, max_length, strip_bos) for d in dialogues]
+    rows = [seq for d in dialogues for seq in encode(tokenizer, d, max_length, strip_bos)]
     rows = [r for r in rows if any(lab != IGNORE for lab in r["labels"])]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
@@ -94,7 +95,7 @@ def score(cfg: Config, rd: RunDir, limit: int = 256) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    tokenizer = model_tokenizer(cfg.model)
     strip_bos = turn_format(tokenizer).strip_bos
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

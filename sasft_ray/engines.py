@@ -13,21 +13,25 @@ import dataclasses
 import difflib
 import functools
 import sys
+from pathlib import Path
 from typing import Any
 
 # engine arguments the config sets through its own keys: the planner and the pipeline read those
 OWN_KEYS = {"model": "model.path", "tokenizer": "model.path", "trust_remote_code": "model.trust_remote_code",
             "dtype": "model.dtype", "seed": "selftalk.seed", "max_model_len": "engine.max_model_len",
             "max_num_seqs": "engine.max_num_seqs", "tensor_parallel_size": "engine.tensor_parallel_size",
-            "enforce_eager": "engine.enforce_eager"}
+            "enforce_eager": "engine.enforce_eager", "chat_template": "model.chat_template"}
 
 
 def engine_kwargs(cfg, eng, serving: bool = False, **extra) -> dict:
-    """vLLM engine arguments of one engine; `serving` adds the OpenAI server's own (`FrontendArgs`) keys."""
+    """vLLM engine arguments of one engine; `serving` adds the OpenAI server's own (`FrontendArgs`) keys, the
+    chat template of `model.chat_template` among them (self-talk renders its prompts itself)."""
     gpu = cfg.resources.use_gpu
     own = dict(max_model_len=eng.max_model_len, max_num_seqs=eng.max_num_seqs,
                tensor_parallel_size=eng.tensor_parallel_size, trust_remote_code=cfg.model.trust_remote_code,
                dtype=cfg.model.dtype, enforce_eager=(not gpu) if eng.enforce_eager is None else eng.enforce_eager)
+    if serving and cfg.model.chat_template:  # the text, not the path: a replica's node may not have the file
+        own["chat_template"] = Path(cfg.model.chat_template).read_text(encoding="utf-8")
     frontend = _fields("frontend") if eng.vllm else set()
     passed = {k: v for k, v in eng.vllm.items() if serving or k not in frontend}
     return {**own, **extra, **passed}

@@ -12,16 +12,11 @@ cached by a hash of both: a grid of runs over one base model scores it once.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib
-import importlib.util
 import json
 import os
-import re
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,62 +24,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from sasft_ray import instructions
+from sasft_ray.chat import adds_bos, model_tokenizer
 from sasft_ray.config import INDOMAIN, Config, EvalSuite, LmEvalGroup, check_benchmark_name
 from sasft_ray.layout import BASE_CACHE, LM_EVAL, SAMPLES, SCORED, TASK_HELDOUT, is_uri
 from sasft_ray.rundir import RunDir, fingerprint
-from sasft_ray.selftalk import adds_bos, load_tokenizer
+from sasft_ray.scorers import scorer, scorer_file
 
 
 class EvalError(ValueError):
     pass
-
-
-# --- scorers: (prediction, row) -> score in [0, 1] ----------------------------------------------
-
-def _norm(text: str) -> str:
-    return " ".join(text.split())
-
-
-def exact(prediction: str, row: dict) -> float:
-    """The whole reply, whitespace-normalized, equals the reference: right content in the right style."""
-    return float(_norm(prediction) == _norm(row["reference"]))
-
-
-def contains(prediction: str, row: dict) -> float:
-    """The answer (or the reference) appears in the reply as a whole token, in any style or case."""
-    target = _norm(str(row.get("answer") or row["reference"])).lower()
-    return float(bool(target) and re.search(rf"(?<!\w){re.escape(target)}(?!\w)", _norm(prediction).lower())
-                 is not None)
-
-
-@functools.cache
-def _rouge_scorer():
-    from rouge_score.rouge_scorer import RougeScorer
-
-    return RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l(prediction: str, row: dict) -> float:
-    """ROUGE-L F1, the standard one (Google's `rouge_score`: lower-cased, punctuation dropped, Porter
-    stemming), so a figure compares with the papers' (MedText's, say)."""
-    return _rouge_scorer().score(row["reference"], prediction)["rougeL"].fmeasure
-
-
-SCORERS: dict[str, Callable[[str, dict], float]] = {"exact": exact, "contains": contains, "rouge_l": rouge_l,
-                                                    "follows": instructions.follows}
-
-
-def scorer(name: str) -> Callable[[str, dict], float]:
-    """A built-in scorer, or `module:function` taking (prediction, row) and returning a float."""
-    if name in SCORERS:
-        return SCORERS[name]
-    module, sep, attr = name.partition(":")
-    if not sep:
-        raise EvalError(f"unknown scorer {name!r}: use one of {sorted(SCORERS)} or module:function")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise EvalError(f"scorer {name!r} cannot be imported: {e}") from e
 
 
 def check_eval(cfg: Config) -> None:
@@ -231,7 +179,7 @@ def lm_eval_model_args(group: LmEvalGroup, url: str, model_id: str, cfg: Config)
     token. Chat requests go as messages; the server's chat template places the BOS. No API key: lm-eval logs
     these arguments and returns them in its results (`key_for_lm_eval` passes it)."""
     chat = group.mode == "chat"
-    bos = adds_bos(load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
+    bos = adds_bos(model_tokenizer(cfg.model))
     # chat: one conversation a request; completions: `batch` prompts a request, fewer hops per sequence
     batch = 1 if chat else min(8, cfg.eval_concurrency)
     args = {
@@ -333,7 +281,8 @@ def general_scores(api, url: str, model_id: str, cfg: Config, key: str | None, s
 def base_cache_key(cfg: Config) -> str:
     """What the base model's general scores depend on; every file they read by its `fingerprint` (a model
     rebuilt at the same path, an edited task YAML or scorer module: scored afresh)."""
-    keyed = {"model": cfg.model.model_dump(mode="json"), "weights": fingerprint(cfg.model.path),
+    keyed = {"model": cfg.model.model_dump(mode="json", exclude_none=True), "weights": fingerprint(cfg.model.path),
+             **({"chat_template": fingerprint(t)} if (t := cfg.model.chat_template) else {}),
              "suites": [s.model_dump(mode="json") for s in cfg.eval.suites],
              "lm_eval": [g.model_dump(mode="json") for g in cfg.eval.lm_eval], "files": eval_files(cfg),
              "max_tokens": cfg.eval.max_tokens, **score_settings(cfg)}
@@ -353,18 +302,6 @@ def eval_files(cfg: Config) -> dict[str, str | None]:
               for i, g in enumerate(cfg.eval.lm_eval) if g.include_path}
     names = {*cfg.eval.indomain_scorers, *(n for s in cfg.eval.suites for n in s.scorers)}
     return files | {f"scorer {n}": fingerprint(path) for n in sorted(names) if (path := scorer_file(n))}
-
-
-def scorer_file(name: str) -> str | None:
-    """The source file of a `module:function` scorer's module, if it has one."""
-    module, sep, _ = name.partition(":")
-    if not sep:
-        return None
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    return spec.origin if spec and spec.has_location else None
 
 
 def base_cache(cfg: Config) -> tuple[str, str]:

@@ -14,9 +14,9 @@ import math
 from pathlib import Path
 
 from sasft_ray import lora
+from sasft_ray.chat import model_tokenizer
 from sasft_ray.config import Config
 from sasft_ray.layout import ADAPTER, DRIFT
-from sasft_ray.selftalk import load_tokenizer
 
 
 def export(engine, cfg: Config, out: str, rank: int) -> None:
@@ -34,7 +34,7 @@ def export(engine, cfg: Config, out: str, rank: int) -> None:
         state = lora.merge_lora(state, cfg.train.lora.alpha / cfg.train.lora.r)
         model = model.get_base_model()
     model.save_pretrained(out, state_dict=state, safe_serialization=True)
-    load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).save_pretrained(out)
+    model_tokenizer(cfg.model).save_pretrained(out)
     Path(out, DRIFT).write_text(json.dumps(weight_drift(cfg.model.path, state), indent=2))
 
 

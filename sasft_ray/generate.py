@@ -23,20 +23,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from sasft_ray import data as task_data
+from sasft_ray.chat import model_tokenizer, turn_format
 from sasft_ray.config import Config, DataConfig
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
 from sasft_ray.layout import EXTERNAL, MIXED, MONITOR, SELFTALK, SOURCES, TASK, source_folder, split_file
 from sasft_ray.mix import mix_key, write_mix
-from sasft_ray.rundir import RunDir, fingerprint, fingerprints
-from sasft_ray.selftalk import (
-    LIGHT_CPUS,
-    SelfTalkCut,
-    Written,
-    check_fits,
-    load_tokenizer,
-    selftalk_dataset,
-    turn_format,
-)
+from sasft_ray.rundir import MODEL_FILES, RunDir, fingerprint, fingerprints
+from sasft_ray.selftalk import LIGHT_CPUS, SelfTalkCut, Written, check_fits, selftalk_dataset
 from sasft_ray.session import bar, connect, progress
 
 
@@ -111,7 +104,7 @@ def monitor_stage(cfg: Config, rd: RunDir, force: bool) -> None:
         raise TooFewSurvivors(f"selftalk.monitor_from {source.root} has no forgetting-monitor dialogues "
                               f"({MONITOR} of a finished selftalk stage): run it first, or unset monitor_from")
     if rd.begin("selftalk", f"{cfg.section_hash('model')}:from:{source.root}:{done['id']}", force,
-                outputs=(SELFTALK, MONITOR), inputs=fingerprints(cfg, "model.path")):
+                outputs=(SELFTALK, MONITOR), inputs=fingerprints(cfg, *MODEL_FILES)):
         table = pq.read_table(source.local(MONITOR), filesystem=source.fs)
         pq.write_table(table, rd.local(MONITOR), filesystem=rd.fs)
         rd.finish("selftalk", {"rows_out": 0, "heldout": table.num_rows, "monitor_from": source.root})
@@ -124,9 +117,9 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None
 
     mixed, monitor = cfg.selftalk_wanted(task_rows)
     if not rd.begin("selftalk", f"{cfg.section_hash('model', 'selftalk', 'filters')}:{mixed}:{monitor}", force,
-                    outputs=(SELFTALK, MONITOR), inputs=fingerprints(cfg, "model.path")):
+                    outputs=(SELFTALK, MONITOR), inputs=fingerprints(cfg, *MODEL_FILES)):
         return
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    tokenizer = model_tokenizer(cfg.model)
     fmt = turn_format(tokenizer)
     check_fits(cfg, tokenizer, fmt)
     connect(cfg)

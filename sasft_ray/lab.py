@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sasft_ray.config import ConfigError
-from sasft_ray.evaluate import contains, exact  # the evaluation's scorers: one rule for both
+from sasft_ray.scorers import contains, exact  # the evaluation's scorers: one rule for both
 from sasft_ray.tiny import new_model, save_model, train_tokenizer
 
 # Bumped whenever a change to the world or its pretraining changes what a build makes: a lab built
@@ -342,7 +342,7 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
     return [r.strip() for r in replies]
 
 
-def evaluate(model, tokenizer, evals: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+def skill_accuracy(model, tokenizer, evals: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     """Strict and lenient accuracy per skill on eval rows, greedy."""
     rows = [r for name in evals for r in evals[name]]
     replies = generate_replies(model, tokenizer, [r["messages"] for r in rows])
@@ -411,7 +411,7 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0)
         model = pretrain(tokenizer, pretrain_dialogues(seed, exclude), steps=p["steps"], batch_size=p["batch_size"],
                          lr=p["lr"], layers=p["layers"], hidden=p["hidden"], intermediate=p["intermediate"], seed=seed)
         save_model(model, tokenizer, tmp / "model")
-        accuracy = evaluate(model, tokenizer, evals)
+        accuracy = skill_accuracy(model, tokenizer, evals)
         info = {
             "preset": preset, "seed": seed, "version": WORLD_VERSION, "skills": list(SKILLS), "tasks": list(TASKS),
             "control": CONTROL,

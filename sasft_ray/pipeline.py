@@ -31,7 +31,7 @@ from sasft_ray.layout import (
     SERVING,
     is_uri,
 )
-from sasft_ray.rundir import RunDir, fingerprints
+from sasft_ray.rundir import MODEL_FILES, RunDir, fingerprints
 from sasft_ray.serve import Models
 
 
@@ -134,7 +134,7 @@ def eval_inputs(cfg: Config) -> dict[str, str | None]:
     task files, scorer modules."""
     from sasft_ray.evaluate import eval_files
 
-    return {**fingerprints(cfg, "model.path"), **eval_files(cfg)}
+    return {**fingerprints(cfg, *MODEL_FILES), **eval_files(cfg)}
 
 
 def eval_stage(cfg: Config, rd: RunDir, url: str, key: str | None, force: bool = False) -> dict:

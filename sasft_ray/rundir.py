@@ -106,9 +106,12 @@ def sampled_fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+MODEL_FILES = ("model.path", "model.chat_template")  # what a stage reads of the model: its folder, its template
+
+
 def fingerprints(cfg: Config, *keys: str) -> dict[str, str | None]:
-    """`fingerprint` of the paths at these dotted config keys, e.g. `model.path`."""
-    return {key: fingerprint(str(cfg.value(key))) for key in keys}
+    """`fingerprint` of the paths at these dotted config keys, e.g. `model.path` (None where unset)."""
+    return {key: fingerprint(str(path)) if (path := cfg.value(key)) is not None else None for key in keys}
 
 
 def versions() -> dict[str, str]:

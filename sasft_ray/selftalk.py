@@ -20,75 +20,17 @@ which engine ran it or when.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import time
 import warnings
-from dataclasses import dataclass
 
+from sasft_ray.chat import TurnFormat, model_tokenizer, render, render_prompt
 from sasft_ray.config import Config
 from sasft_ray.engines import engine_env, engine_kwargs, engine_resources
 from sasft_ray.filters import cut_off
 
-SENTINEL = "\ue000SASFT\ue000"  # private-use text that no tokenizer merges with its neighbours
 LIGHT_CPUS = 0.25  # CPU share of the light row maps, so the engines keep the cores
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """Once per worker process: every Ray task reuses it."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
-@dataclass(frozen=True)
-class TurnFormat:
-    """What a model's chat template says about turns, derived once in the driver."""
-
-    stop_user: tuple[int, ...]       # token ids that end a user message
-    stop_assistant: tuple[int, ...]  # token ids that end an assistant message
-    markers: tuple[str, ...]         # template text that must never appear inside a message
-    strip_bos: str                   # the BOS text to drop from a render, if the tokenizer adds it again
-
-
-def _suffix_after_sentinel(tokenizer, messages: list[dict]) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    return text.split(SENTINEL, 1)[1]
-
-
-def _first_token(tokenizer, text: str) -> list[int]:
-    ids = tokenizer(text.strip(), add_special_tokens=False).input_ids if text.strip() else []
-    return ids[:1] if ids and ids[0] in tokenizer.all_special_ids + list(tokenizer.added_tokens_decoder) else []
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts a BOS before every text it encodes (Llama-3's does)."""
-    return bool(tokenizer.bos_token) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
-
-
-def turn_format(tokenizer) -> TurnFormat:
-    if not tokenizer.chat_template:
-        raise ValueError("the model's tokenizer has no chat template; self-talk needs one to open a user turn")
-    eos = tokenizer.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    user_end = _suffix_after_sentinel(tokenizer, [{"role": "user", "content": SENTINEL}])
-    assistant_end = _suffix_after_sentinel(
-        tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": SENTINEL}])
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "system", "content": SENTINEL}, {"role": "user", "content": SENTINEL},
-         {"role": "assistant", "content": SENTINEL}], tokenize=False)
-    segments = {s.strip() for s in rendered.split(SENTINEL) if s.strip()}
-    specials = {t for t in tokenizer.all_special_tokens + [str(t) for t in tokenizer.added_tokens_decoder.values()]
-                if len(t) > 1}
-    bos = tokenizer.bos_token or ""
-    return TurnFormat(
-        stop_user=tuple(dict.fromkeys(_first_token(tokenizer, user_end) + eos_ids)),
-        stop_assistant=tuple(dict.fromkeys(_first_token(tokenizer, assistant_end) + eos_ids)),
-        markers=tuple(sorted(segments | specials)),
-        strip_bos=bos if adds_bos(tokenizer) else "",
-    )
 
 
 def check_fits(cfg: Config, tokenizer, fmt: TurnFormat) -> None:
@@ -107,20 +49,6 @@ def check_fits(cfg: Config, tokenizer, fmt: TurnFormat) -> None:
                           f"{template} + selftalk.turns {st.turns} x (max_user_tokens {st.max_user_tokens} + "
                           f"max_assistant_tokens {st.max_assistant_tokens})), over selftalk.engine.max_model_len "
                           f"{st.engine.max_model_len}; raise it or lower the token limits")
-
-
-def render(tokenizer, messages: list[dict], strip_bos: str = "", generation_prompt: bool = False) -> str:
-    """The chat template's text, less a leading BOS that the tokenizer will add again."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return text[len(strip_bos):] if strip_bos and text.startswith(strip_bos) else text
-
-
-def render_prompt(tokenizer, fmt: TurnFormat, history: list[dict], role: str) -> str:
-    """The text that opens the next `role` turn after `history`, nothing more."""
-    if role == "assistant":
-        return render(tokenizer, history, fmt.strip_bos, generation_prompt=True)
-    text = render(tokenizer, history + [{"role": "user", "content": SENTINEL}], fmt.strip_bos)
-    return text.split(SENTINEL, 1)[0]
 
 
 # --- the engine actor: whole dialogues, turn after turn ---------------------------------------
@@ -170,7 +98,7 @@ class DialogueWriter:
         extra = {"distributed_executor_backend": "mp"} if gpu and eng.tensor_parallel_size > 1 else {}
         self.llm = LLM(model=self.cfg.model.path, **engine_kwargs(
             self.cfg, eng, seed=self.cfg.selftalk.seed, enable_prefix_caching=True, **extra))
-        self.tokenizer = load_tokenizer(self.cfg.model.path, self.cfg.model.trust_remote_code)
+        self.tokenizer = model_tokenizer(self.cfg.model)
 
     def __call__(self, batch: dict) -> dict:
         st = self.cfg.selftalk

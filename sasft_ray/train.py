@@ -33,7 +33,8 @@ import pyarrow.fs as pafs
 
 from sasft_ray import loop, packing, selection
 from sasft_ray.card import write_model_card
-from sasft_ray.config import Config
+from sasft_ray.chat import encode, model_tokenizer, turn_format
+from sasft_ray.config import Config, ModelConfig
 from sasft_ray.export import export
 from sasft_ray.layout import (
     DRIFT,
@@ -51,8 +52,7 @@ from sasft_ray.layout import (
     TRAIN_RESULT,
     kept,
 )
-from sasft_ray.rundir import RunDir, fingerprints
-from sasft_ray.selftalk import load_tokenizer, render, turn_format
+from sasft_ray.rundir import MODEL_FILES, RunDir, fingerprints
 from sasft_ray.session import bar, connect, progress
 from sasft_ray.tracking import Tracker, check_backends, forwarded_env, train_metrics
 
@@ -63,43 +63,19 @@ class TrainSetupError(ValueError):
     """A training config or dataset that cannot work, found before any worker starts."""
 
 
-# --- tokenization: the model's own chat template, loss on assistant tokens only -----------------
+# --- tokenization: the model's own chat template, loss on assistant tokens only (`sasft_ray.chat`) -------
 
-def encode(tokenizer, messages: list[dict], max_length: int, strip_bos: str = "", open_end: bool = False) -> dict:
-    """Token ids and labels; labels are IGNORE everywhere but inside assistant messages
-    (their content and the template's end-of-turn marker, so the model learns to stop). `open_end`: the
-    last reply was cut at a token limit, so its end-of-turn marker is no target (it did not end there)."""
-    full = render(tokenizer, messages, strip_bos)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            before = render(tokenizer, messages[:i], strip_bos, generation_prompt=True)
-            through = render(tokenizer, messages[: i + 1], strip_bos)
-            if not (full.startswith(through) and through.startswith(before)):
-                raise TrainSetupError("the chat template renders a conversation differently from its prefixes; "
-                                      "assistant-only loss needs a prefix-stable template")
-            end = len(through)
-            if open_end and i == len(messages) - 1:
-                content = m["content"].strip()
-                end = full.rfind(content, len(before), len(through)) + len(content)
-                if end < len(before) + len(content):
-                    raise TrainSetupError("the chat template changes a reply's text: its end cannot be found")
-            spans.append((len(before), end))
-    enc = tokenizer(full, return_offsets_mapping=True, add_special_tokens=True)
-    ids = enc["input_ids"][:max_length]
-    labels = [tok if any(s <= a < e for s, e in spans) else IGNORE
-              for tok, (a, _) in zip(ids, enc["offset_mapping"][:max_length])]
-    return {"input_ids": ids, "labels": labels}
-
-
-def _encode_batch(batch: dict, *, model: str, trust_remote_code: bool, max_length: int, strip_bos: str) -> dict:
-    tokenizer = load_tokenizer(model, trust_remote_code)
+def _encode_batch(batch: dict, *, model: ModelConfig, max_length: int, strip_bos: str) -> dict:
+    """A conversation's sequences (one but where the template is not prefix-stable, `chat.encode`), each a row
+    of its conversation's `source`."""
+    tokenizer = model_tokenizer(model)
     open_ends = batch.get("open_end", [False] * len(batch["messages"]))
     encoded = [encode(tokenizer, list(m), max_length, strip_bos, bool(o)) for m, o in zip(batch["messages"], open_ends)]
-    return {"input_ids": _ragged([e["input_ids"] for e in encoded]),
-            "labels": _ragged([e["labels"] for e in encoded]),
-            "targets": np.array([sum(lab != IGNORE for lab in e["labels"]) for e in encoded], dtype=np.int64),
-            **({"source": batch["source"]} if "source" in batch else {})}
+    rows = [e for sequences in encoded for e in sequences]
+    return {"input_ids": _ragged([e["input_ids"] for e in rows]),
+            "labels": _ragged([e["labels"] for e in rows]),
+            "targets": np.array([sum(lab != IGNORE for lab in e["labels"]) for e in rows], dtype=np.int64),
+            **({"source": [s for s, e in zip(batch["source"], encoded) for _ in e]} if "source" in batch else {})}
 
 
 def _ragged(rows: list[list[int]]) -> np.ndarray:
@@ -114,8 +90,8 @@ def tokenized(cfg: Config, path: str, strip_bos: str, columns: tuple[str, ...] =
     of the file are kept beside them (the mix's `source`)."""
     import ray
 
-    encode_fn = functools.partial(_encode_batch, model=cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
-                                  max_length=cfg.train.max_length, strip_bos=strip_bos)
+    encode_fn = functools.partial(_encode_batch, model=cfg.model, max_length=cfg.train.max_length,
+                                  strip_bos=strip_bos)
     # Ray Data's V2 Parquet reader starts a pool of footer-reading actors on every read (~9 s on
     # 2 cores, twice per training run); a run's few Parquet files read as fast in V1's plain tasks.
     ray.data.DataContext.get_current().use_datasource_v2 = False
@@ -460,7 +436,7 @@ def train_hash(cfg: Config, rd: RunDir) -> str:
 
 def trained(cfg: Config, rd: RunDir) -> bool:
     """Whether the run's model in `rd` is the finished training of this very config (an error if of another)."""
-    return rd.finished("train", train_hash(cfg, rd), fingerprints(cfg, "model.path"))
+    return rd.finished("train", train_hash(cfg, rd), fingerprints(cfg, *MODEL_FILES))
 
 
 def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
@@ -479,7 +455,7 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
         raise TrainSetupError(f"model.path {cfg.model.path} does not exist")
     if rd.stage_info("mix").get("status") != "done":
         raise TrainSetupError(f"{rd.root} has no finished mix; run `sasft generate` first")
-    config_hash, inputs = train_hash(cfg, rd), fingerprints(cfg, "model.path")
+    config_hash, inputs = train_hash(cfg, rd), fingerprints(cfg, *MODEL_FILES)
     if not force and rd.done("train", config_hash, inputs):
         return None
     try:
@@ -488,7 +464,7 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
         raise TrainSetupError(str(e)) from None
     connect(cfg)
     check_resources(cfg)
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    tokenizer = model_tokenizer(cfg.model)
     strip_bos = turn_format(tokenizer).strip_bos
     train_ds = tokenized(cfg, rd.path(MIXED), strip_bos, columns=("source",))
     rows = train_ds.count()

@@ -107,6 +107,29 @@ def test_local_paths_become_absolute_hub_ids_do_not(tmp_path, monkeypatch):
     assert fixed.data.path == "org/dataset"  # not here: a hub id
 
 
+def test_a_chat_template_file_is_checked_at_load_served_and_fingerprinted(tmp_path, monkeypatch):
+    from sasft_ray.engines import engine_kwargs
+    from sasft_ray.rundir import MODEL_FILES, fingerprints
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}{{ m.content }}")
+    with pytest.raises(ConfigError, match="model.chat_template missing.jinja: cannot be read"):
+        load_config("demo", ["model.chat_template=missing.jinja"])
+    with pytest.raises(ConfigError, match="model.chat_template bad.jinja, line 1: not a Jinja template"):
+        load_config("demo", ["model.chat_template=bad.jinja"])
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    cfg = load_config("demo", ["model.chat_template=chat.jinja"])
+    assert absolute_paths(cfg).model.chat_template == str(template)  # Ray workers run elsewhere
+    # served by its text (a replica's node may not have the file); self-talk renders its prompts itself
+    assert engine_kwargs(cfg, cfg.serve.engine, serving=True)["chat_template"] == template.read_text()
+    assert "chat_template" not in engine_kwargs(cfg, cfg.selftalk.engine)
+    assert load_config("demo").section_hash("model") != cfg.section_hash("model")
+    before = fingerprints(cfg, *MODEL_FILES)["model.chat_template"]
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}")
+    assert before and fingerprints(cfg, *MODEL_FILES)["model.chat_template"] != before  # edited in place
+
+
 def test_select_needs_the_held_out_losses_it_chooses_by():
     base = {"run_dir": "r", "model": {"path": "m"}, "data": {"path": "x"}}
     assert validate_config(base).train.select == "last"

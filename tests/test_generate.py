@@ -168,7 +168,8 @@ def test_too_few_survivors_is_a_clear_error(tiny_llama, local_ray, tmp_path):
 WRITER = """
 import json, sys
 from sasft_ray.config import validate_config
-from sasft_ray.selftalk import DialogueWriter, load_tokenizer, render_prompt, turn_format
+from sasft_ray.chat import load_tokenizer, render_prompt, turn_format
+from sasft_ray.selftalk import DialogueWriter
 if __name__ == "__main__":
     raw = json.loads(sys.argv[1])
     tokenizer = load_tokenizer(raw["model"]["path"])

@@ -312,7 +312,7 @@ def test_bad_scorers_are_refused_at_load(tmp_path, override, message):
 
 @pytest.mark.parametrize("sections, error, message", [
     ({"eval": {"suites": [{"name": "s", "path": "missing.jsonl"}]}}, "EvalError", "eval suite 's': no file or folder"),
-    ({"eval": {"indomain_scorers": ["no_such_module_here:score"]}}, "EvalError", "cannot be imported"),
+    ({"eval": {"indomain_scorers": ["no_such_module_here:score"]}}, "ScorerError", "cannot be imported"),
     ({"serve": {"api_key_env": "SASFT_TEST_UNSET_KEY"}}, "ServeError", r"\$SASFT_TEST_UNSET_KEY, but it is not set"),
 ])
 def test_evaluation_mistakes_stop_a_run_before_its_first_stage(tmp_path, sections, error, message, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from sasft_ray import lab
 from sasft_ray.config import DataConfig
 from sasft_ray.data import LoadReport, iter_rows
-from sasft_ray.evaluate import contains, exact
+from sasft_ray.scorers import contains, exact
 
 
 @pytest.mark.parametrize("name", list(lab.SKILLS) + list(lab.TASKS))
@@ -119,7 +119,7 @@ def test_small_lab_builds_a_model_with_some_skill(small_lab):
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     assert model.config.hidden_size // model.config.num_attention_heads == 32  # vLLM's CPU minimum
     assert tokenizer.chat_template
-    accuracy = lab.evaluate(model, tokenizer, lab.load_evals(out))
+    accuracy = lab.skill_accuracy(model, tokenizer, lab.load_evals(out))
     assert accuracy == info["base_accuracy"]  # greedy and reproducible
     assert sum(a["strict"] > 0 for a in accuracy.values()) >= 2, accuracy
 

@@ -127,7 +127,7 @@ def test_the_export_lands_in_s3_and_generates(trained, tmp_path):
     import pyarrow.fs as pafs
     from transformers import AutoModelForCausalLM
 
-    from sasft_ray.selftalk import load_tokenizer
+    from sasft_ray.chat import load_tokenizer
 
     rd, *_ = trained
     pafs.copy_files(rd.local(MODEL), str(tmp_path), source_filesystem=rd.fs)

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from sasft_ray.evaluate import INDOMAIN, EvalError, contains, exact, rouge_l, scorer, suite_rows
+from sasft_ray.evaluate import INDOMAIN, EvalError, suite_rows
 from sasft_ray.report import GENERAL, compare, entries, winners
+from sasft_ray.scorers import ScorerError, contains, exact, rouge_l, scorer
 
 
 def test_scorers():
@@ -32,11 +33,11 @@ def test_lm_eval_metrics_keep_every_filter_apart():
                "mmlu": {"acc,none": 0.5, "acc_stderr,none": 0.01}}
     assert lm_eval_metrics(results) == {"gsm8k/exact_match,strict-match": 0.40,
                                         "gsm8k/exact_match,flexible-extract": 0.75, "mmlu/acc,none": 0.5}
-    assert scorer("sasft_ray.evaluate:exact") is exact
-    with pytest.raises(EvalError, match="unknown scorer"):
+    assert scorer("sasft_ray.scorers:exact") is exact
+    with pytest.raises(ScorerError, match="unknown scorer"):
         scorer("bleu")
-    with pytest.raises(EvalError, match="cannot be imported"):
-        scorer("sasft_ray.evaluate:nothing")
+    with pytest.raises(ScorerError, match="cannot be imported"):
+        scorer("sasft_ray.scorers:nothing")
 
 
 def test_suite_errors_name_file_line_and_field(tmp_path):

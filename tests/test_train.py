@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sasft_ray.chat import encode, load_tokenizer
 from sasft_ray.config import LoraConfig
 from sasft_ray.generate import generate
 from sasft_ray.layout import (
@@ -32,9 +33,8 @@ from sasft_ray.loop import collate, frozen_prefixes, lr_lambda, with_persistence
 from sasft_ray.lora import apply_lora, merge_lora, parameter_counts
 from sasft_ray.packing import pack
 from sasft_ray.rundir import RunDir
-from sasft_ray.selftalk import load_tokenizer
 from sasft_ray.tiny import demo_task_rows, warmup_dialogues, write_demo_task
-from sasft_ray.train import FAIL_ONCE_AT_STEP, IGNORE, TrainSetupError, encode, train, train_events, train_hash
+from sasft_ray.train import FAIL_ONCE_AT_STEP, IGNORE, TrainSetupError, train, train_events, train_hash
 from tests.conftest import make_config
 
 TRAIN = {"num_workers": 2, "micro_batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, "schedule": "constant",
@@ -46,7 +46,7 @@ def test_label_mask_covers_assistant_tokens_only(tiny_llama):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3."},
                 {"role": "assistant", "content": "Sure! The answer is 5."}, {"role": "user", "content": "And 4?"},
                 {"role": "assistant", "content": "Sure! The answer is 9."}]
-    enc = encode(tok, messages, max_length=512)
+    [enc] = encode(tok, messages, max_length=512)
     assert len(enc["input_ids"]) == len(enc["labels"])
     # token by token: each label is either ignored or equal to its input token
     assert all(lab in (IGNORE, tid) for tid, lab in zip(enc["input_ids"], enc["labels"]))
@@ -54,10 +54,10 @@ def test_label_mask_covers_assistant_tokens_only(tiny_llama):
     assert learned == "Sure! The answer is 5.<|eot_id|>Sure! The answer is 9.<|eot_id|>"
     ignored = tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab == IGNORE])
     assert "Add 2 and 3." in ignored and "And 4?" in ignored and "Be brief." in ignored
-    cut = encode(tok, messages, max_length=10)
+    [cut] = encode(tok, messages, max_length=10)
     assert len(cut["input_ids"]) == 10 and all(lab == IGNORE for lab in cut["labels"])
     # a last reply cut at its token limit (`filters.truncated: keep`): trained as far as it goes, never its end
-    open_end = encode(tok, messages, max_length=512, open_end=True)
+    [open_end] = encode(tok, messages, max_length=512, open_end=True)
     learned = tok.decode([t for t, lab in zip(open_end["input_ids"], open_end["labels"]) if lab != IGNORE])
     assert learned == "Sure! The answer is 5.<|eot_id|>Sure! The answer is 9."
 
@@ -104,7 +104,7 @@ def _encoded_examples(tiny_llama, n=200):
     tok = load_tokenizer(tiny_llama)
     task = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
             for r in demo_task_rows(n // 2)]
-    return [encode(tok, m, max_length=128) for m in task + warmup_dialogues(n // 2)]
+    return [seq for m in task + warmup_dialogues(n // 2) for seq in encode(tok, m, max_length=128)]
 
 
 def test_packing_makes_fewer_fuller_sequences_with_the_same_targets(tiny_llama):
@@ -226,7 +226,7 @@ def test_the_forgetting_monitor_sees_sft_make_the_models_own_text_unlikely(tiny_
     tok, base = load_tokenizer(tiny_llama), AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     total = count = 0
     for messages in pq.read_table(rd.local(MONITOR))["messages"].to_pylist():
-        enc = encode(tok, messages, max_length=TRAIN["max_length"])
+        [enc] = encode(tok, messages, max_length=TRAIN["max_length"])
         labels = torch.tensor([enc["labels"]])
         n = int((labels[:, 1:] != IGNORE).sum())
         with torch.no_grad():
@@ -673,7 +673,7 @@ def test_every_target_token_weighs_the_same_however_the_rows_are_batched(tiny_ll
     task = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
             for r in demo_task_rows(4)]
     talk = [[*d[:-1], {**d[-1], "content": " ".join([d[-1]["content"]] * 4)}] for d in warmup_dialogues(4)]
-    rows = [encode(tok, m, max_length=128) for m in task + talk]  # short task rows, long self-dialogues
+    rows = [seq for m in task + talk for seq in encode(tok, m, max_length=128)]  # short task rows, long dialogues
     targets = [sum(lab != IGNORE for lab in r["labels"][1:]) for r in rows]
     assert max(targets) > 3 * min(targets), targets
     reference = _gradient(tiny_llama, rows, [list(range(8))])
@@ -724,8 +724,8 @@ def _killed_then_resumed(model_path: str, tmp: str) -> dict[str, dict[int, list[
     from sasft_ray import loop
 
     tok = load_tokenizer(model_path)
-    rows = [encode(tok, [{"role": "user", "content": f"Question {i}?"},
-                         {"role": "assistant", "content": f"Answer {i}."}], max_length=128) for i in range(20)]
+    rows = [seq for i in range(20) for seq in encode(tok, [{"role": "user", "content": f"Question {i}?"},
+                                                          {"role": "assistant", "content": f"Answer {i}."}], 128)]
     index = {tuple(r["input_ids"]): i for i, r in enumerate(rows)}
     cfg = make_config(Path(tmp), model_path, train={**TRAIN, "num_workers": 1, "micro_batch_size": 2, "grad_accum": 2,
                                                      "max_steps": 12, "checkpoint_every": 3, "log_every": 3})
