@@ -16,18 +16,19 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sasft_ray.methods import EXTERNAL, METHODS, SELF_TALK, TrainingMethod
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the file."""
 
 
-Method = Literal["sft", "sa-sft", "freeze", "external-mix"]
-METHODS: tuple[str, ...] = get_args(Method)
+Method = Literal[tuple(METHODS)]  # the names of sasft_ray.methods' table
 
 
 # A setting added after runs were made, marked so: left out of stage hashes while at its default (which keeps
@@ -241,9 +242,7 @@ class TrainConfig(Section):
     """DeepSpeed ZeRO fine-tuning (full, or LoRA with `lora`); identical across methods except what is mixed
     and frozen."""
 
-    method: Method = Field("sa-sft", description="sft: task rows only; sa-sft: + self-dialogues at mix.self_ratio; "
-                           "freeze: sft with the embeddings and the lowest freeze_layers blocks frozen; "
-                           "external-mix: + mix.external")
+    method: Method = Field("sa-sft", description="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one GPU each on a GPU cluster)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves")
     gpus_per_worker: float = Field(1.0, ge=0, description="used when resources.use_gpu")
@@ -466,8 +465,8 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _method_has_its_data(self) -> Config:
-        if self.train.method == "external-mix" and self.mix.external is None:
-            raise ValueError("train.method 'external-mix' needs mix.external (the general dataset to mix in)")
+        if self.training_method.mixed_in is EXTERNAL and self.mix.external is None:
+            raise ValueError(f"train.method {self.train.method!r} needs mix.external (the general dataset to mix in)")
         return self
 
     @model_validator(mode="after")
@@ -499,6 +498,21 @@ class Config(Section):
         """Rows the mix takes from the self-talk (or external data) for `task_rows` task training rows: λ x them."""
         return round(self.mix.self_ratio * task_rows)
 
+    def source_rows(self, task_rows: int) -> list[int]:
+        """Rows each of mix.sources adds for `task_rows` task training rows: its weight x them."""
+        return [round(src.weight * task_rows) for src in self.mix.sources]
+
+    def mix_rows(self, task_rows: int) -> int:
+        """Rows the mix writes for `task_rows` task training rows, when every source has enough: the task's, the
+        method's mixed-in rows (λ x them), each of mix.sources' (its weight x them)."""
+        mixed = self.mixed_in_rows(task_rows) if self.training_method.mixed_in else 0
+        return task_rows + mixed + sum(self.source_rows(task_rows))
+
+    def optimizer_steps(self, units: int) -> int:
+        """Optimizer steps over `units` training rows (or packed sequences): train.max_steps, or every epoch's full
+        global batches (the remainder is left out)."""
+        return self.train.max_steps or units // self.global_batch * self.train.epochs
+
     def dialogues_needed(self, task_rows: int) -> int:
         """Distinct self-dialogues an SA-SFT mix of `task_rows` task rows takes: λ x them, at most mix.max_distinct."""
         rows = self.mixed_in_rows(task_rows)
@@ -510,19 +524,24 @@ class Config(Section):
         the monitor is `selftalk.heldout_fraction` of that more, for every method."""
         st = self.selftalk
         pool = self.dialogues_needed(task_rows) if st.num_dialogues is None else st.num_dialogues
-        return (pool if self.train.method == "sa-sft" else 0, math.ceil(pool * st.heldout_fraction))
+        return (pool if self.training_method.mixed_in is SELF_TALK else 0, math.ceil(pool * st.heldout_fraction))
 
     def check_dialogues(self, task_rows: int) -> None:
         """Refuse a `selftalk.num_dialogues` below what an SA-SFT mix of `task_rows` task rows takes: the mix
         would fall short of λ, silently training another ratio than the one asked for."""
         st, needed = self.selftalk, self.dialogues_needed(task_rows)
-        if self.train.method != "sa-sft" or st.num_dialogues is None or st.num_dialogues >= needed:
+        if self.training_method.mixed_in is not SELF_TALK or st.num_dialogues is None or st.num_dialogues >= needed:
             return
         distinct = f" (mix.max_distinct {self.mix.max_distinct})" if needed < self.mixed_in_rows(task_rows) else ""
         raise ConfigError(
             f"selftalk.num_dialogues {st.num_dialogues} is fewer than the {needed} self-dialogues the mix takes: "
             f"mix.self_ratio {self.mix.self_ratio} x {task_rows} task training rows{distinct}. Raise "
             f"selftalk.num_dialogues to at least {needed}, unset it (it then follows from λ), or lower mix.self_ratio")
+
+    @property
+    def training_method(self) -> TrainingMethod:
+        """train.method's row of the method table."""
+        return METHODS[self.train.method]
 
     @property
     def bf16(self) -> bool:

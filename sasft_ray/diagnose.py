@@ -20,6 +20,7 @@ import pyarrow.dataset as pads
 
 from sasft_ray.config import Config, ConfigError
 from sasft_ray.filters import KEPT
+from sasft_ray.methods import SELF_TALK
 from sasft_ray.rundir import RunDir
 from sasft_ray.selftalk import load_tokenizer, turn_format
 from sasft_ray.train import IGNORE, encode
@@ -81,7 +82,7 @@ def diagnose(cfg: Config, limit: int = 256) -> dict:
     """Generate what is missing (the task split and the self-dialogues), score both, write the result."""
     from sasft_ray.generate import generate
 
-    if cfg.train.method != "sa-sft" and not cfg.selftalk.heldout_fraction:
+    if cfg.training_method.mixed_in is not SELF_TALK and not cfg.selftalk.heldout_fraction:
         raise ConfigError("diagnose compares the task with the model's own self-dialogues: use train.method "
                          "sa-sft, or selftalk.heldout_fraction > 0")
     return score(cfg, generate(cfg), limit)

@@ -26,6 +26,7 @@ from sasft_ray import data as task_data
 from sasft_ray.cluster import bar, connect, progress
 from sasft_ray.config import Config, DataConfig
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
+from sasft_ray.methods import EXTERNAL
 from sasft_ray.mix import MONITOR, mix_key, write_mix
 from sasft_ray.rundir import RunDir, fingerprint, fingerprints
 from sasft_ray.selftalk import (
@@ -95,7 +96,7 @@ def task_stage(cfg: Config, rd: RunDir, force: bool) -> None:
         rd.finish("sources", {"train_rows": [
             write_canonical(src, rd, f"sources/{i}", with_heldout=False)["train_rows"]
             for i, src in enumerate(cfg.mix.sources)]})
-    if cfg.train.method == "external-mix" and rd.begin(
+    if cfg.training_method.mixed_in is EXTERNAL and rd.begin(
             "external", cfg.section_hash("mix.external"), force, outputs=("external",),
             inputs=fingerprints(cfg, "mix.external.path")):
         rd.finish("external", write_canonical(cfg.mix.external, rd, "external", with_heldout=False))
@@ -217,7 +218,7 @@ def selftalk_stats(rd: RunDir) -> dict:
 def mix_hash(cfg: Config, rd: RunDir) -> str:
     """The mix's settings and the runs of the stages it reads (the task's, and the self-talk's or the
     external data's): after any of them is redone, the mix is stale."""
-    reads = {"sa-sft": ("task", "selftalk"), "external-mix": ("task", "external")}.get(cfg.train.method, ("task",))
+    reads = cfg.training_method.reads
     return rd.chained(cfg.section_hash("mix", "train.method"), *reads, *(("sources",) if cfg.mix.sources else ()))
 
 

@@ -111,8 +111,8 @@ def build_engine(cfg: Config, ds_config: dict, total_steps: int, rank: int):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if t.lora:  # base frozen, adapters only (above the frozen blocks for method freeze)
         model = lora.apply_lora(model, t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.target_modules,
-                                first_layer=t.freeze_layers if t.method == "freeze" else 0)
-    elif t.method == "freeze":
+                                first_layer=t.freeze_layers if cfg.training_method.freezes else 0)
+    elif cfg.training_method.freezes:
         frozen = frozen_prefixes(model.config.num_hidden_layers, t.freeze_layers)
         for name, p in model.named_parameters():
             if any(piece in name for piece in frozen):

@@ -150,7 +150,7 @@ TRAIN_SHARD = "train_"  # + rank: the Ray Train dataset of each rank's share of 
 # record key -> Ray Train dataset of a held-out set: the task's, and the forgetting monitor's self-dialogues
 HELDOUT = {"heldout_loss": "heldout", "selftalk_heldout_loss": "selftalk_heldout"}
 PARTIAL = "model.partial"  # the export as it is written, before it becomes model/
-KEPT = "train-kept"  # train.select: copies of the checkpoints that are, or may become, the one exported
+KEPT_DIR = "train-kept"  # train.select: copies of the checkpoints that are, or may become, the one exported
 KEPT_MARK = "kept.json"  # written last into a kept copy: a copy without it is incomplete
 
 
@@ -235,7 +235,7 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
         if rank == 0:
             print(f"[train] exporting step {chosen['step']}, not {end['step']} (train.select {t.select}: "
                   f"{chosen['why']})")
-        with rank_files(ray.train.Checkpoint(rd.path(KEPT, f"step-{chosen['step']}")), rank) as folder:
+        with rank_files(ray.train.Checkpoint(rd.path(KEPT_DIR, f"step-{chosen['step']}")), rank) as folder:
             engine.load_checkpoint(folder, tag="ds", load_optimizer_states=False, load_lr_scheduler_states=False)
         # the exported model's own held-out losses: those recorded at its step, measured again
         end = {"step": chosen["step"], **{key: loop.heldout_loss(engine, held()) for key, held in heldout.items()}}
@@ -326,7 +326,7 @@ def keep_for_selection(rd: RunDir, select: str, tolerance: float, step: int) -> 
     wanted = selection.keep(select, tolerance, selection.losses_by_step(train_events(rd), up_to=step))
     held = kept_steps(rd)
     for s in held - wanted:
-        rd.remove(KEPT, f"step-{s}")
+        rd.remove(KEPT_DIR, f"step-{s}")
     missing = sorted(wanted - held - {step})
     if not missing:
         return
@@ -336,21 +336,21 @@ def keep_for_selection(rd: RunDir, select: str, tolerance: float, step: int) -> 
     for s in missing:
         if s not in reported:
             raise RuntimeError(f"train.select: the checkpoint of step {s} is no longer in Ray Train's storage")
-        copy_checkpoint(reported[s], rd, KEPT, f"step-{s}")
-        rd.write_text(json.dumps({"step": s}), KEPT, f"step-{s}", KEPT_MARK)
-        print(f"[train] train.select {select}: step {s}'s checkpoint kept in {rd.path(KEPT, f'step-{s}')}")
+        copy_checkpoint(reported[s], rd, KEPT_DIR, f"step-{s}")
+        rd.write_text(json.dumps({"step": s}), KEPT_DIR, f"step-{s}", KEPT_MARK)
+        print(f"[train] train.select {select}: step {s}'s checkpoint kept in {rd.path(KEPT_DIR, f'step-{s}')}")
 
 
 def kept_steps(rd: RunDir) -> set[int]:
     """The steps whose copies in run_dir/train-kept/ are complete (an incomplete one, a crash's, is deleted)."""
-    found = rd.fs.get_file_info(pafs.FileSelector(rd.local(KEPT), allow_not_found=True))
+    found = rd.fs.get_file_info(pafs.FileSelector(rd.local(KEPT_DIR), allow_not_found=True))
     steps = set()
     for info in found:
         if info.type == pafs.FileType.Directory and info.base_name.startswith("step-"):
-            if rd.exists(KEPT, info.base_name, KEPT_MARK):
+            if rd.exists(KEPT_DIR, info.base_name, KEPT_MARK):
                 steps.add(int(info.base_name.removeprefix("step-")))
             else:
-                rd.remove(KEPT, info.base_name)
+                rd.remove(KEPT_DIR, info.base_name)
     return steps
 
 
@@ -383,22 +383,20 @@ def check_before_work(cfg: Config, rows: int, rows_with_targets: int, sequences:
         raise TrainSetupError(
             f"{rows - rows_with_targets} of {rows} training rows have no assistant token left after cutting "
             f"at train.max_length={t.max_length}; raise max_length or shorten the data")
-    if t.lora and t.method == "freeze" and num_layers is not None and t.freeze_layers >= num_layers:
+    if t.lora and cfg.training_method.freezes and num_layers is not None and t.freeze_layers >= num_layers:
         raise TrainSetupError(
             f"train.method freeze with train.lora puts adapters only above the lowest freeze_layers blocks; "
             f"freeze_layers={t.freeze_layers} leaves none of the model's {num_layers} blocks to adapt")
     if t.attn_implementation.startswith("flash") and not cfg.resources.use_gpu:
         raise TrainSetupError(f"train.attn_implementation {t.attn_implementation} needs GPUs "
                               "(resources.use_gpu); use sdpa on CPU")
-    global_batch = cfg.global_batch
     units = rows if sequences is None else sequences
-    per_epoch = units // global_batch
-    if per_epoch == 0:
+    if units < cfg.global_batch:
         raise TrainSetupError(
             f"{units} training {'rows' if sequences is None else 'packed sequences'} do not fill one global batch "
-            f"of {global_batch} (micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x "
+            f"of {cfg.global_batch} (micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x "
             f"num_workers {t.num_workers})")
-    return t.max_steps or per_epoch * t.epochs
+    return cfg.optimizer_steps(units)
 
 
 def check_resources(cfg: Config) -> None:
@@ -438,7 +436,7 @@ def train_outputs(rd: RunDir, config_hash: str, force: bool) -> tuple[str, ...]:
     keep its events); any other starts from a clean folder."""
     prior = rd.stage_info("train")
     resuming = not force and prior.get("status") == "running" and prior.get("config_hash") == config_hash
-    return ("model", PARTIAL, FAILED_ONCE) + (() if resuming else (EVENTS, RAY_TRAIN, KEPT))
+    return ("model", PARTIAL, FAILED_ONCE) + (() if resuming else (EVENTS, RAY_TRAIN, KEPT_DIR))
 
 
 def train_hash(cfg: Config, rd: RunDir) -> str:
@@ -529,10 +527,10 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     selected = out["selected"]
     checkpoint = result.checkpoint.path if result.checkpoint else None  # the last one
     if selected["step"] != total_steps:
-        checkpoint = rd.path(KEPT, f"step-{selected['step']}")
+        checkpoint = rd.path(KEPT_DIR, f"step-{selected['step']}")
     if not t.keep_checkpoints_after_export:  # the export is written: drop the optimizer state (~12 bytes a param)
         rd.remove(RAY_TRAIN)
-        rd.remove(KEPT)
+        rd.remove(KEPT_DIR)
         checkpoint = None
     print(f"[train] exported step {selected['step']} (train.select {selected['rule']}: {selected['why']})")
     counts = {"rows_in": rows, "sources": sources, "sequences": sequences or rows, "steps": total_steps,

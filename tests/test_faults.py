@@ -153,14 +153,14 @@ def test_a_stage_redone_upstream_makes_training_and_evaluation_stale(tmp_path):
 
 
 def test_a_new_training_run_starts_from_a_clean_ray_train_folder(tmp_path):
-    from sasft_ray.train import EVENTS, KEPT, RAY_TRAIN, train_outputs
+    from sasft_ray.train import EVENTS, KEPT_DIR, RAY_TRAIN, train_outputs
 
     rd = RunDir(str(tmp_path / "run"))
     rd.begin("train", "aaaa", force=True)  # a run that died mid-way, its checkpoints in train/
     # the same config resumes there, with the checkpoints train.select kept aside
-    assert not {RAY_TRAIN, KEPT} & set(train_outputs(rd, "aaaa", force=False))
+    assert not {RAY_TRAIN, KEPT_DIR} & set(train_outputs(rd, "aaaa", force=False))
     for config_hash, force in (("bbbb", False), ("aaaa", True)):  # another config, or --force: from scratch
-        assert {RAY_TRAIN, EVENTS, KEPT} <= set(train_outputs(rd, config_hash, force))
+        assert {RAY_TRAIN, EVENTS, KEPT_DIR} <= set(train_outputs(rd, config_hash, force))
     rd.finish("train", {})
     assert RAY_TRAIN in train_outputs(rd, "aaaa", force=False)  # a finished run is never resumed
 

@@ -276,6 +276,21 @@ def test_the_plan_sizes_self_talk_by_lambda_and_refuses_a_smaller_pool(tmp_path)
     text, _ = report(cfg, L3_8B, "built-in table", Cluster())
     assert "unknown dialogue count" in text
 
+def test_the_planned_steps_are_the_steps_training_takes_over_the_mix(tmp_path):
+    """20,000 task rows, 18,000 for training, λ 1 and a source at weight 0.5: the mix writes 18,000 + 18,000 +
+    9,000 rows, and the planner counts the steps training counts over them; with packing, as an upper bound."""
+    from sasft_ray.train import check_before_work
+
+    cfg = make_config(tmp_path, mix={"sources": [{"path": "replay.jsonl", "weight": 0.5}]},
+                      train={"num_workers": 8, "micro_batch_size": 2}, resources={"use_gpu": True})
+    rows = 18000 + 18000 + 9000
+    assert cfg.mix_rows(18000) == rows
+    assert train_time(cfg, L3_8B, Cluster(), 20000)[0] == check_before_work(cfg, rows, rows) == rows // 16
+    packed = _one_node_config(tmp_path, "meta-llama/Meta-Llama-3-8B-Instruct", packing=True)
+    assert "at most 2,250 steps x 16 packed sequences" in report(packed, L3_8B, "built-in table", Cluster(),
+                                                                  task_rows=20000)[0]
+
+
 CLUSTER_CONFIGS = Path(__file__).parents[1] / "cluster" / "configs"
 # Published parameter counts (the hub's model cards and safetensors totals), in billions
 PUBLISHED = {"meta-llama/Meta-Llama-3-8B-Instruct": 8.03, "meta-llama/Llama-3.1-8B-Instruct": 8.03,

@@ -131,7 +131,7 @@ def test_kept_copies_of_checkpoints_local_hard_links_or_in_a_bucket(where, tmp_p
     import pyarrow.fs as pafs
 
     from sasft_ray.rundir import RunDir
-    from sasft_ray.train import KEPT, KEPT_MARK, copy_checkpoint, kept_steps
+    from sasft_ray.train import KEPT_DIR, KEPT_MARK, copy_checkpoint, kept_steps
 
     source = tmp_path / "train" / "checkpoint_1"
     (source / "ds").mkdir(parents=True)
@@ -140,12 +140,12 @@ def test_kept_copies_of_checkpoints_local_hard_links_or_in_a_bucket(where, tmp_p
     root = request.getfixturevalue("bucket") + "/run" if where == "bucket" else str(tmp_path / "run")
     rd = RunDir(root)
     assert kept_steps(rd) == set()  # none yet: no folder either
-    copy_checkpoint(SimpleNamespace(path=str(source), filesystem=pafs.LocalFileSystem()), rd, KEPT, "step-10")
-    rd.write_text("{}", KEPT, "step-10", KEPT_MARK)
-    copy_checkpoint(SimpleNamespace(path=str(source), filesystem=pafs.LocalFileSystem()), rd, KEPT, "step-20")
-    assert kept_steps(rd) == {10} and not rd.exists(KEPT, "step-20")  # 20: no mark, a crash's half copy
-    assert rd.read_text(KEPT, "step-10", "ds", "zero_pp_rank_0_mp_rank_00_optim_states.pt") == "state" * 100
-    assert rd.read_text(KEPT, "step-10", "latest") == "ds"
+    copy_checkpoint(SimpleNamespace(path=str(source), filesystem=pafs.LocalFileSystem()), rd, KEPT_DIR, "step-10")
+    rd.write_text("{}", KEPT_DIR, "step-10", KEPT_MARK)
+    copy_checkpoint(SimpleNamespace(path=str(source), filesystem=pafs.LocalFileSystem()), rd, KEPT_DIR, "step-20")
+    assert kept_steps(rd) == {10} and not rd.exists(KEPT_DIR, "step-20")  # 20: no mark, a crash's half copy
+    assert rd.read_text(KEPT_DIR, "step-10", "ds", "zero_pp_rank_0_mp_rank_00_optim_states.pt") == "state" * 100
+    assert rd.read_text(KEPT_DIR, "step-10", "latest") == "ds"
     if where == "local":
-        kept = os.stat(rd.local(KEPT, "step-10", "ds", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+        kept = os.stat(rd.local(KEPT_DIR, "step-10", "ds", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
         assert kept.st_ino == os.stat(source / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").st_ino

@@ -774,7 +774,7 @@ def test_a_crashed_run_restarted_with_other_settings_resumes_only_if_they_leave_
     recomputed activations) keeps its hash, so the run resumes from its checkpoints; any other starts clean."""
     from sasft_ray.report import variants
     from sasft_ray.rundir import RunDir
-    from sasft_ray.train import EVENTS, KEPT, RAY_TRAIN, train_outputs
+    from sasft_ray.train import EVENTS, KEPT_DIR, RAY_TRAIN, train_outputs
 
     cfg = make_config(tmp_path, data={"path": "task.jsonl", "heldout_fraction": 0.1})
     rd = RunDir(cfg.run_dir)
@@ -782,9 +782,9 @@ def test_a_crashed_run_restarted_with_other_settings_resumes_only_if_they_leave_
     rd.finish("mix", {})
     rd.begin("train", train_hash(cfg, rd))  # crashed: still running
     other = cfg.model_copy(update={"train": cfg.train.model_copy(update=change)})
-    wiped = set(train_outputs(rd, train_hash(other, rd), force=False)) & {EVENTS, RAY_TRAIN, KEPT}
+    wiped = set(train_outputs(rd, train_hash(other, rd), force=False)) & {EVENTS, RAY_TRAIN, KEPT_DIR}
     assert (train_hash(other, rd) == train_hash(cfg, rd)) is resumes
-    assert wiped == (set() if resumes else {EVENTS, RAY_TRAIN, KEPT})
+    assert wiped == (set() if resumes else {EVENTS, RAY_TRAIN, KEPT_DIR})
     if resumes:  # nor do such settings tell runs apart in a pooled report
         assert variants([cfg.model_dump(mode="json"), other.model_dump(mode="json")]) == ["", ""]
 
