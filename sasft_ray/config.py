@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sasft_ray.methods import EXTERNAL, METHODS, SELF_TALK, TrainingMethod
+from sasft_ray.selection import Rule
 
 
 class ConfigError(ValueError):
@@ -282,7 +283,7 @@ class TrainConfig(Section):
         2, ge=1, description="Ray Train keeps the latest this many checkpoints (the restart points); with "
         "select best_task or balanced the checkpoints that are, or may become, the choice are kept besides, in "
         "run_dir/train-kept/")
-    select: Literal["last", "best_task", "balanced"] = Field(
+    select: Rule = Field(
         "last", json_schema_extra=HASH_NEUTRAL, description="the checkpoint exported to model/, chosen at the end "
         "by the held-out losses measured at every checkpoint: last (the model as training ends); best_task "
         "(the lowest task held-out loss; needs data.heldout_fraction > 0); balanced (among the checkpoints whose "

@@ -310,11 +310,6 @@ def latest_progress(rd: RunDir, total_steps: int) -> str | None:
     return f"[train] {last['event']} at step {last['step']} on {len(set(last.get('nodes') or [None]))} node(s)"
 
 
-def heldout_by_step(events: list[dict], key: str = "heldout_loss") -> dict[str, float | None]:
-    """Held-out loss at each checkpoint step, from the events log (a step redone after a restart: the last)."""
-    return {str(e["step"]): e.get(key) for e in events if e["event"] == "checkpoint"}
-
-
 def keep_for_selection(rd: RunDir, select: str, tolerance: float, step: int) -> None:
     """Rank 0, before reporting the checkpoint of `step` (its record logged): copy into run_dir/train-kept/
     every older checkpoint that is, or may become, the one `select` exports (Ray Train keeps only the
@@ -535,10 +530,10 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     print(f"[train] exported step {selected['step']} (train.select {selected['rule']}: {selected['why']})")
     counts = {"rows_in": rows, "sources": sources, "sequences": sequences or rows, "steps": total_steps,
               "final_loss": result.metrics.get("loss"), "selected": selected, "heldout_loss": out["heldout_loss"],
-              "heldout_by_step": heldout_by_step(train_events(rd)),
-              **({"selftalk_heldout_loss": out["selftalk_heldout_loss"],
-                  "selftalk_heldout_by_step": heldout_by_step(train_events(rd), "selftalk_heldout_loss")}
-                 if "selftalk_heldout_loss" in out else {}),
+              # the forgetting curve: the task's and the monitor's held-out losses at each checkpoint
+              "curve": [{"step": step, "heldout_loss": task, "selftalk_heldout_loss": monitor}
+                        for step, (task, monitor) in selection.losses_by_step(train_events(rd)).items()],
+              **({"selftalk_heldout_loss": out["selftalk_heldout_loss"]} if "selftalk_heldout_loss" in out else {}),
               "trainable_params": out["trainable_params"], "total_params": out["total_params"],
               "drift_total": drift.get("total"), **({"drift_unavailable": drift["unavailable"]}
                                                     if "unavailable" in drift else {}),

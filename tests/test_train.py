@@ -180,8 +180,9 @@ def test_heldout_loss_is_measured_at_every_checkpoint(trained):
     cfg, rd, record = trained
     checkpoints = [e for e in train_events(rd) if e["event"] == "checkpoint"]
     assert all(isinstance(e["heldout_loss"], float) for e in checkpoints)
-    assert record["heldout_by_step"] == {str(e["step"]): e["heldout_loss"] for e in checkpoints}
-    assert list(record["heldout_by_step"]) == ["10", "20", "30"]
+    assert [(c["step"], c["heldout_loss"]) for c in record["curve"]] == [(e["step"], e["heldout_loss"])
+                                                                         for e in checkpoints]
+    assert [c["step"] for c in record["curve"]] == [10, 20, 30]
     assert record["heldout_loss"] == checkpoints[-1]["heldout_loss"] < checkpoints[0]["heldout_loss"]
 
 
@@ -201,7 +202,7 @@ def test_the_forgetting_monitor_sees_sft_make_the_models_own_text_unlikely(tiny_
     record = train(cfg, rd)
     checkpoints = [e for e in train_events(rd) if e["event"] == "checkpoint"]
     assert [e["step"] for e in checkpoints] == [10, 20, 30]
-    assert record["selftalk_heldout_by_step"] == {str(e["step"]): e["selftalk_heldout_loss"] for e in checkpoints}
+    assert [c["selftalk_heldout_loss"] for c in record["curve"]] == [e["selftalk_heldout_loss"] for e in checkpoints]
     assert checkpoints[-1]["heldout_loss"] < checkpoints[0]["heldout_loss"]  # it learns the task...
 
     tok, base = load_tokenizer(tiny_llama), AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
@@ -417,7 +418,7 @@ def test_best_task_exports_the_checkpoint_of_the_lowest_held_out_loss_kept_past_
     record = train(cfg, rd)
     events = train_events(rd)
     assert ("resumed", 24) in [(e["event"], e["step"]) for e in events]  # a worker died at 26
-    losses = {int(step): loss for step, loss in record["heldout_by_step"].items()}
+    losses = {c["step"]: c["heldout_loss"] for c in record["curve"]}
     assert list(losses) == list(range(4, 33, 4))
     best = max(losses, key=lambda step: (-losses[step], step))  # the lowest; ties: the later
     print("held-out loss by step:", losses)
