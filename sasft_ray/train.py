@@ -161,14 +161,14 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
     from ray.train import CheckpointUploadMode
 
     cfg = Config.model_validate(config["cfg"])
-    t, ds_config, total_steps = cfg.train, config["ds_config"], config["total_steps"]
+    t, total_steps = cfg.train, config["total_steps"]
     steps_per_epoch = config["steps_per_epoch"]
     rd = RunDir(cfg.run_dir)  # local, a shared mount, or s3:// / gs://: every node reaches it
     loop.init_deepspeed(cfg.resources.use_gpu)  # on Ray Train's process group
     rank = ray.train.get_context().get_world_rank()
     nodes = [None] * t.num_workers  # where each rank runs, logged at every (re)start
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    engine, _, n_trainable, n_total = loop.build_engine(cfg, ds_config, total_steps, rank)
+    engine, _, n_trainable, n_total = loop.build_engine(cfg, total_steps, rank)
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -493,7 +493,6 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     rd.begin("train", config_hash, force=True, inputs=inputs, outputs=train_outputs(rd, config_hash, force))
 
     t = cfg.train
-    ds_config = loop.deepspeed_config(cfg)
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    str(Path.home() / ".cache" / "torch_extensions")),
            **forwarded_env(),  # the tracking tools' settings (not their keys)
@@ -503,7 +502,7 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
         env["PYTORCH_CUDA_ALLOC_CONF"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "ds_config": ds_config, "total_steps": total_steps,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "total_steps": total_steps,
                            "steps_per_epoch": units // cfg.global_batch,
                            "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                            else tokenizer.eos_token_id, "heldout_sets": list(heldout_sets)},
