@@ -659,21 +659,26 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg.model_copy(update=update)
 
 
-def shipped_configs() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("sasft_ray.configs").iterdir()
-                  if p.name.endswith(".yaml"))
+def _shipped(kind: str):
+    """Where the YAMLs of a kind ship: `sasft_ray/configs/`, the grids in `configs/grids/`."""
+    folder = resources.files("sasft_ray.configs")
+    return folder / "grids" if kind == "grid" else folder
 
 
-def resolve_config_path(name_or_path: str) -> Path:
+def shipped_configs(kind: str = "config") -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in _shipped(kind).iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str, kind: str = "config") -> Path:
+    """A YAML file, or the name of a config (or grid) shipped with the package."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = resources.files("sasft_ray.configs") / f"{name_or_path}.yaml"
+    shipped = _shipped(kind) / f"{name_or_path}.yaml"
     if shipped.is_file():
         return Path(str(shipped))
-    raise ConfigError(
-        f"config '{name_or_path}' is neither a file nor a shipped config (shipped: {', '.join(shipped_configs())})"
-    )
+    raise ConfigError(f"{kind} '{name_or_path}' is neither a file nor a shipped {kind} (shipped: "
+                      f"{', '.join(shipped_configs(kind))})")
 
 
 def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
