@@ -119,10 +119,10 @@ def cmd_grid(args) -> None:
 
 
 def cmd_diagnose(args) -> None:
-    from sasft_ray.diagnose import diagnose, report
+    from sasft_ray.diagnose import describe, diagnose
 
     cfg = load_config(args.config, args.overrides)
-    print(report(diagnose(cfg, args.limit)))
+    print(describe(diagnose(cfg, args.limit)))
     print(f"[diagnose] written: {cfg.run_dir}/diagnose.json, diagnose.png")
 
 
@@ -149,13 +149,13 @@ def cmd_init(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from sasft_ray.plan import Cluster, count_task_rows, load_arch, report
+    from sasft_ray.plan import Cluster, count_task_rows, load_arch, plan_text
 
     cfg = load_config(args.config, args.overrides)
     arch, source = load_arch(cfg.model.path, args.arch)
     cluster = Cluster(args.gpu_mem_gib, args.gpus_per_node, args.cpu_mem_gib, args.gpu_mem_util,
                       args.train_tokens_per_s, args.gen_tokens_per_s, args.nodes)
-    text, fits = report(cfg, arch, source, cluster, args.task_rows or count_task_rows(cfg))
+    text, fits = plan_text(cfg, arch, source, cluster, args.task_rows or count_task_rows(cfg))
     print(text)
     if not fits:
         raise SystemExit(1)  # so a script can stop before it asks for a cluster

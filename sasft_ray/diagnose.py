@@ -139,7 +139,7 @@ def plot(hist: dict, rd: RunDir) -> None:
     plt.close(fig)
 
 
-def report(result: dict) -> str:
+def describe(result: dict) -> str:
     t, s = result["task"], result["selftalk"]
     return (f"[diagnose] the base model's loss per assistant token: the task's replies {t['mean']:.3f} "
             f"(median {t['median']:.3f}, {t['rows']} rows), its own self-talk replies {s['mean']:.3f} "

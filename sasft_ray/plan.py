@@ -416,7 +416,7 @@ def _engine_lines(out: list[str], key: str, eng, count: int, arch: Arch, cl: Clu
     return em if em.fits else smallest
 
 
-def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | None = None) -> tuple[str, bool]:
+def plan_text(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | None = None) -> tuple[str, bool]:
     """The plan as text, and whether every stage fits as configured."""
     g, t, st, eng = GIB, cfg.train, cfg.selftalk, cfg.selftalk.engine
     wb = 4 if cfg.model.dtype == "float32" else 2
