@@ -130,9 +130,9 @@ def cmd_config(args) -> None:
     import yaml
 
     if args.reference:
-        from sasft_ray.config import reference
+        from sasft_ray.config_reference import markdown
 
-        print(reference(), end="")
+        print(markdown(), end="")
         return
     if not args.config:
         raise ConfigError("name a config (a YAML file or a shipped config), or ask for --reference")
