@@ -504,8 +504,8 @@ class Config(Section):
         return [round(src.weight * task_rows) for src in self.mix.sources]
 
     def mix_rows(self, task_rows: int) -> int:
-        """Rows the mix writes for `task_rows` task training rows, when every source has enough: the task's, the
-        method's mixed-in rows (λ x them), each of mix.sources' (its weight x them)."""
+        """Rows the mix writes for `task_rows` task training rows: the task's, the method's mixed-in rows (λ x them;
+        fewer only if fewer self-dialogues survived the filters), each of mix.sources' (its weight x them)."""
         mixed = self.mixed_in_rows(task_rows) if self.training_method.mixed_in else 0
         return task_rows + mixed + sum(self.source_rows(task_rows))
 
