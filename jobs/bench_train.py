@@ -107,7 +107,7 @@ def peer_worker(cfg_json: str, events: str) -> None:
     sets = {"heldout_loss": rd.local(TASK_HELDOUT), "selftalk_heldout_loss": rd.local(MONITOR)}
     heldout = {key: encoded_rows(cfg, path) for key, path in sets.items() if Path(path).exists()}
     pad_id = load_tokenizer(cfg.model.path).pad_token_id
-    engine, *_ = loop.build_engine(cfg, loop.deepspeed_config(cfg), t.max_steps, rank)
+    engine, *_ = loop.build_engine(cfg, t.max_steps, rank)
     scratch = tempfile.mkdtemp(prefix="bench-ckpt-")
 
     def log(record: dict) -> None:

@@ -76,7 +76,7 @@ def check_correctness(tmp: Path, gpu: bool, steps: int) -> dict:
         tokenizer, [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}],
         64, strip_bos)]
     train_rows, heldout = rows[:-32], rows[-32:]
-    engine, _, _, _ = loop.build_engine(cfg, loop.deepspeed_config(cfg), steps, rank=0)
+    engine, _, _, _ = loop.build_engine(cfg, steps, rank=0)
     device, pad = engine.device, tokenizer.pad_token_id
 
     def heldout_batches(rows=heldout):
@@ -182,7 +182,7 @@ def check_scale(tmp: Path, gpu: bool, arch_spec: str, micro_batch: int, seq: int
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    engine, _, _, _ = loop.build_engine(cfg, loop.deepspeed_config(cfg), steps, rank=0)
+    engine, _, _, _ = loop.build_engine(cfg, steps, rank=0)
     after_init = torch.cuda.memory_allocated() if gpu else 0
     rows = packed_rows(micro_batch * steps, seq, arch.vocab)
     records: list[dict] = []

@@ -16,16 +16,8 @@ import yaml
 from sasft_ray.config import Config
 from sasft_ray.data import hub_id_shaped
 from sasft_ray.layout import ADAPTER, CARD, MODEL, TRAIN_RESULT, is_uri
+from sasft_ray.methods import EXTERNAL_ROWS, SELF_DIALOGUES
 from sasft_ray.rundir import RunDir
-
-METHODS = {
-    "sa-sft": "SA-SFT (self-augmented SFT): the task data mixed with self-dialogues the base model wrote itself, "
-              "so that it keeps what it knew",
-    "sft": "supervised fine-tuning on the task data alone",
-    "freeze": "supervised fine-tuning on the task data with the embeddings and lowest blocks frozen",
-    "external-mix": "supervised fine-tuning on the task data mixed with external general data",
-}
-MIXES = {"sa-sft": "self-dialogues", "external-mix": "external rows"}  # what mix.self_ratio (λ) counts
 
 
 def _same_dir(a: str, b: str) -> bool:
@@ -82,7 +74,7 @@ def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
     task, selftalk, mix, train = (done.get(k, {}) for k in ("task", "selftalk", "mix", "train"))
     result = rd.read_json(MODEL, TRAIN_RESULT) if rd.exists(MODEL, TRAIN_RESULT) else {}
     entry = headline(cfg, results) if results else None
-    t, method, base = cfg.train, cfg.train.method, shown(cfg.model.path)
+    t, method, spec, base = cfg.train, cfg.train.method, cfg.training_method, shown(cfg.model.path)
     lora = rd.exists(MODEL, ADAPTER)
 
     meta = {**({"base_model": base} if hub_id_shaped(cfg.model.path) else {}), "library_name": "transformers",
@@ -90,25 +82,25 @@ def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
                                                                                               else [])]}
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# {Path(cfg.run_dir.rstrip('/')).name}: {base} fine-tuned with {method}", "",
-             f"A fine-tune of `{base}` by sasft-ray with {METHODS[method]}"
-             + (f"; λ = {cfg.mix.self_ratio:g} (mix.self_ratio: {MIXES[method]} per task row)." if method in MIXES
+             f"A fine-tune of `{base}` by sasft-ray with {spec.description}"
+             + (f"; λ = {cfg.mix.self_ratio:g} (mix.self_ratio: {spec.mixed_in.rows} per task row)." if spec.mixed_in
                 else "."), ""]
 
     rows = [("base model", f"`{base}`"), ("method", method + (f", λ = {cfg.mix.self_ratio:g}" + (
         f" (achieved {mix['achieved_ratio']:g})" if mix.get("achieved_ratio") not in (None, cfg.mix.self_ratio)
-        else "") if method in MIXES else ""))]
+        else "") if spec.mixed_in else ""))]
     data = f"`{shown(cfg.data.path)}`"
     if task:
         data += f": {_count(task.get('train_rows'))} training rows, {_count(task.get('heldout_rows'))} held out"
     rows.append(("task data", data))
-    if method == "sa-sft" and (selftalk or mix):
+    if spec.mixed_in is SELF_DIALOGUES and (selftalk or mix):
         mixed = mix.get("mixed_in_rows", selftalk.get("rows_out"))
         rows.append(("self-dialogues", f"{_count(mixed)} mixed in" + (
             f" ({_count(selftalk['rows_in'])} generated, {_count(selftalk['survived'])} kept by the filters)"
             if "rows_in" in selftalk and "survived" in selftalk else "")))
-    if method == "external-mix" and mix.get("mixed_in_rows") is not None:
+    if spec.mixed_in is EXTERNAL_ROWS and mix.get("mixed_in_rows") is not None:
         rows.append(("external rows", f"{_count(mix['mixed_in_rows'])} of `{shown(cfg.mix.external.path)}`"))
-    if method == "freeze":
+    if spec.freezes:
         rows.append(("frozen", f"embeddings and the lowest {t.freeze_layers} blocks"))
     if train.get("sources"):
         rows.append(("mix as trained", source_mix(train["sources"])))

@@ -124,11 +124,11 @@ def cmd_grid(args) -> None:
 
 
 def cmd_diagnose(args) -> None:
-    from sasft_ray.diagnose import diagnose, report
+    from sasft_ray.diagnose import describe, diagnose
 
     cfg = load_config(args.config, args.overrides)
     rd = RunDir(cfg.run_dir)
-    print(report(diagnose(cfg, rd, args.limit)))
+    print(describe(diagnose(cfg, rd, args.limit)))
     print(f"[diagnose] written: {rd.path(DIAGNOSIS)}, {rd.path(DIAGNOSIS_PLOT)}")
 
 
@@ -136,9 +136,9 @@ def cmd_config(args) -> None:
     import yaml
 
     if args.reference:
-        from sasft_ray.config import reference
+        from sasft_ray.config_reference import markdown
 
-        print(reference(), end="")
+        print(markdown(), end="")
         return
     if not args.config:
         raise ConfigError("name a config (a YAML file or a shipped config), or ask for --reference")
@@ -155,13 +155,13 @@ def cmd_init(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from sasft_ray.plan import Cluster, count_task_rows, load_arch, report
+    from sasft_ray.plan import Cluster, count_task_rows, load_arch, plan_text
 
     cfg = load_config(args.config, args.overrides)
     arch, source = load_arch(cfg.model.path, args.arch)
     cluster = Cluster(args.gpu_mem_gib, args.gpus_per_node, args.cpu_mem_gib, args.gpu_mem_util,
                       args.train_tokens_per_s, args.gen_tokens_per_s, args.nodes)
-    text, fits = report(cfg, arch, source, cluster, args.task_rows or count_task_rows(cfg))
+    text, fits = plan_text(cfg, arch, source, cluster, args.task_rows or count_task_rows(cfg))
     print(text)
     if not fits:
         raise SystemExit(1)  # so a script can stop before it asks for a cluster

@@ -16,20 +16,21 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sasft_ray.layout import is_uri
+from sasft_ray.methods import EXTERNAL_ROWS, METHODS, SELF_DIALOGUES, TrainingMethod
+from sasft_ray.selection import Rule
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the file."""
 
 
-Method = Literal["sft", "sa-sft", "freeze", "external-mix"]
-METHODS: tuple[str, ...] = get_args(Method)
+Method = Literal[tuple(METHODS)]  # the names of sasft_ray.methods' table
 
 
 # A setting added after runs were made, marked so: left out of stage hashes while at its default (which keeps
@@ -266,9 +267,7 @@ class TrainConfig(Section):
     """DeepSpeed ZeRO fine-tuning (full, or LoRA with `lora`); identical across methods except what is mixed
     and frozen."""
 
-    method: Method = Field("sa-sft", description="sft: task rows only; sa-sft: + self-dialogues at mix.self_ratio; "
-                           "freeze: sft with the embeddings and the lowest freeze_layers blocks frozen; "
-                           "external-mix: + mix.external")
+    method: Method = Field("sa-sft", description="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one GPU each on a GPU cluster)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves")
     gpus_per_worker: float = Field(1.0, ge=0, description="used when resources.use_gpu")
@@ -308,7 +307,7 @@ class TrainConfig(Section):
         2, ge=1, description="Ray Train keeps the latest this many checkpoints (the restart points); with "
         "select best_task or balanced the checkpoints that are, or may become, the choice are kept besides, in "
         "run_dir/train-kept/")
-    select: Literal["last", "best_task", "balanced"] = Field(
+    select: Rule = Field(
         "last", json_schema_extra=HASH_NEUTRAL, description="the checkpoint exported to model/, chosen at the end "
         "by the held-out losses measured at every checkpoint: last (the model as training ends); best_task "
         "(the lowest task held-out loss; needs data.heldout_fraction > 0); balanced (among the checkpoints whose "
@@ -491,8 +490,8 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _method_has_its_data(self) -> Config:
-        if self.train.method == "external-mix" and self.mix.external is None:
-            raise ValueError("train.method 'external-mix' needs mix.external (the general dataset to mix in)")
+        if self.training_method.mixed_in is EXTERNAL_ROWS and self.mix.external is None:
+            raise ValueError(f"train.method {self.train.method!r} needs mix.external (the general dataset to mix in)")
         return self
 
     @model_validator(mode="after")
@@ -524,6 +523,21 @@ class Config(Section):
         """Rows the mix takes from the self-talk (or external data) for `task_rows` task training rows: λ x them."""
         return round(self.mix.self_ratio * task_rows)
 
+    def source_rows(self, task_rows: int) -> list[int]:
+        """Rows each of mix.sources adds for `task_rows` task training rows: its weight x them."""
+        return [round(src.weight * task_rows) for src in self.mix.sources]
+
+    def mix_rows(self, task_rows: int) -> int:
+        """Rows the mix writes for `task_rows` task training rows: the task's, the method's mixed-in rows (λ x them;
+        fewer only if fewer self-dialogues survived the filters), each of mix.sources' (its weight x them)."""
+        mixed = self.mixed_in_rows(task_rows) if self.training_method.mixed_in else 0
+        return task_rows + mixed + sum(self.source_rows(task_rows))
+
+    def optimizer_steps(self, units: int) -> int:
+        """Optimizer steps over `units` training rows (or packed sequences): train.max_steps, or every epoch's full
+        global batches (the remainder is left out)."""
+        return self.train.max_steps or units // self.global_batch * self.train.epochs
+
     def dialogues_needed(self, task_rows: int) -> int:
         """Distinct self-dialogues an SA-SFT mix of `task_rows` task rows takes: λ x them, at most mix.max_distinct."""
         rows = self.mixed_in_rows(task_rows)
@@ -535,19 +549,25 @@ class Config(Section):
         the monitor is `selftalk.heldout_fraction` of that more, for every method."""
         st = self.selftalk
         pool = self.dialogues_needed(task_rows) if st.num_dialogues is None else st.num_dialogues
-        return (pool if self.train.method == "sa-sft" else 0, math.ceil(pool * st.heldout_fraction))
+        return (pool if self.training_method.mixed_in is SELF_DIALOGUES else 0, math.ceil(pool * st.heldout_fraction))
 
     def check_dialogues(self, task_rows: int) -> None:
         """Refuse a `selftalk.num_dialogues` below what an SA-SFT mix of `task_rows` task rows takes: the mix
         would fall short of λ, silently training another ratio than the one asked for."""
         st, needed = self.selftalk, self.dialogues_needed(task_rows)
-        if self.train.method != "sa-sft" or st.num_dialogues is None or st.num_dialogues >= needed:
+        if (self.training_method.mixed_in is not SELF_DIALOGUES or st.num_dialogues is None
+                or st.num_dialogues >= needed):
             return
         distinct = f" (mix.max_distinct {self.mix.max_distinct})" if needed < self.mixed_in_rows(task_rows) else ""
         raise ConfigError(
             f"selftalk.num_dialogues {st.num_dialogues} is fewer than the {needed} self-dialogues the mix takes: "
             f"mix.self_ratio {self.mix.self_ratio} x {task_rows} task training rows{distinct}. Raise "
             f"selftalk.num_dialogues to at least {needed}, unset it (it then follows from λ), or lower mix.self_ratio")
+
+    @property
+    def training_method(self) -> TrainingMethod:
+        """train.method's row of the method table."""
+        return METHODS[self.train.method]
 
     @property
     def bf16(self) -> bool:
@@ -665,21 +685,26 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg.model_copy(update=update)
 
 
-def shipped_configs() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("sasft_ray.configs").iterdir()
-                  if p.name.endswith(".yaml"))
+def _shipped(kind: str):
+    """Where the YAMLs of a kind ship: `sasft_ray/configs/`, the grids in `configs/grids/`."""
+    folder = resources.files("sasft_ray.configs")
+    return folder / "grids" if kind == "grid" else folder
 
 
-def resolve_config_path(name_or_path: str) -> Path:
+def shipped_configs(kind: str = "config") -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in _shipped(kind).iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str, kind: str = "config") -> Path:
+    """A YAML file, or the name of a config (or grid) shipped with the package."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = resources.files("sasft_ray.configs") / f"{name_or_path}.yaml"
+    shipped = _shipped(kind) / f"{name_or_path}.yaml"
     if shipped.is_file():
         return Path(str(shipped))
-    raise ConfigError(
-        f"config '{name_or_path}' is neither a file nor a shipped config (shipped: {', '.join(shipped_configs())})"
-    )
+    raise ConfigError(f"{kind} '{name_or_path}' is neither a file nor a shipped {kind} (shipped: "
+                      f"{', '.join(shipped_configs(kind))})")
 
 
 def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
@@ -752,107 +777,3 @@ def _nearest_key(loc: tuple) -> str | None:
         prefix.append(str(part))
     match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
     return ".".join(prefix + match) if match else None
-
-
-def reference() -> str:
-    """The config reference in Markdown, read from the schema itself (`sasft config --reference`, which
-    writes docs/config.md): one heading per section, then each key as a dotted path with its type, its
-    default (the section's own: `serve.engine`'s differ from `selftalk.engine`'s) and its description."""
-    import inspect
-    import types
-    import typing
-
-    import annotated_types
-    from pydantic_core import PydanticUndefined
-
-    def section_of(annotation: Any) -> tuple[type[Section] | None, bool]:
-        """The section class a field holds, and whether it holds a list of them."""
-        def is_section(tp: Any) -> bool:
-            return isinstance(tp, type) and issubclass(tp, Section)
-
-        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-        if origin is list and args and is_section(args[0]):
-            return args[0], True
-        if origin in (typing.Union, types.UnionType):
-            return next((a for a in args if is_section(a)), None), False
-        return (annotation, False) if is_section(annotation) else (None, False)
-
-    def type_name(annotation: Any) -> str:
-        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-        if annotation is type(None):
-            return "null"
-        if annotation is Any:
-            return "any"
-        if origin is Literal:
-            return " | ".join(str(a) for a in args)
-        if origin in (typing.Union, types.UnionType):
-            return " | ".join(type_name(a) for a in args)
-        if origin in (list, dict):
-            return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
-        if isinstance(annotation, type) and issubclass(annotation, Section):
-            return "section"
-        return getattr(annotation, "__name__", str(annotation))
-
-    def bounds(field: Any) -> list[str]:
-        signs = {annotated_types.Ge: ("≥", "ge"), annotated_types.Gt: (">", "gt"),
-                 annotated_types.Le: ("≤", "le"), annotated_types.Lt: ("<", "lt"),
-                 annotated_types.MinLen: ("length ≥", "min_length")}
-        return [f"{signs[type(m)][0]} {getattr(m, signs[type(m)][1])}" for m in field.metadata if type(m) in signs]
-
-    def as_yaml(value: Any) -> str:
-        if isinstance(value, BaseModel):
-            value = value.model_dump(mode="json")
-        if value == "":
-            return '""'
-        return yaml.safe_dump(value, default_flow_style=True, allow_unicode=True).strip().removesuffix("\n...")
-
-    def cell(text: str) -> str:
-        """Text that stays itself in a Markdown table: no column breaks, HTML tags or emphasis (outside code)."""
-        parts = text.replace("|", "\\|").split("`")
-        return "`".join(p if i % 2 else p.replace("<", "&lt;").replace("*", "\\*") for i, p in enumerate(parts))
-
-    def paragraph(text: str | None) -> str:
-        """A docstring or description as sentences, one paragraph per blank-line-separated block."""
-        blocks = [" ".join(block.split()) for block in inspect.cleandoc(text or "").split("\n\n")]
-        return "\n\n".join(b[0].upper() + b[1:] + ("" if b[-1] in ".:;!?" else ".") for b in blocks if b)
-
-    out: list[str] = []
-
-    def walk(model: type[Section], key: str, instance: BaseModel | None, title: str, intro: list[str],
-             level: int) -> None:
-        rows, subsections = [], []
-        for name, field in model.model_fields.items():
-            dotted = f"{key}.{name}" if key else name
-            section, many = section_of(field.annotation)
-            if field.is_required():
-                default: Any = PydanticUndefined
-            elif instance is not None:
-                default = getattr(instance, name)
-            else:
-                default = field.get_default(call_default_factory=True)
-            if section is not None:
-                sub_key = f"{dotted}[]" if many else dotted
-                sub_instance = default if isinstance(default, BaseModel) else None
-                subsections.append((section, sub_key, sub_instance, field.description))
-            kind = "list of sections" if many else type_name(field.annotation)
-            shown = ("required" if default is PydanticUndefined
-                     else "see below" if isinstance(default, BaseModel) else f"`{cell(as_yaml(default))}`")
-            rows.append(f"| `{dotted}` | {cell(', '.join([kind, *bounds(field)]))} | {shown} | "
-                        f"{cell(' '.join((field.description or '').split()))} |")
-        out.extend(["", f"{'#' * level} {title}", ""])
-        text = "\n\n".join(p for p in map(paragraph, intro) if p)
-        if text:
-            out.extend([text, ""])
-        out.extend(["| key | type | default | description |", "| --- | --- | --- | --- |", *rows])
-        for section, sub_key, sub_instance, description in subsections:
-            own_doc = section.__dict__.get("__doc__")
-            note = "A list; each item has the keys below." if sub_key.endswith("[]") else ""
-            walk(section, sub_key, sub_instance, f"`{sub_key}`", [own_doc, description, note],
-                 level + 1 if key else level)
-
-    walk(Config, "", None, "Top level", [], 2)
-    head = ["Generated from the schema in `sasft_ray/config.py` by `sasft config --reference > docs/config.md`: "
-            "edit the schema, not this file.", "", "# Config reference", "", paragraph(__doc__), "",
-            "Keys are dotted paths, as `--set` takes them (`--set selftalk.engine.max_num_seqs=64`); `[]` marks "
-            "a list of sections, each item with the keys shown. Defaults are YAML; required keys have none."]
-    return "\n".join(head + out) + "\n"

@@ -22,6 +22,7 @@ from sasft_ray.chat import encode, model_tokenizer, turn_format
 from sasft_ray.config import Config, ConfigError
 from sasft_ray.filters import KEPT
 from sasft_ray.layout import DIAGNOSIS, DIAGNOSIS_PLOT, SELFTALK, TASK_TRAIN
+from sasft_ray.methods import SELF_DIALOGUES
 from sasft_ray.packing import IGNORE
 from sasft_ray.rundir import RunDir
 
@@ -83,7 +84,7 @@ def diagnose(cfg: Config, rd: RunDir, limit: int = 256) -> dict:
     """Generate what is missing in `rd` (the task split and the self-dialogues), score both, write the result."""
     from sasft_ray.generate import generate
 
-    if cfg.train.method != "sa-sft" and not cfg.selftalk.heldout_fraction:
+    if cfg.training_method.mixed_in is not SELF_DIALOGUES and not cfg.selftalk.heldout_fraction:
         raise ConfigError("diagnose compares the task with the model's own self-dialogues: use train.method "
                          "sa-sft, or selftalk.heldout_fraction > 0")
     generate(cfg, rd)
@@ -141,7 +142,7 @@ def plot(hist: dict, rd: RunDir) -> None:
     plt.close(fig)
 
 
-def report(result: dict) -> str:
+def describe(result: dict) -> str:
     t, s = result["task"], result["selftalk"]
     return (f"[diagnose] the base model's loss per assistant token: the task's replies {t['mean']:.3f} "
             f"(median {t['median']:.3f}, {t['rows']} rows), its own self-talk replies {s['mean']:.3f} "

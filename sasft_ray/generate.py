@@ -27,6 +27,7 @@ from sasft_ray.chat import model_tokenizer, turn_format
 from sasft_ray.config import Config, DataConfig
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
 from sasft_ray.layout import EXTERNAL, MIXED, MONITOR, SELFTALK, SOURCES, TASK, source_folder, split_file
+from sasft_ray.methods import EXTERNAL_ROWS
 from sasft_ray.mix import mix_key, write_mix
 from sasft_ray.rundir import MODEL_FILES, RunDir, fingerprint, fingerprints
 from sasft_ray.selftalk import LIGHT_CPUS, SelfTalkCut, Written, check_fits, selftalk_dataset
@@ -89,7 +90,7 @@ def task_stage(cfg: Config, rd: RunDir, force: bool) -> None:
         rd.finish("sources", {"train_rows": [
             write_canonical(src, rd, source_folder(i), with_heldout=False)["train_rows"]
             for i, src in enumerate(cfg.mix.sources)]})
-    if cfg.train.method == "external-mix" and rd.begin(
+    if cfg.training_method.mixed_in is EXTERNAL_ROWS and rd.begin(
             "external", cfg.section_hash("mix.external"), force, outputs=(EXTERNAL,),
             inputs=fingerprints(cfg, "mix.external.path")):
         rd.finish("external", write_canonical(cfg.mix.external, rd, EXTERNAL, with_heldout=False))
@@ -211,7 +212,7 @@ def selftalk_stats(rd: RunDir) -> dict:
 def mix_hash(cfg: Config, rd: RunDir) -> str:
     """The mix's settings and the runs of the stages it reads (the task's, and the self-talk's or the
     external data's): after any of them is redone, the mix is stale."""
-    reads = {"sa-sft": ("task", "selftalk"), "external-mix": ("task", "external")}.get(cfg.train.method, ("task",))
+    reads = cfg.training_method.reads
     return rd.chained(cfg.section_hash("mix", "train.method"), *reads, *(("sources",) if cfg.mix.sources else ()))
 
 

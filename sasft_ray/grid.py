@@ -22,13 +22,11 @@ import json
 import re
 import shlex
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from sasft_ray.config import Config, ConfigError, load_config
+from sasft_ray.config import Config, ConfigError, load_config, resolve_config_path
 
 
 class GridSpec(BaseModel):
@@ -49,10 +47,7 @@ class Cell:
 
 def load_grid(name_or_path: str) -> GridSpec:
     """A grid YAML file, or the name of a grid shipped in `sasft_ray/configs/grids/`."""
-    shipped = resources.files("sasft_ray.configs") / "grids" / f"{name_or_path}.yaml"
-    file = Path(str(shipped)) if not Path(name_or_path).is_file() and shipped.is_file() else Path(name_or_path)
-    if not file.is_file():
-        raise ConfigError(f"grid '{name_or_path}' is neither a file nor a shipped grid")
+    file = resolve_config_path(name_or_path, "grid")
     try:
         return GridSpec.model_validate(yaml.safe_load(file.read_text()))
     except Exception as e:  # YAML and schema errors alike: name the file

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sasft_ray.config import ConfigError
 from sasft_ray.scorers import contains, exact  # the evaluation's scorers: one rule for both
-from sasft_ray.tiny import new_model, save_model, train_tokenizer
+from sasft_ray.tiny import fit, new_model, save_model, train_tokenizer
 
 # Bumped whenever a change to the world or its pretraining changes what a build makes: a lab built
 # by another version is rebuilt, not reused.
@@ -303,25 +303,13 @@ def pretrain(tokenizer, dialogues: Iterator[list[dict]], *, steps: int, batch_si
     torch.manual_seed(seed)
     model = new_model(tokenizer, "llama", layers, hidden, intermediate)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup, pad = max(1, steps // 20), tokenizer.pad_token_id
-    batches = token_batches(tokenizer, dialogues, batch_size, seed)
-    model.train()
-    for step in range(steps):
-        scale = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale
-        batch = next(batches)
-        width = max(map(len, batch))
-        inputs = torch.tensor([b + [pad] * (width - len(b)) for b in batch])
-        labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
-        loss = model(input_ids=inputs, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"[lab] step {step}/{steps} loss {loss.item():.3f}", flush=True)
-    model.eval()
+    warmup = max(1, steps // 20)
+
+    def scale(step: int) -> float:
+        return (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps))
+
+    fit(model, optimizer, token_batches(tokenizer, dialogues, batch_size, seed), steps, tokenizer.pad_token_id,
+        lr_scale=scale, clip=1.0, log_every=log_every)
     return model
 
 

@@ -11,7 +11,7 @@ lies inside an exported model, to `MODEL`); and which paths are URIs rather than
     selftalk_heldout.parquet      MONITOR     the forgetting monitor's self-dialogues
     mixed/part-0.parquet          MIXED       the training rows (`MIXED_PART`)
     train/                        RAY_TRAIN   Ray Train's run: its checkpoints and snapshot
-    train-kept/step-<n>/          KEPT        train.select's copies of checkpoints (`kept(step)`, `KEPT_MARK`)
+    train-kept/step-<n>/          KEPT_DIR    train.select's copies of checkpoints (`kept(step)`, `KEPT_MARK`)
     train-events.jsonl            EVENTS      the training's records
     train-failed-once             FAILED_ONCE the tests' fault: written when it struck
     model.partial/                PARTIAL     the export as it is written, before it becomes model/
@@ -45,7 +45,7 @@ MIXED = "mixed"
 MIXED_PART = f"{MIXED}/part-0.parquet"
 
 RAY_TRAIN = "train"
-KEPT = "train-kept"
+KEPT_DIR = "train-kept"
 KEPT_MARK = "kept.json"  # written last into a kept copy: a copy without it is incomplete
 EVENTS = "train-events.jsonl"
 FAILED_ONCE = "train-failed-once"
@@ -87,11 +87,11 @@ def source_folder(i: int) -> str:
     return f"{SOURCES}/{i}"
 
 
-KEPT_STEP = "step-"  # + the step: a copy's folder in KEPT
+KEPT_STEP = "step-"  # + the step: a copy's folder in KEPT_DIR
 
 
 def kept(step: int) -> str:
-    return f"{KEPT}/{KEPT_STEP}{step}"
+    return f"{KEPT_DIR}/{KEPT_STEP}{step}"
 
 
 def is_uri(path: str) -> bool:

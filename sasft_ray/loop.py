@@ -82,13 +82,12 @@ def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
     return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def frozen_prefixes(num_layers: int, k: int | None) -> tuple[str, ...]:
+def frozen_prefixes(k: int) -> tuple[str, ...]:
     """Parameter-name pieces frozen by method `freeze`: the embeddings and the lowest k blocks."""
-    k = num_layers // 2 if k is None else k
     return ("embed_tokens.",) + tuple(f"layers.{i}." for i in range(k))
 
 
-def build_engine(cfg: Config, ds_config: dict, total_steps: int, rank: int):
+def build_engine(cfg: Config, total_steps: int, rank: int):
     """The model in a DeepSpeed engine, as the method trains it: loaded sharded under ZeRO-3,
     gradient checkpointing if asked, LoRA adapters or frozen lower blocks, AdamW with the lr
     schedule. Needs torch.distributed up (`init_process_group`, or Ray Train's). Returns (engine,
@@ -98,12 +97,12 @@ def build_engine(cfg: Config, ds_config: dict, total_steps: int, rank: int):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    t = cfg.train
+    t, ds_config = cfg.train, deepspeed_config(cfg)
     torch.manual_seed(t.seed)  # LoRA's initial adapters: the same on every rank and in every driver
     # transformers holds this by weak reference and loads sharded while it lives; it must live as
     # long as the engine (the export reads it too), so the engine keeps it
     hf_ds_config = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype, attn_implementation=t.attn_implementation,
                                                  trust_remote_code=cfg.model.trust_remote_code)
     model.config.use_cache = False  # a cache is useless in training and would hide packed boundaries
@@ -111,9 +110,9 @@ def build_engine(cfg: Config, ds_config: dict, total_steps: int, rank: int):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if t.lora:  # base frozen, adapters only (above the frozen blocks for method freeze)
         model = lora.apply_lora(model, t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.target_modules,
-                                first_layer=t.freeze_layers if t.method == "freeze" else 0)
-    elif t.method == "freeze":
-        frozen = frozen_prefixes(model.config.num_hidden_layers, t.freeze_layers)
+                                first_layer=t.freeze_layers if cfg.training_method.freezes else 0)
+    elif cfg.training_method.freezes:
+        frozen = frozen_prefixes(t.freeze_layers)
         for name, p in model.named_parameters():
             if any(piece in name for piece in frozen):
                 p.requires_grad_(False)

@@ -11,7 +11,7 @@ generator, and the streams are merged by fractional position (row i of n sits at
 not only the whole. Only a window of rows is ever in memory. `mix.sources` adds
 further datasets by the same rule, at their weights, for every method.
 
-Methods differ only in what is mixed in: `sa-sft` self-talk, `external-mix` the
+Methods differ only in what is mixed in (`sasft_ray.methods`): `sa-sft` self-talk, `external-mix` the
 external dataset, `sft` and `freeze` nothing. The self-dialogues held out as the forgetting monitor
 (`selftalk_heldout.parquet`) are never mixed in.
 """
@@ -32,10 +32,11 @@ import pyarrow.parquet as pq
 
 from sasft_ray.config import Config
 from sasft_ray.data import MESSAGE_TYPE
-from sasft_ray.layout import EXTERNAL, MIXED_PART, MONITOR, SELFTALK, TASK_TRAIN, source_folder, split_file
+from sasft_ray.filters import KEPT
+from sasft_ray.layout import MIXED_PART, MONITOR, TASK_TRAIN, source_folder, split_file
+from sasft_ray.methods import SELF_DIALOGUES
 from sasft_ray.rundir import RunDir
 
-MIXED_IN = {"sa-sft": "self", "external-mix": "external", "sft": None, "freeze": None}
 # source: task, self, external, or source<i> (the i-th of mix.sources)
 # open_end: a self-dialogue whose last reply was cut at its token limit (`filters.truncated: keep`), trained
 # without an end of turn
@@ -56,7 +57,7 @@ class Source:
                  excluded: Sequence[int] = ()):
         self.name, self.id_column = name, id_column
         self.dataset = pads.dataset(rd.local(folder), filesystem=rd.fs, format="parquet")
-        self.filter = pc.field("drop_reason") == "" if only_kept else None
+        self.filter = pc.field("drop_reason") == KEPT if only_kept else None
         if excluded:
             out = ~pc.field(id_column).isin(pa.array(list(excluded), pa.int64()))
             self.filter = out if self.filter is None else self.filter & out
@@ -114,18 +115,19 @@ def write_mix(cfg: Config, rd: RunDir) -> dict:
     task = Source(rd, "task", TASK_TRAIN, "source_row")
     task_rows = rd.stage_info("task")["train_rows"]
     counts = {"task_rows": task_rows, "self_ratio": cfg.mix.self_ratio, "method": cfg.train.method}
-    other_name = MIXED_IN[cfg.train.method]
+    mixed_in = cfg.training_method.mixed_in
     got = 0
     streams: list[tuple[Iterator[dict], int]] = [(task.rows(seed, task_rows), task_rows)]
-    if other_name is not None:
+    if mixed_in is not None:
+        other_name = mixed_in.source
         wanted = cfg.mixed_in_rows(task_rows)  # never capped by a setting: `check_dialogues` refused a short pool
-        if other_name == "self":
+        if mixed_in is SELF_DIALOGUES:
             # the forgetting monitor's dialogues are never trained on
             monitor = pq.read_table(rd.local(MONITOR), columns=["id"], filesystem=rd.fs)["id"].to_pylist() \
                 if rd.exists(MONITOR) else []
-            other = Source(rd, "self", SELFTALK, "id", only_kept=True, excluded=monitor)
+            other = Source(rd, other_name, mixed_in.stage, "id", only_kept=True, excluded=monitor)
         else:
-            other = Source(rd, "external", split_file(EXTERNAL, "train"), "source_row")
+            other = Source(rd, other_name, split_file(mixed_in.stage, "train"), "source_row")
         distinct = other.sample(seed, min(wanted, cfg.mix.max_distinct or wanted))
         got = wanted if cfg.mix.max_distinct and distinct else distinct
         if got < wanted:
@@ -135,7 +137,7 @@ def write_mix(cfg: Config, rd: RunDir) -> dict:
         counts.update(mixed_in_source=other_name, achieved_ratio=round(got / task_rows, 4),
                       mixed_in_distinct=distinct)
     if cfg.mix.sources:  # each further source at its weight, repeated in turn if it has fewer rows
-        wanted = [round(src.weight * task_rows) for src in cfg.mix.sources]
+        wanted = cfg.source_rows(task_rows)
         for i, n in enumerate(wanted):
             source = Source(rd, f"source{i}", split_file(source_folder(i), "train"), "source_row")
             source.sample(seed, n)

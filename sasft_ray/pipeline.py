@@ -176,12 +176,9 @@ def eval_stage(cfg: Config, rd: RunDir, url: str, key: str | None, force: bool =
 
 
 def curve(rd: RunDir) -> list[dict]:
-    """The forgetting curve of a run, from its train record: at each checkpoint the task's and the
+    """The forgetting curve of a run, as its train record holds it: at each checkpoint the task's and the
     monitor's held-out losses."""
-    info = rd.stage_info("train")
-    task, monitor = info.get("heldout_by_step") or {}, info.get("selftalk_heldout_by_step") or {}
-    return [{"step": int(step), "heldout_loss": loss, "selftalk_heldout_loss": monitor.get(step)}
-            for step, loss in task.items()]
+    return rd.stage_info("train").get("curve") or []
 
 
 def _selected(rd: RunDir) -> dict:

@@ -161,12 +161,12 @@ def load_arch(model_path: str, spec: str | None = None) -> tuple[Arch, str]:
 def trainable_params(arch: Arch, cfg: Config) -> int:
     """Parameters the optimizer sees: all, all but the frozen ones (method freeze), or LoRA's adapters."""
     t = cfg.train
-    frozen = t.freeze_layers if t.method == "freeze" else 0
+    frozen = t.freeze_layers if cfg.training_method.freezes else 0
     if t.lora:  # r x (in + out) per adapted linear, in the blocks above the frozen ones
         names = arch.linears() if t.lora.target_modules == "all-linear" else t.lora.target_modules
         per_block = sum(t.lora.r * sum(arch.linears()[n]) for n in names if n in arch.linears())
         return (arch.layers - frozen) * per_block
-    if t.method == "freeze":
+    if cfg.training_method.freezes:
         return arch.params - arch.vocab * arch.hidden - frozen * arch.block_params
     return arch.params
 
@@ -312,7 +312,9 @@ def train_flops(cfg: Config, arch: Arch) -> float:
 
 
 def train_time(cfg: Config, arch: Arch, cl: Cluster, task_rows: int | None) -> tuple[int, float, float] | None:
-    """(optimizer steps, tokens, seconds), padding every row to max_length; None if rows are unknown."""
+    """(optimizer steps, tokens, seconds) over the rows the mix writes (the task's, the mixed-in ones, mix.sources'),
+    padding every row to max_length; None if rows are unknown. With train.packing both are upper bounds: a packed
+    sequence holds as many rows as fit."""
     t = cfg.train
     global_batch = cfg.global_batch
     if t.max_steps:
@@ -320,9 +322,7 @@ def train_time(cfg: Config, arch: Arch, cl: Cluster, task_rows: int | None) -> t
     elif task_rows is None:
         return None
     else:
-        task = train_rows(cfg, task_rows)
-        mixed = cfg.mixed_in_rows(task) if t.method in ("sa-sft", "external-mix") else 0
-        steps = (task + mixed) // global_batch * t.epochs
+        steps = cfg.optimizer_steps(cfg.mix_rows(train_rows(cfg, task_rows)))
     tokens = steps * global_batch * t.max_length
     rate = cl.train_tokens_per_s or GPU_BF16_TFLOPS * 1e12 * TRAIN_MFU / train_flops(cfg, arch)
     return steps, tokens, tokens / (rate * t.num_workers)
@@ -416,7 +416,7 @@ def _engine_lines(out: list[str], key: str, eng, count: int, arch: Arch, cl: Clu
     return em if em.fits else smallest
 
 
-def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | None = None) -> tuple[str, bool]:
+def plan_text(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | None = None) -> tuple[str, bool]:
     """The plan as text, and whether every stage fits as configured."""
     g, t, st, eng = GIB, cfg.train, cfg.selftalk, cfg.selftalk.engine
     wb = 4 if cfg.model.dtype == "float32" else 2
@@ -484,8 +484,9 @@ def report(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int | N
     if timing:
         steps, tokens, seconds = timing
         rate = tokens / seconds / t.num_workers
-        out.append(f"  time: {steps:,} steps x {cfg.global_batch} rows x "
-                   f"{t.max_length} tokens (padded) = {tokens / 1e6:,.1f} M tokens at {rate:,.0f} tokens/s per GPU "
+        out.append(f"  time: {'at most ' if t.packing else ''}{steps:,} steps x {cfg.global_batch} "
+                   f"{'packed sequences' if t.packing else 'rows'} x {t.max_length} tokens (padded) = "
+                   f"{tokens / 1e6:,.1f} M tokens at {rate:,.0f} tokens/s per GPU "
                    f"-> {_hours(seconds)}" + (f" per run, {runs} runs (compare)" if runs > 1 else "")
                    + (f" + CPU optimizer steps ({'DeepSpeedCPUAdam' if cfg.resources.use_gpu else 'torch AdamW'})"
                       if t.offload_optimizer else ""))

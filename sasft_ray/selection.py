@@ -20,18 +20,16 @@ only those need to outlive Ray Train's retention of the latest `train.keep_check
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Literal, get_args
 
-RULES = ("last", "best_task", "balanced")
+Rule = Literal["last", "best_task", "balanced"]  # train.select's values
+RULES: tuple[str, ...] = get_args(Rule)
 Losses = tuple[float | None, float | None]  # (task held-out loss, self-talk held-out loss)
 
 
-def choose_checkpoint(select: str, tolerance: float, by_step: Mapping[int, Losses]) -> int:
-    """The step whose checkpoint `select` exports (see the module's docstring)."""
-    return _choose(select, tolerance, by_step)[0]
-
-
 def selection(select: str, tolerance: float, by_step: Mapping[int, Losses]) -> dict:
-    """The choice as the train record names it: {rule, step, task_loss, selftalk_loss, why}."""
+    """The checkpoint `select` exports (see the module's docstring), as the train record names it:
+    {rule, step, task_loss, selftalk_loss, why}."""
     step, why = _choose(select, tolerance, by_step)
     task, monitor = by_step[step]
     return {"rule": select, "step": step, "task_loss": task, "selftalk_loss": monitor, "why": why}

@@ -9,9 +9,13 @@ token limit.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from sasft_ray.packing import IGNORE
 
 ARCHS = ("llama", "qwen2")
 
@@ -144,16 +148,32 @@ def _warm_up(model, tokenizer, dialogues: list[list[dict]], steps: int, batch_si
 
     texts = [tokenizer.apply_chat_template(d, tokenize=False) for d in dialogues]
     ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    pad = tokenizer.pad_token_id
+    batches = ([ids[(step * batch_size + i) % len(ids)] for i in range(batch_size)] for step in itertools.count())
+    fit(model, torch.optim.AdamW(model.parameters(), lr=3e-3), batches, steps, tokenizer.pad_token_id)
+
+
+def fit(model, optimizer, batches: Iterator[list[list[int]]], steps: int, pad: int,
+        lr_scale: Callable[[int], float] | None = None, clip: float | None = None, log_every: int = 0) -> None:
+    """The plain torch loop that trains the models built here (the tiny ones, the lab's) on whole token rows:
+    each batch right-padded with `pad`, every real token a target; the optimizer's lr times `lr_scale(step)`."""
+    import torch
+
+    peak = [group["lr"] for group in optimizer.param_groups]
     model.train()
     for step in range(steps):
-        batch = [ids[(step * batch_size + i) % len(ids)] for i in range(batch_size)]
+        if lr_scale:
+            for group, lr in zip(optimizer.param_groups, peak):
+                group["lr"] = lr * lr_scale(step)
+        batch = next(batches)
         width = max(map(len, batch))
         inputs = torch.tensor([b + [pad] * (width - len(b)) for b in batch])
-        labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
+        labels = torch.tensor([b + [IGNORE] * (width - len(b)) for b in batch])
         loss = model(input_ids=inputs, labels=labels).loss
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"[lab] step {step}/{steps} loss {loss.item():.3f}", flush=True)  # only the lab's pretraining logs
     model.eval()

@@ -40,7 +40,7 @@ from sasft_ray.layout import (
     DRIFT,
     EVENTS,
     FAILED_ONCE,
-    KEPT,
+    KEPT_DIR,
     KEPT_MARK,
     KEPT_STEP,
     MIXED,
@@ -147,14 +147,14 @@ def train_loop(config):  # no default on `config`: Ray Train 2.60 would drop it 
     from ray.train import CheckpointUploadMode
 
     cfg = Config.model_validate(config["cfg"])
-    t, ds_config, total_steps = cfg.train, config["ds_config"], config["total_steps"]
+    t, total_steps = cfg.train, config["total_steps"]
     steps_per_epoch = config["steps_per_epoch"]
     rd = RunDir(cfg.run_dir)  # local, a shared mount, or s3:// / gs://: every node reaches it
     loop.init_deepspeed(cfg.resources.use_gpu)  # on Ray Train's process group
     rank = ray.train.get_context().get_world_rank()
     nodes = [None] * t.num_workers  # where each rank runs, logged at every (re)start
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    engine, _, n_trainable, n_total = loop.build_engine(cfg, ds_config, total_steps, rank)
+    engine, _, n_trainable, n_total = loop.build_engine(cfg, total_steps, rank)
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -296,11 +296,6 @@ def latest_progress(rd: RunDir, total_steps: int) -> str | None:
     return f"[train] {last['event']} at step {last['step']} on {len(set(last.get('nodes') or [None]))} node(s)"
 
 
-def heldout_by_step(events: list[dict], key: str = "heldout_loss") -> dict[str, float | None]:
-    """Held-out loss at each checkpoint step, from the events log (a step redone after a restart: the last)."""
-    return {str(e["step"]): e.get(key) for e in events if e["event"] == "checkpoint"}
-
-
 def keep_for_selection(rd: RunDir, select: str, tolerance: float, step: int) -> None:
     """Rank 0, before reporting the checkpoint of `step` (its record logged): copy into run_dir/train-kept/
     every older checkpoint that is, or may become, the one `select` exports (Ray Train keeps only the
@@ -329,14 +324,14 @@ def keep_for_selection(rd: RunDir, select: str, tolerance: float, step: int) -> 
 
 def kept_steps(rd: RunDir) -> set[int]:
     """The steps whose copies in run_dir/train-kept/ are complete (an incomplete one, a crash's, is deleted)."""
-    found = rd.fs.get_file_info(pafs.FileSelector(rd.local(KEPT), allow_not_found=True))
+    found = rd.fs.get_file_info(pafs.FileSelector(rd.local(KEPT_DIR), allow_not_found=True))
     steps = set()
     for info in found:
         if info.type == pafs.FileType.Directory and info.base_name.startswith(KEPT_STEP):
-            if rd.exists(KEPT, info.base_name, KEPT_MARK):
+            if rd.exists(KEPT_DIR, info.base_name, KEPT_MARK):
                 steps.add(int(info.base_name.removeprefix(KEPT_STEP)))
             else:
-                rd.remove(KEPT, info.base_name)
+                rd.remove(KEPT_DIR, info.base_name)
     return steps
 
 
@@ -369,22 +364,20 @@ def check_before_work(cfg: Config, rows: int, rows_with_targets: int, sequences:
         raise TrainSetupError(
             f"{rows - rows_with_targets} of {rows} training rows have no assistant token left after cutting "
             f"at train.max_length={t.max_length}; raise max_length or shorten the data")
-    if t.lora and t.method == "freeze" and num_layers is not None and t.freeze_layers >= num_layers:
+    if t.lora and cfg.training_method.freezes and num_layers is not None and t.freeze_layers >= num_layers:
         raise TrainSetupError(
             f"train.method freeze with train.lora puts adapters only above the lowest freeze_layers blocks; "
             f"freeze_layers={t.freeze_layers} leaves none of the model's {num_layers} blocks to adapt")
     if t.attn_implementation.startswith("flash") and not cfg.resources.use_gpu:
         raise TrainSetupError(f"train.attn_implementation {t.attn_implementation} needs GPUs "
                               "(resources.use_gpu); use sdpa on CPU")
-    global_batch = cfg.global_batch
     units = rows if sequences is None else sequences
-    per_epoch = units // global_batch
-    if per_epoch == 0:
+    if units < cfg.global_batch:
         raise TrainSetupError(
             f"{units} training {'rows' if sequences is None else 'packed sequences'} do not fill one global batch "
-            f"of {global_batch} (micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x "
+            f"of {cfg.global_batch} (micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x "
             f"num_workers {t.num_workers})")
-    return t.max_steps or per_epoch * t.epochs
+    return cfg.optimizer_steps(units)
 
 
 def check_resources(cfg: Config) -> None:
@@ -424,7 +417,7 @@ def train_outputs(rd: RunDir, config_hash: str, force: bool) -> tuple[str, ...]:
     keep its events); any other starts from a clean folder."""
     prior = rd.stage_info("train")
     resuming = not force and prior.get("status") == "running" and prior.get("config_hash") == config_hash
-    return (MODEL, PARTIAL, FAILED_ONCE) + (() if resuming else (EVENTS, RAY_TRAIN, KEPT))
+    return (MODEL, PARTIAL, FAILED_ONCE) + (() if resuming else (EVENTS, RAY_TRAIN, KEPT_DIR))
 
 
 def train_hash(cfg: Config, rd: RunDir) -> str:
@@ -485,7 +478,6 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
     rd.begin("train", config_hash, force=True, inputs=inputs, outputs=train_outputs(rd, config_hash, force))
 
     t = cfg.train
-    ds_config = loop.deepspeed_config(cfg)
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    str(Path.home() / ".cache" / "torch_extensions")),
            **forwarded_env(),  # the tracking tools' settings (not their keys)
@@ -495,7 +487,7 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
         env["PYTORCH_CUDA_ALLOC_CONF"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "ds_config": ds_config, "total_steps": total_steps,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "total_steps": total_steps,
                            "steps_per_epoch": units // cfg.global_batch,
                            "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                            else tokenizer.eos_token_id, "heldout_sets": list(heldout_sets)},
@@ -517,15 +509,15 @@ def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:
         checkpoint = rd.path(kept(selected["step"]))
     if not t.keep_checkpoints_after_export:  # the export is written: drop the optimizer state (~12 bytes a param)
         rd.remove(RAY_TRAIN)
-        rd.remove(KEPT)
+        rd.remove(KEPT_DIR)
         checkpoint = None
     print(f"[train] exported step {selected['step']} (train.select {selected['rule']}: {selected['why']})")
     counts = {"rows_in": rows, "sources": sources, "sequences": sequences or rows, "steps": total_steps,
               "final_loss": result.metrics.get("loss"), "selected": selected, "heldout_loss": out["heldout_loss"],
-              "heldout_by_step": heldout_by_step(train_events(rd)),
-              **({"selftalk_heldout_loss": out["selftalk_heldout_loss"],
-                  "selftalk_heldout_by_step": heldout_by_step(train_events(rd), "selftalk_heldout_loss")}
-                 if "selftalk_heldout_loss" in out else {}),
+              # the forgetting curve: the task's and the monitor's held-out losses at each checkpoint
+              "curve": [{"step": step, "heldout_loss": task, "selftalk_heldout_loss": monitor}
+                        for step, (task, monitor) in selection.losses_by_step(train_events(rd)).items()],
+              **({"selftalk_heldout_loss": out["selftalk_heldout_loss"]} if "selftalk_heldout_loss" in out else {}),
               "trainable_params": out["trainable_params"], "total_params": out["total_params"],
               "drift_total": drift.get("total"), **({"drift_unavailable": drift["unavailable"]}
                                                     if "unavailable" in drift else {}),

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from sasft_ray import lab
 from sasft_ray.data import ROW_SCHEMA
-from sasft_ray.diagnose import report, score, verdict
+from sasft_ray.diagnose import describe, score, verdict
 from sasft_ray.layout import DIAGNOSIS, DIAGNOSIS_PLOT, SELFTALK, TASK_TRAIN
 from sasft_ray.rundir import RunDir
 from tests.conftest import make_config
@@ -43,7 +43,7 @@ def test_a_foreign_style_task_is_farther_than_one_in_the_house_style(small_lab, 
     assert far["verdict"].startswith("far") and not near["verdict"].startswith("far")
     written = json.loads(rd.read_text(DIAGNOSIS))
     assert written["ratio"] == near["ratio"] and sum(written["histogram"]["task"]) == 48
-    assert rd.exists(DIAGNOSIS_PLOT) and "x," in report(far)
+    assert rd.exists(DIAGNOSIS_PLOT) and "x," in describe(far)
 
 
 def test_verdicts_by_ratio():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sasft_ray.cli import main, parser
-from sasft_ray.config import reference
+from sasft_ray.config_reference import markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -18,12 +18,12 @@ REGENERATE = "sasft config --reference > docs/config.md"
 
 def test_config_reference_is_generated_from_the_schema():
     text = (ROOT / "docs" / "config.md").read_text()
-    assert text == reference(), f"docs/config.md is not what the schema says: regenerate it with `{REGENERATE}`"
+    assert text == markdown(), f"docs/config.md is not what the schema says: regenerate it with `{REGENERATE}`"
     assert REGENERATE in text.splitlines()[0]
 
 
 def test_config_reference_covers_every_section_and_the_sections_own_defaults():
-    text = reference()
+    text = markdown()
     for key in ("run_dir", "selftalk.engine.max_num_seqs", "serve.engine.max_num_seqs", "mix.sources[].weight",
                 "eval.suites[].path", "eval.lm_eval[].tasks", "train.lora.r", "mix.external.path"):
         assert f"| `{key}` |" in text, key
@@ -35,7 +35,7 @@ def test_config_reference_covers_every_section_and_the_sections_own_defaults():
 
 def test_sasft_config_reference_needs_no_config(capsys):
     assert main(["config", "--reference"]) == 0
-    assert capsys.readouterr().out == reference()
+    assert capsys.readouterr().out == markdown()
     assert main(["config"]) == 2  # neither a config nor --reference
     assert "--reference" in capsys.readouterr().err
 

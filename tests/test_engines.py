@@ -85,12 +85,12 @@ def test_the_gpu_objects_of_each_cluster_config_ask_for_what_the_plan_counts(pat
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     from sasft_ray.engines import accelerator, engine_kwargs, engine_resources
-    from sasft_ray.plan import Cluster, load_arch, report
+    from sasft_ray.plan import Cluster, load_arch, plan_text
     from sasft_ray.serve import llm_config
     from sasft_ray.train import scaling_config
 
     cfg = load_config(str(path))
-    text, _ = report(cfg, *load_arch(cfg.model.path), Cluster(), task_rows=20000)
+    text, _ = plan_text(cfg, *load_arch(cfg.model.path), Cluster(), task_rows=20000)
     st, sv = cfg.selftalk.engine, cfg.serve.engine
 
     actor = engine_resources(cfg, st)

@@ -20,7 +20,7 @@ import pytest
 from sasft_ray.config import ConfigError, load_config
 from sasft_ray.data import BadRow, LoadReport, iter_rows
 from sasft_ray.generate import build_assets, generate
-from sasft_ray.layout import CONFIG, EVENTS, KEPT, LOCK, MIXED, RAY_TRAIN, SCORED
+from sasft_ray.layout import CONFIG, EVENTS, KEPT_DIR, LOCK, MIXED, RAY_TRAIN, SCORED
 from sasft_ray.rundir import RunDir, RunDirError, StageChanged
 from sasft_ray.tiny import write_demo_task
 from tests.conftest import make_config
@@ -160,9 +160,9 @@ def test_a_new_training_run_starts_from_a_clean_ray_train_folder(tmp_path):
     rd = RunDir(str(tmp_path / "run"))
     rd.begin("train", "aaaa", force=True)  # a run that died mid-way, its checkpoints in train/
     # the same config resumes there, with the checkpoints train.select kept aside
-    assert not {RAY_TRAIN, KEPT} & set(train_outputs(rd, "aaaa", force=False))
+    assert not {RAY_TRAIN, KEPT_DIR} & set(train_outputs(rd, "aaaa", force=False))
     for config_hash, force in (("bbbb", False), ("aaaa", True)):  # another config, or --force: from scratch
-        assert {RAY_TRAIN, EVENTS, KEPT} <= set(train_outputs(rd, config_hash, force))
+        assert {RAY_TRAIN, EVENTS, KEPT_DIR} <= set(train_outputs(rd, config_hash, force))
     rd.finish("train", {})
     assert RAY_TRAIN in train_outputs(rd, "aaaa", force=False)  # a finished run is never resumed
 

@@ -33,6 +33,8 @@ def test_grid_typos_fail_before_any_run(tmp_path):
         expand(load_grid(_grid(tmp_path, {"train.sed": [0, 1]})))
     with pytest.raises(ConfigError, match="not a valid grid file"):
         load_grid(_grid(tmp_path, {}))
+    with pytest.raises(ConfigError, match=r"grid 'lab-lamda' is neither a file nor a shipped grid \(shipped: .*lab-"):
+        load_grid("lab-lamda")
 
 
 def test_cli_dry_run_lists_cells(tmp_path, capsys):

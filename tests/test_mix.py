@@ -143,7 +143,7 @@ def test_each_method_mixes_in_its_own_data(tmp_path, method, source):
     rows, _ = mixed_rows(cfg, rd)
     mixed_in = {r["source"] for r in rows} - {"task"}
     assert mixed_in == ({source} if source else set())
-    assert len(rows) == (400 if source else 200)
+    assert len(rows) == cfg.mix_rows(200) == (400 if source else 200)
 
 
 def test_interleave_spreads_evenly():
@@ -178,6 +178,7 @@ def test_weighted_sources_join_the_mix_at_their_exact_counts_and_in_every_window
     kinds = [r["source"] for r in rows]
     assert kinds.count("source0") == round(0.5 * task_rows) and kinds.count("source1") == round(0.25 * task_rows)
     assert rd.stage_info("mix")["rows_out"] == len(rows) == task_rows + kinds.count("source0") + kinds.count("source1")
+    assert len(rows) == cfg.mix_rows(task_rows)  # what `sasft plan` counts
     assert len({r["id"] for r in rows if r["source"] == "source0"}) == round(0.5 * task_rows)  # no replay row twice
     assert len({r["id"] for r in rows if r["source"] == "source1"}) == 50  # 90 rows from 50: repeated in turn
     for start in range(0, len(rows) - 140, 70):  # every stretch holds the sources in their ratio

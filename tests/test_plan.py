@@ -18,7 +18,7 @@ from sasft_ray.plan import (
     engine_memory,
     load_arch,
     model_states,
-    report,
+    plan_text,
     smallest_tp,
     train_plan,
     train_time,
@@ -78,7 +78,7 @@ def test_trainable_parameters_match_the_training_code(tmp_path, train):
                                 first_layer=t.freeze_layers if t.method == "freeze" else 0)
     else:
         for name, p in model.named_parameters():
-            p.requires_grad_(not any(piece in name for piece in frozen_prefixes(3, t.freeze_layers)))
+            p.requires_grad_(not any(piece in name for piece in frozen_prefixes(t.freeze_layers)))
     assert trainable_params(load_arch(str(tmp_path))[0], cfg) == lora.parameter_counts(model)[0]
 
 
@@ -267,14 +267,29 @@ def test_the_plan_sizes_self_talk_by_lambda_and_refuses_a_smaller_pool(tmp_path)
     """20,000 task rows, 18,000 for training: λ 1 generates 18,000 x 1.25 dialogues (the monitor off here);
     a num_dialogues of 10,000 is refused as `sasft generate` would refuse it, both numbers named."""
     cfg = _one_node_config(tmp_path, "meta-llama/Meta-Llama-3-8B-Instruct")
-    text, fits = report(cfg, L3_8B, "built-in table", Cluster(), task_rows=20000)
+    text, fits = plan_text(cfg, L3_8B, "built-in table", Cluster(), task_rows=20000)
     assert fits and "22,500 dialogues" in text and "REFUSED" not in text
     assert train_time(cfg, L3_8B, Cluster(), 20000)[0] == 36000 // cfg.global_batch
     pinned = cfg.model_copy(update={"selftalk": cfg.selftalk.model_copy(update={"num_dialogues": 10000})})
-    text, fits = report(pinned, L3_8B, "built-in table", Cluster(), task_rows=20000)
+    text, fits = plan_text(pinned, L3_8B, "built-in table", Cluster(), task_rows=20000)
     assert not fits and "REFUSED: selftalk.num_dialogues 10000 is fewer than the 18000 self-dialogues" in text
-    text, _ = report(cfg, L3_8B, "built-in table", Cluster())
+    text, _ = plan_text(cfg, L3_8B, "built-in table", Cluster())
     assert "unknown dialogue count" in text
+
+def test_the_planned_steps_are_the_steps_training_takes_over_the_mix(tmp_path):
+    """20,000 task rows, 18,000 for training, λ 1 and a source at weight 0.5: the mix writes 18,000 + 18,000 +
+    9,000 rows, and the planner counts the steps training counts over them; with packing, as an upper bound."""
+    from sasft_ray.train import check_before_work
+
+    cfg = make_config(tmp_path, mix={"sources": [{"path": "replay.jsonl", "weight": 0.5}]},
+                      train={"num_workers": 8, "micro_batch_size": 2}, resources={"use_gpu": True})
+    rows = 18000 + 18000 + 9000
+    assert cfg.mix_rows(18000) == rows
+    assert train_time(cfg, L3_8B, Cluster(), 20000)[0] == check_before_work(cfg, rows, rows) == rows // 16
+    packed = _one_node_config(tmp_path, "meta-llama/Meta-Llama-3-8B-Instruct", packing=True)
+    assert "at most 2,250 steps x 16 packed sequences" in plan_text(packed, L3_8B, "built-in table", Cluster(),
+                                                                  task_rows=20000)[0]
+
 
 CLUSTER_CONFIGS = Path(__file__).parents[1] / "cluster" / "configs"
 # Published parameter counts (the hub's model cards and safetensors totals), in billions
@@ -293,7 +308,7 @@ def test_report_of_the_shipped_cluster_configs_fits(name):
     arch, source = load_arch(cfg.model.path)
     assert source == "built-in table"
     assert arch.params / 1e9 == pytest.approx(PUBLISHED[cfg.model.path], rel=0.02)
-    text, fits = report(cfg, arch, source, Cluster(), task_rows=20000)
+    text, fits = plan_text(cfg, arch, source, Cluster(), task_rows=20000)
     assert fits, text
     assert "NOTE" not in text, text
 
@@ -356,7 +371,7 @@ def test_the_70b_training_workers_ask_for_what_the_plan_counts():
     sc = scaling_config(cfg)
     assert (sc.num_workers, sc.use_gpu, sc.accelerator_type, sc.placement_strategy) == (16, True, "H100", "PACK")
     assert sc._resources_per_worker_not_none == {"CPU": 8, "GPU": 1, "accelerator_type:H100": 0.001}  # Ray's label
-    text, _ = report(cfg, *load_arch(cfg.model.path), Cluster(), task_rows=20000)
+    text, _ = plan_text(cfg, *load_arch(cfg.model.path), Cluster(), task_rows=20000)
     assert "train  16 workers x 1 GPU: 16 GPUs, 2 node(s)" in text
     assert "+ CPU optimizer steps (DeepSpeedCPUAdam)" in text  # offloaded, on GPU nodes: the fused CPU Adam
     # 12 bytes x 70.55 B parameters, 8 of the 16 ranks on each node

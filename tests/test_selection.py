@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from sasft_ray.selection import choose_checkpoint, keep, losses_by_step, selection
+from sasft_ray.selection import keep, losses_by_step, selection
 
 # (task held-out loss, self-talk held-out loss) per checkpoint step: the task learnt, then overfit; the
 # model's own text ever less likely (forgetting)
@@ -12,15 +12,15 @@ CURVE = {10: (2.0, 0.5), 20: (1.5, 0.7), 30: (1.25, 0.9), 40: (1.0, 1.2), 50: (1
 
 
 def test_last_is_the_last_step_whatever_the_losses():
-    assert choose_checkpoint("last", 0.02, CURVE) == 50
-    assert choose_checkpoint("last", 0.02, {5: (None, None), 10: (None, None)}) == 10
+    assert selection("last", 0.02, CURVE)["step"] == 50
+    assert selection("last", 0.02, {5: (None, None), 10: (None, None)})["step"] == 10
     assert selection("last", 0.02, CURVE) == {"rule": "last", "step": 50, "task_loss": 1.125, "selftalk_loss": 1.5,
                                               "why": "the last checkpoint"}
 
 
 def test_best_task_is_the_lowest_task_loss_ties_the_later_step():
-    assert choose_checkpoint("best_task", 0.02, CURVE) == 40
-    assert choose_checkpoint("best_task", 0.02, {10: (1.0, 0.1), 20: (1.0, 0.9), 30: (1.5, 0.0)}) == 20
+    assert selection("best_task", 0.02, CURVE)["step"] == 40
+    assert selection("best_task", 0.02, {10: (1.0, 0.1), 20: (1.0, 0.9), 30: (1.5, 0.0)})["step"] == 20
     chosen = selection("best_task", 0.02, CURVE)
     assert chosen["step"] == 40 and chosen["task_loss"] == 1.0 and chosen["selftalk_loss"] == 1.2
     assert chosen["why"] == "the lowest task held-out loss of 5 checkpoints"
@@ -28,11 +28,11 @@ def test_best_task_is_the_lowest_task_loss_ties_the_later_step():
 
 def test_balanced_takes_the_least_forgetting_within_the_tolerance_inclusive():
     # best task loss 1.0 at step 40: within 0.125 -> up to 1.125 (step 50, exactly at the edge: in)
-    assert choose_checkpoint("balanced", 0.0, CURVE) == 40  # no tolerance: best_task's choice
-    assert choose_checkpoint("balanced", 0.125, CURVE) == 40  # 40 and 50 in; 40 forgot less
-    assert choose_checkpoint("balanced", 0.25, CURVE) == 30  # 1.25 is exactly 1.25 x 1.0: in
-    assert choose_checkpoint("balanced", 0.2499, CURVE) == 40  # ...and just out
-    assert choose_checkpoint("balanced", 1.0, CURVE) == 10  # everything in: the least forgetting
+    assert selection("balanced", 0.0, CURVE)["step"] == 40  # no tolerance: best_task's choice
+    assert selection("balanced", 0.125, CURVE)["step"] == 40  # 40 and 50 in; 40 forgot less
+    assert selection("balanced", 0.25, CURVE)["step"] == 30  # 1.25 is exactly 1.25 x 1.0: in
+    assert selection("balanced", 0.2499, CURVE)["step"] == 40  # ...and just out
+    assert selection("balanced", 1.0, CURVE)["step"] == 10  # everything in: the least forgetting
     chosen = selection("balanced", 0.25, CURVE)
     assert chosen == {"rule": "balanced", "step": 30, "task_loss": 1.25, "selftalk_loss": 0.9,
                       "why": "the lowest self-talk held-out loss of the 3 checkpoints whose task held-out loss is "
@@ -41,17 +41,17 @@ def test_balanced_takes_the_least_forgetting_within_the_tolerance_inclusive():
 
 def test_balanced_ties_go_to_the_later_step():
     by_step = {10: (1.0, 0.5), 20: (1.01, 0.5), 30: (1.0, 0.75)}
-    assert choose_checkpoint("balanced", 0.02, by_step) == 20
-    assert choose_checkpoint("balanced", 0.005, by_step) == 10  # 20 out of the window: 10 and 30 left
+    assert selection("balanced", 0.02, by_step)["step"] == 20
+    assert selection("balanced", 0.005, by_step)["step"] == 10  # 20 out of the window: 10 and 30 left
 
 
 def test_missing_losses_are_never_chosen_and_the_rule_falls_back():
     # no task loss at 20 (a held-out set with no rows there): never chosen, though it forgot least
     by_step = {10: (1.0, 0.5), 20: (None, 0.1), 30: (1.01, 0.8)}
-    assert choose_checkpoint("best_task", 0.02, by_step) == 10
-    assert choose_checkpoint("balanced", 0.02, by_step) == 10
+    assert selection("best_task", 0.02, by_step)["step"] == 10
+    assert selection("balanced", 0.02, by_step)["step"] == 10
     # no self-talk loss at 10: the window's others decide
-    assert choose_checkpoint("balanced", 0.02, {10: (1.0, None), 20: (1.01, 0.8), 30: (1.5, 0.1)}) == 20
+    assert selection("balanced", 0.02, {10: (1.0, None), 20: (1.01, 0.8), 30: (1.5, 0.1)})["step"] == 20
     # no self-talk loss in the window at all: best_task's choice, said so
     no_monitor = {10: (1.0, None), 20: (1.01, None), 30: (1.5, 0.1)}
     chosen = selection("balanced", 0.02, no_monitor)
@@ -62,9 +62,9 @@ def test_missing_losses_are_never_chosen_and_the_rule_falls_back():
     assert chosen["step"] == 20 and chosen["why"] == "no task held-out loss recorded: the last checkpoint, not " \
                                                      "best_task's"
     with pytest.raises(ValueError, match="no checkpoint"):
-        choose_checkpoint("best_task", 0.02, {})
+        selection("best_task", 0.02, {})
     with pytest.raises(ValueError, match="none of last, best_task, balanced"):
-        choose_checkpoint("best", 0.02, CURVE)
+        selection("best", 0.02, CURVE)
 
 
 def test_keep_holds_the_choice_and_only_what_may_become_it():
@@ -92,7 +92,7 @@ def test_whatever_comes_later_the_choice_was_kept(select):
             task = None if rng.random() < 0.1 else rng.choice([1.0, 1.01, 1.05, 1.2, 1.5, 2.0]) * rng.choice([1, 0.9])
             monitor = None if rng.random() < 0.15 else rng.choice([0.5, 0.6, 0.7, 0.8])
             by_step[step] = (task, monitor)
-            chosen = choose_checkpoint(select, tolerance, by_step)
+            chosen = selection(select, tolerance, by_step)["step"]
             assert chosen == step or chosen in kept, (by_step, tolerance, kept)
             older += chosen != step
             wanted = keep(select, tolerance, by_step)

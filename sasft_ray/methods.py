@@ -1,0 +1,51 @@
+"""The training methods, one row each: what the mix adds to the task rows, what training freezes, how the
+model card and the config reference describe it. Every stage reads this table, so a method is added here.
+
+`sasft_ray.config.Method` (the values `train.method` and `compare` accept) is derived from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sasft_ray.layout import EXTERNAL, SELFTALK
+
+
+@dataclass(frozen=True)
+class MixedIn:
+    """Rows a method mixes in beside the task rows, round(λ x task rows) of them (λ: mix.self_ratio)."""
+
+    source: str  # their `source` in the mixed rows
+    stage: str  # the generate stage that writes them, and its folder in the run dir
+    rows: str  # what the model card calls them
+
+
+SELF_DIALOGUES = MixedIn("self", SELFTALK, "self-dialogues")
+EXTERNAL_ROWS = MixedIn("external", EXTERNAL, "external rows")  # mix.external's rows
+
+
+@dataclass(frozen=True)
+class TrainingMethod:
+    name: str
+    summary: str  # the config reference's words (train.method)
+    description: str  # the model card's words: "A fine-tune of ... with <description>"
+    mixed_in: MixedIn | None = None
+    freezes: bool = False  # the embeddings and the lowest train.freeze_layers blocks
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The generate stages whose output the mix reads (besides mix.sources)."""
+        return ("task",) + ((self.mixed_in.stage,) if self.mixed_in else ())
+
+
+METHODS = {m.name: m for m in (
+    TrainingMethod("sft", "task rows only", "supervised fine-tuning on the task data alone"),
+    TrainingMethod("sa-sft", "+ self-dialogues at mix.self_ratio",
+                   "SA-SFT (self-augmented SFT): the task data mixed with self-dialogues the base model wrote itself, "
+                   "so that it keeps what it knew", mixed_in=SELF_DIALOGUES),
+    TrainingMethod("freeze", "sft with the embeddings and the lowest freeze_layers blocks frozen",
+                   "supervised fine-tuning on the task data with the embeddings and lowest blocks frozen",
+                   freezes=True),
+    TrainingMethod("external-mix", "+ mix.external", "supervised fine-tuning on the task data mixed with external "
+                   "general data", mixed_in=EXTERNAL_ROWS),
+)}
