@@ -385,6 +385,32 @@ def test_kuberay_training_workers_request_efa_and_may_pin_memory():
         assert "vpc.amazonaws.com/efa" not in g["template"]["spec"]["containers"][0]["resources"]["limits"]
 
 
+def test_gcp_training_nodes_put_scratch_on_their_local_ssds():
+    """TMPDIR (and with it Ray's temp dir, where ranks stage checkpoint shards) on the a3 nodes' local NVMe
+    SSDs, assembled into one volume at /mnt/nvme before Docker starts, not on the boot disk."""
+    config = _load("gcp.yaml")
+    training, node = _training_type(config)
+    options = _docker_run_options(config, training)
+    assert _docker_env(options)["TMPDIR"] == "/mnt/nvme/tmp" and "-v /mnt/nvme:/mnt/nvme" in options
+    init = " ".join(node["initialization_commands"])
+    assert "/dev/disk/by-id/google-local-nvme-ssd-" in init and "mount /dev/md0 /mnt/nvme" in init
+    assert "mkdir -p /mnt/nvme/tmp" in init
+
+
+@pytest.mark.parametrize("name", ["kuberay/rayjob.yaml", "kuberay/rayservice.yaml"])
+def test_kuberay_gpu_pods_put_scratch_on_a_sized_volume_they_request(name):
+    """TMPDIR on an emptyDir of a set size (not the container's writable layer), which the pod requests as
+    ephemeral storage, so that it lands on a node that has the room."""
+    spec = _load(name)["spec"]
+    for group in (spec.get("rayClusterSpec") or spec["rayClusterConfig"])["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        tmpdir = {e["name"]: e.get("value") for e in container["env"]}["TMPDIR"]
+        volume = {v["name"]: v for v in pod["volumes"]}[
+            {m["mountPath"]: m["name"] for m in container["volumeMounts"]}[tmpdir]]
+        assert volume["emptyDir"]["sizeLimit"] == container["resources"]["requests"]["ephemeral-storage"]
+
+
 def test_ray_bootstraps_the_aws_network_layout(bucket):
     """Ray's own AWS bootstrap steps for subnets and security groups, against a moto stand-in for EC2: the
     EFA interfaces' subnet in the one zone, every node type in the file's security group, none created."""

@@ -19,6 +19,7 @@ from sasft_ray.plan import (
     load_arch,
     model_states,
     report,
+    scratch_disks,
     smallest_tp,
     train_plan,
     train_time,
@@ -379,3 +380,29 @@ def test_the_planner_counts_one_engine_pool_and_refuses_a_cluster_too_small_for_
     assert exit_.value.code == 1
     assert "DOES NOT FIT the cluster: generate needs 16 GPUs at once, 1 node(s) x 8 have 8" in out.getvalue()
     assert "DOES NOT FIT the cluster: train needs 16 GPUs at once" in out.getvalue()
+
+
+def test_plan_refuses_a_cluster_file_whose_scratch_disk_is_smaller_than_a_nodes_checkpoint(tmp_path):
+    """`sasft plan --cluster FILE` reads the scratch disk (TMPDIR) of each GPU node type: the shipped cluster
+    files hold the 70B config's checkpoint shards (423 GB a node); a node type with less is refused, both
+    numbers named, a launcher's machine type without local NVMe by its boot disk."""
+    cluster = Path(__file__).parents[1] / "cluster"
+    config = str(CLUSTER_CONFIGS / "llama3-70b.yaml")
+    files = ["aws.yaml", "gcp.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml"]
+    assert all(disk > 0 for f in files for _, _, disk in scratch_disks(str(cluster / f)))
+    for f in files:
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["plan", config, "--task-rows", "20000", "--cluster", str(cluster / f)]) == 0, f
+
+    small_volume = (cluster / "kuberay/rayjob.yaml").read_text().replace("sizeLimit: 1Ti", "sizeLimit: 100Gi")
+    no_nvme = (cluster / "aws.yaml").read_text().replace("p5.48xlarge", "p5e.48xlarge").replace(
+        "VolumeSize: 500", "VolumeSize: 200")
+    for text, message in ((small_volume, "a gpu-8xh100 node gives TMPDIR 107 GB of scratch"),
+                          (no_nvme, "a gpu_8xh100 node gives TMPDIR 215 GB of scratch")):
+        path = tmp_path / "cluster.yaml"
+        path.write_text(text)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+            main(["plan", config, "--task-rows", "20000", "--cluster", str(path)])
+        assert exit_.value.code == 1
+        assert f"DOES NOT FIT the cluster file: {message}, its ranks' checkpoint shards need 423 GB" in out.getvalue()
