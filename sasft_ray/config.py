@@ -640,8 +640,10 @@ def absolute_paths(cfg: Config) -> Config:
 
 
 def shipped_configs() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("sasft_ray.configs").iterdir()
-                  if p.name.endswith(".yaml"))
+    """The configs in sasft_ray/configs/ by name: `demo`, ..., and the cluster examples as `cluster/<file>`."""
+    root = resources.files("sasft_ray.configs")
+    return sorted(f"{prefix}{p.name.removesuffix('.yaml')}" for prefix, folder in (("", root),
+                  ("cluster/", root / "cluster")) for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def resolve_config_path(name_or_path: str) -> Path:

@@ -97,7 +97,7 @@ def test_kuberay_manifest_matches_installed_ray(name, kind):
 
 def _job_config(job: dict):
     argv = shlex.split(job["spec"]["entrypoint"])
-    return load_config(str(ROOT / argv[argv.index("--config") + 1]))
+    return load_config(argv[argv.index("--config") + 1])
 
 
 def _job_gpus(doc) -> int:
@@ -110,8 +110,7 @@ def test_rayjob_runs_the_pipeline_from_files_in_the_repo():
     spec = doc["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:2] == ["python", "jobs/run.py"]
-    assert (ROOT / argv[1]).is_file(), f"{argv[1]} is missing"  # fails until jobs/run.py is written, on purpose
+    assert argv[:3] == ["python", "jobs/job.py", "run"] and (ROOT / argv[1]).is_file()
     cfg = _job_config(job=doc)
     assert cfg.resources.use_gpu and cfg.resources.address == "auto"
 

@@ -277,7 +277,7 @@ def test_the_plan_sizes_self_talk_by_lambda_and_refuses_a_smaller_pool(tmp_path)
     text, _ = report(cfg, L3_8B, "built-in table", Cluster())
     assert "unknown dialogue count" in text
 
-CLUSTER_CONFIGS = Path(__file__).parents[1] / "cluster" / "configs"
+CLUSTER_CONFIGS = Path(__file__).parents[1] / "sasft_ray" / "configs" / "cluster"
 # Published parameter counts (the hub's model cards and safetensors totals), in billions
 PUBLISHED = {"meta-llama/Meta-Llama-3-8B-Instruct": 8.03, "meta-llama/Llama-3.1-8B-Instruct": 8.03,
              "meta-llama/Meta-Llama-3-70B-Instruct": 70.55, "Qwen/Qwen2.5-7B-Instruct": 7.62,
@@ -286,7 +286,7 @@ PUBLISHED = {"meta-llama/Meta-Llama-3-8B-Instruct": 8.03, "meta-llama/Llama-3.1-
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CLUSTER_CONFIGS.glob("*.yaml")))
 def test_report_of_the_shipped_cluster_configs_fits(name):
-    """Every config in cluster/configs loads, is planned from the built-in table at its model's published size
+    """Every config in sasft_ray/configs/cluster loads, is planned from the built-in table at its model's published size
     (within 2%), and fits its nodes of 8 x 80 GB, as `sasft plan CONFIG --task-rows 20000` prints it."""
     from sasft_ray.config import load_config
 
@@ -325,7 +325,7 @@ def test_gemma2_is_counted_as_gemma2():
 def test_70b_fits_two_nodes_with_the_gradient_checkpointing_switch_only():
     """The 70B config fits 16 x 80 GB because of train.gradient_checkpointing; the 8B config pointed at
     70B (no checkpointing) does not, and the planner names the switch; recomputation is timed."""
-    root = Path(__file__).parents[1] / "cluster" / "configs"
+    root = CLUSTER_CONFIGS
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["plan", str(root / "llama3-70b.yaml"), "--task-rows", "20000"]) == 0
@@ -353,7 +353,7 @@ def test_the_70b_training_workers_ask_for_what_the_plan_counts():
     from sasft_ray.config import load_config
     from sasft_ray.train import scaling_config
 
-    cfg = load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-70b.yaml"))
+    cfg = load_config(str(CLUSTER_CONFIGS / "llama3-70b.yaml"))
     sc = scaling_config(cfg)
     assert (sc.num_workers, sc.use_gpu, sc.accelerator_type, sc.placement_strategy) == (16, True, "H100", "PACK")
     assert sc._resources_per_worker_not_none == {"CPU": 8, "GPU": 1, "accelerator_type:H100": 0.001}  # Ray's label
@@ -362,14 +362,14 @@ def test_the_70b_training_workers_ask_for_what_the_plan_counts():
     assert "+ CPU optimizer steps (DeepSpeedCPUAdam)" in text  # offloaded, on GPU nodes: the fused CPU Adam
     # 12 bytes x 70.55 B parameters, 8 of the 16 ranks on each node
     assert "checkpoint: 847 GB in run_dir; each node's temporary folder (TMPDIR) holds its ranks' 423 GB" in text
-    assert scaling_config(load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-70b.yaml"),
+    assert scaling_config(load_config(str(CLUSTER_CONFIGS / "llama3-70b.yaml"),
                                       ["resources.use_gpu=false"])).accelerator_type is None
 
 
 def test_the_planner_counts_one_engine_pool_and_refuses_a_cluster_too_small_for_it():
     """Self-talk holds `selftalk.engine.concurrency` engines (each every turn and role), not one pool per turn
     and role; with --nodes, a stage whose engines or workers cannot all start at once is refused."""
-    path = str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-70b.yaml")
+    path = str(CLUSTER_CONFIGS / "llama3-70b.yaml")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["plan", path, "--task-rows", "20000", "--nodes", "2"]) == 0
