@@ -257,8 +257,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="write a commented config to start from (NAME.yaml), for an example model "
                        "or any other")
     p.add_argument("name", metavar="NAME", help="NAME.yaml is written (NAME if it ends in .yaml); run_dir runs/NAME")
-    p.add_argument("--model", metavar="ID", help="base model: a hub id or local folder (default: the first example "
-                   "model); an example model brings its example's settings")
+    p.add_argument("--model", metavar="ID", help="base model: a hub id or local folder (default: cluster/llama3.1-8b's "
+                   "model); the model of a shipped cluster/ config brings that config's settings")
     p.add_argument("--data", metavar="PATH", help="task data (default: data/task.jsonl)")
     p.add_argument("--force", action="store_true", help="overwrite NAME.yaml if it exists")
     p.set_defaults(fn=cmd_init)
