@@ -639,11 +639,15 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg.model_copy(update=update)
 
 
+CLUSTER_EXAMPLES = "cluster"  # sasft_ray/configs/cluster/: the example GPU cluster configs
+
+
 def shipped_configs() -> list[str]:
     """The configs in sasft_ray/configs/ by name: `demo`, ..., and the cluster examples as `cluster/<file>`."""
     root = resources.files("sasft_ray.configs")
-    return sorted(f"{prefix}{p.name.removesuffix('.yaml')}" for prefix, folder in (("", root),
-                  ("cluster/", root / "cluster")) for p in folder.iterdir() if p.name.endswith(".yaml"))
+    folders = (("", root), (f"{CLUSTER_EXAMPLES}/", root / CLUSTER_EXAMPLES))
+    return sorted(f"{prefix}{p.name.removesuffix('.yaml')}" for prefix, folder in folders for p in folder.iterdir()
+                  if p.name.endswith(".yaml"))
 
 
 def resolve_config_path(name_or_path: str) -> Path:

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import os
 import re
-from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from sasft_ray.config import ConfigError, validate_config
+from sasft_ray.config import CLUSTER_EXAMPLES, ConfigError, resolve_config_path, shipped_configs, validate_config
 
-EXAMPLES_DIR = "cluster"  # the example configs, shipped in sasft_ray/configs/
-DEFAULT_EXAMPLE = f"{EXAMPLES_DIR}/llama3.1-8b"
+DEFAULT_EXAMPLE = f"{CLUSTER_EXAMPLES}/llama3.1-8b"
 DEFAULT_DATA = "data/task.jsonl"
 COMMENT_COLUMN = 31
-# What ties an example to its cluster: what a starter writes there instead, and the comment it gets
+# What ties an example to one cluster: the keys a starter writes for this machine instead (`starter_config`),
+# and their comments
 LOCAL = {
     "run_dir": "every stage's output; s3://... or gs://... on a cluster (shared by its nodes)",
     "model.path": "hub id or local folder (a gated one: HF_TOKEN in the environment, never here)",
@@ -37,9 +36,8 @@ _KEY = re.compile(r"( *)([A-Za-z_]\w*):(.*)")
 
 def examples() -> dict[str, str]:
     """Each example model's hub id and its shipped config's name (`cluster/<file>`), the default's first."""
-    names = sorted(p.name.removesuffix(".yaml") for p in resources.files("sasft_ray.configs").joinpath(
-        EXAMPLES_DIR).iterdir() if p.name.endswith(".yaml"))
-    by_model = {yaml.safe_load(_text(f"{EXAMPLES_DIR}/{n}"))["model"]["path"]: f"{EXAMPLES_DIR}/{n}" for n in names}
+    names = [n for n in shipped_configs() if n.startswith(f"{CLUSTER_EXAMPLES}/")]
+    by_model = {yaml.safe_load(_text(n))["model"]["path"]: n for n in names}
     return dict(sorted(by_model.items(), key=lambda item: item[1] != DEFAULT_EXAMPLE))
 
 
@@ -95,7 +93,7 @@ def write_starter(name: str, model: str | None = None, data: str | None = None, 
 
 
 def _text(example: str) -> str:
-    return resources.files("sasft_ray.configs").joinpath(f"{example}.yaml").read_text()
+    return resolve_config_path(example).read_text()
 
 
 def _split_header(text: str) -> tuple[list[str], list[str]]:

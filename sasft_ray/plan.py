@@ -203,10 +203,10 @@ def scratch_disks(path: str) -> tuple[tuple[str, int, float], ...]:
     out = []
     for doc in docs:
         for name, node in (doc.get("available_node_types") or {}).items():  # a Ray cluster launcher YAML
-            gpus, nc = int(node.get("resources", {}).get("GPU", 0)), node.get("node_config", {})
-            boot = [d.get("Ebs", {}).get("VolumeSize") or d.get("initializeParams", {}).get("diskSizeGb")
-                    for d in nc.get("BlockDeviceMappings", []) + [d for d in nc.get("disks", []) if d.get("boot")]]
-            disk = LOCAL_NVME_BYTES.get(nc.get("InstanceType") or nc.get("machineType")) or (boot[0] or 0) * GIB
+            nc, gpus = node.get("node_config", {}), int(node.get("resources", {}).get("GPU", 0))
+            boot = [d["Ebs"]["VolumeSize"] for d in nc.get("BlockDeviceMappings", []) if "Ebs" in d] + [
+                d["initializeParams"]["diskSizeGb"] for d in nc.get("disks", []) if d.get("boot")]  # GiB: AWS, GCP
+            disk = LOCAL_NVME_BYTES.get(nc.get("InstanceType") or nc.get("machineType")) or sum(boot[:1]) * GIB
             if gpus:
                 out.append((name, gpus, disk))
         spec = doc.get("spec") or {}

@@ -394,10 +394,14 @@ def test_plan_refuses_a_cluster_file_whose_scratch_disk_is_smaller_than_a_nodes_
         with contextlib.redirect_stdout(io.StringIO()):
             assert main(["plan", config, "--task-rows", "20000", "--cluster", str(cluster / f)]) == 0, f
 
-    small_volume = (cluster / "kuberay/rayjob.yaml").read_text().replace("sizeLimit: 1Ti", "sizeLimit: 100Gi")
+    rayjob = (cluster / "kuberay/rayjob.yaml").read_text()
+    small_volume = rayjob.replace("sizeLimit: 1Ti", "sizeLimit: 100Gi")
+    small_ephemeral = rayjob.replace("emptyDir: {sizeLimit: 1Ti}", "ephemeral: {volumeClaimTemplate: {spec: {"
+                                     "accessModes: [ReadWriteOnce], resources: {requests: {storage: 100Gi}}}}}")
     no_nvme = (cluster / "aws.yaml").read_text().replace("p5.48xlarge", "p5e.48xlarge").replace(
         "VolumeSize: 500", "VolumeSize: 200")
     for text, message in ((small_volume, "a gpu-8xh100 node gives TMPDIR 107 GB of scratch"),
+                          (small_ephemeral, "a gpu-8xh100 node gives TMPDIR 107 GB of scratch"),
                           (no_nvme, "a gpu_8xh100 node gives TMPDIR 215 GB of scratch")):
         path = tmp_path / "cluster.yaml"
         path.write_text(text)
