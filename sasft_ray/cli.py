@@ -155,12 +155,13 @@ def cmd_init(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from sasft_ray.plan import Cluster, count_task_rows, load_arch, plan_text
+    from sasft_ray.plan import Cluster, count_task_rows, load_arch, plan_text, scratch_disks
 
     cfg = load_config(args.config, args.overrides)
     arch, source = load_arch(cfg.model.path, args.arch)
     cluster = Cluster(args.gpu_mem_gib, args.gpus_per_node, args.cpu_mem_gib, args.gpu_mem_util,
-                      args.train_tokens_per_s, args.gen_tokens_per_s, args.nodes)
+                      args.train_tokens_per_s, args.gen_tokens_per_s, args.nodes,
+                      scratch_disks(args.cluster) if args.cluster else ())
     text, fits = plan_text(cfg, arch, source, cluster, args.task_rows or count_task_rows(cfg))
     print(text)
     if not fits:
@@ -262,8 +263,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="write a commented config to start from (NAME.yaml), for an example model "
                        "or any other")
     p.add_argument("name", metavar="NAME", help="NAME.yaml is written (NAME if it ends in .yaml); run_dir runs/NAME")
-    p.add_argument("--model", metavar="ID", help="base model: a hub id or local folder (default: the first example "
-                   "model); an example model brings its example's settings")
+    p.add_argument("--model", metavar="ID", help="base model: a hub id or local folder (default: cluster/llama3.1-8b's "
+                   "model); the model of a shipped cluster/ config brings that config's settings")
     p.add_argument("--data", metavar="PATH", help="task data (default: data/task.jsonl)")
     p.add_argument("--force", action="store_true", help="overwrite NAME.yaml if it exists")
     p.set_defaults(fn=cmd_init)
@@ -277,6 +278,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem-util", type=float, default=0.9, help="vLLM gpu_memory_utilization")
     p.add_argument("--nodes", type=int, help="GPU nodes the cluster can have at once (its max_workers): a stage "
                    "needing more is refused")
+    p.add_argument("--cluster", metavar="FILE", help="a Ray cluster launcher YAML or KubeRay manifest: a GPU node "
+                   "whose scratch disk (TMPDIR) is smaller than its share of a checkpoint is refused")
     p.add_argument("--arch", metavar="K=V,...", help="model shape when model.path is neither local nor known, "
                    "e.g. hidden=4096,layers=32,heads=32,kv_heads=8,intermediate=14336,vocab=128256")
     p.add_argument("--task-rows", type=int, help="task rows, when data.path is not a local .jsonl")

@@ -685,6 +685,9 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg.model_copy(update=update)
 
 
+CLUSTER_EXAMPLES = "cluster"  # sasft_ray/configs/cluster/: the example GPU cluster configs
+
+
 def _shipped(kind: str):
     """Where the YAMLs of a kind ship: `sasft_ray/configs/`, the grids in `configs/grids/`."""
     folder = resources.files("sasft_ray.configs")
@@ -692,7 +695,11 @@ def _shipped(kind: str):
 
 
 def shipped_configs(kind: str = "config") -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in _shipped(kind).iterdir() if p.name.endswith(".yaml"))
+    """The shipped YAMLs of a kind by name: `demo`, ..., and the cluster examples as `cluster/<file>`."""
+    root = _shipped(kind)
+    folders = [("", root)] + ([(f"{CLUSTER_EXAMPLES}/", root / CLUSTER_EXAMPLES)] if kind == "config" else [])
+    return sorted(f"{prefix}{p.name.removesuffix('.yaml')}" for prefix, folder in folders for p in folder.iterdir()
+                  if p.name.endswith(".yaml"))
 
 
 def resolve_config_path(name_or_path: str, kind: str = "config") -> Path:

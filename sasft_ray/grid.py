@@ -120,10 +120,10 @@ def run_grid(spec: GridSpec, address: str | None = None, only: list[str] = ()) -
 
 
 def job_request(base: str, cell: Cell) -> dict:
-    """What `submit` sends for a cell: `jobs/run.py` with the cell's overrides, run in this working dir. No
+    """What `submit` sends for a cell: `jobs/job.py run` with the cell's overrides, run in this working dir. No
     secret: a job's runtime_env is shown in clear by Ray's job API and dashboard; the nodes take HF_TOKEN
     from the cloud's secret store as they start (the cluster files, `sasft_ray/secret_store.py`)."""
-    entrypoint = shlex.join(["python", "jobs/run.py", "--config", base,
+    entrypoint = shlex.join(["python", "jobs/job.py", "run", "--config", base,
                              *[arg for o in cell.overrides for arg in ("--set", o)]])
     return {"entrypoint": entrypoint, "runtime_env": {"working_dir": "."}}
 

@@ -180,6 +180,55 @@ class Cluster:
     train_tokens_per_s: float | None = None  # per GPU; None: GPU_BF16_TFLOPS x TRAIN_MFU / 6P
     gen_tokens_per_s: float | None = None  # per engine; None: the HBM bandwidth model
     nodes: int | None = None  # GPU nodes the cluster can have at once; None: as many as it takes
+    scratch: tuple[tuple[str, int, float], ...] = ()  # (node type, GPUs, scratch bytes): `scratch_disks`
+
+
+# Local NVMe of the GPU machine types the cluster files use: they put scratch there (p5.48xlarge: 8 x 3.84 TB of
+# instance store; a3-highgpu-8g: 16 x 375 GiB of local SSD)
+LOCAL_NVME_BYTES = {"p5.48xlarge": 8 * 3.84e12, "a3-highgpu-8g": 16 * 375 * GIB}
+K8S_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": GIB, "Ti": 2**40}
+
+
+def scratch_disks(path: str) -> tuple[tuple[str, int, float], ...]:
+    """(node type, GPUs, scratch bytes) of each GPU node type of a cluster file, where its TMPDIR (and with it
+    Ray's temp dir, checkpoint staging included) lives. A Ray cluster launcher YAML: the machine type's local
+    NVMe (LOCAL_NVME_BYTES), else its boot disk; a KubeRay manifest: the size of the volume mounted at the
+    worker's TMPDIR (an emptyDir's sizeLimit or an ephemeral volume's request), 0 if it has none."""
+    import yaml
+
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if isinstance(d, dict)]
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cluster file {path}: {e}") from e
+    out = []
+    for doc in docs:
+        for name, node in (doc.get("available_node_types") or {}).items():  # a Ray cluster launcher YAML
+            nc, gpus = node.get("node_config", {}), int(node.get("resources", {}).get("GPU", 0))
+            boot = [d["Ebs"]["VolumeSize"] for d in nc.get("BlockDeviceMappings", []) if "Ebs" in d] + [
+                d["initializeParams"]["diskSizeGb"] for d in nc.get("disks", []) if d.get("boot")]  # GiB: AWS, GCP
+            disk = LOCAL_NVME_BYTES.get(nc.get("InstanceType") or nc.get("machineType")) or sum(boot[:1]) * GIB
+            if gpus:
+                out.append((name, gpus, disk))
+        spec = doc.get("spec") or {}
+        cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec  # RayJob, RayService
+        for group in cluster.get("workerGroupSpecs", []):  # a KubeRay manifest
+            pod = group["template"]["spec"]
+            container = pod["containers"][0]
+            gpus = int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+            tmpdir = next((e["value"] for e in container.get("env", []) if e["name"] == "TMPDIR"), None)
+            mount = next((m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == tmpdir), None)
+            volume = next((v for v in pod.get("volumes", []) if v["name"] == mount), {})
+            size = (volume.get("emptyDir") or {}).get("sizeLimit") or (
+                volume.get("ephemeral", {}).get("volumeClaimTemplate", {}).get("spec", {}).get("resources", {})
+                .get("requests", {}).get("storage"))
+            if gpus:
+                out.append((group["groupName"], gpus, _k8s_bytes(str(size or 0))))
+    return tuple(out)
+
+
+def _k8s_bytes(quantity: str) -> float:
+    number = quantity.rstrip("KMGTi")
+    return float(number) * K8S_UNITS[quantity[len(number):]]
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -504,6 +553,13 @@ def plan_text(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int 
     per_node = ckpt * min(cl.gpus_per_node, gpus) / gpus
     out.append(f"  checkpoint: {ckpt / 1e9:,.0f} GB in run_dir; each node's temporary folder (TMPDIR) holds its "
                f"ranks' {per_node / 1e9:,.0f} GB while a save uploads, and as much on resume")
+    short_disks = []
+    for name, node_gpus, disk in cl.scratch:  # the GPU nodes of the cluster file (`sasft plan --cluster`)
+        need = ckpt * min(node_gpus, gpus) / gpus
+        if disk < need:
+            short_disks.append(name)
+            out.append(f"  DOES NOT FIT the cluster file: a {name} node gives TMPDIR {disk / 1e9:,.0f} GB of scratch, "
+                       f"its ranks' checkpoint shards need {need / 1e9:,.0f} GB")
 
     # serving: the fine-tuned model(s) and the base, serve.engine.concurrency replicas each
     served = cfg.served_engines
@@ -521,4 +577,4 @@ def plan_text(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int 
     for stage, need in too_big.items():  # engines or workers that cannot all start stall the stage
         out.append(f"DOES NOT FIT the cluster: {stage} needs {need:g} GPUs at once, {cl.nodes} node(s) x "
                    f"{cl.gpus_per_node} have {cl.nodes * cl.gpus_per_node}")
-    return "\n".join(out), gen_fits and tp_.fits and serve_fits and not too_big and not refused
+    return "\n".join(out), gen_fits and tp_.fits and serve_fits and not too_big and not refused and not short_disks

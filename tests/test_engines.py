@@ -1,6 +1,6 @@
 """The vLLM engines' settings and the GPU objects built from them, without a GPU and without Ray running:
 `engine.vllm` checked against vLLM's own argument classes, the Ray Data / Ray Serve / Ray Train resource
-requests of every GPU config in cluster/configs/ against `sasft plan`'s figures, readiness as health."""
+requests of every GPU config in sasft_ray/configs/cluster/ against `sasft plan`'s figures, readiness as health."""
 
 import json
 import threading
@@ -12,7 +12,7 @@ import pytest
 from sasft_ray.config import ConfigError, load_config
 from tests.conftest import make_config
 
-CONFIGS = sorted((Path(__file__).parents[1] / "cluster" / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[1] / "sasft_ray" / "configs" / "cluster").glob("*.yaml"))
 
 
 def _engine(tmp_path, **engine):

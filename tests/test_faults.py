@@ -227,7 +227,7 @@ def test_grid_overrides_reach_the_job_as_they_are_never_as_commands(tmp_path):
     evil = "x'; touch " + str(tmp_path / "pwned") + "; echo '"
     cell = Cell("c", [f"run_dir={tmp_path}/r", f"selftalk.system_prompt={evil}"], None)
     entrypoint = job_request("demo", cell)["entrypoint"]
-    assert shlex.split(entrypoint) == ["python", "jobs/run.py", "--config", "demo", "--set", cell.overrides[0],
+    assert shlex.split(entrypoint) == ["python", "jobs/job.py", "run", "--config", "demo", "--set", cell.overrides[0],
                                        "--set", cell.overrides[1]]
     subprocess.run(["bash", "-c", "printf '%s\\n' " + entrypoint.removeprefix("python ")], check=True,
                    capture_output=True)
@@ -245,7 +245,7 @@ def test_an_open_endpoint_needs_a_key_or_an_explicit_yes(tmp_path):
         _demo(tmp_path, "serve.host=0.0.0.0")
     assert _demo(tmp_path, "serve.host=0.0.0.0", "serve.api_key_env=SASFT_KEY").serve.host == "0.0.0.0"
     assert _demo(tmp_path, "serve.host=0.0.0.0", "serve.allow_unauthenticated=true")
-    cfg = load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-8b.yaml"))
+    cfg = load_config(str(Path(__file__).parents[1] / "sasft_ray" / "configs" / "cluster" / "llama3-8b.yaml"))
     assert cfg.serve.host == "0.0.0.0" and cfg.serve.api_key_env
 
 

@@ -152,5 +152,5 @@ def test_a_submitted_cell_runs_its_overrides_and_carries_no_secret(tmp_path, mon
     job = job_request("demo", cell)
     # Ray's job API shows a runtime_env in clear: the nodes read HF_TOKEN from the secret store instead
     assert job["runtime_env"] == {"working_dir": "."} and "hf_from_the_environment" not in json.dumps(job)
-    assert job["entrypoint"].startswith("python jobs/run.py --config demo")
-    assert shlex.split(job["entrypoint"])[4:6] == ["--set", "train.seed=0"]
+    assert job["entrypoint"].startswith("python jobs/job.py run --config demo")
+    assert shlex.split(job["entrypoint"])[5:7] == ["--set", "train.seed=0"]

@@ -58,7 +58,7 @@ def submit(dashboard: str, job: str, config: Path) -> str:
     here share one machine and one Ray session folder, and a job's working-dir copy vanished from under it
     (the project is installed on every node, as the cluster configs install it)."""
     out = subprocess.run([RAY, "job", "submit", "--address", dashboard, "--no-wait",
-                          "--", sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--config", str(config)],
+                          "--", sys.executable, str(ROOT / "jobs" / "job.py"), job, "--config", str(config)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, f"ray job submit failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     return re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout).group()

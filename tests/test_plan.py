@@ -19,6 +19,7 @@ from sasft_ray.plan import (
     load_arch,
     model_states,
     plan_text,
+    scratch_disks,
     smallest_tp,
     train_plan,
     train_time,
@@ -291,7 +292,7 @@ def test_the_planned_steps_are_the_steps_training_takes_over_the_mix(tmp_path):
                                                                   task_rows=20000)[0]
 
 
-CLUSTER_CONFIGS = Path(__file__).parents[1] / "cluster" / "configs"
+CLUSTER_CONFIGS = Path(__file__).parents[1] / "sasft_ray" / "configs" / "cluster"
 # Published parameter counts (the hub's model cards and safetensors totals), in billions
 PUBLISHED = {"meta-llama/Meta-Llama-3-8B-Instruct": 8.03, "meta-llama/Llama-3.1-8B-Instruct": 8.03,
              "meta-llama/Meta-Llama-3-70B-Instruct": 70.55, "Qwen/Qwen2.5-7B-Instruct": 7.62,
@@ -300,7 +301,7 @@ PUBLISHED = {"meta-llama/Meta-Llama-3-8B-Instruct": 8.03, "meta-llama/Llama-3.1-
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CLUSTER_CONFIGS.glob("*.yaml")))
 def test_report_of_the_shipped_cluster_configs_fits(name):
-    """Every config in cluster/configs loads, is planned from the built-in table at its model's published size
+    """Every config in sasft_ray/configs/cluster loads, is planned from the built-in table at its model's published size
     (within 2%), and fits its nodes of 8 x 80 GB, as `sasft plan CONFIG --task-rows 20000` prints it."""
     from sasft_ray.config import load_config
 
@@ -339,7 +340,7 @@ def test_gemma2_is_counted_as_gemma2():
 def test_70b_fits_two_nodes_with_the_gradient_checkpointing_switch_only():
     """The 70B config fits 16 x 80 GB because of train.gradient_checkpointing; the 8B config pointed at
     70B (no checkpointing) does not, and the planner names the switch; recomputation is timed."""
-    root = Path(__file__).parents[1] / "cluster" / "configs"
+    root = CLUSTER_CONFIGS
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["plan", str(root / "llama3-70b.yaml"), "--task-rows", "20000"]) == 0
@@ -367,7 +368,7 @@ def test_the_70b_training_workers_ask_for_what_the_plan_counts():
     from sasft_ray.config import load_config
     from sasft_ray.train import scaling_config
 
-    cfg = load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-70b.yaml"))
+    cfg = load_config(str(CLUSTER_CONFIGS / "llama3-70b.yaml"))
     sc = scaling_config(cfg)
     assert (sc.num_workers, sc.use_gpu, sc.accelerator_type, sc.placement_strategy) == (16, True, "H100", "PACK")
     assert sc._resources_per_worker_not_none == {"CPU": 8, "GPU": 1, "accelerator_type:H100": 0.001}  # Ray's label
@@ -376,14 +377,14 @@ def test_the_70b_training_workers_ask_for_what_the_plan_counts():
     assert "+ CPU optimizer steps (DeepSpeedCPUAdam)" in text  # offloaded, on GPU nodes: the fused CPU Adam
     # 12 bytes x 70.55 B parameters, 8 of the 16 ranks on each node
     assert "checkpoint: 847 GB in run_dir; each node's temporary folder (TMPDIR) holds its ranks' 423 GB" in text
-    assert scaling_config(load_config(str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-70b.yaml"),
+    assert scaling_config(load_config(str(CLUSTER_CONFIGS / "llama3-70b.yaml"),
                                       ["resources.use_gpu=false"])).accelerator_type is None
 
 
 def test_the_planner_counts_one_engine_pool_and_refuses_a_cluster_too_small_for_it():
     """Self-talk holds `selftalk.engine.concurrency` engines (each every turn and role), not one pool per turn
     and role; with --nodes, a stage whose engines or workers cannot all start at once is refused."""
-    path = str(Path(__file__).parents[1] / "cluster" / "configs" / "llama3-70b.yaml")
+    path = str(CLUSTER_CONFIGS / "llama3-70b.yaml")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["plan", path, "--task-rows", "20000", "--nodes", "2"]) == 0
@@ -394,3 +395,33 @@ def test_the_planner_counts_one_engine_pool_and_refuses_a_cluster_too_small_for_
     assert exit_.value.code == 1
     assert "DOES NOT FIT the cluster: generate needs 16 GPUs at once, 1 node(s) x 8 have 8" in out.getvalue()
     assert "DOES NOT FIT the cluster: train needs 16 GPUs at once" in out.getvalue()
+
+
+def test_plan_refuses_a_cluster_file_whose_scratch_disk_is_smaller_than_a_nodes_checkpoint(tmp_path):
+    """`sasft plan --cluster FILE` reads the scratch disk (TMPDIR) of each GPU node type: the shipped cluster
+    files hold the 70B config's checkpoint shards (423 GB a node); a node type with less is refused, both
+    numbers named, a launcher's machine type without local NVMe by its boot disk."""
+    cluster = Path(__file__).parents[1] / "cluster"
+    config = str(CLUSTER_CONFIGS / "llama3-70b.yaml")
+    files = ["aws.yaml", "gcp.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml"]
+    assert all(disk > 0 for f in files for _, _, disk in scratch_disks(str(cluster / f)))
+    for f in files:
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["plan", config, "--task-rows", "20000", "--cluster", str(cluster / f)]) == 0, f
+
+    rayjob = (cluster / "kuberay/rayjob.yaml").read_text()
+    small_volume = rayjob.replace("sizeLimit: 1Ti", "sizeLimit: 100Gi")
+    small_ephemeral = rayjob.replace("emptyDir: {sizeLimit: 1Ti}", "ephemeral: {volumeClaimTemplate: {spec: {"
+                                     "accessModes: [ReadWriteOnce], resources: {requests: {storage: 100Gi}}}}}")
+    no_nvme = (cluster / "aws.yaml").read_text().replace("p5.48xlarge", "p5e.48xlarge").replace(
+        "VolumeSize: 500", "VolumeSize: 200")
+    for text, message in ((small_volume, "a gpu-8xh100 node gives TMPDIR 107 GB of scratch"),
+                          (small_ephemeral, "a gpu-8xh100 node gives TMPDIR 107 GB of scratch"),
+                          (no_nvme, "a gpu_8xh100 node gives TMPDIR 215 GB of scratch")):
+        path = tmp_path / "cluster.yaml"
+        path.write_text(text)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+            main(["plan", config, "--task-rows", "20000", "--cluster", str(path)])
+        assert exit_.value.code == 1
+        assert f"DOES NOT FIT the cluster file: {message}, its ranks' checkpoint shards need 423 GB" in out.getvalue()
