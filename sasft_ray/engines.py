@@ -3,8 +3,8 @@
 `engine_kwargs` is what vLLM gets (our own keys, then the free `engine.vllm` mapping),
 `engine_placement` what Ray reserves for one engine (a CPU bundle here; `tensor_parallel_size`
 GPUs of one node, of `accelerator_type`, on a cluster), `engine_env` the variables the engine
-process starts with. `check_vllm_args` validates `engine.vllm` against vLLM's own `EngineArgs`
-(and, for serving, its OpenAI server's `FrontendArgs`) when the config loads.
+process starts with. `check_vllm_args` validates `engine.vllm` against the installed vLLM's own
+`EngineArgs` (and, for serving, its OpenAI server's `FrontendArgs`) when the config loads.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ OWN_KEYS = {"model": "model.path", "tokenizer": "model.path", "trust_remote_code
             "dtype": "model.dtype", "seed": "selftalk.seed", "max_model_len": "engine.max_model_len",
             "max_num_seqs": "engine.max_num_seqs", "tensor_parallel_size": "engine.tensor_parallel_size",
             "enforce_eager": "engine.enforce_eager", "chat_template": "model.chat_template"}
+# vLLM's logging config: a `FrontendArgs` key in the release Ray's LLM stack pins (0.29), an `EngineArgs` key from
+# 0.32 on. Every release also reads it from the engine process's environment, so it goes there, for self-talk
+# and serving alike, whichever release is installed.
+LOG_CONFIG_KEY = "log_config_file"
 
 
 def engine_kwargs(cfg, eng, serving: bool = False, **extra) -> dict:
@@ -33,7 +37,7 @@ def engine_kwargs(cfg, eng, serving: bool = False, **extra) -> dict:
     if serving and cfg.model.chat_template:  # the text, not the path: a replica's node may not have the file
         own["chat_template"] = Path(cfg.model.chat_template).read_text(encoding="utf-8")
     frontend = _fields("frontend") if eng.vllm else set()
-    passed = {k: v for k, v in eng.vllm.items() if serving or k not in frontend}
+    passed = {k: v for k, v in eng.vllm.items() if k != LOG_CONFIG_KEY and (serving or k not in frontend)}
     return {**own, **extra, **passed}
 
 
@@ -65,6 +69,8 @@ def engine_env(cfg, eng, batch_invariant: bool = False) -> dict:
     """The variables an engine process starts with. `batch_invariant` (self-talk on GPUs): vLLM's
     batch-invariant kernels, so a dialogue's logits do not depend on what else its engine batches."""
     env = {"VLLM_LOGGING_LEVEL": "WARNING", **({"VLLM_BATCH_INVARIANT": "1"} if batch_invariant else {})}
+    if LOG_CONFIG_KEY in eng.vllm:
+        env["VLLM_LOGGING_CONFIG_PATH"] = str(eng.vllm[LOG_CONFIG_KEY])
     if not cfg.resources.use_gpu:
         # vLLM's engine core in the engine's own process: it starts in ~3 s instead of ~30 on CPU. On GPUs
         # it keeps its process of its own, where scheduling and detokenisation do not stall the GPU.
@@ -108,6 +114,7 @@ def check_vllm_args(args: dict[str, Any]) -> None:
     one the config sets itself, and its value of the type vLLM declares; then the engine arguments are
     constructed as vLLM would. A `ValueError` names the key."""
     from pydantic import TypeAdapter, ValidationError
+    from vllm import __version__ as release
 
     known = _fields("engine") | _fields("frontend")
     for key, value in args.items():
@@ -115,7 +122,7 @@ def check_vllm_args(args: dict[str, Any]) -> None:
             raise ValueError(f"vllm.{key}: set {OWN_KEYS[key]} instead (the planner and the pipeline read it)")
         if key not in known:
             hint = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-            raise ValueError(f"vllm.{key}: not an argument of vLLM's engine or OpenAI server"
+            raise ValueError(f"vllm.{key}: not an argument of vLLM {release}'s engine or OpenAI server"
                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         cls = _classes()["engine" if key in _fields("engine") else "frontend"]
         if (annotation := _annotation(cls, key)) is not None:

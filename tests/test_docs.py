@@ -13,6 +13,7 @@ from sasft_ray.config_reference import markdown
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
+CONSTRAINTS = ROOT / ".ci" / "constraints.txt"
 REGENERATE = "sasft config --reference > docs/config.md"
 
 
@@ -50,6 +51,29 @@ def test_readme_holds_exactly_the_two_setup_commands_ci_runs():
     block = text.split("<!-- setup -->", 1)[1].split("<!-- /setup -->", 1)[0]
     commands = [line for line in block.splitlines() if line.strip() and not line.startswith("```")]
     assert len(commands) == 2, commands
+
+
+def test_the_install_pins_every_package_to_the_constraints_file_within_the_projects_ranges():
+    """The README installs with `-c .ci/constraints.txt`, which pins every package to one release (the same
+    environment on every day), each of the project's requirements (its `cpu` and `dev` extras' too) in range."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    assert f"-c {CONSTRAINTS.relative_to(ROOT)} " in README.read_text()
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            req = Requirement(line)
+            assert [spec.operator for spec in req.specifier] == ["=="], line
+            pins[canonicalize_name(req.name)] = next(iter(req.specifier)).version
+    for req in map(Requirement, requires("sasft-ray")):
+        if canonicalize_name(req.name) == "sasft-ray" or (
+                req.marker and not any(req.marker.evaluate({"extra": extra}) for extra in ("cpu", "dev"))):
+            continue
+        pin = pins.get(canonicalize_name(req.name))
+        assert pin and req.specifier.contains(pin, prereleases=True), f"{req}: the constraints file pins {pin}"
 
 
 def _links(path: Path) -> list[str]:

@@ -49,6 +49,32 @@ def test_a_wrong_vllm_argument_is_a_config_error_naming_it(tmp_path, vllm, messa
         load_config(str(path))
 
 
+def test_the_suite_runs_the_vllm_release_of_rays_llm_stack_and_refuses_a_key_of_a_later_one(tmp_path):
+    """The `gpu` extra (ray[llm]) installs the vLLM release Ray's LLM stack pins, the `cpu` extra that release's
+    CPU build: `engine.vllm` is checked here against what a GPU runs, so a key added later (in 0.32) is refused."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+    from vllm import __version__ as release
+
+    pinned = [r for r in map(Requirement, requires("ray")) if r.name == "vllm" and r.marker.evaluate({"extra": "llm"})]
+    assert pinned and pinned[0].specifier.contains(release), (release, str(pinned))
+    with pytest.raises(ConfigError, match=rf"vllm.max_num_active_seqs: not an argument of vLLM {release}'s engine"):
+        make_config(tmp_path, selftalk={"engine": {"vllm": {"max_num_active_seqs": 64}}})
+
+
+def test_the_log_config_file_reaches_every_engine_through_its_environment_on_any_vllm_release(tmp_path):
+    """`log_config_file` is an OpenAI-server argument in vLLM 0.29 and an engine argument from 0.32: it goes to
+    the engine process's VLLM_LOGGING_CONFIG_PATH, which both read, never to the arguments of either class."""
+    from sasft_ray.engines import engine_env, engine_kwargs
+
+    vllm = {"vllm": {"log_config_file": str(tmp_path / "logging.json")}}
+    cfg = make_config(tmp_path, selftalk={"engine": vllm}, serve={"engine": vllm})
+    for eng, serving in ((cfg.selftalk.engine, False), (cfg.serve.engine, True)):
+        assert engine_env(cfg, eng)["VLLM_LOGGING_CONFIG_PATH"] == str(tmp_path / "logging.json")
+        assert "log_config_file" not in engine_kwargs(cfg, eng, serving=serving)
+
+
 def test_cpu_engines_get_a_cpu_bundle_and_gpu_engines_one_node_of_their_type(tmp_path):
     from sasft_ray.engines import engine_placement, engine_resources
 
