@@ -34,12 +34,14 @@ def method_runs(cfg: Config) -> dict[str, Config]:
 
 
 def require_trained(cfg: Config) -> dict[str, Config]:
-    """`method_runs`, refused unless every fine-tune finished training under this config."""
+    """`method_runs`, refused unless every fine-tune finished training (and `export.interpolate`) under this
+    config."""
+    from sasft_ray.interpolate import interpolated
     from sasft_ray.serve import ServeError
     from sasft_ray.train import trained
 
     runs = method_runs(cfg)
-    untrained = [f"{model_id} ({c.run_dir})" for model_id, c in runs.items() if not trained(c)]
+    untrained = [f"{model_id} ({c.run_dir})" for model_id, c in runs.items() if not (trained(c) and interpolated(c))]
     if untrained:
         raise ServeError(f"not trained under this config: {', '.join(untrained)}; run `sasft run` (or "
                          "`sasft generate` and `sasft train`) first")
@@ -63,13 +65,21 @@ def served_models(cfg: Config, stage: bool = True) -> Models:
             print("[serve] LoRA fine-tunes served merged, an engine each: Ray Serve LLM loads adapters from a "
                   "bucket, and run_dir is local")
         return Models({**{model_id: RunDir(c.run_dir).path("model") for model_id, c in runs.items()},
-                       base: cfg.model.path})
+                       **interpolated_models(runs), base: cfg.model.path})
     rd = RunDir(cfg.run_dir)
     adapters = {model_id: rd.path("serve", "adapters", model_id) for model_id in runs}
     if stage:
         for model_id, c in runs.items():
             pafs.copy_files(RunDir(c.run_dir).path("model", ADAPTER_DIR), adapters[model_id])
-    return Models({base: cfg.model.path}, adapters, base)
+    return Models({base: cfg.model.path, **interpolated_models(runs)}, adapters, base)
+
+
+def interpolated_models(runs: dict[str, Config]) -> dict[str, str]:
+    """`export.interpolate`'s models of each fine-tune (`<model id>@<α>` -> folder), each served as an engine."""
+    from sasft_ray.interpolate import folder, tagged
+
+    return {tagged(model_id, a): RunDir(c.run_dir).path(*folder(a))
+            for model_id, c in runs.items() for a in c.export.interpolate}
 
 
 def train_all(cfg: Config) -> None:
@@ -88,7 +98,7 @@ def eval_hash(cfg: Config) -> str:
     from sasft_ray.evaluate import score_settings
 
     settings = cfg.as_trained().section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model",
-                                             "data", "selftalk", "filters", "mix", "train")
+                                             "data", "selftalk", "filters", "mix", "train", "export")
     if extra := score_settings(cfg):  # only where it counts: runs evaluated before it stay finished
         settings += json.dumps(extra, sort_keys=True)
     ids = ",".join(map(str, trainings(cfg).values()))
@@ -161,6 +171,7 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
                                      **_selected(RunDir(c.run_dir)), **_sources(RunDir(c.run_dir))}
                           for model_id, c in runs.items()},
         }
+        results["finetuned"].update(interpolated_entries(runs))
         for model_id, c in runs.items():  # each fine-tune's scores to its training's tracked run
             log_scores(c, scores[model_id])
         write_run_report(results, out)
@@ -171,6 +182,15 @@ def eval_stage(cfg: Config, url: str, key: str | None, force: bool = False) -> d
         write_model_card(c, RunDir(c.run_dir), results)
     rd.finish("eval", {"models": len(scores), "report": rd.path("report.md")})
     return results
+
+
+def interpolated_entries(runs: dict[str, Config]) -> dict[str, dict]:
+    """The report's entries of `export.interpolate`'s models: method `<method>@<α>`, from which fine-tune."""
+    from sasft_ray.interpolate import tagged
+
+    return {tagged(model_id, a): {"method": tagged(c.train.method, a), "seed": c.train.seed, "run_dir": c.run_dir,
+                                  "interpolated": {"from": model_id, "alpha": a}}
+            for model_id, c in runs.items() for a in c.export.interpolate}
 
 
 def curve(rd: RunDir) -> list[dict]:
