@@ -8,7 +8,7 @@ import sys
 import time
 
 from sasft_ray.chat import ChatError
-from sasft_ray.config import ConfigError, load_config, shipped_configs
+from sasft_ray.config import INDOMAIN_SHARE, ConfigError, load_config, shipped_configs
 from sasft_ray.data import BadRow
 from sasft_ray.evaluate import EvalError
 from sasft_ray.generate import STAGES, TooFewSurvivors
@@ -94,12 +94,15 @@ def cmd_eval(args) -> None:
 
 def cmd_report(args) -> None:
     from sasft_ray.grid import expand, load_grid
-    from sasft_ray.report import compare, load_entries
+    from sasft_ray.report import compare, load_entries, plot_scenarios
 
     run_dirs = args.run_dirs + ([cell.config.run_dir for cell in expand(load_grid(args.grid))] if args.grid else [])
     if not run_dirs:
         raise ConfigError("name run dirs, or a grid with --grid")
-    print(compare(load_entries(run_dirs)))
+    found = load_entries(run_dirs)
+    print(compare(found, args.indomain_share))
+    if args.plot:
+        print(f"[report] {plot_scenarios(found, args.plot, args.indomain_share)} scenario(s) drawn in {args.plot}")
 
 
 def cmd_run(args) -> None:
@@ -229,6 +232,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="compare runs: mean ± spread over seeds, winners per scenario")
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
     p.add_argument("--grid", help="also every cell of this grid (a file or a shipped grid), wherever its run_root is")
+    p.add_argument("--indomain-share", type=float, default=INDOMAIN_SHARE, metavar="SHARE",
+                   help="the decision: of the methods within SHARE x the best in-domain score, the one that kept "
+                   "the most general accuracy wins (default %(default)s)")
+    p.add_argument("--plot", metavar="PNG", help="also draw each scenario's trade-off (Pareto view) in this file")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("run", help="the whole pipeline: generate, mix, train, export, serve, eval, report")

@@ -42,6 +42,7 @@ HASH_NEUTRAL = {"hash_neutral": True}
 # no "..", nothing hidden, so no setting writes outside the run dir
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 INDOMAIN = "in-domain"  # the task's held-out split's benchmark: no general benchmark may take its name
+INDOMAIN_SHARE = 0.97  # the report's default decision: most general accuracy kept at ≥ 97 % of the best in-domain
 
 
 def check_name(name: str, what: str) -> str:
@@ -411,6 +412,23 @@ class LmEvalGroup(Section):
         None, description="generation settings over the tasks' own, e.g. {temperature: 0, max_gen_toks: 512}")
 
 
+class ExportConfig(Section):
+    """What is written from a fine-tune besides it."""
+
+    interpolate: list[float] = Field(
+        default_factory=list, description="WiSE-FT: for each α, a model at θ₀ + α (θ − θ₀) between the base model "
+        "(α 0) and the fine-tune (α 1), in run_dir/interpolated/<α>/, served and reported beside the fine-tune as "
+        "<model id>@<α> (e.g. [0.25, 0.5, 0.75]: the in-domain / general trade-off along the line)")
+
+    @field_validator("interpolate")
+    @classmethod
+    def _alphas(cls, alphas: list[float]) -> list[float]:
+        if any(not 0 < a < 1 for a in alphas) or len(set(alphas)) != len(alphas):
+            raise ValueError(f"export.interpolate takes distinct αs strictly between 0 (the base model) and 1 (the "
+                             f"fine-tune), got {alphas}")
+        return sorted(alphas)
+
+
 class EvalConfig(Section):
     indomain_scorers: list[str] = Field(default_factory=lambda: ["exact", "rouge_l"], min_length=1,
                                         description="scorers of the task's held-out split")
@@ -425,6 +443,10 @@ class EvalConfig(Section):
         "what its engines run at once")
     base_cache: str | None = Field(
         None, description="folder caching the base model's scores across runs (default: next to run_dir)")
+    indomain_share: float = Field(
+        INDOMAIN_SHARE, gt=0, le=1, json_schema_extra=HASH_NEUTRAL, description="the report's decision: of the "
+        "methods whose in-domain score is at least this share of the best one's, the one that kept the most general "
+        "accuracy wins (1: the best in-domain score alone); `sasft report --indomain-share` over many runs")
 
     @field_validator("indomain_scorers")
     @classmethod
@@ -474,6 +496,8 @@ class Config(Section):
                            "rows")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the fine-tuning: DeepSpeed ZeRO on Ray "
                                "Train, then the export to an HF folder")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="models written from each fine-tune "
+                                 "besides it")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="the OpenAI endpoint (Ray Serve LLM) the "
                                "evaluation queries")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="what every served model is scored on, over "

@@ -16,6 +16,7 @@ lies inside an exported model, to `MODEL`); and which paths are URIs rather than
     train-failed-once             FAILED_ONCE the tests' fault: written when it struck
     model.partial/                PARTIAL     the export as it is written, before it becomes model/
     model/                        MODEL       the exported model; in it ADAPTER, DRIFT, TRAIN_RESULT, CARD
+    interpolated/<α>/             INTERPOLATED export.interpolate's models between the base model and model/
     tracking/                     TRACKING    TensorBoard's files, MLflow's local database (TENSORBOARD, MLFLOW_DB)
     eval/results.json             RESULTS     every model's scores, with the config that made them
     eval/models/<id>.json         SCORED      each model's scores as soon as it is done
@@ -55,6 +56,7 @@ MODEL = "model"
 ADAPTER = "adapter"  # a LoRA fine-tune's PEFT adapter, beside its merged weights
 DRIFT = "drift.json"
 TRAIN_RESULT = "train_result.json"
+INTERPOLATED = "interpolated"
 CARD = "README.md"  # the model card
 
 TRACKING = "tracking"

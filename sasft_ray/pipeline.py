@@ -49,12 +49,15 @@ def method_runs(cfg: Config, rd: RunDir) -> dict[str, tuple[Config, RunDir]]:
 
 
 def require_trained(cfg: Config, rd: RunDir) -> dict[str, tuple[Config, RunDir]]:
-    """`method_runs`, refused unless every fine-tune finished training under this config."""
+    """`method_runs`, refused unless every fine-tune finished training (and `export.interpolate`) under this
+    config."""
+    from sasft_ray.interpolate import interpolated
     from sasft_ray.serve import ServeError
     from sasft_ray.train import trained
 
     runs = method_runs(cfg, rd)
-    untrained = [f"{model_id} ({c.run_dir})" for model_id, (c, r) in runs.items() if not trained(c, r)]
+    untrained = [f"{model_id} ({c.run_dir})" for model_id, (c, r) in runs.items()
+                 if not (trained(c, r) and interpolated(c, r))]
     if untrained:
         raise ServeError(f"not trained under this config: {', '.join(untrained)}; run `sasft run` (or "
                          "`sasft generate` and `sasft train`) first")
@@ -75,12 +78,20 @@ def served_models(cfg: Config, rd: RunDir, stage: bool = True) -> Models:
         if cfg.train.lora and cfg.serve.lora == "adapters" and stage:
             print("[serve] LoRA fine-tunes served merged, an engine each: Ray Serve LLM loads adapters from a "
                   "bucket, and run_dir is local")
-        return Models({**{model_id: r.path(MODEL) for model_id, (_, r) in runs.items()}, base: cfg.model.path})
+        return Models({**{model_id: r.path(MODEL) for model_id, (_, r) in runs.items()},
+                       **interpolated_models(runs), base: cfg.model.path})
     adapters = {model_id: rd.path(ADAPTERS, model_id) for model_id in runs}
     if stage:
         for model_id, (_, r) in runs.items():
             pafs.copy_files(r.path(MODEL, ADAPTER), adapters[model_id])
-    return Models({base: cfg.model.path}, adapters, base)
+    return Models({base: cfg.model.path, **interpolated_models(runs)}, adapters, base)
+
+
+def interpolated_models(runs: dict[str, tuple[Config, RunDir]]) -> dict[str, str]:
+    """`export.interpolate`'s models of each fine-tune (`<model id>@<α>` -> folder), each served as an engine."""
+    from sasft_ray.interpolate import folder, tagged
+
+    return {tagged(model_id, a): r.path(*folder(a)) for model_id, (c, r) in runs.items() for a in c.export.interpolate}
 
 
 def train_all(cfg: Config, rd: RunDir) -> None:
@@ -99,7 +110,7 @@ def eval_hash(cfg: Config, rd: RunDir) -> str:
     from sasft_ray.evaluate import score_settings
 
     settings = cfg.as_trained().section_hash("eval", "serve.model_id", "serve.base_model_id", "compare", "model",
-                                             "data", "selftalk", "filters", "mix", "train")
+                                             "data", "selftalk", "filters", "mix", "train", "export")
     if extra := score_settings(cfg):  # only where it counts: runs evaluated before it stay finished
         settings += json.dumps(extra, sort_keys=True)
     ids = ",".join(map(str, trainings(cfg, rd).values()))
@@ -163,6 +174,7 @@ def eval_stage(cfg: Config, rd: RunDir, url: str, key: str | None, force: bool =
                                      "drift": _drift(r), "curve": curve(r), **_selected(r), **_sources(r)}
                           for model_id, (c, r) in runs.items()},
         }
+        results["finetuned"].update(interpolated_entries(runs))
         for model_id, (c, r) in runs.items():  # each fine-tune's scores to its training's tracked run
             log_scores(c, r, scores[model_id])
         write_run_report(results, out)
@@ -173,6 +185,15 @@ def eval_stage(cfg: Config, rd: RunDir, url: str, key: str | None, force: bool =
         write_model_card(c, r, results)
     rd.finish("eval", {"models": len(scores), "report": rd.path(REPORT)})
     return results
+
+
+def interpolated_entries(runs: dict[str, tuple[Config, RunDir]]) -> dict[str, dict]:
+    """The report's entries of `export.interpolate`'s models: method `<method>@<α>`, from which fine-tune."""
+    from sasft_ray.interpolate import tagged
+
+    return {tagged(model_id, a): {"method": tagged(c.train.method, a), "seed": c.train.seed, "run_dir": c.run_dir,
+                                  "interpolated": {"from": model_id, "alpha": a}}
+            for model_id, (c, _) in runs.items() for a in c.export.interpolate}
 
 
 def curve(rd: RunDir) -> list[dict]:

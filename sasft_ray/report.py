@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from sasft_ray.card import source_mix
-from sasft_ray.config import NOT_IN_WEIGHTS, flatten
+from sasft_ray.config import INDOMAIN_SHARE, NOT_IN_WEIGHTS, flatten
 from sasft_ray.evaluate import INDOMAIN, EvalError
 from sasft_ray.layout import CONFIG, REPORT, REPORT_PLOT, RESULTS, SAMPLES
 from sasft_ray.rundir import RunDir
@@ -95,11 +95,12 @@ def run_report(results: dict) -> str:
             lines.append(f"- weight drift ‖θ−θ₀‖/‖θ₀‖: total {_fmt(e['drift']['total'])}" if "total" in e["drift"]
                          else f"- weight drift: not measured ({e['drift'].get('unavailable')})")
         lines.append("")
-    lines += [f"Per-metric scores: `{RESULTS}`; every reply: `{SAMPLES}/`.", ""]
+    lines += [*decision_lines(entries(results), run_share(results))[1:], "",
+              f"Per-metric scores: `{RESULTS}`; every reply: `{SAMPLES}/`.", ""]
     return "\n".join(lines)
 
 
-def plot(results: dict, path: str) -> None:
+def plot(results: dict, path: str, share: float = INDOMAIN_SHARE) -> None:
     """Bars per benchmark: the base model and each fine-tuned model; beside them, when training measured
     it, the forgetting curve: task and self-talk held-out losses over steps, one colour per model, a star
     at the checkpoint exported when train.select chose one other than the last."""
@@ -113,10 +114,11 @@ def plot(results: dict, path: str) -> None:
     series = [("base", [es[0]["base"][b] for b in benchmarks])] + [
         (f"{e['model_id']} ({e['method']})", [e["scores"][b] for b in benchmarks]) for e in es]
     curves = [e for e in es if any(c.get("selftalk_heldout_loss") is not None for c in e.get("curve") or [])]
+    traded = next(iter(scenarios(es).values()), None)  # two or more fine-tunes scored on general benchmarks
     width = 0.8 / len(series)
-    bars_width, panels = max(6, 1.2 * len(benchmarks)), 2 if curves else 1
+    bars_width, panels = max(6, 1.2 * len(benchmarks)), 1 + bool(curves) + bool(traded)
     fig, axes = plt.subplots(1, panels, figsize=(bars_width + 5 * (panels - 1), 3.5), squeeze=False,
-                             gridspec_kw={"width_ratios": [bars_width, 5][:panels]})
+                             gridspec_kw={"width_ratios": [bars_width] + [5] * (panels - 1)})
     ax = axes[0][0]
     for i, (label, values) in enumerate(series):
         ax.bar([x + i * width for x in range(len(benchmarks))], values, width, label=label)
@@ -141,6 +143,8 @@ def plot(results: dict, path: str) -> None:
         ax.set_ylabel("held-out loss")
         ax.set_title("forgetting monitor", fontsize=9)
         ax.legend(fontsize=7)
+    if traded:
+        plot_tradeoff(axes[0][-1], traded, share)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -148,7 +152,12 @@ def plot(results: dict, path: str) -> None:
 
 def write_run_report(results: dict, folder: str) -> None:
     Path(folder, REPORT).write_text(run_report(results) + f"\n![scores]({REPORT_PLOT})\n")
-    plot(results, str(Path(folder, REPORT_PLOT)))
+    plot(results, str(Path(folder, REPORT_PLOT)), run_share(results))
+
+
+def run_share(results: dict) -> float:
+    """The decision's rule a run's config names (`eval.indomain_share`)."""
+    return results.get("config", {}).get("eval", {}).get("indomain_share", INDOMAIN_SHARE)
 
 
 # --- many runs ----------------------------------------------------------------------------------
@@ -236,7 +245,7 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def compare(found: list[dict]) -> str:
+def compare(found: list[dict], share: float = INDOMAIN_SHARE) -> str:
     """Markdown: mean ± spread over seeds per (base model, task, method and variant), with the weight drift
     and the forgetting monitor's loss at the exported checkpoint; winners per scenario; and how well the
     monitor ranks the runs."""
@@ -261,7 +270,7 @@ def compare(found: list[dict]) -> str:
                      + f" | {mean_spread(drift) if drift else ''} | {mean_spread(monitor) if monitor else ''} |")
     base_cells = {b: statistics.fmean(e["base"][b] for e in found if b in e["base"]) for b in benchmarks}
     lines.append("| base | | | | " + " | ".join(f"{base_cells[b]:.3f}" for b in benchmarks) + " | | |")
-    lines += ["", *winner_lines(means), *monitor_lines(found)]
+    lines += ["", *winner_lines(means), *decision_lines(found, share), *monitor_lines(found)]
     return "\n".join(lines)
 
 
@@ -331,3 +340,96 @@ def winner_lines(means: dict[tuple, dict[str, float]]) -> list[str]:
     wins = winners(means)
     return [f"Wins over {scenarios} scenarios (base model × task × benchmark, in-domain included): "
             + ", ".join(f"{m} {n}" for m, n in wins.most_common())]
+
+
+# --- the decision -------------------------------------------------------------------------------
+
+
+
+def decide(points: dict[str, tuple[float, float]], share: float = INDOMAIN_SHARE) -> tuple[set[str], str | None]:
+    """`points`: method -> (in-domain score, general accuracy kept). The Pareto front (no other method is as
+    good on both and better on one) and the winner: the most general accuracy kept among the methods whose
+    in-domain score is at least `share` × the best one's (ties: the better in-domain score)."""
+    front = {m for m, (x, k) in points.items()
+             if not any(x2 >= x and k2 >= k and (x2, k2) != (x, k) for x2, k2 in points.values())}
+    if not points:
+        return front, None
+    best = max(x for x, _ in points.values())
+    able = {m: (k, x) for m, (x, k) in points.items() if x >= share * best}
+    return front, max(able, key=able.get)
+
+
+def scenarios(found: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
+    """(base model, task) -> method (with its variant) -> its entries (seeds), for the scenarios where two or
+    more methods were measured on general benchmarks."""
+    by: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for e in found:
+        if e.get("retention") is not None:
+            method = f"{e['method']} ({e['variant']})" if e.get("variant") else e["method"]
+            by[(e["base_model"], e["task"])][method].append(e)
+    return {key: dict(methods) for key, methods in sorted(by.items()) if len(methods) >= 2}
+
+
+def tradeoff(methods: dict[str, list[dict]]) -> dict[str, tuple[float, float]]:
+    """Method -> (mean in-domain score, mean general accuracy kept) over its seeds."""
+    return {m: (statistics.fmean(e["scores"][INDOMAIN] for e in es), statistics.fmean(e["retention"] for e in es))
+            for m, es in methods.items()}
+
+
+def decision_lines(found: list[dict], share: float = INDOMAIN_SHARE) -> list[str]:
+    """Per scenario (base model × task) with two or more methods: each method's in-domain score and gain and
+    the general accuracy it kept (mean ± spread over seeds), whether it is on the Pareto front, the
+    forgetting monitor's loss, and the winner by the rule `share`."""
+    lines = []
+    for (model, task), methods in scenarios(found).items():
+        points = tradeoff(methods)
+        front, winner = decide(points, share)
+        lines += ["", f"Decision for {Path(model).name} on {Path(task).name}: **{winner}**, the most general accuracy "
+                  f"kept among the methods within {share:g} × the best in-domain score "
+                  f"({max(x for x, _ in points.values()):.3f}); ✓: on the Pareto front of the two.", "",
+                  "| method | seeds | in-domain | in-domain gain | general kept | Pareto | self-talk loss |",
+                  "|---|---|---|---|---|---|---|"]
+        for m, es in sorted(methods.items(), key=lambda item: -points[item[0]][1]):
+            monitor = [x for e in es if (x := exported_monitor_loss(e)) is not None]
+            cells = [mean_spread(values) for values in ([e["scores"][INDOMAIN] for e in es],
+                                                        [e["indomain_gain"] for e in es], [e["retention"] for e in es])]
+            lines.append(f"| {m} | {len(es)} | {' | '.join(cells)} | {'✓' if m in front else ''} | "
+                         f"{mean_spread(monitor) if monitor else ''} |")
+    return lines
+
+
+def plot_tradeoff(ax, methods: dict[str, list[dict]], share: float = INDOMAIN_SHARE, title: str = "") -> None:
+    """The Pareto view of one scenario: each method at (general accuracy kept, in-domain score), its seeds as
+    small dots, the front as a line, the winner circled."""
+    points = tradeoff(methods)
+    front, winner = decide(points, share)
+    for i, (m, (x, kept)) in enumerate(points.items()):
+        ax.scatter([e["retention"] for e in methods[m]], [e["scores"][INDOMAIN] for e in methods[m]], s=8,
+                   color=f"C{i}", alpha=0.4)
+        ax.scatter([kept], [x], s=40, color=f"C{i}", label=m, edgecolors="black" if m == winner else "none",
+                   linewidths=1.5)
+    line = sorted((points[m][1], points[m][0]) for m in front)
+    ax.plot([k for k, _ in line], [x for _, x in line], color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("general accuracy kept")
+    ax.set_ylabel("in-domain score")
+    ax.set_title(title or f"trade-off (winner circled: {winner})", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def plot_scenarios(found: list[dict], path: str, share: float = INDOMAIN_SHARE) -> int:
+    """`sasft report --plot`: one Pareto view per scenario in one figure; returns the scenarios drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = scenarios(found)
+    if not drawn:
+        return 0
+    fig, axes = plt.subplots(1, len(drawn), figsize=(4.5 * len(drawn), 3.8), squeeze=False)
+    for ax, ((model, task), methods) in zip(axes[0], drawn.items()):
+        plot_tradeoff(ax, methods, share, title=f"{Path(model).name}, {Path(task).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return len(drawn)

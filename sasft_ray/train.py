@@ -433,9 +433,14 @@ def trained(cfg: Config, rd: RunDir) -> bool:
 
 
 def train(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
-    """Train unless done under this config; returns the stage record (None if skipped)."""
+    """Train unless done under this config, then write `export.interpolate`'s models unless done; returns the
+    train stage's record (None if skipped)."""
+    from sasft_ray.interpolate import interpolate
+
     with rd.locked():
-        return _train(cfg, rd, force)
+        record = _train(cfg, rd, force)
+        interpolate(cfg, rd)  # export.interpolate's models, from the training just made or found
+        return record
 
 
 def _train(cfg: Config, rd: RunDir, force: bool) -> dict | None:

@@ -188,3 +188,25 @@ def test_the_monitor_check_ranks_runs_by_their_exported_checkpoints_self_talk_lo
     assert "| task | runs | ρ, general (mean) |" in text
     assert "| a | 3 | -1.00 |" in text and "| b | 3 | +1.00 |" in text
     assert monitor_check(run("x/a.jsonl", 0.7, [])) == {}  # no monitor measured: nothing to check
+
+
+def test_the_decision_picks_the_most_kept_among_the_methods_near_the_best_in_domain_score(tmp_path):
+    from sasft_ray.report import decide, plot_scenarios
+
+    points = {"sft": (1.0, 0.0), "sa-sft": (0.98, 0.9), "freeze": (0.5, 0.95), "sft@0.5": (0.6, 0.5)}
+    front, winner = decide(points, share=0.97)
+    assert front == {"sft", "sa-sft", "freeze"}  # sft@0.5 is beaten on both by sa-sft
+    assert winner == "sa-sft"
+    assert decide(points, share=1.0)[1] == "sft"  # the best in-domain score alone
+    assert decide(points, share=0.5)[1] == "freeze"
+
+    found = []
+    for seed in (0, 1):
+        found += entries(_results("t1", seed, {"sft": (0.9, 0.1, 0.1), "sa-sft": (0.9 - seed * 0.02, 0.7, 0.6)},
+                                  base=(0.0, 0.8, 0.8)))
+    text = compare(found)
+    assert "Decision for m on t1: **sa-sft**" in text
+    assert "| sa-sft | 2 | 0.890 ± 0.014 | 0.890 ± 0.014 | 0.812 ± 0.000 | ✓ |" in text
+    assert "| sft | 2 | 0.900 ± 0.000 | 0.900 ± 0.000 | 0.125 ± 0.000 | ✓ |" in text
+    assert "**sft**" in compare(found, share=1.0)
+    assert plot_scenarios(found, str(tmp_path / "pareto.png")) == 1 and (tmp_path / "pareto.png").stat().st_size > 1000

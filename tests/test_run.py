@@ -18,7 +18,7 @@ def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, ca
     overrides = [f"run_dir={tmp_path / 'run'}", "bootstrap=lab-small", f"model.path={lab / 'model'}",
                  f"data.path={lab / 'tasks' / 'double.jsonl'}", f"mix.external.path={lab / 'external.jsonl'}",
                  "data.max_rows=150", "compare=[]", "selftalk.num_dialogues=64", "mix.self_ratio=0.4",
-                 "serve.port=8124",
+                 "serve.port=8124", "export.interpolate=[0.5]",  # WiSE-FT: one more model, served and scored
                  # (64 dialogues hold λ 0.4 of at most 150 task rows; a pool smaller than λ takes is refused)
                  # a few dozen steps, enough to teach the task's style
                  "train.epochs=2", "train.lr=3e-3", "train.micro_batch_size=4",
@@ -34,8 +34,10 @@ def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, ca
     assert not leaked and PLANTED_KEY not in printed.out + printed.err
 
     results = json.loads((tmp_path / "run" / RESULTS).read_text())
-    assert set(results["models"]) == {"finetuned", "base"}
+    assert set(results["models"]) == {"finetuned", "finetuned@0.5", "base"}
     assert results["finetuned"]["finetuned"]["method"] == "sa-sft"
+    assert results["finetuned"]["finetuned@0.5"]["method"] == "sa-sft@0.5"
+    _assert_halfway(lab / "model", tmp_path / "run" / "model", tmp_path / "run" / "interpolated" / "0.5")
     skills = json.loads((lab / "lab.json").read_text())["skills"]
     for scores in results["models"].values():
         assert set(scores) == {"in-domain", *skills, "lab_gen"}
@@ -45,7 +47,8 @@ def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, ca
               for m in results["models"]}
     assert styled["base"] == 0.0 and styled["finetuned"] > 0.5
     report = (tmp_path / "run" / REPORT).read_text()
-    assert "## finetuned (method sa-sft" in report and "forgetting" in report
+    assert "## finetuned (method sa-sft," in report and "## finetuned@0.5 (method sa-sft@0.5," in report
+    assert "forgetting" in report
     # the forgetting monitor: 4 held-out self-dialogues (5 % of 64), measured at every checkpoint
     curve = results["finetuned"]["finetuned"]["curve"]
     assert curve and all(isinstance(c["selftalk_heldout_loss"], float) for c in curve)
@@ -55,7 +58,7 @@ def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, ca
     capsys.readouterr()
     assert main(args) == 0  # everything is done: nothing is generated, trained or served again
     out = capsys.readouterr().out
-    for stage in ("task", "selftalk", "mix", "train", "eval"):
+    for stage in ("task", "selftalk", "mix", "train", "interpolate", "eval"):
         assert f"[{stage}] done earlier" in out
     assert "[serve]" not in out
 
@@ -81,3 +84,15 @@ def _lm_eval_task(lab, out):
         "doc_to_target": "{{answer}}", "generation_kwargs": {"max_gen_toks": 8, "do_sample": False},
         "metric_list": [{"metric": "exact_match"}]}))
     return out
+
+
+def _assert_halfway(base, tuned, mixed) -> None:
+    """Every weight of the α 0.5 model is the mean of the base model's and the fine-tune's."""
+    import torch
+    from safetensors.torch import load_file
+
+    theta0, theta, half = (load_file(str(folder / "model.safetensors")) for folder in (base, tuned, mixed))
+    assert half.keys() == theta.keys()
+    assert any(not torch.equal(theta0[k], theta[k]) for k in theta)  # training moved the weights
+    for k in theta:
+        torch.testing.assert_close(half[k], (theta0[k] + theta[k]) / 2)
