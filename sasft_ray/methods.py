@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sasft_ray.layout import EXTERNAL, SELFTALK
+from sasft_ray.layout import EXTERNAL, SELFTALK, TASK
 
 
 @dataclass(frozen=True)
@@ -18,10 +18,12 @@ class MixedIn:
     source: str  # their `source` in the mixed rows
     stage: str  # the generate stage that writes them, and its folder in the run dir
     rows: str  # what the model card calls them
+    repeats: bool = False  # as many rows as λ asks, repeated in turn: never short of a pool
 
 
 SELF_DIALOGUES = MixedIn("self", SELFTALK, "self-dialogues")
 EXTERNAL_ROWS = MixedIn("external", EXTERNAL, "external rows")  # mix.external's rows
+TASK_REPEATS = MixedIn("repeat", TASK, "task rows repeated", repeats=True)  # the task's own training rows again
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class TrainingMethod:
     @property
     def reads(self) -> tuple[str, ...]:
         """The generate stages whose output the mix reads (besides mix.sources)."""
-        return ("task",) + ((self.mixed_in.stage,) if self.mixed_in else ())
+        return tuple(dict.fromkeys((TASK,) + ((self.mixed_in.stage,) if self.mixed_in else ())))
 
 
 METHODS = {m.name: m for m in (
@@ -48,4 +50,9 @@ METHODS = {m.name: m for m in (
                    freezes=True),
     TrainingMethod("external-mix", "+ mix.external", "supervised fine-tuning on the task data mixed with external "
                    "general data", mixed_in=EXTERNAL_ROWS),
+    # SA-SFT's compute-matched control: without it, part of SA-SFT's win over SFT could be its longer schedule
+    TrainingMethod("sft-matched", "sft on as many rows as sa-sft at mix.self_ratio: the task rows repeated in place of "
+                   "self-dialogues (the compute-matched control)", "supervised fine-tuning on the task data, the task "
+                   "rows repeated to as many rows and optimizer steps as SA-SFT trains on at the same λ (SA-SFT's "
+                   "compute-matched control)", mixed_in=TASK_REPEATS),
 )}

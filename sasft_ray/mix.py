@@ -129,7 +129,7 @@ def write_mix(cfg: Config, rd: RunDir) -> dict:
         else:
             other = Source(rd, other_name, split_file(mixed_in.stage, "train"), "source_row")
         distinct = other.sample(seed, min(wanted, cfg.mix.max_distinct or wanted))
-        got = wanted if cfg.mix.max_distinct and distinct else distinct
+        got = wanted if (cfg.mix.max_distinct or mixed_in.repeats) and distinct else distinct
         if got < wanted:
             print(f"[mix] WARNING: wanted {wanted} {other_name} rows for self_ratio={cfg.mix.self_ratio}, "
                   f"only {got} available: the achieved ratio is {got / task_rows:.3f}")

@@ -135,7 +135,7 @@ def test_max_distinct_repeats_fewer_dialogues_to_keep_the_ratio(tmp_path):
 
 
 @pytest.mark.parametrize("method, source", [("sft", None), ("freeze", None), ("external-mix", "external"),
-                                            ("sa-sft", "self")])
+                                            ("sa-sft", "self"), ("sft-matched", "repeat")])
 def test_each_method_mixes_in_its_own_data(tmp_path, method, source):
     external = {"external": {"path": "unused.jsonl"}} if method == "external-mix" else {}
     cfg, rd = prepare(tmp_path, task_rows=200, external_rows=300, train={"method": method},
@@ -144,6 +144,19 @@ def test_each_method_mixes_in_its_own_data(tmp_path, method, source):
     mixed_in = {r["source"] for r in rows} - {"task"}
     assert mixed_in == ({source} if source else set())
     assert len(rows) == cfg.mix_rows(200) == (400 if source else 200)
+
+
+def test_sft_matched_trains_on_as_many_rows_as_sa_sft_the_task_rows_repeated_in_turn(tmp_path):
+    """The compute-matched control at λ 2.5: 200 task rows and 500 more, each task row twice in the repeats
+    and half of them a third time, the same row count (so the same optimizer steps) as SA-SFT at λ 2.5."""
+    cfg, rd = prepare(tmp_path, task_rows=200, train={"method": "sft-matched"}, mix={"self_ratio": 2.5})
+    rows, counts = mixed_rows(cfg, rd)
+    repeats = [r["id"] for r in rows if r["source"] == "repeat"]
+    task = {r["id"] for r in rows if r["source"] == "task"}
+    assert len(rows) == 700 == cfg.mix_rows(200) and counts["mixed_in_rows"] == 500
+    assert set(repeats) == task and sorted(repeats.count(i) for i in task) == [2] * 100 + [3] * 100
+    sa_sft = cfg.model_copy(update={"train": cfg.train.model_copy(update={"method": "sa-sft"})})
+    assert sa_sft.mix_rows(200) == cfg.mix_rows(200)
 
 
 def test_interleave_spreads_evenly():
