@@ -10,7 +10,7 @@ import pytest
 from sasft_ray.cli import main, parser
 from sasft_ray.config_reference import markdown
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 CONSTRAINTS = ROOT / ".ci" / "constraints.txt"

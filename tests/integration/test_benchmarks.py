@@ -11,7 +11,7 @@ import yaml
 
 from tests.conftest import free_port
 
-JOBS = Path(__file__).parents[1] / "jobs"
+JOBS = Path(__file__).parents[2] / "jobs"
 
 
 def _ratios(name: str, *args) -> list[str]:

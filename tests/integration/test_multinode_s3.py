@@ -18,7 +18,7 @@ from sasft_ray.tiny import write_demo_task
 from sasft_ray.train import train_events
 from tests.conftest import free_port
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 
 

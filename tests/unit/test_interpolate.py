@@ -1,6 +1,6 @@
 """WiSE-FT's interpolated models (`export.interpolate`): the arithmetic on real safetensors shards, the
 refusals, the config's αs and the names every stage gives them. Serving and scoring them end to end:
-tests/test_run.py."""
+tests/integration/test_run.py."""
 
 import json
 

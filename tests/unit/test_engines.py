@@ -12,7 +12,7 @@ import pytest
 from sasft_ray.config import ConfigError, load_config
 from tests.conftest import make_config
 
-CONFIGS = sorted((Path(__file__).parents[1] / "sasft_ray" / "configs" / "cluster").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "sasft_ray" / "configs" / "cluster").glob("*.yaml"))
 
 
 def _engine(tmp_path, **engine):

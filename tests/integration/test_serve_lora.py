@@ -9,7 +9,7 @@ import requests
 
 from sasft_ray.layout import ADAPTERS
 from tests.conftest import free_port, make_config
-from tests.test_faults import _finish_training
+from tests.unit.test_faults import _finish_training
 
 # three engines (the base with both adapters, two merged twins), each a replica and a CPU
 # bundle, and the router

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from sasft_ray import lab
 from sasft_ray.data import ROW_SCHEMA
-from sasft_ray.diagnose import describe, score, verdict
+from sasft_ray.diagnose import describe, score
 from sasft_ray.layout import DIAGNOSIS, DIAGNOSIS_PLOT, SELFTALK, TASK_TRAIN
 from sasft_ray.rundir import RunDir
 from tests.conftest import make_config
@@ -44,8 +44,3 @@ def test_a_foreign_style_task_is_farther_than_one_in_the_house_style(small_lab, 
     written = json.loads(rd.read_text(DIAGNOSIS))
     assert written["ratio"] == near["ratio"] and sum(written["histogram"]["task"]) == 48
     assert rd.exists(DIAGNOSIS_PLOT) and "x," in describe(far)
-
-
-def test_verdicts_by_ratio():
-    assert verdict(3.0).startswith("far") and verdict(0.5).startswith("somewhat") and verdict(0.1).startswith("close")
-    assert verdict(-0.2).startswith("close")  # the task more likely than its own replies

@@ -292,7 +292,7 @@ def test_the_planned_steps_are_the_steps_training_takes_over_the_mix(tmp_path):
                                                                   task_rows=20000)[0]
 
 
-CLUSTER_CONFIGS = Path(__file__).parents[1] / "sasft_ray" / "configs" / "cluster"
+CLUSTER_CONFIGS = Path(__file__).parents[2] / "sasft_ray" / "configs" / "cluster"
 # Published parameter counts (the hub's model cards and safetensors totals), in billions
 PUBLISHED = {"meta-llama/Meta-Llama-3-8B-Instruct": 8.03, "meta-llama/Llama-3.1-8B-Instruct": 8.03,
              "meta-llama/Meta-Llama-3-70B-Instruct": 70.55, "Qwen/Qwen2.5-7B-Instruct": 7.62,
@@ -401,7 +401,7 @@ def test_plan_refuses_a_cluster_file_whose_scratch_disk_is_smaller_than_a_nodes_
     """`sasft plan --cluster FILE` reads the scratch disk (TMPDIR) of each GPU node type: the shipped cluster
     files hold the 70B config's checkpoint shards (423 GB a node); a node type with less is refused, both
     numbers named, a launcher's machine type without local NVMe by its boot disk."""
-    cluster = Path(__file__).parents[1] / "cluster"
+    cluster = Path(__file__).parents[2] / "cluster"
     config = str(CLUSTER_CONFIGS / "llama3-70b.yaml")
     files = ["aws.yaml", "gcp.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml"]
     assert all(disk > 0 for f in files for _, _, disk in scratch_disks(str(cluster / f)))

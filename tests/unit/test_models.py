@@ -1,6 +1,6 @@
 """Real models from packages: the GGUF -> HF conversion on a tiny GGUF this test writes with the `gguf`
 package (same layout as SmolLM2's: Llama blocks, a GPT-2 byte-level vocabulary, ChatML, tied embeddings),
-and `materialize`'s caching and refusals. The real SmolLM2 runs in tests/test_smollm2.py (slow tier)."""
+and `materialize`'s caching and refusals. The real SmolLM2 runs in tests/integration/test_smollm2.py."""
 
 import json
 

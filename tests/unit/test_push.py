@@ -13,7 +13,7 @@ from sasft_ray.cli import main
 from sasft_ray.layout import MODEL
 from sasft_ray.push import folder_files
 from tests.conftest import make_config
-from tests.test_card import HUB_BASE, _run_dir
+from tests.unit.test_card import HUB_BASE, _run_dir
 
 ENV_TOKEN = "stand-in-token-from-the-environment"
 

@@ -245,7 +245,7 @@ def test_an_open_endpoint_needs_a_key_or_an_explicit_yes(tmp_path):
         _demo(tmp_path, "serve.host=0.0.0.0")
     assert _demo(tmp_path, "serve.host=0.0.0.0", "serve.api_key_env=SASFT_KEY").serve.host == "0.0.0.0"
     assert _demo(tmp_path, "serve.host=0.0.0.0", "serve.allow_unauthenticated=true")
-    cfg = load_config(str(Path(__file__).parents[1] / "sasft_ray" / "configs" / "cluster" / "llama3-8b.yaml"))
+    cfg = load_config(str(Path(__file__).parents[2] / "sasft_ray" / "configs" / "cluster" / "llama3-8b.yaml"))
     assert cfg.serve.host == "0.0.0.0" and cfg.serve.api_key_env
 
 

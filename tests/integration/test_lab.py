@@ -1,0 +1,54 @@
+"""The forgetting lab's small preset built: a model with some skill, a cached build and the CLI's table, a
+rebuild for another world version."""
+
+import json
+import shutil
+
+import pytest
+
+from sasft_ray import lab
+
+
+def test_small_lab_builds_a_model_with_some_skill(small_lab):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, info = small_lab
+    assert json.loads((out / "lab.json").read_text()) == info
+    assert info["preset"] == "small" and info["skills"] == list(lab.SKILLS) and info["tasks"] == list(lab.TASKS)
+    assert not list(out.parent.glob(".lab.*"))  # no temporary folder left behind
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    assert model.config.hidden_size // model.config.num_attention_heads == 32  # vLLM's CPU minimum
+    assert tokenizer.chat_template
+    accuracy = lab.skill_accuracy(model, tokenizer, lab.load_evals(out))
+    assert accuracy == info["base_accuracy"]  # greedy and reproducible
+    assert sum(a["strict"] > 0 for a in accuracy.values()) >= 2, accuracy
+
+
+def test_build_is_cached_and_the_cli_prints_the_table(small_lab, capsys):
+    from sasft_ray.cli import main
+
+    out, info = small_lab
+    assert lab.build_lab(out, preset="small", seed=0) == info  # cached: nothing rebuilt
+    assert main(["lab", "build", "--out", str(out), "--preset", "small"]) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in lab.SKILLS) and "mean" in printed
+
+
+def test_a_lab_built_by_another_world_version_is_rebuilt_not_reused(small_lab, tmp_path, monkeypatch):
+    out, info = small_lab
+    stale = tmp_path / "lab"
+    shutil.copytree(out, stale)
+    (stale / "lab.json").write_text(json.dumps({**info, "version": lab.WORLD_VERSION - 1}))
+
+    class Rebuilt(Exception):
+        pass
+
+    def rebuild(*args, **kwargs):  # stop the rebuild at its first step: starting it is the point
+        raise Rebuilt
+
+    monkeypatch.setattr(lab, "write_world", rebuild)
+    with pytest.raises(Rebuilt):
+        lab.build_lab(stale, preset="small", seed=0)
+    assert json.loads((stale / "lab.json").read_text())["version"] == lab.WORLD_VERSION - 1  # left intact
+    assert lab.build_lab(out, preset="small", seed=0) == info  # the current version is still reused
