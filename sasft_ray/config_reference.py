@@ -1,5 +1,5 @@
 """The config reference in Markdown, read from the schema itself (`sasft config --reference`, which writes
-docs/config.md, checked by tests/test_docs.py)."""
+docs/config.md, checked by tests/unit/test_docs.py)."""
 
 from __future__ import annotations
 

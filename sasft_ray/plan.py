@@ -12,7 +12,7 @@ Training, DeepSpeed ZeRO with Adam (as `sasft_ray.train` runs it)
   (16P) to CPU RAM; offload_params also the 16-bit params (ZeRO-3 only). fp32 training (bf16
   false): params 4P, grads 4P, moments 8P, no master copy.
 Activations per GPU, per token of the micro-batch and per Llama/Qwen/Mistral block, as HF transformers saves
-  them for backward (measured with torch's saved-tensor hooks in tests/test_plan.py), 16-bit, SDPA
+  them for backward (measured with torch's saved-tensor hooks in tests/unit/test_plan.py), 16-bit, SDPA
   attention (no s x s scores kept), no recomputation: 16h + 4q + 4·kv + 8·I + 4·heads + 8 bytes, q =
   heads·head_dim (= h unless head_dim says otherwise). Each RMSNorm keeps an fp32 copy of its input,
   its fp32 rsqrt and two 16-bit tensors (8h + 4); attention keeps Q, K, V and its output (4q + 4kv)
