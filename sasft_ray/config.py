@@ -611,8 +611,9 @@ class Config(Section):
 
     @property
     def served_engines(self) -> int:
-        """Serving engines `sasft serve` starts at most: the fine-tunes and the base model, each its replicas."""
-        return (self.trained_models + 1) * self.serve.engine.concurrency
+        """Serving engines `sasft serve` starts at most: the fine-tunes, their `export.interpolate` models and the
+        base model, each its replicas."""
+        return (self.trained_models * (1 + len(self.export.interpolate)) + 1) * self.serve.engine.concurrency
 
     def engine_cpus(self, serving: bool) -> float:
         """CPUs (and so threads) of one CPU engine, self-talk's or a served model's: `cpus_per_engine`, else

@@ -97,6 +97,9 @@ def test_cpu_engines_share_the_machines_cores_unless_told_or_on_a_cluster(tmp_pa
     cfg = make_config(tmp_path, compare=["sft"], selftalk={"engine": {"concurrency": 2}})
     assert (cfg.engine_cpus(serving=False), cfg.engine_cpus(serving=True)) == (8, 5)  # 2 engines; 3 models
     assert make_config(tmp_path, selftalk={"engine": {"cpus_per_engine": 1.5}}).engine_cpus(serving=False) == 1.5
+    # WiSE-FT's models are served too: 2 fine-tunes x (themselves and 2 αs) and the base model, 7 engines
+    interpolated = make_config(tmp_path, compare=["sft"], export={"interpolate": [0.25, 0.5]})
+    assert (interpolated.served_engines, interpolated.engine_cpus(serving=True)) == (7, 2)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert cfg.engine_cpus(serving=True) == 1  # never below one
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster: its nodes, not this machine, have the cores
