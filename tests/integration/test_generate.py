@@ -59,10 +59,12 @@ def generated(tiny_llama, local_ray, tmp_path_factory):
     slow_engine = {**SELFTALK["engine"], "max_num_seqs": 2}
     cfg = make_config(tmp, tiny_llama, selftalk={**SELFTALK, "engine": slow_engine, "heldout_fraction": 0.25},
                       mix={"self_ratio": 0.1})
+    rd = RunDir(cfg.run_dir)
     with ThreadPoolExecutor(1) as pool:
-        run = pool.submit(generate, cfg)
+        run = pool.submit(generate, cfg, rd)
         killed = kill_engine_actor_mid_batch(run)
-        return cfg, run.result(), killed
+        run.result()
+        return cfg, rd, killed
 
 
 def test_a_killed_engine_actor_loses_and_repeats_no_dialogue(generated):
