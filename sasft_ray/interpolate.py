@@ -10,6 +10,7 @@ no Ray. The stage is hashed on the training it reads and the αs, and skipped wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -39,40 +40,44 @@ def folder(alpha: float) -> tuple[str, str]:
     return INTERPOLATED, alpha_name(alpha)
 
 
-def interpolate_folder(base_files: list[Path], tuned: Path, out: Path, alpha: float) -> int:
-    """Write `out`: the HF folder `tuned` (config, tokenizer, index copied) with every weight at
-    θ₀ + α (θ − θ₀), computed in float32 and stored in the fine-tune's dtype. Returns the tensors written.
-    A weight the base model lacks, or holds in another shape, is an error: then the two are not one model."""
+def interpolate_folders(base_files: list[Path], tuned: Path, outs: dict[float, Path]) -> int:
+    """Write, for each α of `outs`, its folder: the HF folder `tuned` (config, tokenizer, index copied) with every
+    weight at θ₀ + α (θ − θ₀), computed in float32 and stored in the fine-tune's dtype; one read of both models
+    for all αs. Returns the tensors written per folder. A weight the base model lacks, or holds in another shape,
+    is an error: then the two are not one model."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    where: dict[str, Path] = {}  # base weight name -> the base shard holding it
-    for file in base_files:
-        with safe_open(str(file), "pt") as f:
-            where.update(dict.fromkeys(f.keys(), file))
-    out.mkdir(parents=True)
-    for item in tuned.iterdir():  # config, generation config, tokenizer, chat template, the shard index
-        if item.is_file() and item.suffix != ".safetensors" and item.name not in (DRIFT, TRAIN_RESULT):
-            shutil.copy2(item, out / item.name)
-    written = 0
-    for shard in sorted(tuned.glob("*.safetensors")):
-        mixed = {}
-        with safe_open(str(shard), "pt") as f:
-            metadata = f.metadata()
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                theta = f.get_tensor(key)
-                if key not in where:
-                    raise InterpolateError(f"{shard.name}: weight {key!r} is not in the base model's safetensors "
-                                           f"({base_files[0].parent}): the fine-tune is not of this base model")
-                with safe_open(str(where[key]), "pt") as b:
-                    theta0 = b.get_tensor(key)
-                if theta0.shape != theta.shape:
-                    raise InterpolateError(f"{shard.name}: weight {key!r} has shape {tuple(theta.shape)}, the base "
-                                           f"model's {tuple(theta0.shape)}")
-                mixed[key] = torch.lerp(theta0.float(), theta.float(), alpha).to(theta.dtype).contiguous()
-        save_file(mixed, str(out / shard.name), metadata=metadata)
-        written += len(mixed)
+    with contextlib.ExitStack() as stack:
+        base = {}  # base weight name -> the open base shard holding it
+        for file in base_files:
+            f = stack.enter_context(safe_open(str(file), "pt"))
+            base.update(dict.fromkeys(f.keys(), f))
+        for out in outs.values():
+            out.mkdir(parents=True)
+            for item in tuned.iterdir():  # config, generation config, tokenizer, chat template, the shard index
+                if item.is_file() and item.suffix != ".safetensors" and item.name not in (DRIFT, TRAIN_RESULT):
+                    shutil.copy2(item, out / item.name)
+        written = 0
+        for shard in sorted(tuned.glob("*.safetensors")):
+            mixed: dict[float, dict] = {alpha: {} for alpha in outs}
+            with safe_open(str(shard), "pt") as f:
+                metadata = f.metadata()
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    theta = f.get_tensor(key)
+                    if key not in base:
+                        raise InterpolateError(f"{shard.name}: weight {key!r} is not in the base model's safetensors "
+                                               f"({base_files[0].parent}): the fine-tune is not of this base model")
+                    theta0 = base[key].get_tensor(key)
+                    if theta0.shape != theta.shape:
+                        raise InterpolateError(f"{shard.name}: weight {key!r} has shape {tuple(theta.shape)}, the "
+                                               f"base model's {tuple(theta0.shape)}")
+                    for alpha in outs:
+                        mixed[alpha][key] = torch.lerp(theta0.float(), theta.float(), alpha).to(theta.dtype)
+            for alpha, out in outs.items():
+                save_file(mixed[alpha], str(out / shard.name), metadata=metadata)
+            written += len(mixed[next(iter(outs))])
     return written
 
 
@@ -98,18 +103,17 @@ def interpolate(cfg: Config, rd: RunDir, force: bool = False) -> dict | None:
     base_files, why = base_safetensors(cfg.model.path)
     if why:
         raise InterpolateError(f"export.interpolate needs the base model's weights: {why}")
-    counts = {}
+    alphas = cfg.export.interpolate  # sorted when the config loads
     with tempfile.TemporaryDirectory() as scratch:  # a bucket's run dir: read and write local copies
         tuned = Path(scratch, MODEL) if rd.remote else Path(rd.local(MODEL))
         if rd.remote:
             import pyarrow.fs as pafs
 
             pafs.copy_files(rd.path(MODEL), str(tuned))
-        for alpha in sorted(cfg.export.interpolate):
-            parts = folder(alpha)
-            out = Path(scratch, *parts) if rd.remote else Path(rd.local(*parts))
-            counts[alpha_name(alpha)] = interpolate_folder(base_files, tuned, out, alpha)
+        outs = {a: Path(scratch, *folder(a)) if rd.remote else Path(rd.local(*folder(a))) for a in alphas}
+        tensors = interpolate_folders(base_files, tuned, outs)
+        for alpha in alphas:
             if rd.remote:
-                rd.upload(str(out), *parts)
-            print(f"[interpolate] α {alpha_name(alpha)}: {rd.path(*parts)}")
-    return rd.finish("interpolate", {"alphas": list(counts), "tensors": next(iter(counts.values()))})
+                rd.upload(str(outs[alpha]), *folder(alpha))
+            print(f"[interpolate] α {alpha_name(alpha)}: {rd.path(*folder(alpha))}")
+    return rd.finish("interpolate", {"alphas": [alpha_name(a) for a in alphas], "tensors": tensors})

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sasft_ray.config import ConfigError
-from sasft_ray.interpolate import InterpolateError, interpolate_folder
+from sasft_ray.interpolate import InterpolateError, interpolate_folders
 from tests.conftest import make_config
 
 
@@ -32,7 +32,9 @@ def test_each_weight_is_on_the_line_from_the_base_in_the_fine_tunes_dtype_and_sh
         **{"config.json": {"model_type": "llama"}, "model.safetensors.index.json": {"weight_map": {}},
            "drift.json": {"total": 1.0}, "train_result.json": {}})
     out = tmp_path / "mixed"
-    assert interpolate_folder(sorted(base.glob("*.safetensors")), tuned, out, 0.25) == 3
+    assert interpolate_folders(sorted(base.glob("*.safetensors")), tuned, {0.25: out, 0.5: tmp_path / "half"}) == 3
+    assert torch.equal(load_file(str(tmp_path / "half" / "model-00001-of-00002.safetensors"))["a"],
+                       torch.full((2, 3), 2.0, dtype=torch.bfloat16))  # every α from the one read
     first, second = (load_file(str(out / f"model-0000{i}-of-00002.safetensors")) for i in (1, 2))
     assert torch.equal(first["a"], torch.full((2, 3), 1.0, dtype=torch.bfloat16))  # 0 + 0.25 (4 - 0)
     assert torch.equal(second["b"], torch.full((4,), 1.5, dtype=torch.bfloat16))  # 1 + 0.25 (3 - 1)
@@ -47,9 +49,9 @@ def test_a_fine_tune_of_another_model_is_refused(tmp_path):
     wider = _model(tmp_path / "wider", {"model.safetensors": {"a": torch.zeros(2, 4)}})
     other = _model(tmp_path / "other", {"model.safetensors": {"a": torch.zeros(2, 3), "z": torch.zeros(1)}})
     with pytest.raises(InterpolateError, match=r"'a' has shape \(2, 4\), the base model's \(2, 3\)"):
-        interpolate_folder([base / "model.safetensors"], wider, tmp_path / "out1", 0.5)
+        interpolate_folders([base / "model.safetensors"], wider, {0.5: tmp_path / "out1"})
     with pytest.raises(InterpolateError, match="'z' is not in the base model's safetensors"):
-        interpolate_folder([base / "model.safetensors"], other, tmp_path / "out2", 0.5)
+        interpolate_folders([base / "model.safetensors"], other, {0.5: tmp_path / "out2"})
 
 
 def test_alphas_lie_strictly_between_the_base_and_the_fine_tune(tmp_path):
