@@ -16,7 +16,7 @@ import yaml
 from sasft_ray.config import Config
 from sasft_ray.data import hub_id_shaped
 from sasft_ray.layout import ADAPTER, CARD, MODEL, TRAIN_RESULT, is_uri
-from sasft_ray.methods import EXTERNAL_ROWS, SELF_DIALOGUES
+from sasft_ray.methods import SELF_DIALOGUES
 from sasft_ray.rundir import RunDir
 
 
@@ -98,8 +98,8 @@ def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
         rows.append(("self-dialogues", f"{_count(mixed)} mixed in" + (
             f" ({_count(selftalk['rows_in'])} generated, {_count(selftalk['survived'])} kept by the filters)"
             if "rows_in" in selftalk and "survived" in selftalk else "")))
-    if spec.mixed_in is EXTERNAL_ROWS and mix.get("mixed_in_rows") is not None:
-        rows.append(("external rows", f"{_count(mix['mixed_in_rows'])} of `{shown(cfg.mix.external.path)}`"))
+    if cfg.mixed_in_data is not None and mix.get("mixed_in_rows") is not None:
+        rows.append((spec.mixed_in.rows, f"{_count(mix['mixed_in_rows'])} of `{shown(cfg.mixed_in_data.path)}`"))
     if spec.freezes:
         rows.append(("frozen", f"embeddings and the lowest {t.freeze_layers} blocks"))
     if train.get("sources"):

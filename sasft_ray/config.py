@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sasft_ray.layout import is_uri
-from sasft_ray.methods import EXTERNAL_ROWS, METHODS, SELF_DIALOGUES, TrainingMethod
+from sasft_ray.methods import METHODS, MIX_DATA, SELF_DIALOGUES, TrainingMethod
 from sasft_ray.selection import Rule
 
 
@@ -246,7 +246,10 @@ class MixConfig(Section):
     max_distinct: int | None = Field(
         None, ge=1, description="at most this many distinct rows mixed in, each repeated in turn to reach "
         "self_ratio (diversity at a fixed λ); None: no row twice")
-    external: DataConfig | None = Field(None, description="general data for method external-mix")
+    external: DataConfig | None = Field(None, description="general data in another style, for method external-mix")
+    replay: DataConfig | None = Field(
+        None, description="general data for method replay: what the model learned from, or data like it (the lab: "
+        "tasks/house.jsonl, general questions in the house style its pretraining used)")
     sources: list[MixSource] = Field(
         default_factory=list, description="further datasets mixed in by every method, each at its weight (rows per "
         "task row), through the same exact-count, windowed mixer: SA-SFT with replay, or several tasks at once")
@@ -514,9 +517,16 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _method_has_its_data(self) -> Config:
-        if self.training_method.mixed_in is EXTERNAL_ROWS and self.mix.external is None:
-            raise ValueError(f"train.method {self.train.method!r} needs mix.external (the general dataset to mix in)")
+        data = self.training_method.mixed_in and self.training_method.mixed_in.data
+        if data and self.mixed_in_data is None:
+            raise ValueError(f"train.method {self.train.method!r} needs mix.{data} (the general dataset to mix in)")
         return self
+
+    @property
+    def mixed_in_data(self) -> DataConfig | None:
+        """The dataset the method mixes in, if it reads one (`mix.external`, `mix.replay`)."""
+        data = self.training_method.mixed_in and self.training_method.mixed_in.data
+        return getattr(self.mix, data) if data else None
 
     @model_validator(mode="after")
     def _model_ids_distinct(self) -> Config:
@@ -704,8 +714,9 @@ def absolute_paths(cfg: Config) -> Config:
                   {"chat_template": str(Path(t).absolute())} if (t := cfg.model.chat_template) else {})}),
               "data": cfg.data.model_copy(update={"path": fix(cfg.data.path)})}
     mix = {"sources": [src.model_copy(update={"path": fix(src.path)}) for src in cfg.mix.sources]}
-    if cfg.mix.external:
-        mix["external"] = cfg.mix.external.model_copy(update={"path": fix(cfg.mix.external.path)})
+    for key in MIX_DATA:
+        if data := getattr(cfg.mix, key):
+            mix[key] = data.model_copy(update={"path": fix(data.path)})
     update["mix"] = cfg.mix.model_copy(update=mix)
     return cfg.model_copy(update=update)
 

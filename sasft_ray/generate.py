@@ -1,8 +1,8 @@
 """`sasft generate`: task data -> self-talk -> filters -> mix, into the run directory.
 
 Stages and what they write under `run_dir`:
-  task      task/train.parquet, task/heldout.parquet (and external/ for external-mix, sources/<i>/ for
-            mix.sources)
+  task      task/train.parquet, task/heldout.parquet (and external/ or replay/ for the methods that mix in
+            general data, sources/<i>/ for mix.sources)
   selftalk  selftalk/*.parquet: every generated dialogue with its `drop_reason`; selftalk_heldout.parquet:
             the survivors held out as the forgetting monitor (every method: SFT generates only these)
   mix       mixed/*.parquet: task rows and self (or external) rows at ratio λ
@@ -26,8 +26,7 @@ from sasft_ray import data as task_data
 from sasft_ray.chat import model_tokenizer, turn_format
 from sasft_ray.config import Config, DataConfig
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
-from sasft_ray.layout import EXTERNAL, MIXED, MONITOR, SELFTALK, SOURCES, TASK, source_folder, split_file
-from sasft_ray.methods import EXTERNAL_ROWS
+from sasft_ray.layout import MIXED, MONITOR, SELFTALK, SOURCES, TASK, source_folder, split_file
 from sasft_ray.mix import mix_key, write_mix
 from sasft_ray.rundir import MODEL_FILES, RunDir, fingerprint, fingerprints
 from sasft_ray.selftalk import LIGHT_CPUS, SelfTalkCut, Written, check_fits, selftalk_dataset
@@ -90,10 +89,10 @@ def task_stage(cfg: Config, rd: RunDir, force: bool) -> None:
         rd.finish("sources", {"train_rows": [
             write_canonical(src, rd, source_folder(i), with_heldout=False)["train_rows"]
             for i, src in enumerate(cfg.mix.sources)]})
-    if cfg.training_method.mixed_in is EXTERNAL_ROWS and rd.begin(
-            "external", cfg.section_hash("mix.external"), force, outputs=(EXTERNAL,),
-            inputs=fingerprints(cfg, "mix.external.path")):
-        rd.finish("external", write_canonical(cfg.mix.external, rd, EXTERNAL, with_heldout=False))
+    if (data := cfg.mixed_in_data) is not None:  # external-mix's, replay's general data
+        stage, key = cfg.training_method.mixed_in.stage, f"mix.{cfg.training_method.mixed_in.data}"
+        if rd.begin(stage, cfg.section_hash(key), force, outputs=(stage,), inputs=fingerprints(cfg, f"{key}.path")):
+            rd.finish(stage, write_canonical(data, rd, stage, with_heldout=False))
 
 
 def monitor_stage(cfg: Config, rd: RunDir, force: bool) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sasft_ray.config import ConfigError
+from sasft_ray.methods import MIX_DATA
 from sasft_ray.scorers import contains, exact  # the evaluation's scorers: one rule for both
 from sasft_ray.tiny import fit, new_model, save_model, train_tokenizer
 
@@ -354,7 +355,7 @@ def lab_folder(cfg) -> Path:
     model = Path(cfg.model.path).absolute()
     lab = model.parent
     paths = {"model.path": cfg.model.path, "data.path": cfg.data.path,
-             **({"mix.external.path": cfg.mix.external.path} if cfg.mix.external else {})}
+             **{f"mix.{key}.path": data.path for key in MIX_DATA if (data := getattr(cfg.mix, key))}}
     for key, path in paths.items():
         inside = Path(path).absolute().is_relative_to(lab) and (key != "model.path" or model.name == "model")
         if not inside:

@@ -7,6 +7,7 @@ lies inside an exported model, to `MODEL`); and which paths are URIs rather than
     task/{train,heldout}.parquet  TASK        the task's rows in the canonical form (`TASK_TRAIN`, `TASK_HELDOUT`)
     sources/<i>/train.parquet     SOURCES     mix.sources' rows (`source_folder(i)`)
     external/train.parquet        EXTERNAL    external-mix's rows
+    replay/train.parquet          REPLAY      replay's rows
     selftalk/*.parquet            SELFTALK    every self-dialogue with its drop_reason
     selftalk_heldout.parquet      MONITOR     the forgetting monitor's self-dialogues
     mixed/part-0.parquet          MIXED       the training rows (`MIXED_PART`)
@@ -40,6 +41,7 @@ CONFIG = "config.yaml"
 TASK = "task"
 SOURCES = "sources"
 EXTERNAL = "external"
+REPLAY = "replay"
 SELFTALK = "selftalk"
 MONITOR = "selftalk_heldout.parquet"
 MIXED = "mixed"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sasft_ray.layout import EXTERNAL, SELFTALK, TASK
+from sasft_ray.layout import EXTERNAL, REPLAY, SELFTALK, TASK
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,13 @@ class MixedIn:
     stage: str  # the generate stage that writes them, and its folder in the run dir
     rows: str  # what the model card calls them
     repeats: bool = False  # as many rows as λ asks, repeated in turn: never short of a pool
+    data: str | None = None  # the dataset it reads, a key of the config's `mix` section (mix.external, mix.replay)
 
 
 SELF_DIALOGUES = MixedIn("self", SELFTALK, "self-dialogues")
-EXTERNAL_ROWS = MixedIn("external", EXTERNAL, "external rows")  # mix.external's rows
+EXTERNAL_ROWS = MixedIn("external", EXTERNAL, "external rows", data="external")
+REPLAY_ROWS = MixedIn("replay", REPLAY, "general rows replayed", data="replay")
+MIX_DATA = tuple(m.data for m in (EXTERNAL_ROWS, REPLAY_ROWS))  # the `mix` keys that hold a method's dataset
 TASK_REPEATS = MixedIn("repeat", TASK, "task rows repeated", repeats=True)  # the task's own training rows again
 
 
@@ -50,6 +53,9 @@ METHODS = {m.name: m for m in (
                    freezes=True),
     TrainingMethod("external-mix", "+ mix.external", "supervised fine-tuning on the task data mixed with external "
                    "general data", mixed_in=EXTERNAL_ROWS),
+    # the classic defence against forgetting: rehearse general data (ideally what the model was trained on)
+    TrainingMethod("replay", "+ mix.replay, general data at mix.self_ratio (rehearsal)", "supervised fine-tuning "
+                   "on the task data mixed with replayed general data", mixed_in=REPLAY_ROWS),
     # SA-SFT's compute-matched control: without it, part of SA-SFT's win over SFT could be its longer schedule
     TrainingMethod("sft-matched", "sft on as many rows as sa-sft at mix.self_ratio: the task rows repeated in place of "
                    "self-dialogues (the compute-matched control)", "supervised fine-tuning on the task data, the task "

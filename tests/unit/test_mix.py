@@ -6,6 +6,7 @@ import pytest
 
 from sasft_ray.data import ROW_SCHEMA
 from sasft_ray.layout import COMPARE, MIXED_PART, MONITOR, SELFTALK, TASK_TRAIN
+from sasft_ray.methods import MIX_DATA
 from sasft_ray.mix import interleave, write_mix
 from sasft_ray.rundir import RunDir, StageChanged
 from tests.conftest import make_config
@@ -29,13 +30,14 @@ def prepare(tmp_path, task_rows=1200, self_rows=900, external_rows=0, **sections
         pq.write_table(pa.Table.from_pylist(
             [{"id": i, "messages": dialogue(f"self {i}"), "drop_reason": reasons[i]}
              for i in range(part, self_rows, 3)]), rd.local(SELFTALK, f"{part}.parquet"))
-    rd.fs.create_dir(rd.local("external"))
-    pq.write_table(pa.Table.from_pylist(
-        [{"messages": dialogue(f"ext {i}"), "source_row": i} for i in range(external_rows)], ROW_SCHEMA),
-        rd.local("external", "train.parquet"))
+    for folder in MIX_DATA:  # external-mix's and replay's general data
+        rd.fs.create_dir(rd.local(folder))
+        pq.write_table(pa.Table.from_pylist(
+            [{"messages": dialogue(f"{folder} {i}"), "source_row": i} for i in range(external_rows)], ROW_SCHEMA),
+            rd.local(folder, "train.parquet"))
     for stage, info in {"task": {"train_rows": task_rows},
                         "selftalk": {"survived": reasons.count("")},
-                        "external": {"train_rows": external_rows}}.items():
+                        **{folder: {"train_rows": external_rows} for folder in MIX_DATA}}.items():
         rd.begin(stage, "test")
         rd.finish(stage, info)
     return cfg, rd
@@ -135,11 +137,11 @@ def test_max_distinct_repeats_fewer_dialogues_to_keep_the_ratio(tmp_path):
 
 
 @pytest.mark.parametrize("method, source", [("sft", None), ("freeze", None), ("external-mix", "external"),
-                                            ("sa-sft", "self"), ("sft-matched", "repeat")])
+                                            ("replay", "replay"), ("sa-sft", "self"), ("sft-matched", "repeat")])
 def test_each_method_mixes_in_its_own_data(tmp_path, method, source):
-    external = {"external": {"path": "unused.jsonl"}} if method == "external-mix" else {}
+    data = {source: {"path": "unused.jsonl"}} if source in MIX_DATA else {}
     cfg, rd = prepare(tmp_path, task_rows=200, external_rows=300, train={"method": method},
-                      mix={"self_ratio": 1.0, **external})
+                      mix={"self_ratio": 1.0, **data})
     rows, _ = mixed_rows(cfg, rd)
     mixed_in = {r["source"] for r in rows} - {"task"}
     assert mixed_in == ({source} if source else set())
@@ -238,3 +240,31 @@ def test_a_compare_run_measures_the_main_runs_monitor_dialogues_without_an_engin
         generate(sft, rd)
     generate(sft, rd, redo="selftalk")
     assert rd.stage_info("selftalk")["id"] != first
+
+
+def test_replay_reads_its_general_data_as_a_stage_of_its_own_and_mixes_it_in_at_lambda(tmp_path):
+    """method replay: mix.replay checked and written like the task data (its own stage, its file fingerprinted),
+    then round(λ x task rows) of its rows mixed in; an edited replay file is not passed off as the old one."""
+    from sasft_ray.generate import generate
+
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(f'{{"prompt": "task {i}", "completion": "ok"}}\n' for i in range(200)))
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(f'{{"prompt": "general {i}", "completion": "Sure! {i}"}}\n' for i in range(500)))
+    cfg = make_config(tmp_path, data_path=task, train={"method": "replay"},
+                      mix={"self_ratio": 0.5, "replay": {"path": str(general)}})
+    rd = RunDir(cfg.run_dir)
+    generate(cfg, rd)
+    rows = pq.read_table(rd.local(MIXED_PART)).to_pylist()
+    task_rows = rd.stage_info("task")["train_rows"]
+    replayed = [r for r in rows if r["source"] == "replay"]
+    assert rd.stage_info("replay")["train_rows"] == 500 and "external" not in rd.manifest()["stages"]
+    assert len(replayed) == len({r["id"] for r in replayed}) == round(0.5 * task_rows) == rd.stage_info("mix")[
+        "mixed_in_rows"]
+    assert all(r["messages"][0]["content"].startswith("general ") for r in replayed)
+    first = rd.stage_info("replay")["id"]
+    generate(cfg, rd)
+    assert rd.stage_info("replay")["id"] == first  # done: not read again
+    general.write_text(general.read_text() + '{"prompt": "one more", "completion": "Sure!"}\n')
+    with pytest.raises(StageChanged, match="mix.replay.path"):
+        generate(cfg, rd)
