@@ -222,10 +222,10 @@ class SelfTalkConfig(Section):
 
 
 class SdftConfig(Section):
-    """train.method sdft (self-distillation, Yang et al. 2024): before training, the base model rewrites each task
-    reply in its own words, prompted with the task input and the reference reply; the rewrites are trained on in
-    place of the replies. The rewrites run on the self-talk engine pool: selftalk.engine, selftalk.seed,
-    selftalk.max_engine_restarts and selftalk.continue_on_error apply to them too."""
+    """The method sdft (self-distillation fine-tuning, Yang et al. 2024): before training, the base model
+    rewrites each task reply in its own words, prompted with the task input and the reference reply; the rewrites
+    are trained on in place of the replies. The rewrites run on the self-talk engine pool: selftalk.engine,
+    selftalk.seed, selftalk.max_engine_restarts and selftalk.continue_on_error apply to them too."""
 
     prompt: str = Field(
         REWRITE_PROMPT, description="the rewrite instruction, sent as the user turn in the model's own chat "
