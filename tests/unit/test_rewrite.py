@@ -1,6 +1,8 @@
 """train.method sdft without an engine: its config, the rule that keeps, replaces or drops a rewrite, the mix
 of a rewrite folder written here the way the stage writes it, the method table, `compare`, the card."""
 
+import re
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -136,3 +138,22 @@ def test_the_card_of_an_sdft_fine_tune_counts_its_rewrites(tmp_path):
     assert "with self-distillation fine-tuning (SDFT)" in card and "| method | sdft |" in card
     assert "| rewritten replies | 6 of 10 task rows in the base model's words, 4 kept as they were (sdft.on_lost), " \
            "0 dropped |" in card
+
+
+def test_the_plan_of_sdft_is_sfts_with_the_rewrites_timed(tmp_path, capsys):
+    import yaml
+
+    from sasft_ray.cli import main
+
+    texts = {}
+    for method in ("sdft", "sft"):
+        raw = make_config(tmp_path, "meta-llama/Meta-Llama-3-8B-Instruct", train={"method": method},
+                          resources={"use_gpu": True}).model_dump(mode="json")
+        (tmp_path / f"{method}.yaml").write_text(yaml.safe_dump(raw))
+        with pytest.raises(SystemExit):  # 8B on 2 GPUs without offload: does not fit; the plan is printed anyway
+            main(["plan", str(tmp_path / f"{method}.yaml"), "--task-rows", "20000"])
+        texts[method] = capsys.readouterr().out
+    assert "rewrites (sdft) at TP 1: 18,000 task rows, <= 9,216,000 tokens decoded" in texts["sdft"]
+    assert "rewrites" not in texts["sft"]
+    steps = [re.search(r"time: ([\d,]+) steps", texts[m]).group(1) for m in ("sdft", "sft")]
+    assert steps[0] == steps[1] == "2,250"  # every row kept: an upper bound
