@@ -157,3 +157,24 @@ def test_the_plan_of_sdft_is_sfts_with_the_rewrites_timed(tmp_path, capsys):
     assert "rewrites" not in texts["sft"]
     steps = [re.search(r"time: ([\d,]+) steps", texts[m]).group(1) for m in ("sdft", "sft")]
     assert steps[0] == steps[1] == "2,250"  # every row kept: an upper bound
+
+
+def test_a_rewrite_that_cannot_fit_the_engine_is_refused_before_one_starts(tmp_path):
+    from sasft_ray.chat import model_tokenizer, turn_format
+    from sasft_ray.rewrite import check_fits
+    from sasft_ray.tiny import WORDS, train_tokenizer
+
+    train_tokenizer("llama", WORDS, vocab_size=300).save_pretrained(tmp_path / "model")
+
+    def config(max_tokens, max_model_len):
+        return make_config(tmp_path, str(tmp_path / "model"), train={"method": "sdft"}, sdft={"max_tokens": max_tokens},
+                           selftalk={"max_user_tokens": 8, "max_assistant_tokens": 8,
+                                     "engine": {"max_model_len": max_model_len}})
+
+    tokenizer = model_tokenizer(config(64, 2048).model)
+    fmt = turn_format(tokenizer)
+    check_fits(config(64, 2048), tokenizer, fmt)
+    with pytest.raises(ConfigError, match=r"sdft rewrites need at least \d+ tokens \(the chat template's and "
+                                          r"sdft.prompt's \d+ \+ sdft.max_tokens 1900\), over "
+                                          r"selftalk.engine.max_model_len 2048"):
+        check_fits(config(1900, 2048), tokenizer, fmt)
