@@ -12,7 +12,8 @@ from sasft_ray.tiny import write_demo_task
 from tests.conftest import make_config
 
 ENGINE = {"max_model_len": 256, "batch_size": 8}  # several batches: the rows spread over them
-SDFT = {"max_tokens": 12, "answer_pattern": "ANS=(\\w+)", "on_lost": "original"}
+# any rewrite that ends by itself is used: the tiny model's replies do ("Sure! The answer is 2?")
+SDFT = {"max_tokens": 40, "keep_if": "rouge_l", "min_score": 0.0, "on_lost": "original"}
 
 
 def rewrites(rd):
@@ -32,7 +33,7 @@ def test_sdft_trains_on_the_rewritten_task_rows_only(tiny_llama, local_ray, tmp_
     # every row accounted for once: rewritten, or (on_lost original) its reference reply kept
     assert info["rows_in"] == task["train_rows"] == info["rewritten"] + info["replaced"] == info["rows_out"]
     assert info["drops"] == {} and sum(info["replaced_reasons"].values()) == info["replaced"]
-    assert info["generated_tokens"] > 0
+    assert info["generated_tokens"] > 0 and info["rewritten"] > 0
     rows = rewrites(rd)
     originals = {r["source_row"]: r["messages"] for r in pq.read_table(rd.local(layout.TASK_TRAIN)).to_pylist()}
     assert rows.keys() == originals.keys()
@@ -54,14 +55,19 @@ def test_sdft_trains_on_the_rewritten_task_rows_only(tiny_llama, local_ray, tmp_
     before = rd.manifest()["stages"]
     generate(cfg, RunDir(cfg.run_dir))
     assert rd.manifest()["stages"] == before
-    reworded = cfg.model_copy(update={"sdft": cfg.sdft.model_copy(update={"prompt": "Say it again: {reference}"})})
+    # (and a rule that asks for the answer in it: the tiny model's rewrites lose it, the rows keep their replies)
+    reworded = cfg.model_copy(update={"sdft": cfg.sdft.model_copy(update={
+        "prompt": "Say it again: {reference}", "keep_if": "contains", "min_score": 1.0,
+        "answer_pattern": "ANS=(\\w+)"})})
     with pytest.raises(StageChanged, match="--redo rewrite"):
         generate(reworded, RunDir(cfg.run_dir))
     generate(reworded, RunDir(cfg.run_dir), redo="rewrite")
     after = rd.manifest()["stages"]
     assert after["task"] == before["task"]
     assert after["rewrite"]["id"] != before["rewrite"]["id"] and after["mix"]["id"] != before["mix"]["id"]
-    assert after["rewrite"]["rows_in"] == info["rows_in"]
+    redone = after["rewrite"]
+    assert redone["rows_in"] == redone["rows_out"] == redone["rewritten"] + redone["replaced"] == info["rows_in"]
+    assert redone["replaced"] > 0 and redone["replaced_reasons"].get("lost answer")
 
     # on_lost drop with a rule gibberish cannot pass: every row dropped, counted, and the stage fails
     strict = reworded.model_copy(update={"sdft": reworded.sdft.model_copy(update={"on_lost": "drop",
