@@ -100,6 +100,10 @@ def model_card(cfg: Config, rd: RunDir, results: dict | None = None) -> str:
             if "rows_in" in selftalk and "survived" in selftalk else "")))
     if cfg.mixed_in_data is not None and mix.get("mixed_in_rows") is not None:
         rows.append((spec.mixed_in.rows, f"{_count(mix['mixed_in_rows'])} of `{shown(cfg.mixed_in_data.path)}`"))
+    if spec.rewrites and (rewrite := done.get("rewrite")):
+        rows.append(("rewritten replies", f"{_count(rewrite['rewritten'])} of {_count(rewrite['rows_in'])} task rows "
+                     f"in the base model's words, {_count(rewrite['replaced'])} kept as they were (sdft.on_lost), "
+                     f"{_count(sum(rewrite['drops'].values()))} dropped"))
     if spec.freezes:
         rows.append(("frozen", f"embeddings and the lowest {t.freeze_layers} blocks"))
     if train.get("sources"):

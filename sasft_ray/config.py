@@ -38,6 +38,11 @@ Method = Literal[tuple(METHODS)]  # the names of sasft_ray.methods' table
 HASH_NEUTRAL = {"hash_neutral": True}
 
 
+# sdft.prompt's default: the distillation template of the SDFT paper (Yang et al. 2024), for any task
+REWRITE_PROMPT = ("Below is a request and a reference answer. Refer to the reference answer and write a response to "
+                  "the request in your own words.\n\nRequest:\n{prompt}\n\nReference answer:\n{reference}")
+
+
 # A name that becomes a file or folder name in the run dir (a model id, a benchmark): no path separator,
 # no "..", nothing hidden, so no setting writes outside the run dir
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -214,6 +219,64 @@ class SelfTalkConfig(Section):
                              f"max_assistant_tokens {self.max_assistant_tokens}) = {longest} tokens do not fit "
                              f"selftalk.engine.max_model_len {self.engine.max_model_len}")
         return self
+
+
+class SdftConfig(Section):
+    """The method sdft (self-distillation fine-tuning, Yang et al. 2024): before training, the base model
+    rewrites each task reply in its own words, prompted with the task input and the reference reply; the rewrites
+    are trained on in place of the replies. The rewrites run on the self-talk engine pool: selftalk.engine,
+    selftalk.seed, selftalk.max_engine_restarts and selftalk.continue_on_error apply to them too."""
+
+    prompt: str = Field(
+        REWRITE_PROMPT, description="the rewrite instruction, sent as the user turn in the model's own chat "
+        "template: {prompt} is the task input (the user message before the reply), {reference} the reference "
+        "reply; the default follows the SDFT paper's distillation template")
+    max_tokens: int = Field(512, ge=1, description="token limit of a rewrite (one cut there is not used)")
+    temperature: float = Field(0.0, ge=0.0, description="sampling temperature of the rewrites; 0: greedy, as the "
+                               "SDFT recipe")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling of the rewrites")
+    keep_if: str = Field(
+        "contains", description="scorer of a rewrite against its reference (exact | contains | rouge_l | "
+        "module:function(prediction, row)); a rewrite scoring under min_score lost the reference's answer")
+    min_score: float = Field(1.0, ge=0.0, le=1.0, description="the lowest keep_if score a rewrite is used at")
+    answer_pattern: str | None = Field(
+        None, description="a regex whose first group finds the answer in a reference reply (the row's `answer`, "
+        "which contains checks), e.g. '#### (.+)'; None, or no match: the whole reference is the answer")
+    on_lost: Literal["drop", "original"] = Field(
+        "original", description="a rewrite that is not used (lost the answer, empty, cut at max_tokens, over "
+        "selftalk.engine.max_model_len, refused by the engine): original keeps the row with its reference reply "
+        "(counted as replaced), drop leaves the row out (counted by reason; the stage fails below "
+        "filters.min_survival of the rows)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_fields(cls, template: str) -> str:
+        try:
+            template.format(prompt="", reference="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"sdft.prompt takes the fields {{prompt}} and {{reference}} only (double other braces: "
+                             f"{{{{ }}}}): {e!r}") from None
+        if "{reference}" not in template:
+            raise ValueError("sdft.prompt must show the model the reference reply: put {reference} in it")
+        return template
+
+    @field_validator("keep_if")
+    @classmethod
+    def _scorer_exists(cls, value: str) -> str:
+        return check_scorers([value])[0]
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _pattern_has_a_group(cls, pattern: str | None) -> str | None:
+        if pattern is None:
+            return pattern
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as e:
+            raise ValueError(f"sdft.answer_pattern {pattern!r} is not a regex: {e}") from None
+        if not groups:
+            raise ValueError(f"sdft.answer_pattern {pattern!r} has no group: put the answer in parentheses")
+        return pattern
 
 
 class FilterConfig(Section):
@@ -493,6 +556,8 @@ class Config(Section):
     data: DataConfig = Field(description="the narrow task's data")
     selftalk: SelfTalkConfig = Field(default_factory=SelfTalkConfig, description="the self-dialogues the base "
                                      "model writes with vLLM before fine-tuning")
+    sdft: SdftConfig = Field(default_factory=SdftConfig, description="train.method sdft: how the base model "
+                             "rewrites the task replies before training")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="which self-dialogues are kept; each "
                                   "row carries its drop_reason")
     mix: MixConfig = Field(default_factory=MixConfig, description="what the training data holds beside the task "

@@ -59,6 +59,8 @@ def as_yaml(value: Any) -> str:
         value = value.model_dump(mode="json")
     if value == "":
         return '""'
+    if isinstance(value, str) and "\n" in value:  # one line, as YAML reads it back: a table cell holds no newline
+        return yaml.safe_dump(value, default_style='"', width=float("inf")).strip()
     return yaml.safe_dump(value, default_flow_style=True, allow_unicode=True).strip().removesuffix("\n...")
 
 

@@ -5,7 +5,9 @@ Stages and what they write under `run_dir`:
             general data, sources/<i>/ for mix.sources)
   selftalk  selftalk/*.parquet: every generated dialogue with its `drop_reason`; selftalk_heldout.parquet:
             the survivors held out as the forgetting monitor (every method: SFT generates only these)
-  mix       mixed/*.parquet: task rows and self (or external) rows at ratio λ
+  rewrite   rewrite/*.parquet (sdft only): each task training row with its replies rewritten by the base
+            model, or its drop_reason (`sasft_ray.rewrite`)
+  mix       mixed/*.parquet: task rows (sdft: the rewritten ones) and self (or external) rows at ratio λ
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from sasft_ray import data as task_data
 from sasft_ray.chat import model_tokenizer, turn_format
 from sasft_ray.config import Config, DataConfig
 from sasft_ray.filters import KEPT, Deduplicator, mark_row
-from sasft_ray.layout import MIXED, MONITOR, SELFTALK, SOURCES, TASK, source_folder, split_file
+from sasft_ray.layout import MIXED, MONITOR, REWRITE, SELFTALK, SOURCES, TASK, source_folder, split_file
 from sasft_ray.mix import mix_key, write_mix
+from sasft_ray.rewrite import HASHED, write_rewrites
 from sasft_ray.rundir import MODEL_FILES, RunDir, fingerprint, fingerprints
 from sasft_ray.selftalk import LIGHT_CPUS, SelfTalkCut, Written, check_fits, selftalk_dataset
 from sasft_ray.session import bar, connect, progress
@@ -164,6 +167,22 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None
     rd.finish("selftalk", counts)
 
 
+def rewrite_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None:
+    """sdft: the task's training rows with their replies rewritten by the base model; fails, to be redone, if
+    fewer than filters.min_survival of them are left to train on."""
+    if not rd.begin("rewrite", rd.chained(cfg.section_hash(*HASHED), TASK), force, outputs=(REWRITE,),
+                    inputs=fingerprints(cfg, *MODEL_FILES)):
+        return
+    counts = write_rewrites(cfg, rd, task_rows)
+    if counts["rows_out"] < cfg.filters.min_survival * counts["rows_in"]:
+        rd.fail("rewrite", counts, "too few survivors")
+        raise TooFewSurvivors(
+            f"only {counts['rows_out']} of the {counts['rows_in']} task rows are left to train on after their "
+            f"rewrites (dropped: {counts['drops']}), below filters.min_survival={cfg.filters.min_survival}: loosen "
+            f"sdft.keep_if (or sdft.min_score, sdft.answer_pattern), or set sdft.on_lost: original")
+    rd.finish("rewrite", counts)
+
+
 def cut_message(error: BaseException) -> str | None:
     """The message of the `SelfTalkCut` an engine raised, if that is what stopped the stage: Ray Data hands
     the driver an exception of its own that holds the worker's traceback as text, not the original."""
@@ -220,7 +239,7 @@ def mix_stage(cfg: Config, rd: RunDir, force: bool) -> None:
         rd.finish("mix", write_mix(cfg, rd))
 
 
-STAGES = ("task", "selftalk", "mix")
+STAGES = ("task", "selftalk", "rewrite", "mix")  # rewrite after selftalk: `--redo rewrite` keeps the self-talk
 
 
 def build_assets(cfg: Config) -> None:
@@ -253,5 +272,7 @@ def generate(cfg: Config, rd: RunDir, redo: str | None = None) -> None:
             monitor_stage(cfg, rd, force["selftalk"])
         elif mixed or monitor:  # SA-SFT's self-talk, or the forgetting monitor's slice of it
             selftalk_stage(cfg, rd, force["selftalk"], task_rows)
+        if cfg.training_method.rewrites:
+            rewrite_stage(cfg, rd, force["rewrite"], task_rows)
         mix_stage(cfg, rd, force["mix"])
         rd.save_config(cfg)  # after the checks: a refused run does not relabel the old results

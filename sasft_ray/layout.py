@@ -10,6 +10,7 @@ lies inside an exported model, to `MODEL`); and which paths are URIs rather than
     replay/train.parquet          REPLAY      replay's rows
     selftalk/*.parquet            SELFTALK    every self-dialogue with its drop_reason
     selftalk_heldout.parquet      MONITOR     the forgetting monitor's self-dialogues
+    rewrite/*.parquet             REWRITE     sdft's task rows, replies rewritten by the base model, drop_reason
     mixed/part-0.parquet          MIXED       the training rows (`MIXED_PART`)
     train/                        RAY_TRAIN   Ray Train's run: its checkpoints and snapshot
     train-kept/step-<n>/          KEPT_DIR    train.select's copies of checkpoints (`kept(step)`, `KEPT_MARK`)
@@ -44,6 +45,7 @@ EXTERNAL = "external"
 REPLAY = "replay"
 SELFTALK = "selftalk"
 MONITOR = "selftalk_heldout.parquet"
+REWRITE = "rewrite"
 MIXED = "mixed"
 MIXED_PART = f"{MIXED}/part-0.parquet"
 

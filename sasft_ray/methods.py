@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sasft_ray.layout import EXTERNAL, REPLAY, SELFTALK, TASK
+from sasft_ray.layout import EXTERNAL, REPLAY, REWRITE, SELFTALK, TASK
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,13 @@ class TrainingMethod:
     description: str  # the model card's words: "A fine-tune of ... with <description>"
     mixed_in: MixedIn | None = None
     freezes: bool = False  # the embeddings and the lowest train.freeze_layers blocks
+    rewrites: bool = False  # its task rows are the base model's rewrites of them (the `rewrite` stage, sdft)
 
     @property
     def reads(self) -> tuple[str, ...]:
         """The generate stages whose output the mix reads (besides mix.sources)."""
-        return tuple(dict.fromkeys((TASK,) + ((self.mixed_in.stage,) if self.mixed_in else ())))
+        return tuple(dict.fromkeys((TASK,) + ((REWRITE,) if self.rewrites else ())
+                                   + ((self.mixed_in.stage,) if self.mixed_in else ())))
 
 
 METHODS = {m.name: m for m in (
@@ -61,4 +63,8 @@ METHODS = {m.name: m for m in (
                    "self-dialogues (the compute-matched control)", "supervised fine-tuning on the task data, the task "
                    "rows repeated to as many rows and optimizer steps as SA-SFT trains on at the same λ (SA-SFT's "
                    "compute-matched control)", mixed_in=TASK_REPEATS),
+    # SDFT (Yang et al. 2024): the targets moved toward the model's own distribution instead of self-talk added
+    TrainingMethod("sdft", "task rows whose replies the base model rewrote in its own words (sdft section)",
+                   "self-distillation fine-tuning (SDFT): the task data with each reply rewritten by the base model in "
+                   "its own words, from the task input and the reference reply", rewrites=True),
 )}

@@ -12,8 +12,10 @@ not only the whole. Only a window of rows is ever in memory. `mix.sources` adds
 further datasets by the same rule, at their weights, for every method.
 
 Methods differ only in what is mixed in (`sasft_ray.methods`): `sa-sft` self-talk, `external-mix` and
-`replay` their general dataset, `sft-matched` the task rows again, `sft` and `freeze` nothing. The
-self-dialogues held out as the forgetting monitor (`selftalk_heldout.parquet`) are never mixed in.
+`replay` their general dataset, `sft-matched` the task rows again, `sft` and `freeze` nothing; `sdft` mixes
+nothing in but takes its task rows from the rewrite stage (`sasft_ray.rewrite`: the replies in the base
+model's words), the kept ones. The self-dialogues held out as the forgetting monitor
+(`selftalk_heldout.parquet`) are never mixed in.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import pyarrow.parquet as pq
 from sasft_ray.config import Config
 from sasft_ray.data import MESSAGE_TYPE
 from sasft_ray.filters import KEPT
-from sasft_ray.layout import MIXED_PART, MONITOR, TASK_TRAIN, source_folder, split_file
+from sasft_ray.layout import MIXED_PART, MONITOR, REWRITE, TASK_TRAIN, source_folder, split_file
 from sasft_ray.methods import SELF_DIALOGUES
 from sasft_ray.rundir import RunDir
 
@@ -112,8 +114,12 @@ def interleave(*streams: tuple[Iterator[dict], int]) -> Iterator[dict]:
 def write_mix(cfg: Config, rd: RunDir) -> dict:
     """Write `MIXED_PART`; returns the counts for the manifest."""
     seed = cfg.mix.seed
-    task = Source(rd, "task", TASK_TRAIN, "source_row")
-    task_rows = rd.stage_info("task")["train_rows"]
+    if cfg.training_method.rewrites:  # sdft: the task rows as the base model rewrote them, those kept
+        task = Source(rd, "task", REWRITE, "source_row", only_kept=True)
+        task_rows = rd.stage_info("rewrite")["rows_out"]
+    else:
+        task = Source(rd, "task", TASK_TRAIN, "source_row")
+        task_rows = rd.stage_info("task")["train_rows"]
     counts = {"task_rows": task_rows, "self_ratio": cfg.mix.self_ratio, "method": cfg.train.method}
     mixed_in = cfg.training_method.mixed_in
     got = 0

@@ -503,6 +503,13 @@ def plan_text(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int 
         out.append(f"  time at TP {run.tp}: {generated:,} dialogues, <= {decoded:,} tokens decoded "
                    f"at ~{rate:,.0f} tokens/s per engine ({batch} sequences at once) -> "
                    f"{_hours(decoded / (rate * eng.concurrency))} (decode only)")
+    if run and task_rows and cfg.training_method.rewrites:  # sdft: a rewrite of every task training row's reply
+        rows, seq = train_rows(cfg, task_rows), min(eng.max_model_len, 2 * cfg.sdft.max_tokens)
+        batch, rate = decode_rate(run, seq, eng.max_num_seqs)
+        decoded = rows * cfg.sdft.max_tokens  # at most (a single-turn row: one reply)
+        out.append(f"  rewrites (sdft) at TP {run.tp}: {rows:,} task rows, <= {decoded:,} tokens decoded at "
+                   f"~{cl.gen_tokens_per_s or rate:,.0f} tokens/s per engine -> "
+                   f"{_hours(decoded / ((cl.gen_tokens_per_s or rate) * eng.concurrency))} (decode only)")
 
     # training
     tp_ = train_plan(cfg, arch, cl)

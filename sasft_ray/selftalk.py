@@ -86,18 +86,13 @@ class DialogueWriter:
     REPORT_EVERY_S = 2.0
 
     def __init__(self, cfg_json: str, fmt: TurnFormat, num_rows: int, written=None):
-        from vllm import LLM
-
         self.cfg = Config.model_validate_json(cfg_json)
         self.fmt, self.num_rows, self.written = fmt, num_rows, written
         self.first_batch = True
         self.cut = {"user": 0, "assistant": 0}      # messages of this batch stopped by their token limit
         self.longest = {"user": 0, "assistant": 0}  # tokens of the longest message that ended by itself
         self.unreported, self.reported_at = 0, time.time()
-        eng, gpu = self.cfg.selftalk.engine, self.cfg.resources.use_gpu
-        extra = {"distributed_executor_backend": "mp"} if gpu and eng.tensor_parallel_size > 1 else {}
-        self.llm = LLM(model=self.cfg.model.path, **engine_kwargs(
-            self.cfg, eng, seed=self.cfg.selftalk.seed, enable_prefix_caching=True, **extra))
+        self.llm = start_engine(self.cfg)
         self.tokenizer = model_tokenizer(self.cfg.model)
 
     def __call__(self, batch: dict) -> dict:
@@ -174,9 +169,6 @@ class DialogueWriter:
     def submit(self, row: dict, turn: int, role: str, waiting: dict) -> bool:
         """Queue the row's next message; a prompt with no room for it is never sent (the row is kept, marked).
         Returns whether it was queued."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
         st, fmt = self.cfg.selftalk, self.fmt
         sampling = self.cfg.selftalk.sampling(role)
         # tokenized here as vLLM would (BOS added back): its length is known before it is sent
@@ -185,17 +177,8 @@ class DialogueWriter:
             row["drop_reason"] = TOO_LONG
             return False
         stop = fmt.stop_user if role == "user" else fmt.stop_assistant
-        # GPU: a seed per request. CPU: vLLM's sampler crashes on seeded requests ("CPU Generator does not
-        # use offset"); the batch's generator seed stands in (`write`).
-        seed = derived_seed(st.seed, row["id"], turn, role == "assistant") if self.cfg.resources.use_gpu else None
-        params = SamplingParams(**sampling, stop_token_ids=list(stop), skip_special_tokens=False, seed=seed,
-                                output_kind=RequestOutputKind.FINAL_ONLY)
         request_id = f"{row['id']}:{turn}:{role}"
-        try:
-            self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
-        except Exception:
-            if not st.continue_on_error:
-                raise
+        if not queue(self.cfg, self.llm, request_id, prompt, sampling, stop, (row["id"], turn, role == "assistant")):
             row["drop_reason"] = ENGINE_ERROR  # the engine refused this one; the others go on
             return False
         waiting[request_id] = (row, turn, role)
@@ -207,7 +190,7 @@ class DialogueWriter:
         text = out.text.strip()  # the stop token is in `tokens`, never in the text
         row["messages"].append({"role": role, "content": text})
         row["num_tokens"] += len(tokens)
-        cut = len(tokens) >= self.cfg.selftalk.sampling(role)["max_tokens"] and (not tokens or tokens[-1] not in stop)
+        cut = was_cut(tokens, self.cfg.selftalk.sampling(role)["max_tokens"], stop)
         row["truncated"] |= cut
         row["cut_replies"] += cut and role == "assistant"
         row["open_end"] = cut and role == "assistant"  # the last message so far is a reply cut at its limit
@@ -224,13 +207,60 @@ def selftalk_dataset(cfg: Config, num_rows: int, fmt: TurnFormat, written=None):
     in `written` (a `Written` actor) if given."""
     import ray
 
+    batches = math.ceil(num_rows / cfg.selftalk.engine.batch_size)
+    return on_engines(cfg, ray.data.range(batches, override_num_blocks=batches), DialogueWriter,
+                      (cfg.model_dump_json(), fmt, num_rows, written), batch_size=1)
+
+
+# --- the engine pool: shared with sdft's rewrites (`sasft_ray.rewrite`) -----------------------------
+
+def start_engine(cfg: Config):
+    """The vLLM engine of one actor of the pool (`selftalk.engine`)."""
+    from vllm import LLM
+
+    eng, gpu = cfg.selftalk.engine, cfg.resources.use_gpu
+    extra = {"distributed_executor_backend": "mp"} if gpu and eng.tensor_parallel_size > 1 else {}
+    return LLM(model=cfg.model.path, **engine_kwargs(cfg, eng, seed=cfg.selftalk.seed, enable_prefix_caching=True,
+                                                     **extra))
+
+
+def queue(cfg: Config, llm, request_id: str, prompt: list[int], sampling: dict, stop: tuple[int, ...],
+          seed_parts: tuple) -> bool:
+    """Queue one request of `prompt`'s token ids, to end at a `stop` token; False if the engine refused it and
+    `selftalk.continue_on_error` lets the others go on. GPU: a seed per request, from (`selftalk.seed`,
+    *`seed_parts`). CPU: vLLM's sampler crashes on seeded requests ("CPU Generator does not use offset"); the
+    caller seeds the engine's generator per batch instead."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    seed = derived_seed(cfg.selftalk.seed, *seed_parts) if cfg.resources.use_gpu else None
+    params = SamplingParams(**sampling, stop_token_ids=list(stop), skip_special_tokens=False, seed=seed,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    try:
+        llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+    except Exception:
+        if not cfg.selftalk.continue_on_error:
+            raise
+        return False
+    return True
+
+
+def was_cut(tokens: list[int], max_tokens: int, stop: tuple[int, ...]) -> bool:
+    """A message stopped by its token limit, not by a stop token of its own."""
+    return len(tokens) >= max_tokens and (not tokens or tokens[-1] not in stop)
+
+
+def on_engines(cfg: Config, ds, writer: type, args: tuple, **map_args):
+    """`ds` mapped by `writer(*args)` actors, each one vLLM engine of the pool: `selftalk.engine.concurrency` of
+    them, their resources and environment, and a batch whose engine dies retried on a restarted one, a bounded
+    number of times (`selftalk.max_engine_restarts`)."""
+    import ray
+
     eng = cfg.selftalk.engine
-    batches = math.ceil(num_rows / eng.batch_size)
     with warnings.catch_warnings():  # the restart bounds have no named parameter: they go as ray_remote_args
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        return ray.data.range(batches, override_num_blocks=batches).map_batches(
-            DialogueWriter, fn_constructor_args=(cfg.model_dump_json(), fmt, num_rows, written), batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=eng.concurrency),
+        return ds.map_batches(
+            writer, fn_constructor_args=args, compute=ray.data.ActorPoolStrategy(size=eng.concurrency),
             runtime_env={"env_vars": engine_env(cfg, eng, cfg.selftalk.batch_invariant)}, **engine_resources(cfg, eng),
-            # a batch whose engine dies is retried on a restarted one, a bounded number of times
-            max_restarts=cfg.selftalk.max_engine_restarts, max_task_retries=cfg.selftalk.max_engine_restarts)
+            max_restarts=cfg.selftalk.max_engine_restarts, max_task_retries=cfg.selftalk.max_engine_restarts,
+            **map_args)
