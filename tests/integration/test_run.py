@@ -17,6 +17,7 @@ def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, ca
     tasks = _lm_eval_task(lab, tmp_path / "lm_tasks")
     overrides = [f"run_dir={tmp_path / 'run'}", "bootstrap=lab-small", f"model.path={lab / 'model'}",
                  f"data.path={lab / 'tasks' / 'double.jsonl'}", f"mix.external.path={lab / 'external.jsonl'}",
+                 f"mix.replay.path={lab / 'tasks' / 'house.jsonl'}",
                  "data.max_rows=150", "compare=[]", "selftalk.num_dialogues=64", "mix.self_ratio=0.4",
                  "serve.port=8124", "export.interpolate=[0.5]",  # WiSE-FT: one more model, served and scored
                  # (64 dialogues hold λ 0.4 of at most 150 task rows; a pool smaller than λ takes is refused)

@@ -52,7 +52,8 @@ def test_a_lab_is_built_only_where_a_lab_belongs(tmp_path):
         build_assets(cfg)
     # a lab-shaped model.path in a folder that holds other things
     cfg = _demo(tmp_path, f"model.path={models / 'model'}", f"data.path={models / 'tasks' / 'parity.jsonl'}",
-                f"mix.external.path={models / 'external.jsonl'}", "bootstrap=lab-small")
+                f"mix.external.path={models / 'external.jsonl'}", f"mix.replay.path={models / 'tasks' / 'house.jsonl'}",
+                "bootstrap=lab-small")
     with pytest.raises(ConfigError, match="is not a lab .* nothing in it was touched"):
         build_assets(cfg)
     with pytest.raises(ConfigError, match="is not a lab"):
