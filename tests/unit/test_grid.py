@@ -58,14 +58,16 @@ def test_cli_runs_part_of_a_grid_with_more_overrides_elsewhere(tmp_path, capsys)
         expand(spec, only=["seed=2"])
 
 
-def test_shipped_lab_grid_is_four_methods_by_three_tasks_by_three_seeds():
+def test_shipped_lab_grid_is_every_method_by_three_tasks_by_three_seeds():
     cells = expand(load_grid("lab"))
     assert len(cells) == 9 and len({c.config.run_dir for c in cells}) == 9
     assert {c.config.data.path.rsplit("/", 1)[-1] for c in cells} == {"parity.jsonl", "shift.jsonl", "digits.jsonl"}
     seeds = {(c.config.train.seed, c.config.mix.seed, c.config.selftalk.seed) for c in cells}
     assert seeds == {(0, 0, 0), (1, 1, 1), (2, 2, 2)}
-    assert all(c.config.train.method == "sa-sft" and c.config.compare == ["sft", "freeze", "external-mix"]
-               for c in cells)
+    from sasft_ray.methods import METHODS
+
+    assert all(c.config.train.method == "sa-sft" and set(c.config.compare) == set(METHODS) - {"sa-sft"}
+               and c.config.export.interpolate == [0.5] for c in cells)
 
 
 def test_a_finished_cell_is_skipped_and_one_finished_under_other_settings_refused(tmp_path, capsys):
