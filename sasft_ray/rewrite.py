@@ -39,8 +39,10 @@ from sasft_ray.scorers import scorer
 from sasft_ray.selftalk import ENGINE_ERROR, TOO_LONG, derived_seed, on_engines, queue, start_engine, was_cut
 
 # source_row: the task training row; messages: rewritten (or, replaced, the reference); original: the reference
-# replies; score: the lowest keep_if score of its replies; rejected: why a rewrite was not used ("": all were)
+# replies; rewrites: the model's rewrites of them, used or not; score: the lowest keep_if score of its replies;
+# rejected: why a rewrite was not used ("": all were)
 REWRITE_SCHEMA = pa.schema([("source_row", pa.int64()), ("messages", MESSAGE_TYPE), ("original", pa.list_(pa.string())),
+                            ("rewrites", pa.list_(pa.string())),
                             ("score", pa.float64()), ("replaced", pa.bool_()), ("rejected", pa.string()),
                             ("drop_reason", pa.string()), ("num_tokens", pa.int64())])
 LOST, EMPTY, TRUNCATED, LEAK = "lost answer", "empty", "truncated", "template leak"
@@ -146,6 +148,7 @@ class RewriteWriter:
             replies = [done[f"{row['source_row']}:{j}"] for j in range(count)]
             written.append({"source_row": row["source_row"], "num_tokens": sum(n for _, _, n in replies),
                             "original": [m["content"] for m in row["messages"] if m["role"] == "assistant"],
+                            "rewrites": [text for text, _, _ in replies],
                             **judge(row["messages"], [(t, r) for t, r, _ in replies], sd, self.fmt.markers)})
         return pa.Table.from_pylist(written, schema=REWRITE_SCHEMA)
 

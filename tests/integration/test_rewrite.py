@@ -44,6 +44,7 @@ def test_sdft_trains_on_the_rewritten_task_rows_only(tiny_llama, local_ray, tmp_
             assert r["messages"] == originals[source_row] and r["rejected"]
         else:
             assert r["rejected"] == "" and r["messages"][1]["content"].strip()
+            assert r["rewrites"] == [r["messages"][1]["content"]]  # the model's rewrite, kept whether used or not
 
     # the mix: the rewrite stage's rows, each once, and nothing else
     mixed = pq.read_table(rd.local(layout.MIXED_PART)).to_pylist()
