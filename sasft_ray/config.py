@@ -509,6 +509,12 @@ class EvalConfig(Section):
         "what its engines run at once")
     base_cache: str | None = Field(
         None, description="folder caching the base model's scores across runs (default: next to run_dir)")
+    models_at_once: int | None = Field(
+        None, ge=1, json_schema_extra=HASH_NEUTRAL, description="when the evaluation starts its own endpoint "
+        "(sasft run, sasft eval without --url): serve and score this many models at a time, in waves, each wave's "
+        "engines stopped before the next starts; for a machine or cluster that cannot hold every compared method "
+        "and its export.interpolate models at once (a model's scores are kept as soon as it is done); None: all "
+        "at once")
     indomain_share: float = Field(
         INDOMAIN_SHARE, gt=0, le=1, json_schema_extra=HASH_NEUTRAL, description="the report's decision: of the "
         "methods whose in-domain score is at least this share of the best one's, the one that kept the most general "

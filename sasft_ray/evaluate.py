@@ -317,6 +317,14 @@ def base_cache(cfg: Config) -> tuple[str, str]:
     return root, f"{base_cache_key(cfg)}.json"
 
 
+def saved_scores(rd: RunDir, model_id: str, stage_hash: str) -> dict | None:
+    """A model's scores saved by this evaluation (`stage_hash`, not empty) before it stopped, if any."""
+    saved = f"{SCORED}/{model_id}.json"
+    if stage_hash and rd.exists(saved) and (done := rd.read_json(saved)).get("stage_hash") == stage_hash:
+        return done["scores"]
+    return None
+
+
 def evaluate_models(cfg: Config, rd: RunDir, url: str, models: dict[str, str], key: str | None = None,
                     out: Path | None = None, stage_hash: str = "") -> dict:
     """Scores of each model (model id -> the id requests name it by, `Models.api_ids`): in-domain (held-out
@@ -332,10 +340,9 @@ def evaluate_models(cfg: Config, rd: RunDir, url: str, models: dict[str, str], k
     rows = indomain_rows(rd, cfg.eval.indomain_limit)
 
     def one(model_id: str) -> dict:
-        saved = f"{SCORED}/{model_id}.json"
-        if stage_hash and rd.exists(saved) and (done := rd.read_json(saved)).get("stage_hash") == stage_hash:
+        if (done := saved_scores(rd, model_id, stage_hash)) is not None:
             print(f"[eval] {model_id}: scored earlier in this evaluation, kept")
-            return done["scores"]
+            return done
         started = time.time()
         replies = Path(out, SAMPLES, model_id) if out else None
         indomain = score_rows(api, models[model_id], rows, cfg.eval.indomain_scorers, cfg,
@@ -353,7 +360,7 @@ def evaluate_models(cfg: Config, rd: RunDir, url: str, models: dict[str, str], k
             if cache:
                 cache.write_json(general, name)
         scores = {INDOMAIN: indomain, **general}
-        rd.write_json({"stage_hash": stage_hash, "scores": scores}, saved)
+        rd.write_json({"stage_hash": stage_hash, "scores": scores}, f"{SCORED}/{model_id}.json")
         print(f"[eval] {model_id} scored in {time.time() - started:.0f} s")
         return scores
 

@@ -9,6 +9,7 @@ SA-SFT keeps, in one table.
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
@@ -79,7 +80,7 @@ def served_models(cfg: Config, rd: RunDir, stage: bool = True) -> Models:
             print("[serve] LoRA fine-tunes served merged, an engine each: Ray Serve LLM loads adapters from a "
                   "bucket, and run_dir is local")
         return Models({**{model_id: r.path(MODEL) for model_id, (_, r) in runs.items()},
-                       **interpolated_models(runs), base: cfg.model.path})
+                       **interpolated_models(runs), base: cfg.model.path}, base=base)
     adapters = {model_id: rd.path(ADAPTERS, model_id) for model_id in runs}
     if stage:
         for model_id, (_, r) in runs.items():
@@ -148,10 +149,12 @@ def eval_inputs(cfg: Config) -> dict[str, str | None]:
     return {**fingerprints(cfg, *MODEL_FILES), **eval_files(cfg)}
 
 
-def eval_stage(cfg: Config, rd: RunDir, url: str, key: str | None, force: bool = False) -> dict:
-    """Score every served model; writes `RESULTS` and the report. Skipped when done."""
+def eval_stage(cfg: Config, rd: RunDir, url: str | None, key: str | None, force: bool = False) -> dict:
+    """Score every served model, at `url`, or (None) on endpoints of our own, in waves of `eval.models_at_once`;
+    writes `RESULTS` and the report. Skipped when done."""
+    from sasft_ray import serve
     from sasft_ray.card import write_model_card
-    from sasft_ray.evaluate import evaluate_models
+    from sasft_ray.evaluate import evaluate_models, saved_scores
     from sasft_ray.report import write_run_report
     from sasft_ray.tracking import log_scores
 
@@ -163,8 +166,18 @@ def eval_stage(cfg: Config, rd: RunDir, url: str, key: str | None, force: bool =
         return rd.read_json(RESULTS)
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the replies and report at the end
         out = scratch if rd.remote else rd.local()
-        scores = evaluate_models(cfg, rd, url, served_models(cfg, rd, stage=False).api_ids(), key,
-                                 out=Path(out), stage_hash=stage_hash)
+        models = served_models(cfg, rd, stage=url is None)
+        score = functools.partial(evaluate_models, cfg, rd, key=key, out=Path(out), stage_hash=stage_hash)
+        scores = score(url, models.api_ids()) if url else {}
+        for wave in [] if url else waves(models, cfg.eval.models_at_once):  # on endpoints of our own
+            if all(saved_scores(rd, m, stage_hash) is not None for m in wave.engines):  # scored before a stop
+                scores.update({m: saved_scores(rd, m, stage_hash) for m in wave.engines})
+                continue
+            endpoint = serve.start(cfg, wave)
+            try:
+                scores.update(score(endpoint, wave.api_ids()))
+            finally:
+                serve.stop()
         results = {
             # which evaluation these are, of which config: `sasft report` checks them against the manifest
             "eval_id": rd.stage_info("eval")["id"], "stage_hash": stage_hash, "config": cfg.model_dump(mode="json"),
@@ -219,7 +232,7 @@ def _drift(rd: RunDir) -> dict | None:
 
 
 def serve_and_eval(cfg: Config, rd: RunDir, url: str | None = None, force: bool = False) -> dict:
-    """Evaluate at `url`, or start the endpoint here, evaluate, and shut it down."""
+    """Evaluate at `url`, or on endpoints started here (`eval.models_at_once` models at a time) and shut down."""
     from sasft_ray import serve
     from sasft_ray.evaluate import check_eval
     from sasft_ray.session import connect
@@ -229,14 +242,19 @@ def serve_and_eval(cfg: Config, rd: RunDir, url: str | None = None, force: bool 
     with rd.locked():
         if url:
             check_serving(cfg, rd, url)
-        if url or (not force and rd.stage_info("eval").get("status") == "done"):
-            return eval_stage(cfg, rd, url or "", key, force)
-        connect(cfg)
-        url = serve.start(cfg, served_models(cfg, rd))
-        try:
-            return eval_stage(cfg, rd, url, key, force)
-        finally:
-            serve.stop()
+        elif force or rd.stage_info("eval").get("status") != "done":
+            connect(cfg)  # the evaluation serves the models itself
+        return eval_stage(cfg, rd, url, key, force)
+
+
+def waves(models: Models, size: int | None) -> list[Models]:
+    """The models in groups of `size` engines, the base model's first (LoRA adapters stay with their engine)."""
+    ids = list(models.engines)
+    if size is None or size >= len(ids) or models.adapters:
+        return [models]
+    ids.sort(key=lambda model_id: model_id != models.base)
+    return [Models({m: models.engines[m] for m in ids[i:i + size]}, base=models.base if i == 0 else "")
+            for i in range(0, len(ids), size)]
 
 
 def run(cfg: Config, rd: RunDir) -> dict:

@@ -34,7 +34,8 @@ class ServeError(RuntimeError):
 class Models:
     """What one endpoint serves. `engines`: model id -> model folder, each a vLLM deployment of its own.
     `adapters`: model id -> LoRA adapter folder, all in one bucket folder and named by their id, served on
-    the engine of model `base` (Ray Serve LLM's multi-LoRA): a request names one as `<base>:<id>`."""
+    the engine of model `base` (the base model's id; Ray Serve LLM's multi-LoRA): a request names one as
+    `<base>:<id>`."""
 
     engines: dict[str, str]
     adapters: dict[str, str] = field(default_factory=dict)

@@ -395,3 +395,38 @@ def test_each_models_scores_are_kept_as_it_finishes_stand_in_endpoint(endpoint, 
     assert again == {"first": saved["scores"]}
     with pytest.raises(evaluate.EvalError, match="first: in-domain row"):  # another evaluation: scored afresh
         evaluate.evaluate_models(cfg, rd, endpoint, {"first": "first"}, stage_hash="h2")
+
+
+def test_the_evaluation_serves_its_models_in_waves_and_no_wave_scored_before_a_stop_again_stand_in_endpoint(
+        endpoint, tmp_path, monkeypatch):
+    """eval.models_at_once 2 of 3 models: two endpoints one after the other, the base model's first; stopped
+    during the second, the re-run serves only the second wave again. (Ray Serve's stand-in: the HTTP
+    endpoint above, named by every wave.)"""
+    from sasft_ray import serve
+    from sasft_ray.pipeline import eval_stage, method_runs
+
+    write_demo_task(tmp_path / "task.jsonl", n=60)
+    cfg = make_config(tmp_path, data_path=tmp_path / "task.jsonl", train={"method": "sft"}, compare=["freeze"],
+                      eval={"indomain_scorers": ["exact"], "models_at_once": 2})
+    rd = RunDir(cfg.run_dir)
+    for c, r in method_runs(cfg, rd).values():
+        generate(c, r)
+        _finish_training(c, r)
+    served, stopped = [], []
+
+    def start(_, models, fail_on=None):
+        served.append(sorted(models.engines))
+        if fail_on and fail_on in models.engines:
+            raise serve.ServeError("the machine went away")
+        return endpoint
+
+    monkeypatch.setattr(serve, "stop", lambda: stopped.append(len(served)))
+    monkeypatch.setattr(serve, "start", lambda c, m: start(c, m, fail_on="freeze"))
+    _Endpoint.fail = [0]
+    with pytest.raises(serve.ServeError):
+        eval_stage(cfg, rd, None, None)
+    assert served == [["base", "finetuned"], ["freeze"]] and stopped == [1]  # each wave's engines stopped first
+    monkeypatch.setattr(serve, "start", start)
+    results = eval_stage(cfg, rd, None, None)
+    assert served[2:] == [["freeze"]] and stopped == [1, 3]  # the first wave's scores were kept, not redone
+    assert set(results["models"]) == {"base", "finetuned", "freeze"}
