@@ -117,7 +117,9 @@ def plot(results: dict, path: str, share: float = INDOMAIN_SHARE) -> None:
     traded = next(iter(scenarios(es).values()), None)  # two or more fine-tunes scored on general benchmarks
     width = 0.8 / len(series)
     bars_width, panels = max(6, 1.2 * len(benchmarks)), 1 + bool(curves) + bool(traded)
-    fig, axes = plt.subplots(1, panels, figsize=(bars_width + 5 * (panels - 1), 3.5), squeeze=False,
+    legend_rows = math.ceil(max(len(series), 2 * len(curves)) / LEGEND_COLUMNS) if len(series) > LEGEND_INSIDE else 0
+    fig, axes = plt.subplots(1, panels, figsize=(bars_width + 5 * (panels - 1), 3.5 + 0.2 * legend_rows),
+                             squeeze=False,
                              gridspec_kw={"width_ratios": [bars_width] + [5] * (panels - 1)})
     ax = axes[0][0]
     for i, (label, values) in enumerate(series):
@@ -126,7 +128,7 @@ def plot(results: dict, path: str, share: float = INDOMAIN_SHARE) -> None:
                   rotation=30, ha="right")
     ax.set_ylabel("score")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8)
+    legend(ax, len(series))
     if curves:
         ax = axes[0][1]
         for i, e in enumerate(curves):
@@ -142,12 +144,23 @@ def plot(results: dict, path: str, share: float = INDOMAIN_SHARE) -> None:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("held-out loss")
         ax.set_title("forgetting monitor", fontsize=9)
-        ax.legend(fontsize=7)
+        legend(ax, len(series))
     if traded:
         plot_tradeoff(axes[0][-1], traded, share)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+LEGEND_INSIDE, LEGEND_COLUMNS = 6, 3
+
+
+def legend(ax, models: int) -> None:
+    """The legend inside the panel for a few models; below it, in columns, for many (the lab grid's 15)."""
+    if models <= LEGEND_INSIDE:
+        ax.legend(fontsize=7)
+    else:
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=LEGEND_COLUMNS)
 
 
 def write_run_report(results: dict, folder: str) -> None:
@@ -413,7 +426,7 @@ def plot_tradeoff(ax, methods: dict[str, list[dict]], share: float = INDOMAIN_SH
     ax.set_xlabel("general accuracy kept")
     ax.set_ylabel("in-domain score")
     ax.set_title(title or f"trade-off (winner circled: {winner})", fontsize=9)
-    ax.legend(fontsize=7)
+    legend(ax, len(points))
 
 
 def plot_scenarios(found: list[dict], path: str, share: float = INDOMAIN_SHARE) -> int:
@@ -430,6 +443,6 @@ def plot_scenarios(found: list[dict], path: str, share: float = INDOMAIN_SHARE) 
     for ax, ((model, task), methods) in zip(axes[0], drawn.items()):
         plot_tradeoff(ax, methods, share, title=f"{Path(model).name}, {Path(task).name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return len(drawn)
