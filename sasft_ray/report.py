@@ -123,7 +123,8 @@ def plot(results: dict, path: str, share: float = INDOMAIN_SHARE) -> None:
                              gridspec_kw={"width_ratios": [bars_width] + [5] * (panels - 1)})
     ax = axes[0][0]
     for i, (label, values) in enumerate(series):
-        ax.bar([x + i * width for x in range(len(benchmarks))], values, width, label=label)
+        ax.bar([x + i * width for x in range(len(benchmarks))], values, width, label=label,
+               color=colour(i, len(series)))
     ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(benchmarks))], benchmarks,
                   rotation=30, ha="right")
     ax.set_ylabel("score")
@@ -133,13 +134,13 @@ def plot(results: dict, path: str, share: float = INDOMAIN_SHARE) -> None:
         ax = axes[0][1]
         for i, e in enumerate(curves):
             steps = [c["step"] for c in e["curve"]]
-            colour = f"C{i + 1}"  # the model's colour among the bars (C0 is the base model)
-            ax.plot(steps, [c["heldout_loss"] for c in e["curve"]], color=colour, marker=".",
+            shade = colour(i + 1, len(series))  # the model's colour among the bars (0 is the base model's)
+            ax.plot(steps, [c["heldout_loss"] for c in e["curve"]], color=shade, marker=".",
                     label=f"{e['model_id']}: task")
-            ax.plot(steps, [c.get("selftalk_heldout_loss") for c in e["curve"]], color=colour, marker=".",
+            ax.plot(steps, [c.get("selftalk_heldout_loss") for c in e["curve"]], color=shade, marker=".",
                     linestyle="--", label=f"{e['model_id']}: self-talk")
             if (chosen := e.get("selected")) and chosen["rule"] != "last" and chosen["task_loss"] is not None:
-                ax.plot([chosen["step"]], [chosen["task_loss"]], color=colour, marker="*", markersize=12,
+                ax.plot([chosen["step"]], [chosen["task_loss"]], color=shade, marker="*", markersize=12,
                         linestyle="none", label=f"{e['model_id']}: exported ({chosen['rule']})")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("held-out loss")
@@ -153,6 +154,13 @@ def plot(results: dict, path: str, share: float = INDOMAIN_SHARE) -> None:
 
 
 LEGEND_INSIDE, LEGEND_COLUMNS = 6, 3
+
+
+def colour(i: int, models: int):
+    """The i-th model's colour: matplotlib's ten, or twenty paler and darker ones for more models."""
+    import matplotlib
+
+    return f"C{i}" if models <= 10 else matplotlib.colormaps["tab20"].colors[i % 20]
 
 
 def legend(ax, models: int) -> None:
@@ -418,8 +426,9 @@ def plot_tradeoff(ax, methods: dict[str, list[dict]], share: float = INDOMAIN_SH
     front, winner = decide(points, share)
     for i, (m, (x, kept)) in enumerate(points.items()):
         ax.scatter([e["retention"] for e in methods[m]], [e["scores"][INDOMAIN] for e in methods[m]], s=8,
-                   color=f"C{i}", alpha=0.4)
-        ax.scatter([kept], [x], s=40, color=f"C{i}", label=m, edgecolors="black" if m == winner else "none",
+                   color=colour(i, len(points)), alpha=0.4)
+        ax.scatter([kept], [x], s=40, color=colour(i, len(points)), label=m,
+                   edgecolors="black" if m == winner else "none",
                    linewidths=1.5)
     line = sorted((points[m][1], points[m][0]) for m in front)
     ax.plot([k for k, _ in line], [x for _, x in line], color="grey", linewidth=0.8, linestyle=":")
