@@ -588,9 +588,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _method_has_its_data(self) -> Config:
-        data = self.training_method.mixed_in and self.training_method.mixed_in.data
-        if data and self.mixed_in_data is None:
-            raise ValueError(f"train.method {self.train.method!r} needs mix.{data} (the general dataset to mix in)")
+        if (mixed_in := self.training_method.mixed_in) and mixed_in.data and self.mixed_in_data is None:
+            raise ValueError(f"train.method {self.train.method!r} needs mix.{mixed_in.data} (the general dataset to "
+                             "mix in)")
         return self
 
     @property
