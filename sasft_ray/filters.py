@@ -17,6 +17,7 @@ import numpy as np
 from sasft_ray.config import FilterConfig
 
 KEPT = ""
+EMPTY, TRUNCATED, LEAK = "empty", "truncated", "template leak"  # drop reasons the rewrites (sdft) share
 NUM_PERM = 64
 
 
@@ -27,15 +28,20 @@ def cut_off(row: dict, cfg: FilterConfig) -> bool:
     return row["truncated"] and not (cfg.truncated == "keep" and open_end)
 
 
+def leaks(text: str, markers: tuple[str, ...]) -> bool:
+    """Whether the text holds a chat-template marker (one-character markers are ordinary text)."""
+    return any(marker in text for marker in markers if len(marker) > 1)
+
+
 def row_drop_reason(row: dict, cfg: FilterConfig, markers: tuple[str, ...]) -> str:
     turns = [m for m in row["messages"] if m["role"] != "system"]
     contents = [m["content"] for m in turns]
     if not contents or any(not c.strip() for c in contents):
-        return "empty"
+        return EMPTY
     if cut_off(row, cfg):
-        return "truncated"
-    if any(marker in c for c in contents for marker in markers if len(marker) > 1):
-        return "template leak"
+        return TRUNCATED
+    if any(leaks(c, markers) for c in contents):
+        return LEAK
     if any(len(c.strip()) < cfg.min_turn_chars for c in contents):
         return "too short"
     if sum(map(len, contents)) > cfg.max_dialogue_chars:

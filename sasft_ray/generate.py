@@ -32,6 +32,7 @@ from sasft_ray.layout import MIXED, MONITOR, REWRITE, SELFTALK, SOURCES, TASK, s
 from sasft_ray.mix import mix_key, write_mix
 from sasft_ray.rewrite import HASHED, write_rewrites
 from sasft_ray.rundir import MODEL_FILES, RunDir, fingerprint, fingerprints
+from sasft_ray.scorers import scorer_file
 from sasft_ray.selftalk import LIGHT_CPUS, SelfTalkCut, Written, check_fits, selftalk_dataset
 from sasft_ray.session import bar, connect, progress
 
@@ -170,8 +171,9 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None
 def rewrite_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None:
     """sdft: the task's training rows with their replies rewritten by the base model; fails, to be redone, if
     fewer than filters.min_survival of them are left to train on."""
+    keep_if = {"sdft.keep_if": fingerprint(path)} if (path := scorer_file(cfg.sdft.keep_if)) else {}
     if not rd.begin("rewrite", rd.chained(cfg.section_hash(*HASHED), TASK), force, outputs=(REWRITE,),
-                    inputs=fingerprints(cfg, *MODEL_FILES)):
+                    inputs={**fingerprints(cfg, *MODEL_FILES), **keep_if}):  # a module:function scorer's file too
         return
     counts = write_rewrites(cfg, rd, task_rows)
     if counts["rows_out"] < cfg.filters.min_survival * counts["rows_in"]:

@@ -13,6 +13,7 @@ import functools
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -152,9 +153,8 @@ def eval_inputs(cfg: Config) -> dict[str, str | None]:
 def eval_stage(cfg: Config, rd: RunDir, url: str | None, key: str | None, force: bool = False) -> dict:
     """Score every served model, at `url`, or (None) on endpoints of our own, in waves of `eval.models_at_once`;
     writes `RESULTS` and the report. Skipped when done."""
-    from sasft_ray import serve
     from sasft_ray.card import write_model_card
-    from sasft_ray.evaluate import evaluate_models, saved_scores
+    from sasft_ray.evaluate import evaluate_models
     from sasft_ray.report import write_run_report
     from sasft_ray.tracking import log_scores
 
@@ -168,16 +168,7 @@ def eval_stage(cfg: Config, rd: RunDir, url: str | None, key: str | None, force:
         out = scratch if rd.remote else rd.local()
         models = served_models(cfg, rd, stage=url is None)
         score = functools.partial(evaluate_models, cfg, rd, key=key, out=Path(out), stage_hash=stage_hash)
-        scores = score(url, models.api_ids()) if url else {}
-        for wave in [] if url else waves(models, cfg.eval.models_at_once):  # on endpoints of our own
-            if all(saved_scores(rd, m, stage_hash) is not None for m in wave.engines):  # scored before a stop
-                scores.update({m: saved_scores(rd, m, stage_hash) for m in wave.engines})
-                continue
-            endpoint = serve.start(cfg, wave)
-            try:
-                scores.update(score(endpoint, wave.api_ids()))
-            finally:
-                serve.stop()
+        scores = score(url, models.api_ids()) if url else in_waves(cfg, rd, models, score, stage_hash)
         results = {
             # which evaluation these are, of which config: `sasft report` checks them against the manifest
             "eval_id": rd.stage_info("eval")["id"], "stage_hash": stage_hash, "config": cfg.model_dump(mode="json"),
@@ -253,8 +244,28 @@ def waves(models: Models, size: int | None) -> list[Models]:
     if size is None or size >= len(ids) or models.adapters:
         return [models]
     ids.sort(key=lambda model_id: model_id != models.base)
-    return [Models({m: models.engines[m] for m in ids[i:i + size]}, base=models.base if i == 0 else "")
+    return [Models({m: models.engines[m] for m in ids[i:i + size]}, base=models.base)
             for i in range(0, len(ids), size)]
+
+
+def in_waves(cfg: Config, rd: RunDir, models: Models, score: Callable[[str, dict], dict], stage_hash: str) -> dict:
+    """`score(url, api ids)` of every model, on endpoints of our own serving `eval.models_at_once` of them at a
+    time; a wave whose models were all scored before a stop is not served again."""
+    from sasft_ray import serve
+    from sasft_ray.evaluate import saved_scores
+
+    scores = {}
+    for wave in waves(models, cfg.eval.models_at_once):
+        saved = {m: saved_scores(rd, m, stage_hash) for m in wave.engines}
+        if None not in saved.values():
+            scores.update(saved)
+            continue
+        url = serve.start(cfg, wave)
+        try:
+            scores.update(score(url, wave.api_ids()))
+        finally:
+            serve.stop()
+    return scores
 
 
 def run(cfg: Config, rd: RunDir) -> dict:

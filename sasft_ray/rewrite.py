@@ -32,7 +32,7 @@ import pyarrow.dataset as pads
 from sasft_ray.chat import TurnFormat, model_tokenizer, render_prompt, turn_format
 from sasft_ray.config import Config, ConfigError, SdftConfig
 from sasft_ray.data import MESSAGE_TYPE
-from sasft_ray.filters import KEPT
+from sasft_ray.filters import EMPTY, KEPT, LEAK, TRUNCATED, leaks
 from sasft_ray.layout import REWRITE, TASK_TRAIN
 from sasft_ray.rundir import RunDir
 from sasft_ray.scorers import scorer
@@ -45,7 +45,7 @@ REWRITE_SCHEMA = pa.schema([("source_row", pa.int64()), ("messages", MESSAGE_TYP
                             ("rewrites", pa.list_(pa.string())),
                             ("score", pa.float64()), ("replaced", pa.bool_()), ("rejected", pa.string()),
                             ("drop_reason", pa.string()), ("num_tokens", pa.int64())])
-LOST, EMPTY, TRUNCATED, LEAK = "lost answer", "empty", "truncated", "template leak"
+LOST = "lost answer"
 # the settings a rewrite depends on, besides the task stage's run (and the model's files)
 HASHED = ("model", "sdft", "selftalk.seed", "selftalk.engine", "selftalk.continue_on_error")
 
@@ -68,7 +68,7 @@ def check(text: str, reference: str, cfg: SdftConfig, markers: tuple[str, ...] =
     """A rewrite's `keep_if` score against its reference, and why it is not used ("" if it is)."""
     if not text.strip():
         return 0.0, EMPTY
-    if any(marker in text for marker in markers if len(marker) > 1):
+    if leaks(text, markers):
         return 0.0, LEAK
     score = float(scorer(cfg.keep_if)(text, {"reference": reference, "answer": answer(reference, cfg.answer_pattern)}))
     return score, KEPT if score >= cfg.min_score else LOST
