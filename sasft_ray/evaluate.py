@@ -12,6 +12,7 @@ cached by a hash of both: a grid of runs over one base model scores it once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -198,7 +199,6 @@ def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: s
     """One lm-eval group against the endpoint; returns `task/metric,filter` -> value. With `out`, lm-eval's
     own results (with stderr, task configs, versions) go to `out/<tasks>.json` and its samples beside it."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     chat = group.mode == "chat"
     with _LM_EVAL, key_for_lm_eval(key):
@@ -208,11 +208,29 @@ def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: s
             num_fewshot=group.num_fewshot, limit=group.limit, gen_kwargs=group.gen_kwargs,
             apply_chat_template=chat if group.apply_chat_template is None else group.apply_chat_template,
             system_instruction=group.system_instruction,
-            task_manager=TaskManager(include_path=group.include_path), log_samples=out is not None,
+            task_manager=task_manager(group), log_samples=out is not None,
             bootstrap_iters=1000)  # means get their analytic stderr; bootstrap only for the rest (BLEU...)
     if out:
         save_lm_eval(result, out, "+".join(group.tasks), key)
     return lm_eval_metrics(result["results"])
+
+
+def task_manager(group: LmEvalGroup):
+    """lm-eval's index of the group's tasks. Indexing lm-eval's own ~10,000 task files takes ~15 s on 2
+    cores, which every group of every model paid again: a group whose tasks all lie in its `include_path`
+    is indexed from that folder alone, and each index is built once per process."""
+    if group.include_path:
+        local = _task_index(group.include_path, defaults=False)
+        if set(group.tasks) <= set(local.all_tasks):
+            return local
+    return _task_index(group.include_path, defaults=True)
+
+
+@functools.cache
+def _task_index(include_path: str | None, defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=defaults)
 
 
 @contextmanager

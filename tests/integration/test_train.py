@@ -38,6 +38,8 @@ from tests.conftest import make_config
 
 TRAIN = {"num_workers": 2, "micro_batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, "schedule": "constant",
          "max_length": 128, "checkpoint_every": 10}
+MONITOR_SELFTALK = {"num_dialogues": 40, "heldout_fraction": 0.25, "max_user_tokens": 32, "max_assistant_tokens": 32,
+                    "engine": {"max_model_len": 256, "batch_size": 16}}
 
 
 def test_label_mask_covers_assistant_tokens_only(tiny_llama):
@@ -127,10 +129,11 @@ def test_packed_examples_do_not_see_each_other(tiny_llama):
 
 @pytest.fixture(scope="module")
 def task_run(tiny_llama, local_ray, tmp_path_factory):
-    """A run directory with its data stages done (method sft: no self-talk needed to test training)."""
+    """A run directory with its data stages done: method sft, whose self-talk writes only the forgetting
+    monitor's held-out dialogues (10 of 40), never trained on."""
     tmp = tmp_path_factory.mktemp("train")
     write_demo_task(tmp / "task.jsonl", n=120)
-    cfg = make_config(tmp, tiny_llama, train={**TRAIN, "method": "sft"})
+    cfg = make_config(tmp, tiny_llama, train={**TRAIN, "method": "sft"}, selftalk=MONITOR_SELFTALK)
     rd = RunDir(cfg.run_dir)
     generate(cfg, rd)
     return cfg, rd
@@ -187,21 +190,15 @@ def test_heldout_loss_is_measured_at_every_checkpoint(trained):
     assert record["heldout_loss"] == checkpoints[-1]["heldout_loss"] < checkpoints[0]["heldout_loss"]
 
 
-def test_the_forgetting_monitor_sees_sft_make_the_models_own_text_unlikely(tiny_llama, local_ray, tmp_path):
+def test_the_forgetting_monitor_sees_sft_make_the_models_own_text_unlikely(trained, tiny_llama):
     """Plain SFT on a task in a foreign style: its held-out self-dialogues (generated for the monitor only,
     never trained on) are measured at every checkpoint, and end less likely than under the base model,
     while the task's held-out loss falls: forgetting, seen with no benchmark."""
     from transformers import AutoModelForCausalLM
 
-    write_demo_task(tmp_path / "task.jsonl", n=120)
-    cfg = make_config(tmp_path, tiny_llama, train={**TRAIN, "method": "sft", "max_steps": 30},
-                      selftalk={"num_dialogues": 40, "heldout_fraction": 0.25, "max_user_tokens": 32,
-                                "max_assistant_tokens": 32, "engine": {"max_model_len": 256, "batch_size": 16}})
-    rd = RunDir(cfg.run_dir)
-    generate(cfg, rd)
+    _, rd, record = trained
     assert rd.stage_info("selftalk")["heldout"] == 10
     assert rd.stage_info("mix")["rows_out"] == rd.stage_info("task")["train_rows"]  # SFT: nothing mixed in
-    record = train(cfg, rd)
     checkpoints = [e for e in train_events(rd) if e["event"] == "checkpoint"]
     assert [e["step"] for e in checkpoints] == [10, 20, 30]
     assert [c["selftalk_heldout_loss"] for c in record["curve"]] == [e["selftalk_heldout_loss"] for e in checkpoints]
