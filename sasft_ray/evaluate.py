@@ -216,7 +216,7 @@ def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: s
 
 
 def task_manager(group: LmEvalGroup):
-    """lm-eval's index of the group's tasks. Indexing lm-eval's own ~10,000 task files takes ~15 s on 2
+    """lm-eval's index of the group's tasks. Indexing lm-eval's own ~14,000 task files takes ~15 s on 2
     cores, which every group of every model paid again: a group whose tasks all lie in its `include_path`
     is indexed from that folder alone, and each index is built once per process."""
     if group.include_path:
