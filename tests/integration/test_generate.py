@@ -26,23 +26,24 @@ SELFTALK = {"num_dialogues": 24, "turns": 2, "max_user_tokens": 40, "max_assista
 @pytest.fixture(scope="module")
 def local_ray():
     """This module's Ray has a dashboard: the state API finds the engine actor to kill. Workers report
-    task states every 100 ms instead of every second, so that a running batch is seen."""
+    task states every 100 ms instead of every second, so that a running batch is seen. Yields the dashboard's
+    address, which the state API is given: with none, it stops at another local Ray started beside this one."""
     import ray
 
-    ray.init(num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
-             _system_config={"task_events_report_interval_ms": 100})
-    yield
+    context = ray.init(num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
+                       _system_config={"task_events_report_interval_ms": 100})
+    yield f"http://{context.dashboard_url}"
     ray.shutdown()
 
 
-def kill_engine_actor_mid_batch(run: Future) -> str:
+def kill_engine_actor_mid_batch(run: Future, state_api: str) -> str:
     """SIGKILL the process of a vLLM engine actor while it runs a batch; returns the actor's id."""
     from ray.util.state import list_actors, list_tasks
 
     while not run.done():
-        for task in list_tasks(filters=[("state", "=", "RUNNING")], limit=1000):
+        for task in list_tasks(state_api, filters=[("state", "=", "RUNNING")], limit=1000):
             if task.name.endswith("(DialogueWriter)).submit"):
-                (actor,) = list_actors(filters=[("actor_id", "=", task.actor_id)], detail=True)
+                (actor,) = list_actors(state_api, filters=[("actor_id", "=", task.actor_id)], detail=True)
                 os.kill(actor.pid, signal.SIGKILL)
                 return actor.actor_id
         time.sleep(0.05)
@@ -62,26 +63,26 @@ def generated(tiny_llama, local_ray, tmp_path_factory):
     rd = RunDir(cfg.run_dir)
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(generate, cfg, rd)
-        killed = kill_engine_actor_mid_batch(run)
+        killed = kill_engine_actor_mid_batch(run, local_ray)
         run.result()
         return cfg, rd, killed
 
 
-def test_a_killed_engine_actor_loses_and_repeats_no_dialogue(generated):
+def test_a_killed_engine_actor_loses_and_repeats_no_dialogue(generated, local_ray):
     from ray.util.state import get_actor
 
     cfg, rd, killed = generated
-    actor = get_actor(killed)  # it really died: restarted, or dead if its pool was already winding down
+    actor = get_actor(killed, local_ray)  # it really died: restarted, or dead if its pool was already winding down
     assert actor.num_restarts >= 1 or actor.state == "DEAD"
     ids = pads.dataset(rd.local(layout.SELFTALK)).to_table(columns=["id"])["id"].to_pylist()
     assert sorted(ids) == list(range(rd.stage_info("selftalk")["rows_in"]))
 
 
-def test_one_engine_writes_every_turn_and_role(generated):
+def test_one_engine_writes_every_turn_and_role(generated, local_ray):
     """selftalk.engine.concurrency engines in all (1 here), not one pool per turn and role (4 for 2 turns)."""
     from ray.util.state import list_actors
 
-    writers = {a.actor_id for a in list_actors(limit=1000) if "DialogueWriter" in a.class_name}
+    writers = {a.actor_id for a in list_actors(local_ray, limit=1000) if "DialogueWriter" in a.class_name}
     assert len(writers) == generated[0].selftalk.engine.concurrency == 1
 
 
