@@ -218,16 +218,35 @@ def run_lm_eval(group: LmEvalGroup, url: str, model_id: str, cfg: Config, key: s
 def task_manager(group: LmEvalGroup):
     """lm-eval's index of the group's tasks. Indexing lm-eval's own ~14,000 task files takes ~15 s on 2
     cores, which every group of every model paid again: a group whose tasks all lie in its `include_path`
-    is indexed from that folder alone, and each index is built once per process."""
+    is indexed from that folder alone, and each index is built once per process and content of the folder
+    (the index holds the task files as parsed: an edited file is indexed again, as the eval's hash sees it)."""
+    content = fingerprint(group.include_path) if group.include_path else None
     if group.include_path:
-        local = _task_index(group.include_path, defaults=False)
-        if set(group.tasks) <= set(local.all_tasks):
+        local = _task_index(group.include_path, content, defaults=False)
+        if all_indexed(local, group.tasks):
             return local
-    return _task_index(group.include_path, defaults=True)
+    return _task_index(group.include_path, content, defaults=True)
+
+
+def all_indexed(index, names) -> bool:
+    """Whether every task the names reach is in lm-eval's `index`: a local group may list built-in tasks."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        entry = index.task_index.get(name)
+        if entry is None:
+            return False
+        if entry.kind.name == "GROUP":  # its members, by name (a dict member is a task defined inline)
+            todo += [m for m in entry.cfg.get("task", []) if isinstance(m, str)]
+    return True
 
 
 @functools.cache
-def _task_index(include_path: str | None, defaults: bool):
+def _task_index(include_path: str | None, content: str | None, defaults: bool):  # `content`: the cache's key only
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path, include_defaults=defaults)
