@@ -9,6 +9,7 @@ of each way and the ratio before / after.
 
     python jobs/bench_eval.py                    # needs the lab (runs/lab: `sasft run demo` builds it)
     python jobs/bench_eval.py --config demo --set serve.engine.max_num_seqs=64
+    python jobs/bench_eval.py --url http://127.0.0.1:8000/v1   # an endpoint already serving the models
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="demo")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--url", help="an endpoint already serving the config's models under their ids "
+                                      "(`sasft serve`); default: start one, then stop it")
     args = parser.parse_args()
 
     import ray
@@ -39,7 +42,7 @@ def main() -> None:
     from sasft_ray.session import connect
 
     cfg = load_config(args.config, args.overrides)
-    if not Path(cfg.model.path).is_dir():
+    if not args.url and not Path(cfg.model.path).is_dir():
         raise SystemExit(f"no model at {cfg.model.path}: run `sasft run demo` once to build the lab")
     scratch = tempfile.mkdtemp(prefix="bench-eval-")
     trained = RunDir(cfg.run_dir)
@@ -56,23 +59,26 @@ def main() -> None:
         return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
             "base_cache": tempfile.mkdtemp(dir=scratch), **update})})
 
-    connect(cfg)  # CPU slots for every served model, as `sasft run` asks for them
-    url = serve.start(cfg, serve.Models(models))
-    ids = {m: m for m in models}
+    url = args.url
+    if not url:
+        connect(cfg)  # CPU slots for every served model, as `sasft run` asks for them
+        url = serve.start(cfg, serve.Models(models))
+    ids, key = {m: m for m in models}, serve.api_key(cfg)
     try:
         before = with_eval(concurrency=16)
         start = time.perf_counter()
         for model_id in ids:
-            evaluate_models(before, rd, url, {model_id: model_id})
+            evaluate_models(before, rd, url, {model_id: model_id}, key)
         sequential = time.perf_counter() - start
 
         now = with_eval()
         start = time.perf_counter()
-        evaluate_models(now, rd, url, ids)
+        evaluate_models(now, rd, url, ids, key)
         concurrent = time.perf_counter() - start
     finally:
-        serve.stop()
-        ray.shutdown()
+        if not args.url:
+            serve.stop()
+            ray.shutdown()
 
     print(f"\nthe {args.config} evaluation: {len(ids)} models ({', '.join(ids)}), in-domain + "
           f"{len(cfg.eval.suites)} suite group(s), on {os.cpu_count()} CPU cores")

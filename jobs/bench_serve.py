@@ -15,6 +15,8 @@ Serve's proxy, router and replica weigh as much), and a 12-layer one whose reque
     python jobs/bench_serve.py --sizes large     # the larger one only
     python jobs/bench_serve.py --model PATH --requests 512 --concurrency 32
     python jobs/bench_serve.py --model runs/smollm2/model --requests 128   # a real model
+    python jobs/bench_serve.py --model PATH --url http://HOST:8000/v1 --model-id finetuned --api-key-env KEY
+        # a Ray Serve endpoint already up (`sasft serve`, a RayService) against a bare server of its model
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_WAIT_POLICY": "PASSIVE", "VLLM_LOGGING_LEVEL": "WARNING"}
 
 
-def load(url: str, model_id: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
+def load(url: str, model_id: str, prompts: list[str], max_tokens: int, concurrency: int,
+         key: str | None = None) -> dict:
     import openai
 
-    api = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    api = openai.OpenAI(base_url=url, api_key=key or "unused", max_retries=0, timeout=600)
 
     def one(prompt: str) -> float:
         start = time.perf_counter()
@@ -105,7 +108,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--url", help="measure this Ray Serve endpoint instead of starting one (its engine should "
+                                      "have --max-num-seqs and --model's weights; start-up is then not measured)")
+    parser.add_argument("--model-id", default="finetuned", help="with --url: the model id to request")
+    parser.add_argument("--api-key-env", help="with --url: the variable holding the endpoint's API key")
     args = parser.parse_args()
+    if args.url and not args.model:
+        parser.error("--url needs --model: the folder the bare server serves")
 
     from sasft_ray.tiny import build_tiny_model, warmup_dialogues
 
@@ -116,7 +125,12 @@ def main() -> None:
     rows = []
     for size, model in models.items():
         bare, bare_start = bare_vllm(model, 8210, args)
-        ours, ours_start = ray_serve(model, 8211, args)
+        if args.url:
+            key = os.environ[args.api_key_env] if args.api_key_env else None
+            ours, ours_start = load(args.url, args.model_id, args.prompts, args.max_tokens, args.concurrency,
+                                    key), None  # not measured
+        else:
+            ours, ours_start = ray_serve(model, 8211, args)
         rows.append((size, bare, bare_start, ours, ours_start))
 
     print(f"\nchat completions, {args.requests} requests, {args.concurrency} in flight, max {args.max_tokens} tokens,"
@@ -125,7 +139,7 @@ def main() -> None:
     for size, bare, bare_start, ours, ours_start in rows:
         for name, r, s in ((f"{size}: bare vLLM OpenAI server", bare, bare_start),
                            (f"{size}: Ray Serve LLM", ours, ours_start)):
-            print(f"{name:34}{r['rps']:11.1f}{r['p50']:8.2f}{r['p99']:8.2f}{s:12.1f}")
+            print(f"{name:34}{r['rps']:11.1f}{r['p50']:8.2f}{r['p99']:8.2f}{'-' if s is None else f'{s:.1f}':>12}")
         print(f"{size}: ratio Ray Serve / bare (requests/s): {ours['rps'] / bare['rps']:.2f}")
 
 

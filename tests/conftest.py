@@ -1,11 +1,16 @@
-"""What both tiers share: the environment (nothing reaches a hub), a validated config, a free port.
+"""What both tiers share: the environment (nothing reaches a hub), a validated config, a free port, a
+benchmark's ratio lines.
 
 tests/unit/ starts no Ray, vLLM engine, DeepSpeed or Serve and builds no model or lab (`pytest tests/unit`, the
 inner loop, about a minute). tests/integration/ does, with the fixtures of tests/integration/conftest.py, so a
 unit test cannot ask for them."""
 
 import os
+import re
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,3 +39,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+JOBS = Path(__file__).parents[1] / "jobs"
+
+
+def bench_ratios(name: str, *args) -> list[str]:
+    """Run the benchmark; what its ratio lines (`ratio A / B (what): 0.77`) compare."""
+    out = subprocess.run([sys.executable, str(JOBS / f"bench_{name}.py"), *map(str, args)], capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, f"{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return re.findall(r"^(?:\w+: )?ratio ([^(:]+?)(?: \(.*\))?: \d+\.\d\d$", out.stdout, re.M)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sasft_ray.config import validate_config
-from sasft_ray.layout import MIXED, MODEL, SELFTALK
+from sasft_ray.layout import MIXED, MODEL, RAY_TRAIN, SELFTALK
 from sasft_ray.realdemo import ticket_rows, write_jsonl
 from sasft_ray.rundir import RunDir
 from tests.conftest import make_config
@@ -89,6 +89,8 @@ def test_zero3_trains_the_real_model_and_the_export_keeps_it_whole(trained):
 
     cfg, rd, record = trained
     assert record["status"] == "done" and record["steps"] == 2 and record["final_loss"] > 0
+    # by default the export is what stays: the checkpoints (optimizer state) go with Ray Train's folder
+    assert record["checkpoint"] is None and not rd.exists(RAY_TRAIN)
     model = AutoModelForCausalLM.from_pretrained(rd.local(MODEL), dtype=torch.float32)
     assert model.config.tie_word_embeddings
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)

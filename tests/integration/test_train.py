@@ -299,25 +299,6 @@ def test_export_generates_in_transformers_and_vllm(trained):
     assert "OUT=ANS=" in done.stdout, done.stderr[-2000:]
 
 
-def test_freeze_keeps_frozen_weights_bit_identical(task_run, tiny_llama, tmp_path):
-    cfg, rd = task_run
-    freeze_cfg = make_config(tmp_path, tiny_llama, data_path=cfg.data.path,
-                             train={**TRAIN, "method": "freeze", "freeze_layers": 1, "max_steps": 3,
-                                    "grad_accum": 2})
-    freeze_rd = RunDir(freeze_cfg.run_dir)
-    generate(freeze_cfg, freeze_rd)
-    record = train(freeze_cfg, freeze_rd)
-    last = train_events(freeze_rd)[-1]
-    assert last["step"] == last["optimizer_steps"] == 3  # our step count agrees with DeepSpeed's
-    # the export written, the checkpoints (optimizer state) are gone with Ray Train's folder
-    assert record["checkpoint"] is None and not freeze_rd.exists(RAY_TRAIN) and freeze_rd.exists(MODEL)
-    base = load_file(str(Path(tiny_llama, "model.safetensors")))
-    tuned = load_file(str(Path(freeze_rd.local(MODEL, "model.safetensors"))))
-    for key in base:
-        frozen = "embed_tokens." in key or ".layers.0." in key
-        assert torch.equal(base[key], tuned[key]) == frozen, key
-
-
 def test_lora_zero3_packed_checkpointed_trains_adapters_only_and_exports_merged_weights(task_run, tiny_llama, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM
@@ -494,8 +475,11 @@ def _loop_without_ray(model_path: str, tmp: str, variants: list[dict]) -> list[d
 
 
 def _train_alone(cfg, rows: list[dict]) -> dict:
-    """Each step's loss, and the bytes autograd saves for backward in one training forward (parameters,
-    gathered by ZeRO-3 at that moment, left out)."""
+    """Each step's loss, the last record's step and DeepSpeed's optimizer steps, the weights still equal to the
+    base model's after training, and the bytes autograd saves for backward in one training forward
+    (parameters, gathered by ZeRO-3 at that moment, left out)."""
+    import deepspeed
+
     from sasft_ray import loop
 
     pad_id = load_tokenizer(cfg.model.path).pad_token_id
@@ -505,6 +489,10 @@ def _train_alone(cfg, rows: list[dict]) -> dict:
     records: list[dict] = []
     loop.run(engine, cfg, lambda step: loop.device_batches(rows, 4, pad_id, engine.device), {},
              total_steps=4, log=records.append)
+    base = load_file(str(Path(cfg.model.path, "model.safetensors")))
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        unchanged = {name for name, p in params.items() if name in base and torch.equal(p.detach().cpu(), base[name])}
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -517,17 +505,21 @@ def _train_alone(cfg, rows: list[dict]) -> dict:
     batch.pop("num_tokens")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         engine(**batch)
-    return {"losses": [r["loss"] for r in records], "saved": sum(saved.values())}
+    return {"losses": [r["loss"] for r in records], "steps": (records[-1]["step"], records[-1]["optimizer_steps"]),
+            "unchanged": unchanged, "saved": sum(saved.values())}
 
 
 def test_gradient_checkpointing_gives_the_same_loss_with_less_saved_memory(tiny_llama, tmp_path):
     """Full, LoRA and freeze (frozen embeddings: the blocks' inputs need no grad, where reentrant
     checkpointing would train nothing) under ZeRO-3: the same losses step by step with and without
-    `train.gradient_checkpointing`, and less memory kept for backward with it."""
+    `train.gradient_checkpointing`, and less memory kept for backward with it. Freeze keeps its frozen
+    weights bit-identical (the export writes them as the engine holds them: `test_export_equals_...`), and
+    with 2 micro-batches a step, our step count is DeepSpeed's."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    methods = {"full": {}, "lora": {"lora": {"r": 4}}, "freeze": {"method": "freeze", "freeze_layers": 1}}
+    methods = {"full": {}, "lora": {"lora": {"r": 4}},
+               "freeze": {"method": "freeze", "freeze_layers": 1, "grad_accum": 2}}
     variants = [{**m, "gradient_checkpointing": ckpt} for m in methods.values() for ckpt in (False, True)]
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = pool.submit(_loop_without_ray, tiny_llama, str(tmp_path), variants).result()
@@ -536,6 +528,11 @@ def test_gradient_checkpointing_gives_the_same_loss_with_less_saved_memory(tiny_
         assert on["losses"] == pytest.approx(off["losses"], abs=1e-5), name
         assert on["saved"] < 0.6 * off["saved"], (name, on["saved"], off["saved"])
         print(f"{name}: saved for backward with checkpointing {on['saved'] / off['saved']:.0%} of without")
+        assert off["steps"] == on["steps"] == (4, 4), name
+    base = load_file(str(Path(tiny_llama, "model.safetensors")))
+    frozen = {key for key in base if "embed_tokens." in key or ".layers.0." in key}
+    assert results[4]["unchanged"] == results[5]["unchanged"] == frozen
+    assert not results[0]["unchanged"]  # full fine-tuning changed every weight
 
 
 def test_weight_drift_of_a_hub_model_reads_the_hf_cache_stand_in_for_the_hub(tiny_llama, tmp_path, monkeypatch):

@@ -1,19 +1,32 @@
 """Serving and evaluation against a real Ray Serve LLM endpoint (vLLM-CPU engines).
 
-One endpoint for the module: two different tiny models, behind an API key, queried by
-the official `openai` client, by our evaluator and by lm-evaluation-harness (offline,
-local task files). The second model is served from an `s3://` folder (a moto server on
-loopback), as a run whose run_dir is in S3 serves its fine-tuned model.
+One endpoint for the module (a Serve start costs ~90 s here), behind an API key:
+- two different tiny models, queried by the official `openai` client, by our evaluator and by
+  lm-evaluation-harness (offline, local task files). The second is served from an `s3://` folder (a moto
+  server on loopback), as a run whose run_dir is in S3 serves its fine-tuned model;
+- two LoRA adapters of the first's weights (Ray Serve LLM's multi-LoRA, read from the bucket) on one engine,
+  the first answering with the very tokens its merged twin, on an engine of its own, answers with (an engine
+  with LoRA on dies on prompt log-probabilities in vLLM-CPU 0.29, so lm-eval's model has none);
+- `jobs/bench_serve.py` and `jobs/bench_eval.py` at their smallest size, measuring this endpoint
+  (their own Serve start is `serve.start`, the one this module's endpoint comes from).
 """
 
 import json
 
 import pytest
+import requests
 import yaml
 
-from tests.conftest import make_config
+from sasft_ray.layout import ADAPTERS
+from tests.conftest import bench_ratios, make_config
+from tests.unit.test_faults import _finish_training
 
 KEY_ENV = "SASFT_TEST_API_KEY"
+KEY = "test-key-123"
+# four engines (the fine-tune, the base, one with both adapters, a merged twin), each a replica and a CPU
+# bundle, and the router
+RAY_CPUS = 10
+PROMPTS = ["What is 2 plus 3?", "Spell lamp backwards.", "Write tiger in capitals.", "Add 7 and 9."]
 
 
 @pytest.fixture(scope="module")
@@ -113,17 +126,47 @@ def other_llama_in_s3(bucket, other_llama):
 
 
 @pytest.fixture(scope="module")
-def endpoint(cfg, other_llama_in_s3, bos_llama, local_ray):  # the bucket before Ray: Ray's processes need its address
+def fine_tunes(bos_llama, tmp_path_factory):
+    """Two LoRA fine-tunes of bos_llama (tiny_llama's weights) as PEFT writes them (random adapters, large
+    enough to change the answers), each with its merged twin: name -> (adapter folder, merged model folder)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("lora")
+    made = {}
+    for name, seed in (("alpha", 1), ("beta", 2)):  # a merged twin of alpha only: served, it swaps no adapter
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(bos_llama), LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], task_type="CAUSAL_LM"))
+        for param_name, param in model.named_parameters():
+            if "lora_B" in param_name:  # B starts at zero: an adapter that does something
+                torch.nn.init.normal_(param, std=0.3)
+        model.save_pretrained(out / name / "adapter")
+        model.merge_and_unload().save_pretrained(out / name / "merged")
+        AutoTokenizer.from_pretrained(bos_llama).save_pretrained(out / name / "merged")
+        made[name] = (out / name / "adapter", out / name / "merged")
+    return made
+
+
+@pytest.fixture(scope="module")
+def endpoint(cfg, other_llama_in_s3, bos_llama, fine_tunes, bucket, local_ray):
+    """The bucket comes before Ray: Ray's processes need its address."""
     import os
 
     from sasft_ray import serve
     from sasft_ray.generate import task_stage
     from sasft_ray.rundir import RunDir
 
-    os.environ[KEY_ENV] = "test-key-123"
+    os.environ[KEY_ENV] = KEY
     task_stage(cfg, RunDir(cfg.run_dir), force=False)
-    models = {"finetuned": bos_llama, "base": other_llama_in_s3}
-    url = serve.start(cfg, serve.Models(models))
+    adapters = RunDir(f"{bucket}/lora-serve")
+    for name, (adapter, _) in fine_tunes.items():
+        adapters.upload(str(adapter), "serve", "adapters", name)
+    models = serve.Models({"finetuned": bos_llama, "base": other_llama_in_s3, "adapted": bos_llama,
+                           "alpha-merged": str(fine_tunes["alpha"][1])},
+                          {name: adapters.path(ADAPTERS, name) for name in fine_tunes}, base="adapted")
+    url = serve.start(cfg, models)
     yield url, models
     serve.stop()
 
@@ -132,8 +175,8 @@ def test_openai_client_unchanged(endpoint):
     import openai
 
     url, _ = endpoint
-    api = openai.OpenAI(base_url=url, api_key="test-key-123")
-    assert {m.id for m in api.models.list()} == {"finetuned", "base"}
+    api = openai.OpenAI(base_url=url, api_key=KEY)
+    assert {"finetuned", "base", "adapted:alpha", "adapted:beta"} <= {m.id for m in api.models.list()}
 
     chat = api.chat.completions.create(model="finetuned", messages=[{"role": "user", "content": "What is 2 plus 3?"}],
                                        max_tokens=16, temperature=0)
@@ -164,11 +207,11 @@ def test_lm_eval_offline_scores_change_with_the_model(endpoint, cfg):
     from sasft_ray.evaluate import run_lm_eval
 
     url, _ = endpoint
-    trained = run_lm_eval(cfg.eval.lm_eval[0], url, "finetuned", cfg, "test-key-123")
-    untrained = run_lm_eval(cfg.eval.lm_eval[0], url, "base", cfg, "test-key-123")
+    trained = run_lm_eval(cfg.eval.lm_eval[0], url, "finetuned", cfg, KEY)
+    untrained = run_lm_eval(cfg.eval.lm_eval[0], url, "base", cfg, KEY)
     # the trained model knows its house style; the untrained one prefers the shorter reply
     assert trained["tiny_mc/acc,none"] >= 0.8 and untrained["tiny_mc/acc,none"] <= 0.3
-    generated = run_lm_eval(cfg.eval.lm_eval[1], url, "finetuned", cfg, "test-key-123")
+    generated = run_lm_eval(cfg.eval.lm_eval[1], url, "finetuned", cfg, KEY)
     # both filters' figures survive, each under its own name: the reference is the house style's first word,
     # which the first-word filter extracts from the trained model's replies and no whole reply equals
     whole, first = generated["tiny_gen/exact_match,whole"], generated["tiny_gen/exact_match,first-word"]
@@ -189,10 +232,10 @@ def test_lm_eval_log_likelihoods_match_transformers_with_a_bos_adding_tokenizer(
     bos_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": bos_llama})})
     args = lm_eval_model_args(cfg.eval.lm_eval[0], url, "finetuned", bos_cfg)
     assert args["add_bos_token"] and args["tokenized_requests"] and args["max_length"] == 512
-    assert "test-key-123" not in json.dumps(args)  # lm-eval logs its arguments and keeps them in its results
+    assert KEY not in json.dumps(args)  # lm-eval logs its arguments and keeps them in its results
     pairs = [("What is 2 plus 3?", " Sure! The answer is 5."), ("Spell lamp backwards.", " pmal"),
              ("Hello", " world")]
-    with key_for_lm_eval("test-key-123"):
+    with key_for_lm_eval(KEY):
         lm = LocalCompletionsAPI(**args)
         got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
                                disable_tqdm=True)
@@ -216,7 +259,7 @@ def test_evaluate_models_scores_caches_and_reports(endpoint, cfg, workdir):
 
     url, _ = endpoint
     rd = RunDir(cfg.run_dir)
-    scores = evaluate_models(cfg, rd, url, {"finetuned": "finetuned", "base": "base"}, "test-key-123",
+    scores = evaluate_models(cfg, rd, url, {"finetuned": "finetuned", "base": "base"}, KEY,
                              out=workdir)
     assert set(scores["finetuned"]) == {INDOMAIN, "general", "tiny_mc", "tiny_gen"}
     assert scores["finetuned"]["general"]["contains"] >= scores["finetuned"]["general"]["exact"]
@@ -234,7 +277,7 @@ def test_evaluate_models_scores_caches_and_reports(endpoint, cfg, workdir):
     cache = RunDir(root)
     assert cache.read_json(name) == {k: v for k, v in scores["base"].items() if k != INDOMAIN}
     cache.write_json({**cache.read_json(name), "general": {"exact": 0.5, "contains": 0.5}}, name)
-    again = evaluate_models(cfg, rd, url, {"base": "base"}, "test-key-123")
+    again = evaluate_models(cfg, rd, url, {"base": "base"}, KEY)
     assert again["base"]["general"] == {"exact": 0.5, "contains": 0.5}  # read from the cache, not re-scored
 
     results = {"run_dir": cfg.run_dir, "base_model": "m", "task": "t", "base_model_id": "base", "models": scores,
@@ -259,7 +302,7 @@ def test_a_run_dir_in_s3_gets_its_results_replies_and_report(endpoint, cfg, buck
     task_stage(remote, rd, force=False)
     rd.begin("train", train_hash(remote, rd), force=True)  # the served fine-tune stands for this run's training
     rd.finish("train", {"steps": 0})
-    results = eval_stage(remote, rd, url, "test-key-123")
+    results = eval_stage(remote, rd, url, KEY)
     assert rd.read_json(RESULTS) == results and set(results["models"]) == {"finetuned", "base"}
     assert rd.stage_info("eval")["report"] == f"{bucket}/eval-run/{REPORT}"
     assert "## finetuned (method sft" in rd.read_text(REPORT) and rd.exists(REPORT_PLOT)
@@ -288,3 +331,88 @@ def test_serve_config_file_builds_the_same_app(cfg, tmp_path):
     open_cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"api_key_env": None})})
     plain = serve.serve_config(open_cfg, models)["applications"][0]
     assert plain["import_path"] == "ray.serve.llm:build_openai_app" and "api_key_env" not in plain["args"]
+
+
+def _answer(url: str, model: str, question: str, tokenizer) -> list[int]:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                           add_generation_prompt=True)
+    r = requests.post(f"{url}/completions", timeout=120, headers={"Authorization": f"Bearer {KEY}"}, json={
+        "model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0, "return_token_ids": True})
+    r.raise_for_status()
+    return r.json()["choices"][0]["token_ids"]
+
+
+def test_two_lora_adapters_on_one_engine_answer_as_their_merged_twin(endpoint, bos_llama):
+    from ray import serve as ray_serve
+    from transformers import AutoTokenizer
+
+    url, models = endpoint
+    assert models.api_ids()["alpha"] == "adapted:alpha"
+    # one engine deployment per model folder: the adapters have none of their own
+    deployments = ray_serve.status().applications["sasft"].deployments
+    assert sorted(d for d in deployments if d.startswith("LLMServer")) == [
+        "LLMServer:adapted", "LLMServer:alpha-merged", "LLMServer:base", "LLMServer:finetuned"]
+
+    tok = AutoTokenizer.from_pretrained(bos_llama)
+    answers = {model: [_answer(url, model, q, tok) for q in PROMPTS]
+               for model in ("adapted", "adapted:alpha", "adapted:beta", "alpha-merged")}
+    assert all(answers["adapted"])
+    assert answers["adapted:alpha"] == answers["alpha-merged"]  # greedy: the very same tokens
+    for name in ("alpha", "beta"):
+        assert answers[f"adapted:{name}"] != answers["adapted"], name  # each adapter changes the answers
+    assert answers["adapted:alpha"] != answers["adapted:beta"]  # its own
+
+
+def test_the_pipeline_serves_lora_runs_in_a_bucket_as_adapters_of_one_engine(tiny_llama, fine_tunes, bucket,
+                                                                            tmp_path):
+    """`served_models` for LoRA runs (the main one and a compared method) whose run_dir is in a bucket:
+    their adapters copied into one folder, requested as <base>:<id>; on a local run_dir, merged engines."""
+    from sasft_ray.generate import generate
+    from sasft_ray.layout import ADAPTER, MODEL
+    from sasft_ray.pipeline import method_runs, served_models
+    from sasft_ray.rundir import RunDir
+    from sasft_ray.serve import llm_config
+    from sasft_ray.tiny import write_demo_task
+
+    write_demo_task(tmp_path / "task.jsonl", n=60)
+    sections = dict(train={"method": "sft", "lora": {"r": 8}, "freeze_layers": 1}, compare=["freeze"])
+    cfg = make_config(tmp_path, tiny_llama, data_path=tmp_path / "task.jsonl", run_dir=f"{bucket}/lora-run",
+                      **sections)
+    staged = RunDir(cfg.run_dir)
+    for (run, rd), (adapter, merged) in zip(method_runs(cfg, staged).values(), fine_tunes.values()):
+        generate(run, rd)
+        rd.upload(str(merged), MODEL)
+        rd.upload(str(adapter), MODEL, ADAPTER)
+        _finish_training(run, rd)
+    models = served_models(cfg, staged)
+    assert models.engines == {"base": tiny_llama} and models.base == "base"
+    assert models.api_ids() == {"base": "base", "finetuned": "base:finetuned", "freeze": "base:freeze"}
+    for model_id in ("finetuned", "freeze"):
+        config = json.loads(staged.read_text(ADAPTERS, model_id, "adapter_config.json"))
+        assert config["r"] == 8
+    base = llm_config(cfg, "base", tiny_llama, models.adapters)
+    assert base["lora_config"] == {"dynamic_lora_loading_path": f"{bucket}/lora-run/{ADAPTERS}",
+                                   "max_num_adapters_per_replica": 2}
+    assert {k: base["engine_kwargs"][k] for k in ("enable_lora", "max_loras", "max_lora_rank")} == {
+        "enable_lora": True, "max_loras": 2, "max_lora_rank": 8}
+
+    merged = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"lora": "merged"})})
+    assert set(served_models(merged, staged).engines) == {"finetuned", "freeze", "base"}
+    assert served_models(merged, staged).adapters == {}
+
+
+def test_bench_serve_prints_its_ratio(endpoint, bos_llama):
+    url, _ = endpoint
+    assert bench_ratios("serve", "--model", bos_llama, "--url", url, "--model-id", "finetuned",
+                        "--api-key-env", KEY_ENV, "--requests", 4, "--concurrency", 2, "--max-tokens", 8,
+                        "--max-num-seqs", 4) == ["Ray Serve / bare"]
+
+
+def test_bench_eval_prints_its_ratio(endpoint, files, bos_llama, tmp_path):
+    url, _ = endpoint
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "model": {"path": bos_llama, "dtype": "float32"},
+        "data": {"path": str(files["task"])}, "eval": {"max_tokens": 8}, "serve": {"api_key_env": KEY_ENV},
+        "resources": {"use_gpu": False}}))
+    assert bench_ratios("eval", "--config", config, "--url", url) == ["before / after"]
