@@ -115,6 +115,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.url and not args.model:
         parser.error("--url needs --model: the folder the bare server serves")
+    if args.api_key_env and not os.environ.get(args.api_key_env):
+        parser.error(f"--api-key-env {args.api_key_env}: that variable is not set")
 
     from sasft_ray.tiny import build_tiny_model, warmup_dialogues
 

@@ -135,7 +135,7 @@ def fine_tunes(bos_llama, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("lora")
     made = {}
-    for name, seed in (("alpha", 1), ("beta", 2)):  # a merged twin of alpha only: served, it swaps no adapter
+    for name, seed in (("alpha", 1), ("beta", 2)):
         torch.manual_seed(seed)
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(bos_llama), LoraConfig(
             r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], task_type="CAUSAL_LM"))
@@ -163,6 +163,7 @@ def endpoint(cfg, other_llama_in_s3, bos_llama, fine_tunes, bucket, local_ray):
     adapters = RunDir(f"{bucket}/lora-serve")
     for name, (adapter, _) in fine_tunes.items():
         adapters.upload(str(adapter), "serve", "adapters", name)
+    # one merged twin is enough: had the engine swapped the adapters, alpha's answers would be beta's
     models = serve.Models({"finetuned": bos_llama, "base": other_llama_in_s3, "adapted": bos_llama,
                            "alpha-merged": str(fine_tunes["alpha"][1])},
                           {name: adapters.path(ADAPTERS, name) for name in fine_tunes}, base="adapted")
