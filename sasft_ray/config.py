@@ -416,7 +416,9 @@ class ServeConfig(Section):
     lora: Literal["adapters", "merged"] = Field(
         "adapters", description="LoRA fine-tunes (train.lora): adapters, all on the base model's engine (Ray Serve "
         "LLM's multi-LoRA; needs a run_dir in a bucket, else merged), requested as <base_model_id>:<model id>; "
-        "merged: each its merged weights on an engine of its own")
+        "merged: each its merged weights on an engine of its own. An evaluation on engines of its own with an "
+        "eval.lm_eval group in mode completions serves them merged: vLLM's prompt log-probabilities under LoRA kill "
+        "a CPU engine (0.29) and have open mapping bugs on GPUs")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_num_seqs=32),
                                  description="one vLLM engine per model; `concurrency` = replicas")
 

