@@ -698,16 +698,19 @@ class Config(Section):
         base model, each its replicas."""
         return (self.trained_models * (1 + len(self.export.interpolate)) + 1) * self.serve.engine.concurrency
 
-    def engine_cpus(self, serving: bool) -> float:
+    def engine_cpus(self, serving: bool, engines: int | None = None) -> float:
         """CPUs (and so threads) of one CPU engine, self-talk's or a served model's: `cpus_per_engine`, else
         an equal share of this machine's cores when Ray is embedded here (the engines of a stage run alone,
-        so no core idles while an engine decodes on one thread), else 1."""
+        so no core idles while an engine decodes on one thread), else 1. `engines`: how many share them (one
+        endpoint's, say an evaluation wave of `eval.models_at_once`); default: the self-talk pool, or every
+        model `sasft serve` serves."""
         eng = self.serve.engine if serving else self.selftalk.engine
         if eng.cpus_per_engine is not None:
             return eng.cpus_per_engine
         if self.resources.address or os.environ.get("RAY_ADDRESS"):
             return 1.0
-        return float(max(1, (os.cpu_count() or 1) // (self.served_engines if serving else eng.concurrency)))
+        engines = engines or (self.served_engines if serving else eng.concurrency)
+        return float(max(1, (os.cpu_count() or 1) // engines))
 
     @property
     def eval_concurrency(self) -> int:

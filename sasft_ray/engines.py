@@ -55,12 +55,13 @@ def engine_resources(cfg, eng) -> dict:
     return {"num_gpus": eng.tensor_parallel_size, **({"accelerator_type": kind} if kind else {})}
 
 
-def engine_placement(cfg, eng) -> dict:
+def engine_placement(cfg, eng, engines: int | None = None) -> dict:
     """Ray Serve LLM's placement of one engine. CPU: the engine's CPU bundle (without it Ray's LLM stack
-    asks for a GPU). GPU: one bundle per tensor-parallel rank, all on one node (STRICT_PACK: NVLink, not
-    the network, carries the all-reduces), on the engine's accelerator type."""
+    asks for a GPU), its share of the cores among the `engines` of its endpoint. GPU: one bundle per
+    tensor-parallel rank, all on one node (STRICT_PACK: NVLink, not the network, carries the all-reduces),
+    on the engine's accelerator type."""
     if not cfg.resources.use_gpu:
-        return {"placement_group_config": {"bundles": [{"CPU": cfg.engine_cpus(serving=True)}]}}
+        return {"placement_group_config": {"bundles": [{"CPU": cfg.engine_cpus(serving=True, engines=engines)}]}}
     return {"placement_group_config": {"bundle_per_worker": {"GPU": 1}, "strategy": "STRICT_PACK"},
             **({"accelerator_type": kind} if (kind := accelerator(cfg, eng)) else {})}
 

@@ -53,8 +53,10 @@ class Models:
         return {**{m: m for m in self.engines}, **{a: f"{self.base}:{a}" for a in self.adapters}}
 
 
-def llm_config(cfg: Config, model_id: str, path: str, adapters: dict[str, str] | None = None) -> dict:
-    """One vLLM deployment; with `adapters`, it also serves those LoRA adapters of its model."""
+def llm_config(cfg: Config, model_id: str, path: str, adapters: dict[str, str] | None = None,
+               engines: int | None = None) -> dict:
+    """One vLLM deployment; with `adapters`, it also serves those LoRA adapters of its model. `engines`: how many
+    its endpoint starts (replicas included), which share a CPU machine's cores."""
     eng = cfg.serve.engine
     # A model in s3:// or gs:// is a mirror: each replica downloads it to its own node first.
     bucket = path.startswith(("s3://", "gs://"))
@@ -73,7 +75,7 @@ def llm_config(cfg: Config, model_id: str, path: str, adapters: dict[str, str] |
         "engine_kwargs": engine_kwargs(cfg, eng, serving=True, **extra),
         "deployment_config": {"num_replicas": eng.concurrency},
         "runtime_env": {"env_vars": engine_env(cfg, eng)},
-        **engine_placement(cfg, eng), **lora,
+        **engine_placement(cfg, eng, engines), **lora,
         # On CPU, a local folder gets no download task per node (sasft_ray/serve_callback.py); GPU clusters
         # keep Ray's own initialisation, so that their Serve config needs nothing but Ray's LLM image.
         **({} if bucket or cfg.resources.use_gpu else
@@ -82,8 +84,9 @@ def llm_config(cfg: Config, model_id: str, path: str, adapters: dict[str, str] |
 
 
 def app_args(cfg: Config, models: Models) -> dict:
-    args: dict = {"llm_configs": [llm_config(cfg, model_id, path, models.adapters if model_id == models.base else None)
-                                  for model_id, path in models.engines.items()]}
+    engines = len(models.engines) * cfg.serve.engine.concurrency
+    args: dict = {"llm_configs": [llm_config(cfg, model_id, path, models.adapters if model_id == models.base else None,
+                                             engines) for model_id, path in models.engines.items()]}
     if cfg.serve.api_key_env:
         args["api_key_env"] = cfg.serve.api_key_env
     return args

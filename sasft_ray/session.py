@@ -67,10 +67,10 @@ def connect(cfg: Config) -> None:
         ray.init(address=address, **logs)
     else:
         # Locally, CPU "slots" are logical: give every engine its bundle even on 2 cores, so that
-        # the self-talk engines and the light maps beside them stream, and all served models fit
-        # (a Serve LLM replica holds one CPU besides its engine's bundle).
-        wanted = 2 + math.ceil(max(cfg.selftalk.engine.concurrency * cfg.engine_cpus(serving=False),
-                                   cfg.served_engines * (1 + cfg.engine_cpus(serving=True)),
+        # the self-talk engines and the light maps beside them stream, and every endpoint's models fit,
+        # all of them or an evaluation's wave (a Serve LLM replica holds one CPU besides its engine's bundle).
+        endpoint = max(n * (1 + cfg.engine_cpus(serving=True, engines=n)) for n in range(1, cfg.served_engines + 1))
+        wanted = 2 + math.ceil(max(cfg.selftalk.engine.concurrency * cfg.engine_cpus(serving=False), endpoint,
                                    cfg.train.num_workers * cfg.train.cpus_per_worker))
         ray.init(num_cpus=cfg.resources.num_cpus or max(os.cpu_count() or 1, wanted), include_dashboard=False,
                  **logs)

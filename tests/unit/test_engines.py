@@ -100,6 +100,11 @@ def test_cpu_engines_share_the_machines_cores_unless_told_or_on_a_cluster(tmp_pa
     # WiSE-FT's models are served too: 2 fine-tunes x (themselves and 2 αs) and the base model, 7 engines
     interpolated = make_config(tmp_path, compare=["sft"], export={"interpolate": [0.25, 0.5]})
     assert (interpolated.served_engines, interpolated.engine_cpus(serving=True)) == (7, 2)
+    # an endpoint of fewer models (an evaluation wave of eval.models_at_once) gives each a larger share
+    from sasft_ray.serve import Models, app_args
+
+    wave = app_args(interpolated, Models({"finetuned": "/m/ft", "base": "/m/base"}))["llm_configs"]
+    assert [c["placement_group_config"]["bundles"] for c in wave] == [[{"CPU": 8}], [{"CPU": 8}]]
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert cfg.engine_cpus(serving=True) == 1  # never below one
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster: its nodes, not this machine, have the cores
@@ -246,3 +251,23 @@ def test_the_engine_core_runs_in_process_on_cpu_only_and_batch_invariance_on_gpu
                                           "resources.use_gpu"):
         validate_config({"run_dir": str(tmp_path / "r"), "model": {"path": "m"}, "data": {"path": "d"},
                          "selftalk": {"batch_invariant": True}})
+
+
+def test_the_embedded_ray_holds_the_largest_endpoint_whatever_the_evaluations_wave(tmp_path, monkeypatch):
+    """A wave of `eval.models_at_once` models shares the cores among fewer engines, so each asks for more: the
+    local Ray's logical CPUs hold every endpoint size's bundles, replicas and router (stand-in for `ray.init`)."""
+    import ray
+
+    from sasft_ray import session
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(session.VERBOSE, "1")  # leaves Ray Data's settings and the loggers alone
+    started = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.update(kwargs))
+    cfg = make_config(tmp_path, compare=["sft", "freeze", "external-mix"], export={"interpolate": [0.5]})
+    assert cfg.served_engines == 9
+    session.connect(cfg)
+    for n in range(1, 10):
+        assert started["num_cpus"] >= n * (1 + cfg.engine_cpus(serving=True, engines=n)) + 1, n
