@@ -253,7 +253,7 @@ def test_the_engine_core_runs_in_process_on_cpu_only_and_batch_invariance_on_gpu
                          "selftalk": {"batch_invariant": True}})
 
 
-def test_the_embedded_ray_holds_the_largest_endpoint_whatever_the_evaluations_wave(tmp_path, monkeypatch):
+def test_the_embedded_ray_holds_the_largest_endpoint_of_any_eval_wave_stand_in_for_ray_init(tmp_path, monkeypatch):
     """A wave of `eval.models_at_once` models shares the cores among fewer engines, so each asks for more: the
     local Ray's logical CPUs hold every endpoint size's bundles, replicas and router (stand-in for `ray.init`)."""
     import ray
