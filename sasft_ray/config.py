@@ -211,15 +211,6 @@ class SelfTalkConfig(Section):
                         max_tokens=self.max_user_tokens)
         return dict(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_assistant_tokens)
 
-    @model_validator(mode="after")
-    def _dialogue_fits_the_engine(self) -> SelfTalkConfig:
-        longest = self.turns * (self.max_user_tokens + self.max_assistant_tokens)
-        if longest > self.engine.max_model_len:
-            raise ValueError(f"selftalk.turns {self.turns} x (max_user_tokens {self.max_user_tokens} + "
-                             f"max_assistant_tokens {self.max_assistant_tokens}) = {longest} tokens do not fit "
-                             f"selftalk.engine.max_model_len {self.engine.max_model_len}")
-        return self
-
 
 class SdftConfig(Section):
     """The method sdft (self-distillation fine-tuning, Yang et al. 2024): before training, the base model
@@ -589,6 +580,21 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _dialogue_fits_the_engine(self) -> Config:
+        """Checked only where the run's self-talk stage (or a compared method's) writes dialogues: SA-SFT's, or
+        the forgetting monitor's when not copied from another run."""
+        st = self.selftalk
+        mixes = any(METHODS[m].mixed_in is SELF_DIALOGUES for m in (self.train.method, *self.compare))
+        if not (mixes or (st.heldout_fraction > 0 and not st.monitor_from)):
+            return self
+        longest = st.turns * (st.max_user_tokens + st.max_assistant_tokens)
+        if longest > st.engine.max_model_len:
+            raise ValueError(f"selftalk.turns {st.turns} x (max_user_tokens {st.max_user_tokens} + "
+                             f"max_assistant_tokens {st.max_assistant_tokens}) = {longest} tokens do not fit "
+                             f"selftalk.engine.max_model_len {st.engine.max_model_len}")
+        return self
+
+    @model_validator(mode="after")
     def _method_has_its_data(self) -> Config:
         if (mixed_in := self.training_method.mixed_in) and mixed_in.data and self.mixed_in_data is None:
             raise ValueError(f"train.method {self.train.method!r} needs mix.{mixed_in.data} (the general dataset to "
@@ -698,6 +704,14 @@ class Config(Section):
         base model, each its replicas."""
         return (self.trained_models * (1 + len(self.export.interpolate)) + 1) * self.serve.engine.concurrency
 
+    @property
+    def eval_engines(self) -> int:
+        """Serving engines the run's evaluation starts at once: a wave of `eval.models_at_once` models (all of them
+        when unset), each its replicas. `sasft serve` starts `served_engines`."""
+        conc = self.serve.engine.concurrency
+        models = self.served_engines // conc
+        return min(models, self.eval.models_at_once or models) * conc
+
     def engine_cpus(self, serving: bool, engines: int | None = None) -> float:
         """CPUs (and so threads) of one CPU engine, self-talk's or a served model's: `cpus_per_engine`, else
         an equal share of this machine's cores when Ray is embedded here (the engines of a stage run alone,
@@ -763,6 +777,20 @@ def _hashed(model: BaseModel) -> dict:
             out[name] = _hashed(value)
         elif isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
             out[name] = [_hashed(v) if isinstance(v, BaseModel) else d for v, d in zip(value, out[name])]
+    return out
+
+
+def defaults(section: type[BaseModel] | None = None, prefix: str = "") -> dict[str, Any]:
+    """Every setting's default, by dotted key (a required setting has none): what a config written by an
+    older version, before a setting existed, ran with."""
+    from pydantic_core import to_jsonable_python
+
+    out: dict[str, Any] = {}
+    for name, field in (section or Config).model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out.update(defaults(field.annotation, f"{prefix}{name}."))
+        elif not field.is_required():
+            out[f"{prefix}{name}"] = to_jsonable_python(field.get_default(call_default_factory=True))
     return out
 
 

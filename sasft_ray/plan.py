@@ -569,8 +569,12 @@ def plan_text(cfg: Config, arch: Arch, source: str, cl: Cluster, task_rows: int 
                        f"its ranks' checkpoint shards need {need / 1e9:,.0f} GB")
 
     # serving: the fine-tuned model(s) and the base, serve.engine.concurrency replicas each
-    served = cfg.served_engines
+    # the run's evaluation serves its models in waves of eval.models_at_once; `sasft serve` all of them at once
+    served, all_served = cfg.eval_engines, cfg.served_engines
     out += ["", f"serve  {runs} fine-tuned + the base model, {cfg.serve.engine.concurrency} replica(s) each"]
+    if served < all_served:
+        out.append(f"  the run's evaluation serves {cfg.eval.models_at_once} model(s) at a time (eval.models_at_once): "
+                   f"{served} of the {all_served} engines; `sasft serve` of them all starts {all_served}")
     serve = _engine_lines(out, "serve.engine", cfg.serve.engine, served, arch, cl, wb)
     serve_fits = engine_memory(arch, cfg.serve.engine.tensor_parallel_size, cfg.serve.engine.max_model_len,
                                cl, wb).fits

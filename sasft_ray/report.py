@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from sasft_ray.card import source_mix
-from sasft_ray.config import INDOMAIN_SHARE, NOT_IN_WEIGHTS, flatten
+from sasft_ray.config import INDOMAIN_SHARE, NOT_IN_WEIGHTS, defaults, flatten
 from sasft_ray.evaluate import INDOMAIN, EvalError
 from sasft_ray.layout import CONFIG, REPORT, REPORT_PLOT, RESULTS, SAMPLES
 from sasft_ray.rundir import RunDir
@@ -252,10 +252,13 @@ NOT_A_VARIANT = {"run_dir", "model.path", "data.path", "train.method", "compare"
 
 
 def variants(configs: list[dict]) -> list[str]:
-    """Per run, the settings in which the runs differ: a study's λ, say ("mix.self_ratio=0.5")."""
+    """Per run, the settings in which the runs differ: a study's λ, say ("mix.self_ratio=0.5"). A setting a run's
+    config lacks (written before the setting existed) counts at its default."""
+    unset = defaults()
     flat = [flatten(c) for c in configs]
-    keys = sorted({k for f in flat for k in f})
-    varying = [k for k in keys if k not in NOT_A_VARIANT and not k.endswith(".seed")
+    keys = {k for f in flat for k in f}
+    flat = [{k: f.get(k, unset.get(k)) for k in keys} for f in flat]
+    varying = [k for k in sorted(keys) if k not in NOT_A_VARIANT and not k.endswith(".seed")
                and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
     return [", ".join(f"{k}={f.get(k)}" for k in varying) for f in flat]
 

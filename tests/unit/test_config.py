@@ -58,6 +58,18 @@ def test_missing_required_key_and_method_without_its_data():
                              "train": {"method": method}})
 
 
+def test_dialogues_must_fit_the_self_talk_engine_only_where_a_run_talks_to_itself():
+    """3 turns of 64 + 64 tokens outgrow a 256-token self-talk engine: refused for SA-SFT, for a compared SA-SFT
+    and for the forgetting monitor's own dialogues; plain SFT without a monitor starts no engine to outgrow."""
+    long = ["selftalk.turns=3", "selftalk.max_user_tokens=64", "selftalk.max_assistant_tokens=64",
+            "selftalk.engine.max_model_len=256"]
+    for extra in ([], ["train.method=sft", "compare=[sa-sft]"], ["train.method=sft", "selftalk.heldout_fraction=0.1"]):
+        with pytest.raises(ConfigError, match=r"= 384 tokens do not fit selftalk.engine.max_model_len 256"):
+            load_config("demo", [*long, *extra])
+    assert load_config("demo", [*long, "train.method=sft", "compare=[]", "selftalk.heldout_fraction=0"])
+    assert load_config("demo", [*long, "train.method=sft", "compare=[]", "selftalk.monitor_from=runs/other"])
+
+
 def test_section_hash_tracks_only_its_sections():
     a = load_config("demo")
     b = load_config("demo", ["mix.self_ratio=3"])

@@ -425,3 +425,22 @@ def test_plan_refuses_a_cluster_file_whose_scratch_disk_is_smaller_than_a_nodes_
             main(["plan", config, "--task-rows", "20000", "--cluster", str(path)])
         assert exit_.value.code == 1
         assert f"DOES NOT FIT the cluster file: {message}, its ranks' checkpoint shards need 423 GB" in out.getvalue()
+
+
+def test_the_planner_counts_the_evaluations_waves_not_every_served_model():
+    """Three fine-tunes and their halfway models (7 engines of TP 4 with the base) need 28 GPUs at once, but
+    an evaluation in waves of 2 models serves 8: the run fits 2 nodes, and the plan says what `sasft serve` of
+    them all would take."""
+    path = str(CLUSTER_CONFIGS / "llama3-70b.yaml")
+    args = ["plan", path, "--task-rows", "20000", "--nodes", "2", "--set", "compare=[sft, freeze]",
+            "--set", "export.interpolate=[0.5]"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 1 and "DOES NOT FIT the cluster: serve needs 28 GPUs at once" in out.getvalue()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*args, "--set", "eval.models_at_once=2"]) == 0
+    assert "serves 2 model(s) at a time (eval.models_at_once): 2 of the 7 engines; `sasft serve` of them all " \
+           "starts 7" in out.getvalue()
+    assert "2 engines x TP 4 = 8 GPUs, 1 node(s)" in out.getvalue() and "DOES NOT FIT" not in out.getvalue()

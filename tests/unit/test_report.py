@@ -210,3 +210,17 @@ def test_the_decision_picks_the_most_kept_among_the_methods_near_the_best_in_dom
     assert "| sft | 2 | 0.900 ± 0.000 | 0.900 ± 0.000 | 0.125 ± 0.000 | ✓ |" in text
     assert "**sft**" in compare(found, share=1.0)
     assert plot_scenarios(found, str(tmp_path / "pareto.png")) == 1 and (tmp_path / "pareto.png").stat().st_size > 1000
+
+
+def test_a_setting_a_run_of_an_older_version_lacks_counts_at_its_default():
+    """Two runs of one study, one from before `export.interpolate` and `eval.indomain_share` existed: only λ tells
+    them apart; a third that set the newer setting is told apart by it."""
+    from sasft_ray.config import load_config
+    from sasft_ray.report import variants
+
+    new = load_config("demo", ["mix.self_ratio=0.5"]).model_dump(mode="json")
+    old = load_config("demo").model_dump(mode="json")
+    del old["export"]["interpolate"], old["eval"]["indomain_share"]
+    tuned = load_config("demo", ["export.interpolate=[0.5]"]).model_dump(mode="json")
+    assert variants([old, new]) == ["mix.self_ratio=1.0", "mix.self_ratio=0.5"]
+    assert variants([old, tuned]) == ["export.interpolate=[]", "export.interpolate=[0.5]"]

@@ -178,3 +178,28 @@ def test_a_rewrite_that_cannot_fit_the_engine_is_refused_before_one_starts(tmp_p
                                           r"sdft.prompt's \d+ \+ sdft.max_tokens 1900\), over "
                                           r"selftalk.engine.max_model_len 2048"):
         check_fits(config(1900, 2048), tokenizer, fmt)
+
+
+def test_an_edited_keep_if_scorer_file_redoes_the_rewrites_stand_in_for_the_engine(tmp_path, monkeypatch):
+    """A `module:function` keep_if is an input of the rewrite stage: the same file reuses the rewrites; an edited
+    one is refused, naming it, until the stage is redone. The rewriting itself (an engine) is stood in for by a
+    counter."""
+    import sasft_ray.generate as generate
+    from sasft_ray.rundir import StageChanged
+
+    (tmp_path / "my_keep.py").write_text("def keep(text, row):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runs = []
+    monkeypatch.setattr(generate, "write_rewrites", lambda cfg, rd, rows: runs.append(rows) or {"rows_in": rows,
+                                                                                               "rows_out": rows})
+    cfg = make_config(tmp_path, train={"method": "sdft"}, sdft={"keep_if": "my_keep:keep"})
+    rd = RunDir(cfg.run_dir)
+    for _ in range(2):
+        generate.rewrite_stage(cfg, rd, force=False, task_rows=8)
+    assert runs == [8]
+    (tmp_path / "my_keep.py").write_text("def keep(text, row):\n    return float('ANS' in text)\n")
+    with pytest.raises(StageChanged, match="made from other files at sdft.keep_if"):
+        generate.rewrite_stage(cfg, rd, force=False, task_rows=8)
+    assert runs == [8]
+    generate.rewrite_stage(cfg, rd, force=True, task_rows=8)  # what `--redo rewrite` does
+    assert runs == [8, 8]
