@@ -14,10 +14,16 @@ SA-SFT is meant to prevent. Everything follows from a seed; nothing is downloade
   evals/*.jsonl   held-out questions per general skill, never seen in pretraining
   external.jsonl  general questions answered in another style (the external-mix baseline)
   lab.json        what was built, and the base model's accuracy per skill
+
+The full preset's base model for seed 0, the one every shipped config uses, ships with the package
+(`sasft_ray/lab_model/`, with the record of the build that pretrained it): a build copies it instead of
+pretraining for minutes, and measures its accuracy here. `build_lab(..., fresh=True)` (`sasft lab build
+--fresh`) pretrains one on this machine instead, as any other preset or seed does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,7 +42,8 @@ from sasft_ray.tiny import fit, new_model, save_model, train_tokenizer
 
 # Bumped whenever a change to the world or its pretraining changes what a build makes: a lab built
 # by another version is rebuilt, not reused.
-WORLD_VERSION = 4  # 4: the control task tasks/house.jsonl
+WORLD_VERSION = 5  # 4: the control task tasks/house.jsonl; 5: the full preset's shipped base model
+SHIPPED = Path(__file__).parent / "lab_model"  # that model, and build.json: the lab.json of the build that made it
 HOUSE = "Sure! The answer is {}."
 CONTROL = "house"  # the control task: tasks/house.jsonl, in the house style
 EXTERNAL = "Result: {}"
@@ -196,8 +203,9 @@ def check(skill: Skill | str, question: str, answer: str) -> bool:
 # --- data files -------------------------------------------------------------------------------------
 
 PRESETS = {
-    # Sizes, and the pretraining budget tuned to the targets on 2 CPU cores (see docs/lab.md).
-    "full": dict(eval_size=50, task_rows=1200, external_rows=2000, steps=1600, batch_size=64, lr=5e-3,
+    # Sizes, and the pretraining budget: full's reached a base mean of 0.875 in the pinned environment, and is what
+    # sasft_ray/lab_model/ was pretrained with (1,600 steps there gave 0.715; see docs/lab.md).
+    "full": dict(eval_size=50, task_rows=1200, external_rows=2000, steps=2400, batch_size=64, lr=5e-3,
                  layers=4, hidden=128, intermediate=256, vocab_size=1024),
     "small": dict(eval_size=12, task_rows=200, external_rows=200, steps=250, batch_size=64, lr=5e-3,
                   layers=4, hidden=128, intermediate=256, vocab_size=1024),
@@ -365,11 +373,35 @@ def lab_folder(cfg) -> Path:
     return lab
 
 
-def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0) -> dict:
+def shipped(preset: str, seed: int) -> dict | None:
+    """The record of the shipped base model (its build's lab.json) if it is this preset's and seed's, of this
+    world version; None otherwise."""
+    record = SHIPPED / "build.json"
+    if not record.exists():
+        return None
+    info = json.loads(record.read_text())
+    return info if (info["preset"], info["seed"], info["version"]) == (preset, seed, WORLD_VERSION) else None
+
+
+def copy_shipped(record: dict, out: Path) -> None:
+    """The shipped model folder, checked against the weights its build wrote (a truncated install, or a
+    Git LFS pointer in place of the file, is refused)."""
+    shutil.copytree(SHIPPED, out, ignore=shutil.ignore_patterns("build.json"))
+    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    if digest != record["model_sha256"]:
+        raise ConfigError(f"{SHIPPED / 'model.safetensors'} is not the model its build.json records (sha256 "
+                          f"{digest[:12]}, not {record['model_sha256'][:12]}): reinstall the package, or pretrain one "
+                          "here with `sasft lab build --fresh`")
+
+
+def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0, fresh: bool = False) -> dict:
     """Build the lab at `out` (or reuse it, if built with the same preset, seed and world version);
-    returns lab.json. A folder that is neither empty nor a lab is refused: a rebuild replaces only
+    returns lab.json. The base model is the shipped one where it is this preset's and seed's, unless `fresh`:
+    then it is pretrained here. A folder that is neither empty nor a lab is refused: a rebuild replaces only
     a lab."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -381,7 +413,8 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0)
     recorded = None  # the files the lab there wrote, as its lab.json lists them (labs before the list: None)
     if done.exists():
         info = json.loads(done.read_text())
-        if (info.get("preset"), info.get("seed"), info.get("version")) == (preset, seed, WORLD_VERSION):
+        if ((info.get("preset"), info.get("seed"), info.get("version")) == (preset, seed, WORLD_VERSION)
+                and not (fresh and info.get("model_source") == "shipped")):
             return info
         recorded = info.get("files")
         if recorded is not None:
@@ -395,21 +428,37 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0)
     try:
         sizes = write_world(tmp, preset, seed)
         evals = load_evals(tmp)
-        exclude = {r["messages"][0]["content"] for rows in evals.values() for r in rows}
-        tokenizer = lab_tokenizer(tmp, seed, exclude, p["vocab_size"])
-        model = pretrain(tokenizer, pretrain_dialogues(seed, exclude), steps=p["steps"], batch_size=p["batch_size"],
-                         lr=p["lr"], layers=p["layers"], hidden=p["hidden"], intermediate=p["intermediate"], seed=seed)
-        save_model(model, tokenizer, tmp / "model")
-        accuracy = skill_accuracy(model, tokenizer, evals)
+        record = None if fresh else shipped(preset, seed)
+        if record:
+            copy_shipped(record, tmp / "model")
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # transformers' weight-loading bar: a line of the demo's output
+            model = AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(tmp / "model")
+            if bar:
+                hf_logging.enable_progress_bar()
+        else:
+            exclude = {r["messages"][0]["content"] for rows in evals.values() for r in rows}
+            tokenizer = lab_tokenizer(tmp, seed, exclude, p["vocab_size"])
+            model = pretrain(tokenizer, pretrain_dialogues(seed, exclude), steps=p["steps"],
+                             batch_size=p["batch_size"], lr=p["lr"], layers=p["layers"], hidden=p["hidden"],
+                             intermediate=p["intermediate"], seed=seed)
+            save_model(model, tokenizer, tmp / "model")
+        accuracy = skill_accuracy(model, tokenizer, evals)  # measured here, for a shipped model too
         info = {
             "preset": preset, "seed": seed, "version": WORLD_VERSION, "skills": list(SKILLS), "tasks": list(TASKS),
             "control": CONTROL,
             "sizes": {**sizes, "params": sum(t.numel() for t in model.parameters()), **p},
+            "model_source": "shipped" if record else "pretrained",
+            "model_sha256": hashlib.sha256((tmp / "model" / "model.safetensors").read_bytes()).hexdigest(),
             "build_seconds": round(time.time() - start, 1),
+            "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
             "base_accuracy": accuracy,
             "base_mean": {k: round(sum(a[k] for a in accuracy.values()) / len(accuracy), 4)
                           for k in ("strict", "lenient")},
         }
+        if record:  # how the shipped model was made, and what it measured there
+            info["shipped_build"] = {k: record[k] for k in ("build_seconds", "versions", "base_mean")}
         info["files"] = sorted([*lab_files(tmp), "lab.json"])
         (tmp / "lab.json").write_text(json.dumps(info, indent=2) + "\n")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -425,6 +474,12 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         torch.set_num_threads(threads)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def lab_files(folder: Path) -> list[str]:

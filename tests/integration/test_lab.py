@@ -52,3 +52,24 @@ def test_a_lab_built_by_another_world_version_is_rebuilt_not_reused(small_lab, t
         lab.build_lab(stale, preset="small", seed=0)
     assert json.loads((stale / "lab.json").read_text())["version"] == lab.WORLD_VERSION - 1  # left intact
     assert lab.build_lab(out, preset="small", seed=0) == info  # the current version is still reused
+
+
+def test_the_full_lab_copies_the_shipped_base_model_and_measures_it_here(tmp_path, monkeypatch):
+    """The full preset's seed-0 base model is the one the package ships, byte for byte, its accuracy measured
+    on this machine (the lab's target: a mean of at least 0.75); a shipped file that is not what its build
+    wrote is refused before anything is built."""
+    record = lab.shipped("full", 0)
+    assert record is not None, "sasft_ray/lab_model/build.json is not this world version's full preset, seed 0"
+    info = lab.build_lab(tmp_path / "lab", preset="full", seed=0)
+    assert info["model_source"] == "shipped" and info["model_sha256"] == record["model_sha256"]
+    assert info["shipped_build"]["base_mean"] == record["base_mean"]
+    assert info["base_mean"]["strict"] >= 0.75, info["base_accuracy"]
+    assert lab.shipped("full", 1) is None and lab.shipped("small", 0) is None  # those pretrain here
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(lab.SHIPPED, tampered)
+    (tampered / "model.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    monkeypatch.setattr(lab, "SHIPPED", tampered)
+    with pytest.raises(lab.ConfigError, match="is not the model its build.json records"):
+        lab.build_lab(tmp_path / "other", preset="full", seed=0)
+    assert not (tmp_path / "other").exists()
