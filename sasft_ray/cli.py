@@ -324,11 +324,11 @@ def parser() -> argparse.ArgumentParser:
     p = lab_sub.add_parser("build", help="build (or reuse) the lab: base model, task data, evals, external data")
     p.add_argument("--out", default="runs/lab")
     p.add_argument("--preset", choices=("full", "small"), default="full",
-                   help="full: the lab for experiments (seed 0's base model ships with the package, other seeds "
-                   "pretrain for minutes); small: a quick one for tests")
+                   help="full: the lab for experiments; small: a quick one for tests (seed 0's base model ships "
+                   "with the package; other seeds pretrain for minutes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="pretrain the base model here even where the package ships "
-                   "it (the full preset, seed 0): minutes on 2 cores")
+                   "it (seed 0): minutes on 2 cores")
     p.set_defaults(fn=cmd_lab_build)
     return parser
 

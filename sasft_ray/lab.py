@@ -15,10 +15,10 @@ SA-SFT is meant to prevent. Everything follows from a seed; nothing is downloade
   external.jsonl  general questions answered in another style (the external-mix baseline)
   lab.json        what was built, and the base model's accuracy per skill
 
-The full preset's base model for seed 0, the one every shipped config uses, ships with the package
-(`sasft_ray/lab_model/`, with the record of the build that pretrained it): a build copies it instead of
+The base model for seed 0, the one every shipped config uses, ships with the package (`sasft_ray/lab_model/`,
+with the record of the full-preset build that pretrained it): a build of either preset copies it instead of
 pretraining for minutes, and measures its accuracy here. `build_lab(..., fresh=True)` (`sasft lab build
---fresh`) pretrains one on this machine instead, as any other preset or seed does.
+--fresh`) pretrains one on this machine instead, as any other seed does.
 """
 
 from __future__ import annotations
@@ -203,13 +203,16 @@ def check(skill: Skill | str, question: str, answer: str) -> bool:
 # --- data files -------------------------------------------------------------------------------------
 
 PRESETS = {
-    # Sizes, and the pretraining budget: full's reached a base mean of 0.875 in the pinned environment, and is what
-    # sasft_ray/lab_model/ was pretrained with (1,600 steps there gave 0.715; see docs/lab.md).
+    # Sizes, and the pretraining budget where a model is pretrained here (--fresh, or a seed other than 0): full's
+    # reached a base mean of 0.875 in the pinned environment and made sasft_ray/lab_model/ (1,600 steps there gave
+    # 0.715; see docs/lab.md); small's is quick, with little skill.
     "full": dict(eval_size=50, task_rows=1200, external_rows=2000, steps=2400, batch_size=64, lr=5e-3,
                  layers=4, hidden=128, intermediate=256, vocab_size=1024),
     "small": dict(eval_size=12, task_rows=200, external_rows=200, steps=250, batch_size=64, lr=5e-3,
                   layers=4, hidden=128, intermediate=256, vocab_size=1024),
 }
+
+PRETRAINING = ("steps", "batch_size", "lr", "layers", "hidden", "intermediate", "vocab_size")  # a preset's model
 
 
 def _chat(question: str, reply: str) -> list[dict]:
@@ -373,14 +376,16 @@ def lab_folder(cfg) -> Path:
     return lab
 
 
-def shipped(preset: str, seed: int) -> dict | None:
-    """The record of the shipped base model (its build's lab.json) if it is this preset's and seed's, of this
-    world version; None otherwise."""
+def shipped(seed: int) -> dict | None:
+    """The record of the shipped base model (the lab.json of the full-preset build that pretrained it) if it is
+    this seed's, of this world version; None otherwise. It serves both presets: their models have one shape,
+    and the small preset's held-out questions are the first of the full preset's, never seen in pretraining
+    either."""
     record = SHIPPED / "build.json"
     if not record.exists():
         return None
     info = json.loads(record.read_text())
-    return info if (info["preset"], info["seed"], info["version"]) == (preset, seed, WORLD_VERSION) else None
+    return info if (info["seed"], info["version"]) == (seed, WORLD_VERSION) else None
 
 
 def copy_shipped(record: dict, out: Path) -> None:
@@ -428,7 +433,7 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0,
     try:
         sizes = write_world(tmp, preset, seed)
         evals = load_evals(tmp)
-        record = None if fresh else shipped(preset, seed)
+        record = None if fresh else shipped(seed)
         if record:
             copy_shipped(record, tmp / "model")
             bar = hf_logging.is_progress_bar_enabled()
@@ -448,7 +453,8 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0,
         info = {
             "preset": preset, "seed": seed, "version": WORLD_VERSION, "skills": list(SKILLS), "tasks": list(TASKS),
             "control": CONTROL,
-            "sizes": {**sizes, "params": sum(t.numel() for t in model.parameters()), **p},
+            "sizes": {**sizes, "params": sum(t.numel() for t in model.parameters()), **p,
+                      **({k: record["sizes"][k] for k in PRETRAINING} if record else {})},  # what made the model
             "model_source": "shipped" if record else "pretrained",
             "model_sha256": hashlib.sha256((tmp / "model" / "model.safetensors").read_bytes()).hexdigest(),
             "build_seconds": round(time.time() - start, 1),

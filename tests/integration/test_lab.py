@@ -1,5 +1,5 @@
-"""The forgetting lab's small preset built: a model with some skill, a cached build and the CLI's table, a
-rebuild for another world version."""
+"""The forgetting lab built: the small preset with the shipped base model, a cached build and the CLI's table, a
+rebuild for another world version, a base model pretrained here (--fresh), the full preset's shipped model."""
 
 import json
 import shutil
@@ -9,12 +9,13 @@ import pytest
 from sasft_ray import lab
 
 
-def test_small_lab_builds_a_model_with_some_skill(small_lab):
+def test_small_lab_has_the_shipped_base_model_with_its_skills(small_lab):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, info = small_lab
     assert json.loads((out / "lab.json").read_text()) == info
     assert info["preset"] == "small" and info["skills"] == list(lab.SKILLS) and info["tasks"] == list(lab.TASKS)
+    assert info["model_source"] == "shipped" and info["sizes"]["steps"] == lab.shipped(0)["sizes"]["steps"]
     assert not list(out.parent.glob(".lab.*"))  # no temporary folder left behind
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
@@ -22,7 +23,18 @@ def test_small_lab_builds_a_model_with_some_skill(small_lab):
     assert tokenizer.chat_template
     accuracy = lab.skill_accuracy(model, tokenizer, lab.load_evals(out))
     assert accuracy == info["base_accuracy"]  # greedy and reproducible
-    assert sum(a["strict"] > 0 for a in accuracy.values()) >= 2, accuracy
+    assert sum(a["strict"] >= 0.5 for a in accuracy.values()) >= 6, accuracy
+
+
+def test_a_fresh_build_pretrains_its_base_model_here(tmp_path, monkeypatch):
+    """--fresh: the tokenizer trained on the world's text and the model pretrained here (a few steps: the
+    path, not the skills), recorded as such; built again without --fresh it is reused, not replaced."""
+    monkeypatch.setitem(lab.PRESETS, "small", {**lab.PRESETS["small"], "steps": 20})
+    info = lab.build_lab(tmp_path / "lab", preset="small", seed=0, fresh=True)
+    assert info["model_source"] == "pretrained" and info["sizes"]["steps"] == 20
+    assert info["model_sha256"] != lab.shipped(0)["model_sha256"]
+    assert (tmp_path / "lab" / "model" / "tokenizer.json").read_bytes() != (lab.SHIPPED / "tokenizer.json").read_bytes()
+    assert lab.build_lab(tmp_path / "lab", preset="small", seed=0) == info
 
 
 def test_build_is_cached_and_the_cli_prints_the_table(small_lab, capsys):
@@ -57,14 +69,14 @@ def test_a_lab_built_by_another_world_version_is_rebuilt_not_reused(small_lab, t
 def test_the_full_lab_copies_the_shipped_base_model_and_measures_it_here(tmp_path, monkeypatch):
     """The full preset's seed-0 base model is the one the package ships, byte for byte, its accuracy measured
     on this machine (the lab's target: a mean of at least 0.75); a shipped file that is not what its build
-    wrote is refused before anything is built."""
-    record = lab.shipped("full", 0)
-    assert record is not None, "sasft_ray/lab_model/build.json is not this world version's full preset, seed 0"
+    wrote is refused, and nothing is left of the build."""
+    record = lab.shipped(0)
+    assert record is not None, "sasft_ray/lab_model/build.json is not this world version's, seed 0"
     info = lab.build_lab(tmp_path / "lab", preset="full", seed=0)
     assert info["model_source"] == "shipped" and info["model_sha256"] == record["model_sha256"]
     assert info["shipped_build"]["base_mean"] == record["base_mean"]
     assert info["base_mean"]["strict"] >= 0.75, info["base_accuracy"]
-    assert lab.shipped("full", 1) is None and lab.shipped("small", 0) is None  # those pretrain here
+    assert lab.shipped(1) is None  # another seed pretrains here
 
     tampered = tmp_path / "tampered"
     shutil.copytree(lab.SHIPPED, tampered)
