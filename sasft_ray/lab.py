@@ -33,6 +33,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from sasft_ray.config import ConfigError
@@ -42,7 +43,7 @@ from sasft_ray.tiny import fit, new_model, save_model, train_tokenizer
 
 # Bumped whenever a change to the world or its pretraining changes what a build makes: a lab built
 # by another version is rebuilt, not reused.
-WORLD_VERSION = 5  # 4: the control task tasks/house.jsonl; 5: the full preset's shipped base model
+WORLD_VERSION = 5  # 4: the control task tasks/house.jsonl; 5: the shipped base model
 SHIPPED = Path(__file__).parent / "lab_model"  # that model, and build.json: the lab.json of the build that made it
 HOUSE = "Sure! The answer is {}."
 CONTROL = "house"  # the control task: tasks/house.jsonl, in the house style
@@ -401,8 +402,8 @@ def copy_shipped(record: dict, out: Path) -> None:
 
 def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0, fresh: bool = False) -> dict:
     """Build the lab at `out` (or reuse it, if built with the same preset, seed and world version);
-    returns lab.json. The base model is the shipped one where it is this preset's and seed's, unless `fresh`:
-    then it is pretrained here. A folder that is neither empty nor a lab is refused: a rebuild replaces only
+    returns lab.json. The base model is the shipped one where it is this seed's, unless `fresh`: then it is
+    pretrained here. A folder that is neither empty nor a lab is refused: a rebuild replaces only
     a lab."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -458,7 +459,7 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0,
             "model_source": "shipped" if record else "pretrained",
             "model_sha256": hashlib.sha256((tmp / "model" / "model.safetensors").read_bytes()).hexdigest(),
             "build_seconds": round(time.time() - start, 1),
-            "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
+            "versions": {"torch": torch.__version__, "transformers": version("transformers")},
             "base_accuracy": accuracy,
             "base_mean": {k: round(sum(a[k] for a in accuracy.values()) / len(accuracy), 4)
                           for k in ("strict", "lenient")},
@@ -480,12 +481,6 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         torch.set_num_threads(threads)
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 def lab_files(folder: Path) -> list[str]:
