@@ -23,7 +23,6 @@ pretraining for minutes, and measures its accuracy here. `build_lab(..., fresh=T
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,11 +32,12 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 from sasft_ray.config import ConfigError
 from sasft_ray.methods import MIX_DATA
+from sasft_ray.models import sha256
+from sasft_ray.rundir import versions
 from sasft_ray.scorers import contains, exact  # the evaluation's scorers: one rule for both
 from sasft_ray.tiny import fit, new_model, save_model, train_tokenizer
 
@@ -393,8 +393,7 @@ def copy_shipped(record: dict, out: Path) -> None:
     """The shipped model folder, checked against the weights its build wrote (a truncated install, or a
     Git LFS pointer in place of the file, is refused)."""
     shutil.copytree(SHIPPED, out, ignore=shutil.ignore_patterns("build.json"))
-    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
-    if digest != record["model_sha256"]:
+    if (digest := sha256(out / "model.safetensors")) != record["model_sha256"]:
         raise ConfigError(f"{SHIPPED / 'model.safetensors'} is not the model its build.json records (sha256 "
                           f"{digest[:12]}, not {record['model_sha256'][:12]}): reinstall the package, or pretrain one "
                           "here with `sasft lab build --fresh`")
@@ -457,9 +456,9 @@ def build_lab(out: str | Path = "runs/lab", preset: str = "full", seed: int = 0,
             "sizes": {**sizes, "params": sum(t.numel() for t in model.parameters()), **p,
                       **({k: record["sizes"][k] for k in PRETRAINING} if record else {})},  # what made the model
             "model_source": "shipped" if record else "pretrained",
-            "model_sha256": hashlib.sha256((tmp / "model" / "model.safetensors").read_bytes()).hexdigest(),
+            "model_sha256": record["model_sha256"] if record else sha256(tmp / "model" / "model.safetensors"),
             "build_seconds": round(time.time() - start, 1),
-            "versions": {"torch": torch.__version__, "transformers": version("transformers")},
+            "versions": versions(),
             "base_accuracy": accuracy,
             "base_mean": {k: round(sum(a[k] for a in accuracy.values()) / len(accuracy), 4)
                           for k in ("strict", "lenient")},

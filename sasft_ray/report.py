@@ -259,8 +259,8 @@ def variants(configs: list[dict]) -> list[str]:
     keys = {k for f in flat for k in f}
     flat = [{k: f.get(k, unset.get(k)) for k in keys} for f in flat]
     varying = [k for k in sorted(keys) if k not in NOT_A_VARIANT and not k.endswith(".seed")
-               and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
-    return [", ".join(f"{k}={f.get(k)}" for k in varying) for f in flat]
+               and len({json.dumps(f[k], sort_keys=True) for f in flat}) > 1]
+    return [", ".join(f"{k}={f[k]}" for k in varying) for f in flat]
 
 
 def mean_spread(values: list[float]) -> str:
