@@ -40,7 +40,7 @@ class GridSpec(BaseModel):
 
 @dataclass
 class Cell:
-    name: str  # its axis settings joined by "_", e.g. path=parity_seed=0
+    name: str  # its axis settings joined by "_", e.g. seed=0_path=parity
     overrides: list[str]
     config: Config
 

@@ -25,7 +25,8 @@ VERBOSE = "SASFT_VERBOSE"
 PROGRESS_EVERY_S = 30.0
 # Their INFO logs and the warnings they raise are noise to a user unless asked for.
 LIBRARIES = ("ray", "vllm", "torch", "transformers", "deepspeed", "lm_eval", "datasets", "huggingface_hub",
-             "urllib3", "httpx", "httpx2", "httpcore", "openai", "absl", "filelock", "mlflow", "alembic")
+             "urllib3", "httpx", "httpx2", "httpcore", "openai", "absl", "filelock", "mlflow", "alembic",
+             "matplotlib")
 # Ray's libraries set levels of their own, below the "ray" logger's
 LOGGERS = (*LIBRARIES, "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.llm", "lm-eval", "DeepSpeed")
 
@@ -66,6 +67,8 @@ def connect(cfg: Config) -> None:
     if address:
         ray.init(address=address, **logs)
     else:
+        # Ray's default for a local cluster (a token it writes to ~/.ray), said explicitly: without the warning
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # Locally, CPU "slots" are logical: give every engine its bundle even on 2 cores, so that
         # the self-talk engines and the light maps beside them stream, and every endpoint's models fit,
         # all of them or an evaluation's wave (a Serve LLM replica holds one CPU besides its engine's bundle).
