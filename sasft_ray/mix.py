@@ -6,7 +6,9 @@ seeded sample, the same on every run. With `mix.max_distinct` it contributes as
 many rows from fewer distinct ones: the sample is repeated, reshuffled each pass.
 
 In what order: every source streams in windows, each window shuffled with a seeded
-generator, and the streams are merged by fractional position (row i of n sits at
+generator. What a window holds depends on the rows, not on how the stage that wrote them was
+scheduled: the files are read in the order of their first row id, a window sorted by id before
+its shuffle. The streams are merged by fractional position (row i of n sits at
 (i + ½) / n), so every stretch of the output holds the sources in their ratio (λ),
 not only the whole. Only a window of rows is ever in memory. `mix.sources` adds
 further datasets by the same rule, at their weights, for every method.
@@ -58,11 +60,19 @@ class Source:
     def __init__(self, rd: RunDir, name: str, folder: str, id_column: str, only_kept: bool = False,
                  excluded: Sequence[int] = ()):
         self.name, self.id_column = name, id_column
-        self.dataset = pads.dataset(rd.local(folder), filesystem=rd.fs, format="parquet")
+        files = pads.dataset(rd.local(folder), filesystem=rd.fs, format="parquet").files
+        # Ray Data numbers a stage's files in the order its blocks finished: read them by their first row
+        # instead, so the same rows mix in the same order however the stage that wrote them was scheduled
+        self.dataset = pads.dataset(sorted(files, key=lambda f: self._first_id(f, rd)), filesystem=rd.fs,
+                                    format="parquet")
         self.filter = pc.field("drop_reason") == KEPT if only_kept else None
         if excluded:
             out = ~pc.field(id_column).isin(pa.array(list(excluded), pa.int64()))
             self.filter = out if self.filter is None else self.filter & out
+
+    def _first_id(self, file: str, rd: RunDir) -> int:
+        ids = pq.read_table(file, columns=[self.id_column], filesystem=rd.fs)[self.id_column]
+        return pc.min(ids).as_py() if len(ids) else -1
 
     def ids(self) -> np.ndarray:
         table = self.dataset.to_table(columns=[self.id_column], filter=self.filter)
@@ -78,8 +88,8 @@ class Source:
         return min(count, len(ids))
 
     def rows(self, seed: int, count: int) -> Iterator[dict]:
-        """`count` selected rows: all of them in file order shuffled within windows, then again,
-        shuffled anew, while more are wanted."""
+        """`count` selected rows: all of them in file order shuffled within windows (each window's rows
+        by id first: the files' own order does not count), then again, shuffled anew, while more are wanted."""
         passes = (self._one_pass(seed + n) for n in itertools.count())
         return itertools.islice(itertools.chain.from_iterable(passes), count)
 
@@ -93,9 +103,14 @@ class Source:
                 window.append({"messages": row["messages"], "source": self.name, "id": row[self.id_column],
                                "open_end": bool(row.get("open_end"))})
                 if len(window) == WINDOW:
-                    yield from (window[i] for i in rng.permutation(len(window)))
+                    yield from _shuffled(window, rng)
                     window = []
-        yield from (window[i] for i in rng.permutation(len(window)))
+        yield from _shuffled(window, rng)
+
+
+def _shuffled(window: list[dict], rng: np.random.Generator) -> Iterator[dict]:
+    window.sort(key=lambda row: row["id"])
+    return (window[i] for i in rng.permutation(len(window)))
 
 
 def interleave(*streams: tuple[Iterator[dict], int]) -> Iterator[dict]:

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -268,3 +269,19 @@ def test_replay_reads_its_general_data_as_a_stage_of_its_own_and_mixes_it_in_at_
     general.write_text(general.read_text() + '{"prompt": "one more", "completion": "Sure!"}\n')
     with pytest.raises(StageChanged, match="mix.replay.path"):
         generate(cfg, rd)
+
+
+def test_the_mix_depends_on_the_rows_not_on_the_order_their_files_were_written_in(tmp_path):
+    """Ray Data numbers a stage's files as its blocks finish: the same rows, written as blocks that finished
+    the other way round, mix in the same order (sdft's rewrites, all replaced, train as plain SFT does)."""
+    mixes = []
+    for name, parts in (("in-order", [range(0, 450), range(450, 900)]), ("swapped", [range(450, 900), range(0, 450)])):
+        cfg, rd = prepare(tmp_path / name, task_rows=300, self_rows=900, mix={"self_ratio": 1.0})
+        for path in rd.fs.get_file_info(pafs.FileSelector(rd.local(SELFTALK))):
+            rd.fs.delete_file(path.path)
+        for number, ids in enumerate(parts):
+            pq.write_table(pa.Table.from_pylist([{"id": i, "messages": dialogue(f"self {i}"), "drop_reason": ""}
+                                                 for i in ids]), rd.local(SELFTALK, f"{number:06}.parquet"))
+        rows, _ = mixed_rows(cfg, rd)
+        mixes.append([(r["source"], r["id"]) for r in rows])
+    assert mixes[0] == mixes[1] and len(mixes[0]) == 600
