@@ -67,8 +67,6 @@ def connect(cfg: Config) -> None:
     if address:
         ray.init(address=address, **logs)
     else:
-        # Ray's default for a local cluster (a token it writes to ~/.ray), said explicitly: without the warning
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # Locally, CPU "slots" are logical: give every engine its bundle even on 2 cores, so that
         # the self-talk engines and the light maps beside them stream, and every endpoint's models fit,
         # all of them or an evaluation's wave (a Serve LLM replica holds one CPU besides its engine's bundle).
