@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -6,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sasft_ray.data import ROW_SCHEMA
-from sasft_ray.layout import COMPARE, MIXED_PART, MONITOR, SELFTALK, TASK_TRAIN
+from sasft_ray.layout import COMPARE, MANIFEST, MIXED_PART, MONITOR, SELFTALK, TASK_TRAIN
 from sasft_ray.methods import MIX_DATA
 from sasft_ray.mix import interleave, write_mix
 from sasft_ray.rundir import RunDir, StageChanged
@@ -235,6 +236,18 @@ def test_a_compare_run_measures_the_main_runs_monitor_dialogues_without_an_engin
     first = rd.stage_info("selftalk")["id"]
     generate(sft, rd)
     assert rd.stage_info("selftalk")["id"] == first  # done: not copied again
+    # the run dir copied elsewhere: the compared run resumes there too (its stages hash the dialogues, not a path)
+    shutil.copytree(cfg.run_dir, tmp_path / "moved")
+    moved_cfg = cfg.model_copy(update={"run_dir": str(tmp_path / "moved")})
+    moved_sft, moved = method_runs(moved_cfg, RunDir(moved_cfg.run_dir))["sft"]
+    generate(moved_sft, moved)
+    assert moved.stage_info("selftalk")["id"] == first and moved.stage_info("mix") == rd.stage_info("mix")
+    manifest = rd.manifest()  # as runs before 2026-12-07 recorded it, with the main run's path: still finished
+    source_id = main.stage_info("selftalk")["id"]
+    manifest["stages"]["selftalk"]["config_hash"] = f"{sft.section_hash('model')}:from:{main.root}:{source_id}"
+    rd.write_json(manifest, MANIFEST)
+    generate(sft, rd)
+    assert rd.stage_info("selftalk")["id"] == first
     main.begin("selftalk", "test", force=True)
     main.finish("selftalk", {"heldout": 7})  # the main run's self-talk redone: the copy is stale
     with pytest.raises(StageChanged):
