@@ -107,10 +107,11 @@ def monitor_stage(cfg: Config, rd: RunDir, force: bool) -> None:
     if done.get("status") != "done" or not done.get("heldout"):
         raise TooFewSurvivors(f"selftalk.monitor_from {source.root} has no forgetting-monitor dialogues "
                               f"({MONITOR} of a finished selftalk stage): run it first, or unset monitor_from")
-    # the dialogues by their stage's id, not their path: a run dir copied or moved elsewhere resumes
-    made = f"{cfg.section_hash('model')}:from:{done['id']}"
-    if rd.stage_info("selftalk").get("config_hash") == (legacy := made.replace(":from:", f":from:{source.root}:")):
-        made = legacy  # recorded so before 2026-12-07: still finished where it was made
+    model = cfg.section_hash("model")
+    made = f"{model}:from:{done['id']}"  # the dialogues by their stage's id, not their path: a copied run dir resumes
+    legacy = f"{model}:from:{source.root}:{done['id']}"  # as runs before 2026-12-07 recorded it
+    if rd.stage_info("selftalk").get("config_hash") == legacy:
+        made = legacy
     if rd.begin("selftalk", made, force, outputs=(SELFTALK, MONITOR), inputs=fingerprints(cfg, *MODEL_FILES)):
         table = pq.read_table(source.local(MONITOR), filesystem=source.fs)
         pq.write_table(table, rd.local(MONITOR), filesystem=rd.fs)
