@@ -49,6 +49,23 @@ def deepspeed_config(cfg: Config) -> dict:
     }
 
 
+def import_deepspeed():
+    """`import deepspeed` without the MLflow import its autotuner makes at import time, for autotuning runs this
+    project never starts: 3-4 s of every training process's start on 2 cores (`python -X importtime -c "import
+    deepspeed"`), a Ray Train worker's and each restart's. MLflow stays importable for `train.report_to`."""
+    import sys
+
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which the autotuner expects
+        try:
+            import deepspeed
+        finally:
+            del sys.modules["mlflow"]
+    import deepspeed
+
+    return deepspeed
+
+
 def optimizer_class(cfg: Config):
     """AdamW, as `build_engine` makes it. With the optimizer offloaded on GPU nodes: DeepSpeed's fused CPU Adam
     (vectorized over every core, several times faster than torch's multi-pass step over a rank's CPU partition
@@ -92,11 +109,11 @@ def build_engine(cfg: Config, total_steps: int, rank: int):
     gradient checkpointing if asked, LoRA adapters or frozen lower blocks, AdamW with the lr
     schedule. Needs torch.distributed up (`init_process_group`, or Ray Train's). Returns (engine,
     scheduler, trainable parameters, all parameters)."""
-    import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    deepspeed = import_deepspeed()
     t, ds_config = cfg.train, deepspeed_config(cfg)
     torch.manual_seed(t.seed)  # LoRA's initial adapters: the same on every rank and in every driver
     # transformers holds this by weak reference and loads sharded while it lives; it must live as
@@ -238,8 +255,7 @@ def init_deepspeed(gpu: bool) -> None:
     """DeepSpeed's communication on the process group there is: NCCL on GPUs, gloo on CPU. On CPU,
     DeepSpeed would first compile its shared-memory all-reduce (about a minute on 2 cores, once per
     machine), which only its inference tensor parallelism calls: marked unavailable, it is not built."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     if not gpu:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")

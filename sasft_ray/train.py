@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -85,6 +86,9 @@ def _ragged(rows: list[list[int]]) -> np.ndarray:
     return out
 
 
+ROWS_PER_TASK = 20_000  # rows a tokenizing task takes: ~0.3-2 ms each, after its ~12 s start on a fresh worker
+
+
 def tokenized(cfg: Config, path: str, strip_bos: str, columns: tuple[str, ...] = ()):
     """Tokenized rows of a Parquet folder or file, materialized so the driver knows the counts; `columns`
     of the file are kept beside them (the mix's `source`)."""
@@ -95,7 +99,10 @@ def tokenized(cfg: Config, path: str, strip_bos: str, columns: tuple[str, ...] =
     # Ray Data's V2 Parquet reader starts a pool of footer-reading actors on every read (~9 s on
     # 2 cores, twice per training run); a run's few Parquet files read as fast in V1's plain tasks.
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    ds = ray.data.read_parquet(path)
+    # a block per ROWS_PER_TASK rows: Ray Data would cut even a few thousand rows into 2 blocks per logical CPU,
+    # and each task's first batch on a fresh worker costs ~12 s of CPU (transformers, the tokenizer)
+    rows = ray.data.read_parquet(path).count()  # from the files' footers
+    ds = ray.data.read_parquet(path, override_num_blocks=max(1, math.ceil(rows / ROWS_PER_TASK)))
     # rows in the file's order, whatever the cluster: each rank's share and its order by step follow from it
     ds.context.execution_options.preserve_order = True
     # held-out sets have no open_end (self-talk rows cut at their limit, `filters.truncated: keep`)

@@ -147,11 +147,12 @@ def trained(task_run):
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "max_steps": 30, "log_every": 5, "keep_checkpoints_after_export": True,
         "report_to": ["tensorboard", "mlflow", "wandb"]})})
-    with pytest.MonkeyPatch.context() as env:
+    with pytest.MonkeyPatch.context() as env:  # for this run only: the module's later runs are killed by none
         env.setenv(FAIL_ONCE_AT_STEP, "15")
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_SILENT", "true")
-        yield cfg, rd, train(cfg, rd)
+        record = train(cfg, rd)
+    return cfg, rd, record
 
 
 def test_zero3_training_survives_a_killed_worker_and_the_loss_falls(trained):
