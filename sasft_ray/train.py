@@ -86,7 +86,9 @@ def _ragged(rows: list[list[int]]) -> np.ndarray:
     return out
 
 
-ROWS_PER_TASK = 20_000  # rows a tokenizing task takes: ~0.3-2 ms each, after its ~12 s start on a fresh worker
+# rows a tokenizing task takes: 0.3 ms each for the demo's, after the ~12 s of CPU a fresh worker spends on its
+# imports and the tokenizer (docs/benchmarks.md)
+ROWS_PER_TASK = 20_000
 
 
 def tokenized(cfg: Config, path: str, strip_bos: str, columns: tuple[str, ...] = ()):
