@@ -70,16 +70,19 @@ def llm_config(cfg: Config, model_id: str, path: str, adapters: dict[str, str] |
         # vLLM takes ranks from a fixed list: the smallest that holds the adapters' (smaller ones are padded)
         extra = {"enable_lora": True, "max_loras": len(adapters),
                  "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= rank)}
+    # On CPU, an engine of one rank runs its model in its own process, not one more (sasft_ray/serve_cpu.py):
+    # Ray Serve LLM reads its engine class from this variable in the replica (its escape hatch for patching).
+    cpu_engine = {} if cfg.resources.use_gpu else {"RAYLLM_VLLM_ENGINE_CLS": "sasft_ray.serve_cpu:OneProcessEngine"}
     return {
         "model_loading_config": {"model_id": model_id, "model_source": source},
         "engine_kwargs": engine_kwargs(cfg, eng, serving=True, **extra),
         "deployment_config": {"num_replicas": eng.concurrency},
-        "runtime_env": {"env_vars": engine_env(cfg, eng)},
+        "runtime_env": {"env_vars": {**engine_env(cfg, eng), **cpu_engine}},
         **engine_placement(cfg, eng, engines), **lora,
-        # On CPU, a local folder gets no download task per node (sasft_ray/serve_callback.py); GPU clusters
-        # keep Ray's own initialisation, so that their Serve config needs nothing but Ray's LLM image.
+        # On CPU, a local folder gets no download task per node (sasft_ray/serve_cpu.py); GPU clusters keep
+        # Ray's own initialisation, so that their Serve config needs nothing but Ray's LLM image.
         **({} if bucket or cfg.resources.use_gpu else
-           {"callback_config": {"callback_class": "sasft_ray.serve_callback:LocalModel"}}),
+           {"callback_config": {"callback_class": "sasft_ray.serve_cpu:LocalModel"}}),
     }
 
 

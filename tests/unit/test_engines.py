@@ -146,6 +146,7 @@ def test_the_gpu_objects_of_each_cluster_config_ask_for_what_the_plan_counts(pat
     # vLLM's engine core in a process of its own on GPUs (in-process, scheduling would stall the GPU)
     runtime_env = llm_config(cfg, cfg.serve.model_id, f"{cfg.run_dir}/model")["runtime_env"]["env_vars"]
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in runtime_env and "VLLM_BATCH_INVARIANT" not in runtime_env
+    assert "RAYLLM_VLLM_ENGINE_CLS" not in runtime_env  # Ray's own engine: the Serve config needs only Ray's image
 
     sc = scaling_config(cfg)
     assert sc.use_gpu and sc.accelerator_type == cfg.resources.accelerator_type
@@ -170,6 +171,30 @@ def test_a_local_model_on_cpu_starts_without_rays_download_task(tmp_path):
     assert "callback_config" not in llm_config(cfg, "m", "s3://bucket/model")
     gpu = make_config(tmp_path, resources={"use_gpu": True})
     assert "callback_config" not in llm_config(gpu, "m", str(tmp_path / "model"))
+
+
+def test_a_cpu_engine_of_one_rank_runs_its_model_in_its_own_process_stand_in_for_vllms_start(tmp_path, monkeypatch):
+    """On CPU Ray Serve LLM sets vLLM's executor to `mp`: one more process for the one worker. The replica's
+    engine class (named by the variable Ray reads in the replica) makes it vLLM's `uni`; several ranks keep
+    theirs. vLLM's engine start is the stand-in (test_serve.py starts the real one)."""
+    from types import SimpleNamespace
+
+    from ray._common.utils import import_attr
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    from sasft_ray.serve import llm_config
+
+    engine_cls = import_attr(llm_config(make_config(tmp_path), "m", str(tmp_path / "model"))[
+        "runtime_env"]["env_vars"]["RAYLLM_VLLM_ENGINE_CLS"])
+    assert issubclass(engine_cls, VLLMEngine)
+    started = []
+    monkeypatch.setattr(VLLMEngine, "_start_async_llm_engine", lambda self, args, config, pg: started.append(
+        config.parallel_config.distributed_executor_backend))
+    for world_size in (1, 2):
+        parallel = SimpleNamespace(world_size=world_size, distributed_executor_backend="mp")
+        engine_cls._start_async_llm_engine(object.__new__(engine_cls), None, SimpleNamespace(parallel_config=parallel),
+                                           None)
+    assert started == ["uni", "mp"]
 
 
 # --- readiness: every model answers, not just its card ------------------------------------------
