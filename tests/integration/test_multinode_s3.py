@@ -109,7 +109,9 @@ def trained(cluster, job_config, generated):
     return rd, head_cluster.head_node.node_id, worker.node_id, wait_for_job(dashboard, job)
 
 
-def test_training_spans_both_nodes_and_resumes_from_s3_after_losing_one(trained):
+def test_training_spans_both_nodes_and_resumes_from_s3_after_losing_one(trained, job_config):
+    from sasft_ray.config import load_config
+
     rd, head, lost, _ = trained
     events = train_events(rd)
     assert events[0]["event"] == "started" and set(events[0]["nodes"]) == {head, lost}, events  # one per node
@@ -120,6 +122,10 @@ def test_training_spans_both_nodes_and_resumes_from_s3_after_losing_one(trained)
     checkpoints = [e["step"] for e in events if e["event"] == "checkpoint"]
     assert resumed["step"] in checkpoints and checkpoints[-1] == 30  # went on from a checkpoint in S3
     record = rd.stage_info("train")
+    # each rank resumed at its row of the epoch where that step left it: the rest of the epoch, not a new one
+    cfg = load_config(str(job_config[0]))
+    epoch, done = divmod(resumed["step"], record["rows_in"] // cfg.global_batch)
+    assert done and (resumed["epoch"], resumed["row"]) == (epoch, done * cfg.train.micro_batch_size)
     assert record["status"] == "done" and record["final_loss"] < events[1]["loss"]
 
 

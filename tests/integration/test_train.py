@@ -17,7 +17,6 @@ from sasft_ray.generate import generate
 from sasft_ray.layout import (
     ADAPTER,
     DRIFT,
-    FAILED_ONCE,
     KEPT_DIR,
     KEPT_STEP,
     MODEL,
@@ -141,40 +140,32 @@ def task_run(tiny_llama, local_ray, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(task_run):
-    """30 steps, a worker killed at step 15, every record tracked (W&B offline: the driver's WANDB_MODE
-    reaches the workers)."""
+    """30 steps, every record tracked (W&B offline: the driver's WANDB_MODE reaches the workers). Workers killed
+    and resumed from: test_best_task_... below, and test_multinode_s3.py (a node lost mid-epoch)."""
     cfg, rd = task_run
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "max_steps": 30, "log_every": 5, "keep_checkpoints_after_export": True,
         "report_to": ["tensorboard", "mlflow", "wandb"]})})
-    with pytest.MonkeyPatch.context() as env:  # for this run only: the module's later runs are killed by none
-        env.setenv(FAIL_ONCE_AT_STEP, "15")
+    with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_SILENT", "true")
         record = train(cfg, rd)
     return cfg, rd, record
 
 
-def test_zero3_training_survives_a_killed_worker_and_the_loss_falls(trained):
+def test_zero3_training_on_two_workers_lowers_the_loss(trained):
     cfg, rd, record = trained
     assert record["status"] == "done" and record["steps"] == 30
-    assert Path(rd.local(FAILED_ONCE)).exists()  # a worker really died at step 15...
     events = train_events(rd)
-    assert [(e["event"], e["step"]) for e in events] == [  # ...and it went on from the checkpoint at 10
-        ("started", 0), ("log", 5), ("checkpoint", 10), ("resumed", 10), ("log", 15),
-        ("checkpoint", 20), ("log", 25), ("checkpoint", 30)]
+    assert [(e["event"], e["step"]) for e in events] == [
+        ("started", 0), ("log", 5), ("checkpoint", 10), ("log", 15), ("checkpoint", 20), ("log", 25),
+        ("checkpoint", 30)]
     assert len(events[0]["nodes"]) == 2
-    # each rank resumed at its row of the epoch where step 10 left it: the rest of the epoch, not a new one
-    epoch, done = divmod(10, record["rows_in"] // cfg.global_batch)
-    assert (events[3]["epoch"], events[3]["row"]) == (epoch, done * cfg.train.micro_batch_size)
     assert record["sources"] == {"task": {"rows": record["rows_in"], "target_tokens": record["sources"]["task"][
         "target_tokens"]}} and record["sources"]["task"]["target_tokens"] > 5 * record["rows_in"]
-    for e in events[1:]:
-        if e["event"] != "resumed":  # a record of the two ranks every log_every steps
-            assert e["tokens_per_s_per_gpu"] > 0 and e["grad_norm"] > 0 and e["lr"] == 5e-3 and e["eta_s"] >= 0
+    for e in events[1:]:  # a record of the two ranks every log_every steps
+        assert e["tokens_per_s_per_gpu"] > 0 and e["grad_norm"] > 0 and e["lr"] == 5e-3 and e["eta_s"] >= 0
     losses = {e["step"]: e["loss"] for e in events if "loss" in e}
-    # resumed from step 10's weights, not from the base model (whose loss is far higher): lower at once
-    assert losses[15] < losses[10]
     assert losses[30] < 0.7 * losses[10] and record["final_loss"] == losses[30]
     assert record["heldout_loss"] < events[2]["heldout_loss"]  # the held-out loss fell too (from step 10's)
     drift = json.loads(Path(rd.local(MODEL, DRIFT)).read_text())
