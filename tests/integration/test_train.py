@@ -140,17 +140,12 @@ def task_run(tiny_llama, local_ray, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(task_run):
-    """30 steps, every record tracked (W&B offline: the driver's WANDB_MODE reaches the workers). Workers killed
-    and resumed from: test_best_task_... below, and test_multinode_s3.py (a node lost mid-epoch)."""
+    """30 steps on 2 workers. A worker killed and resumed from: `overfit` below, and test_multinode_s3.py (a node
+    lost mid-epoch)."""
     cfg, rd = task_run
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "max_steps": 30, "log_every": 5, "keep_checkpoints_after_export": True,
-        "report_to": ["tensorboard", "mlflow", "wandb"]})})
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("WANDB_MODE", "offline")
-        env.setenv("WANDB_SILENT", "true")
-        record = train(cfg, rd)
-    return cfg, rd, record
+        "max_steps": 30, "log_every": 5, "keep_checkpoints_after_export": True})})
+    return cfg, rd, train(cfg, rd)
 
 
 def test_zero3_training_on_two_workers_lowers_the_loss(trained):
@@ -206,55 +201,6 @@ def test_the_forgetting_monitor_sees_sft_make_the_models_own_text_unlikely(train
             total += base(input_ids=torch.tensor([enc["input_ids"]]), labels=labels).loss.item() * n
         count += n
     assert record["selftalk_heldout_loss"] > 1.2 * total / count  # ...and its own text became less likely
-
-
-def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
-    """tag -> step -> value from TensorBoard event files (TFRecords: length, crc, an Event, crc)."""
-    import struct
-
-    from tensorboardX.proto.event_pb2 import Event
-
-    out: dict[str, dict[int, float]] = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        while data:
-            (length,) = struct.unpack("<Q", data[:8])
-            event = Event.FromString(data[12:12 + length])
-            data = data[12 + length + 4:]
-            for value in event.summary.value:
-                out.setdefault(value.tag, {})[event.step] = value.simple_value
-    return out
-
-
-def test_training_is_tracked_in_tensorboard_mlflow_and_wandb_as_in_its_events(trained):
-    """Every record of train-events.jsonl in TensorBoard and MLflow with the same values, across the
-    worker's restart (one MLflow run, found again by its id); W&B offline, the same run resumed; the
-    evaluation's scores land in that run at the last step."""
-    from mlflow.tracking import MlflowClient
-
-    from sasft_ray.tracking import log_scores, mlflow_local_uri, run_id
-
-    cfg, rd, _ = trained
-    records = {e["step"]: e for e in train_events(rd) if e["event"] in ("log", "checkpoint")}
-    scalars = _tensorboard_scalars(Path(rd.local(TENSORBOARD)))
-    assert scalars["train/loss"] == pytest.approx({step: e["loss"] for step, e in records.items()})
-    assert scalars["train/heldout_loss"] == pytest.approx(
-        {step: e["heldout_loss"] for step, e in records.items() if "heldout_loss" in e})
-
-    client = MlflowClient(mlflow_local_uri(rd))
-    (run,) = client.search_runs([client.get_experiment_by_name("sasft-ray").experiment_id])
-    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/grad_norm")}
-    assert history == pytest.approx({step: e["grad_norm"] for step, e in records.items()})
-    assert run.data.params["train.lr"] == "0.005" and run.data.tags["sasft_run_id"] == run_id(rd)
-    wandb_runs = list(Path(rd.local(TRACKING, "wandb")).glob(f"offline-run-*-{run_id(rd)}*"))
-    assert len(wandb_runs) == 2  # started, then resumed by the restarted worker group
-
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("WANDB_MODE", "offline")
-        log_scores(cfg, rd, {"in-domain": {"exact": 0.25}})
-    assert _tensorboard_scalars(Path(rd.local(TENSORBOARD)))["eval/in-domain/exact"] == {30: 0.25}
-    scores = client.get_metric_history(run.info.run_id, "eval/in-domain/exact")
-    assert [(m.step, m.value) for m in scores] == [(30, 0.25)]
 
 
 def test_export_equals_deepspeed_zero_to_fp32(trained):
@@ -372,25 +318,38 @@ def _memorized_task(path: Path, words: int = 16, fraction: float = 0.5) -> Path:
     return path
 
 
-def test_best_task_exports_the_checkpoint_of_the_lowest_held_out_loss_kept_past_retention(tiny_llama, local_ray,
-                                                                                          tmp_path, monkeypatch):
-    """train.select best_task on a task that overfits: the held-out loss is lowest before the end; Ray Train
-    keeps only its latest checkpoint (keep_checkpoints 1), so the chosen one survives as the project's copy,
-    across a worker killed on the way, and the export holds its weights, not the last step's."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from sasft_ray.selection import keep, losses_by_step
-
-    data = _memorized_task(tmp_path / "task.jsonl")
-    cfg = make_config(tmp_path, tiny_llama, data={"heldout_fraction": 0.5},
+@pytest.fixture(scope="module")
+def overfit(tiny_llama, local_ray, tmp_path_factory):
+    """train.select best_task on a task that overfits, Ray Train keeping its latest checkpoint only
+    (keep_checkpoints 1), a worker killed at step 26, every record tracked (W&B offline: the driver's
+    WANDB_MODE reaches the workers)."""
+    tmp = tmp_path_factory.mktemp("overfit")
+    data = _memorized_task(tmp / "task.jsonl")
+    cfg = make_config(tmp, tiny_llama, data={"heldout_fraction": 0.5},
                       train={**TRAIN, "method": "sft", "max_steps": 32, "checkpoint_every": 4, "log_every": 4,
-                             "keep_checkpoints": 1, "keep_checkpoints_after_export": True, "select": "best_task"})
-    monkeypatch.setenv(FAIL_ONCE_AT_STEP, "26")
+                             "keep_checkpoints": 1, "keep_checkpoints_after_export": True, "select": "best_task",
+                             "report_to": ["tensorboard", "mlflow", "wandb"]})
     assert cfg.data.path == str(data)
     rd = RunDir(cfg.run_dir)
     generate(cfg, rd)
     assert rd.stage_info("task")["train_rows"] == 16
-    record = train(cfg, rd)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(FAIL_ONCE_AT_STEP, "26")
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_SILENT", "true")
+        record = train(cfg, rd)
+    return cfg, rd, record
+
+
+def test_best_task_exports_the_checkpoint_of_the_lowest_held_out_loss_kept_past_retention(overfit):
+    """The held-out loss is lowest before the end; Ray Train keeps only its latest checkpoint, so the chosen one
+    survives as the project's copy, across a worker killed on the way, and the export holds its weights, not the
+    last step's."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from sasft_ray.selection import keep, losses_by_step
+
+    _, rd, record = overfit
     events = train_events(rd)
     assert ("resumed", 24) in [(e["event"], e["step"]) for e in events]  # a worker died at 26
     losses = {c["step"]: c["heldout_loss"] for c in record["curve"]}
@@ -419,6 +378,55 @@ def test_best_task_exports_the_checkpoint_of_the_lowest_held_out_loss_kept_past_
     for key, value in chosen_weights.items():
         assert torch.equal(exported[key], value.to(exported[key].dtype)), key
     assert not all(torch.equal(exported[key], value) for key, value in last_weights.items())
+
+
+def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """tag -> step -> value from TensorBoard event files (TFRecords: length, crc, an Event, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        while data:
+            (length,) = struct.unpack("<Q", data[:8])
+            event = Event.FromString(data[12:12 + length])
+            data = data[12 + length + 4:]
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[event.step] = value.simple_value
+    return out
+
+
+def test_training_is_tracked_in_tensorboard_mlflow_and_wandb_as_in_its_events(overfit):
+    """Every record of train-events.jsonl in TensorBoard and MLflow with the same values, across the
+    worker's restart (one MLflow run, found again by its id); W&B offline, the same run resumed; the
+    evaluation's scores land in that run at the last step."""
+    from mlflow.tracking import MlflowClient
+
+    from sasft_ray.tracking import log_scores, mlflow_local_uri, run_id
+
+    cfg, rd, _ = overfit
+    records = {e["step"]: e for e in train_events(rd) if e["event"] in ("log", "checkpoint")}
+    scalars = _tensorboard_scalars(Path(rd.local(TENSORBOARD)))
+    assert scalars["train/loss"] == pytest.approx({step: e["loss"] for step, e in records.items()})
+    assert scalars["train/heldout_loss"] == pytest.approx(
+        {step: e["heldout_loss"] for step, e in records.items() if "heldout_loss" in e})
+
+    client = MlflowClient(mlflow_local_uri(rd))
+    (run,) = client.search_runs([client.get_experiment_by_name("sasft-ray").experiment_id])
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/grad_norm")}
+    assert history == pytest.approx({step: e["grad_norm"] for step, e in records.items()})
+    assert run.data.params["train.lr"] == "0.005" and run.data.tags["sasft_run_id"] == run_id(rd)
+    wandb_runs = list(Path(rd.local(TRACKING, "wandb")).glob(f"offline-run-*-{run_id(rd)}*"))
+    assert len(wandb_runs) == 2  # started, then resumed by the restarted worker group
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        log_scores(cfg, rd, {"in-domain": {"exact": 0.25}})
+    assert _tensorboard_scalars(Path(rd.local(TENSORBOARD)))["eval/in-domain/exact"] == {32: 0.25}
+    scores = client.get_metric_history(run.info.run_id, "eval/in-domain/exact")
+    assert [(m.step, m.value) for m in scores] == [(32, 0.25)]
 
 
 @pytest.mark.parametrize("change, message", [
