@@ -352,6 +352,8 @@ def test_best_task_exports_the_checkpoint_of_the_lowest_held_out_loss_kept_past_
     _, rd, record = overfit
     events = train_events(rd)
     assert ("resumed", 24) in [(e["event"], e["step"]) for e in events]  # a worker died at 26
+    train_loss = {e["step"]: e["loss"] for e in events if "loss" in e}
+    assert train_loss[28] < train_loss[24]  # resumed from step 24's weights, not the base model's (far higher)
     losses = {c["step"]: c["heldout_loss"] for c in record["curve"]}
     assert list(losses) == list(range(4, 33, 4))
     best = max(losses, key=lambda step: (-losses[step], step))  # the lowest; ties: the later
